@@ -1,0 +1,440 @@
+"""kit.attention against jax.nn.dot_product_attention, hand-computed cases and properties."""
+
+import math
+
+import chex
+import hypothesis.extra.numpy as hnp
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import kit
+
+TOLERANCES = {  # dtype: (forward, gradient)
+    jnp.float32: (1e-5, 1e-4),
+    jnp.bfloat16: (2e-2, 2e-2),
+    jnp.float16: (2e-2, 2e-2),
+}
+
+
+def _normal(rng, shape, dtype=jnp.float32):
+    return jax.random.normal(rng, shape, jnp.float32).astype(dtype)
+
+
+def make_qkv(B=2, T=8, S=8, N=4, K=4, H=16, dtype=jnp.float32, seed=0):
+    rq, rk, rv = jax.random.split(jax.random.key(seed), 3)
+    return (
+        _normal(rq, (B, T, N, H), dtype),
+        _normal(rk, (B, S, K, H), dtype),
+        _normal(rv, (B, S, K, H), dtype),
+    )
+
+
+def numpy_mask(B, N, T, S, mask=None, is_causal=False, q_len=None, kv_len=None, window=None):
+    """The combined mask [B, N, T, S], built independently of kit with numpy."""
+    out = np.ones((B, N, T, S), bool)
+    if mask is not None:
+        out &= np.broadcast_to(np.asarray(mask), (B, N, T, S))
+    t = np.arange(T)[:, None]
+    s = np.arange(S)[None, :]
+    if is_causal:
+        out &= s <= t
+    if window is not None:
+        left, right = (window, window) if isinstance(window, int) else window
+        out &= (s >= t - left) & (s <= t + right)
+    for b in range(B):
+        if q_len is not None:
+            out[b, :, int(q_len[b]) :, :] = False
+        if kv_len is not None:
+            out[b, :, :, int(kv_len[b]) :] = False
+    return out
+
+
+def reference(q, k, v, bias=None, mask=None, **kw):
+    """jax.nn's xla path, with rows that have no live key zeroed (kit's contract)."""
+    B, T, N, _ = q.shape
+    S = k.shape[1]
+    live = numpy_mask(
+        B,
+        N,
+        T,
+        S,
+        mask,
+        kw.get("is_causal", False),
+        kw.get("query_seq_lengths"),
+        kw.get("key_value_seq_lengths"),
+        kw.get("local_window_size"),
+    ).any(-1)  # [B, N, T]
+    out = jax.nn.dot_product_attention(q, k, v, bias, mask, implementation="xla", **kw)
+    return out * jnp.asarray(live.transpose(0, 2, 1)[..., None], out.dtype)
+
+
+LENGTHS_Q = np.array([5, 8], np.int32)
+LENGTHS_KV = np.array([8, 3], np.int32)
+RANDOM_MASK = np.random.default_rng(0).random((2, 1, 8, 8)) < 0.6
+
+CASES = {
+    "plain": dict(),
+    "bias": dict(bias=True),
+    "causal": dict(is_causal=True),
+    "mask": dict(mask=RANDOM_MASK),
+    "lengths": dict(query_seq_lengths=LENGTHS_Q, key_value_seq_lengths=LENGTHS_KV),
+    "causal+lengths": dict(is_causal=True, query_seq_lengths=LENGTHS_Q),
+    "causal+window": dict(is_causal=True, local_window_size=(3, 0)),
+    "window": dict(local_window_size=2),
+    "everything": dict(
+        bias=True,
+        mask=RANDOM_MASK,
+        is_causal=True,
+        key_value_seq_lengths=LENGTHS_KV,
+        local_window_size=(4, 1),
+        scale=0.3,
+    ),
+}
+
+
+def _run_case(case, dtype, shapes):
+    kw = dict(case)
+    q, k, v = make_qkv(dtype=dtype, **shapes)
+    B, T, N, _ = q.shape
+    S = k.shape[1]
+    bias = _normal(jax.random.key(7), (B, N, T, S), dtype) if kw.pop("bias", False) else None
+    mask = kw.pop("mask", None)
+    if mask is not None:
+        mask = jnp.asarray(mask[..., :T, :S])
+
+    def loss(fn, jit=True):
+        def f(q, k, v, bias):
+            out = fn(q, k, v, bias, mask, **kw)
+            weights = jnp.cos(jnp.arange(out.size, dtype=jnp.float32)).reshape(out.shape)
+            return jnp.sum(out.astype(jnp.float32) * weights), out
+
+        argnums = (0, 1, 2, 3) if bias is not None else (0, 1, 2)
+        grad = jax.grad(f, argnums=argnums, has_aux=True)
+        return (jax.jit(grad) if jit else grad)(q, k, v, bias)
+
+    grads, out = loss(kit.dot_product_attention)
+    # jax.nn's own backward pass mixes dtypes, so the reference runs with standard promotion.
+    with jax.numpy_dtype_promotion("standard"):
+        # Under jit on CPU, jax.nn asks for an F16_F16_F32 dot that the CPU lacks.
+        ref_grads, ref_out = loss(reference, jit=dtype != jnp.float16)
+    return out, ref_out, grads, ref_grads
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16], ids=str)
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_jax_nn_forward_and_vjp(name, dtype):
+    out, ref_out, grads, ref_grads = _run_case(CASES[name], dtype, {})
+    fwd_tol, grad_tol = TOLERANCES[dtype]
+    assert out.dtype == ref_out.dtype == dtype
+    chex.assert_trees_all_close(out, ref_out, atol=fwd_tol, rtol=fwd_tol)
+    chex.assert_trees_all_close(grads, ref_grads, atol=grad_tol, rtol=grad_tol)
+
+
+@pytest.mark.parametrize("groups", [1, 2, 4])
+@pytest.mark.parametrize("case", ["plain", "causal", "everything"])
+def test_grouped_query_attention(groups, case):
+    shapes = dict(N=4, K=4 // groups)
+    out, ref_out, grads, ref_grads = _run_case(CASES[case], jnp.float32, shapes)
+    chex.assert_trees_all_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    chex.assert_trees_all_close(grads, ref_grads, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("case", ["plain", "bias", "causal", "lengths", "everything"])
+def test_cross_attention_with_different_lengths(case):
+    out, ref_out, grads, ref_grads = _run_case(CASES[case], jnp.float32, dict(T=5, S=8, K=2))
+    assert out.shape == (2, 5, 4, 16)
+    chex.assert_trees_all_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    chex.assert_trees_all_close(grads, ref_grads, atol=1e-4, rtol=1e-4)
+
+
+def test_unbatched_input():
+    q, k, v = make_qkv(B=1, K=2)
+    bias = _normal(jax.random.key(3), (4, 8, 8))
+    out = kit.dot_product_attention(q[0], k[0], v[0], bias, is_causal=True)
+    assert out.shape == (8, 4, 16)
+    with jax.numpy_dtype_promotion("standard"):
+        expected = reference(q, k, v, bias[None], is_causal=True)[0]
+    chex.assert_trees_all_close(out, expected, atol=1e-5, rtol=1e-5)
+    weights = kit.attention_weights(q[0], k[0], bias, is_causal=True)
+    assert weights.shape == (4, 8, 8)
+
+
+def test_hand_computed_single_head():
+    # logits [0, ln 3] -> weights [1/4, 3/4] -> out 1/4 * 4 + 3/4 * 8 = 7.
+    q = jnp.array([[1.0]])
+    k = jnp.array([[0.0], [math.log(3.0)]])
+    v = jnp.array([[4.0], [8.0]])
+    out, weights = kit.single_head_attention(q, k, v, scale=1.0)
+    np.testing.assert_allclose(weights, [[0.25, 0.75]], rtol=1e-6)
+    np.testing.assert_allclose(out, [[7.0]], rtol=1e-6)
+
+
+def test_hand_computed_causal_and_scale():
+    # Two positions, equal logits: row 0 sees only key 0, row 1 averages both.
+    # Default scale is 1/sqrt(H) = 1/2 for H = 4: logits q.k = 8 -> scaled 4 vs 0.
+    q = jnp.zeros((1, 2, 1, 4))
+    k = jnp.zeros((1, 2, 1, 4))
+    v = jnp.array([[1.0, 0.0, 0.0, 0.0], [0.0, 2.0, 0.0, 0.0]]).reshape(1, 2, 1, 4)
+    out = kit.dot_product_attention(q, k, v, is_causal=True)
+    np.testing.assert_allclose(out[0, :, 0], [[1, 0, 0, 0], [0.5, 1, 0, 0]], rtol=1e-6)
+    q2 = jnp.full((1, 1, 1, 4), 2.0)
+    k2 = jnp.stack([jnp.full((4,), 1.0), jnp.zeros((4,))]).reshape(1, 2, 1, 4)
+    weights = kit.attention_weights(q2, k2)[0, 0, 0]
+    np.testing.assert_allclose(weights, jax.nn.softmax(jnp.array([4.0, 0.0])), rtol=1e-6)
+
+
+def test_fully_masked_rows_are_zero_with_zero_gradients():
+    q, k, v = make_qkv()
+    mask = np.ones((2, 4, 8, 8), bool)
+    mask[0, 1, 3, :] = False  # one dead row
+    mask[1, :, :, :] = False  # a whole dead example
+    mask = jnp.asarray(mask)
+    lengths = jnp.array([6, 8], jnp.int32)
+
+    def f(q, k, v):
+        return kit.dot_product_attention(q, k, v, mask=mask, query_seq_lengths=lengths)
+
+    out = f(q, k, v)
+    assert np.all(np.asarray(out[0, 3, 1]) == 0.0)
+    assert np.all(np.asarray(out[1]) == 0.0)
+    assert np.all(np.asarray(out[0, 6:]) == 0.0)  # beyond query_seq_lengths
+    grads = jax.grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=(0, 1, 2))(q, k, v)
+    for g in grads:
+        assert np.all(np.isfinite(np.asarray(g)))
+    dq = np.asarray(grads[0])
+    assert np.all(dq[0, 3, 1] == 0.0) and np.all(dq[1] == 0.0) and np.all(dq[0, 6:] == 0.0)
+    weights = kit.attention_weights(q, k, mask=mask, query_seq_lengths=lengths)
+    assert np.all(np.asarray(weights[1]) == 0.0)
+
+
+def test_causal_receptive_field():
+    q, k, v = make_qkv(B=1, T=6, S=6)
+    for i in range(6):
+
+        def out_i(q, k, v, i=i):
+            return jnp.sum(kit.dot_product_attention(q, k, v, is_causal=True)[:, i])
+
+        grads = jax.jit(jax.grad(out_i, argnums=(0, 1, 2)))(q, k, v)
+        dq, dk, dv = (np.asarray(g) for g in grads)
+        assert np.all(dk[:, i + 1 :] == 0) and np.all(dv[:, i + 1 :] == 0)
+        assert np.all(dq[:, np.arange(6) != i] == 0)
+        assert np.any(dv[:, : i + 1] != 0)
+
+
+def test_dropout_is_deterministic_and_scaled():
+    # With S = H and value = identity, the output is exactly the dropped weights.
+    B, T, N, H = 1, 6, 2, 6
+    q, k, _ = make_qkv(B=B, T=T, S=H, N=N, K=N, H=H)
+    v = jnp.broadcast_to(jnp.eye(H)[None, :, None, :], (B, H, N, H))
+    rate = 0.4
+    r1, r2 = jax.random.key(1), jax.random.key(2)
+    a = kit.dot_product_attention(q, k, v, dropout_rate=rate, dropout_rng=r1)
+    b = kit.dot_product_attention(q, k, v, dropout_rate=rate, dropout_rng=r1)
+    c = kit.dot_product_attention(q, k, v, dropout_rate=rate, dropout_rng=r2)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(np.asarray(a), np.asarray(c))
+    plain = kit.dot_product_attention(q, k, v)
+    np.testing.assert_array_equal(plain, kit.dot_product_attention(q, k, v, dropout_rate=0.0))
+    weights = np.asarray(kit.attention_weights(q, k)).transpose(0, 2, 1, 3)  # [B, T, N, S]
+    a = np.asarray(a)
+    kept = a != 0
+    assert 0.3 < kept.mean() < 0.9
+    np.testing.assert_allclose(a[kept], weights[kept] / (1 - rate), rtol=1e-5)
+    # Raw uint32 keys work as well as typed keys.
+    kit.dot_product_attention(q, k, v, dropout_rate=rate, dropout_rng=jax.random.PRNGKey(0))
+
+
+def test_vmapped_heads_equal_batched_einsum():
+    q, k, v = make_qkv(N=4, K=2)
+    out = kit.dot_product_attention(q, k, v, is_causal=True)
+    # An independent batched computation: repeat kv heads, one einsum for all heads.
+    kr = jnp.repeat(k, 2, axis=2)
+    vr = jnp.repeat(v, 2, axis=2)
+    logits = jnp.einsum("btnh,bsnh->bnts", q, kr) / 4.0
+    logits = jnp.where(jnp.tril(jnp.ones((8, 8), bool)), logits, -jnp.inf)
+    expected = jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(logits, axis=-1), vr)
+    chex.assert_trees_all_close(out, expected, atol=1e-5, rtol=1e-5)
+    # And one head of one example through the single-head core.
+    head, _ = kit.single_head_attention(
+        q[1, :, 3], k[1, :, 1], v[1, :, 1], mask=jnp.tril(jnp.ones((8, 8), bool))
+    )
+    chex.assert_trees_all_close(head, out[1, :, 3], atol=1e-6, rtol=1e-6)
+
+
+def test_jit_equals_eager_and_compiles_once():
+    q, k, v = make_qkv(K=2)
+    kw = dict(is_causal=True, local_window_size=(2, 0))
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def f(q, k, v, lengths):
+        return kit.dot_product_attention(q, k, v, query_seq_lengths=lengths, **kw)
+
+    lengths = jnp.array([4, 8], jnp.int32)
+    eager = kit.dot_product_attention(q, k, v, query_seq_lengths=lengths, **kw)
+    chex.assert_trees_all_close(f(q, k, v, lengths), eager, atol=1e-6, rtol=1e-6)
+    for seed in range(1, 4):
+        q2, k2, v2 = make_qkv(K=2, seed=seed)
+        f(q2, k2, v2, lengths + seed % 2)
+
+
+def test_multi_head_attention_matches_composition_with_jax_nn():
+    params = kit.init_attention_params(jax.random.key(0), 32, 4, num_kv_heads=2)
+    assert params["query"]["kernel"].shape == (32, 4, 8)
+    assert params["key"]["kernel"].shape == (32, 2, 8)
+    assert params["out"]["kernel"].shape == (4, 8, 32)
+    params = jax.tree.map(lambda p: p + 0.1, params)  # nonzero biases
+    x = _normal(jax.random.key(1), (2, 6, 32))
+    context = _normal(jax.random.key(2), (2, 9, 32))
+    y, weights = kit.multi_head_attention(params, x, context, return_weights=True)
+    assert weights.shape == (2, 4, 6, 9)
+
+    def proj(inp, p):
+        return jnp.einsum("btd,dnh->btnh", inp, p["kernel"]) + p["bias"][None, None]
+
+    out = jax.nn.dot_product_attention(
+        proj(x, params["query"]), proj(context, params["key"]), proj(context, params["value"])
+    )
+    expected = jnp.einsum("btnh,nhd->btd", out, params["out"]["kernel"])
+    expected = expected + params["out"]["bias"][None, None]
+    chex.assert_trees_all_close(y, expected, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- properties
+
+
+@st.composite
+def attention_inputs(draw):
+    B = draw(st.integers(1, 2))
+    T = draw(st.integers(1, 6))
+    S = draw(st.integers(1, 6))
+    K = draw(st.sampled_from([1, 2]))
+    N = K * draw(st.sampled_from([1, 2]))
+    H = draw(st.sampled_from([1, 4]))
+    floats = st.floats(-3, 3, width=32)
+    q = draw(hnp.arrays(np.float32, (B, T, N, H), elements=floats))
+    k = draw(hnp.arrays(np.float32, (B, S, K, H), elements=floats))
+    v = draw(hnp.arrays(np.float32, (B, S, K, H), elements=floats))
+    mask = draw(hnp.arrays(np.bool_, (B, 1, T, S)))
+    return q, k, v, mask
+
+
+@settings(max_examples=30, deadline=None)
+@given(attention_inputs())
+def test_weights_rows_sum_to_one_on_live_rows(inputs):
+    q, k, _, mask = inputs
+    weights = np.asarray(jax.jit(kit.attention_weights)(q, k, mask=mask), np.float64)
+    live = np.broadcast_to(mask, weights.shape).any(-1)
+    np.testing.assert_allclose(weights.sum(-1)[live], 1.0, rtol=1e-5)
+    assert np.all(weights.sum(-1)[~live] == 0.0)
+    assert np.all(weights[~np.broadcast_to(mask, weights.shape)] == 0.0)
+
+
+@settings(max_examples=30, deadline=None)
+@given(attention_inputs(), st.randoms(use_true_random=False))
+def test_permuting_keys_with_values_leaves_output_unchanged(inputs, random):
+    q, k, v, mask = inputs
+    perm = np.arange(k.shape[1])
+    random.shuffle(perm)
+    attention = jax.jit(kit.dot_product_attention)
+    out = attention(q, k, v, mask=mask)
+    permuted = attention(q, k[:, perm], v[:, perm], mask=mask[..., perm])
+    chex.assert_trees_all_close(out, permuted, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- bad input
+
+BAD_INPUTS = {
+    "batch": (dict(key=(3, 8, 4, 16)), r"key: batch must equal query's B = 2"),
+    "head dim": (dict(key=(2, 8, 4, 8), value=(2, 8, 4, 8)), r"key: head dim must equal"),
+    "value shape": (dict(value=(2, 7, 4, 16)), r"value: expected the shape of key"),
+    "heads": (dict(key=(2, 8, 3, 16), value=(2, 8, 3, 16)), r"K = 3 heads must divide .* N = 4"),
+    "rank": (dict(query=(8, 16)), r"query: expected rank 3 or 4 \[B, T, N, H\]"),
+    "key rank": (dict(key=(8, 4, 16)), r"key: expected rank 4 \[B, S, K, H\]"),
+    "dtype": (dict(key_dtype=jnp.bfloat16), r"key: expected the dtype of query \(float32\)"),
+    "int query": (dict(dtype=jnp.int32), r"query: expected a floating dtype, got int32"),
+    "mask shape": (dict(mask=np.ones((2, 4, 8, 7), bool)), r"mask: .*\(2, 4, 8, 8\), got"),
+    "mask dtype": (dict(mask=np.ones((8, 8), np.float32)), r"mask: expected dtype bool"),
+    "mask rank": (dict(mask=np.ones((1, 2, 4, 8, 8), bool)), r"mask: expected rank <= 4"),
+    "bias shape": (dict(bias=np.ones((3, 1, 8, 8), np.float32)), r"bias: .* got \(3, 1, 8, 8\)"),
+    "implementation": (dict(implementation="flash"), r"implementation: expected one of"),
+    "window": (dict(local_window_size=(-1, 2)), r"local_window_size: expected non-negative"),
+    "window type": (dict(local_window_size=(1, 2, 3)), r"local_window_size: expected an int"),
+    "dropout rng": (dict(dropout_rate=0.1), r"dropout_rng: required when dropout_rate > 0"),
+    "dropout rate": (dict(dropout_rate=1.5), r"dropout_rate: expected a number in \[0, 1\)"),
+    "q lengths": (
+        dict(query_seq_lengths=np.array([1, 2, 3], np.int32)),
+        r"query_seq_lengths: expected shape \[B\] = \(2,\), got \(3,\)",
+    ),
+    "kv lengths dtype": (
+        dict(key_value_seq_lengths=np.array([1.0, 2.0], np.float32)),
+        r"key_value_seq_lengths: expected an integer dtype",
+    ),
+    "scale": (dict(scale=float("nan")), r"scale: expected a finite number"),
+    "is_causal": (dict(is_causal="yes"), r"is_causal: expected a bool"),
+}
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("name", list(BAD_INPUTS))
+def test_bad_input_raises_naming_the_argument(name, jit):
+    spec, pattern = BAD_INPUTS[name]
+    spec = dict(spec)
+    dtype = spec.pop("dtype", jnp.float32)
+    shapes = {"query": (2, 8, 4, 16), "key": (2, 8, 4, 16), "value": (2, 8, 4, 16)}
+    for arg in shapes:
+        if arg in spec:
+            shapes[arg] = spec.pop(arg)
+    key_dtype = spec.pop("key_dtype", dtype)
+    q = jnp.ones(shapes["query"], dtype)
+    k = jnp.ones(shapes["key"], key_dtype)
+    v = jnp.ones(shapes["value"], dtype)
+    fn = kit.dot_product_attention
+    if jit:
+        arrays = {n: spec.pop(n) for n in ("mask", "bias") if n in spec}
+
+        def call(q, k, v, arrays):
+            return kit.dot_product_attention(q, k, v, **arrays, **spec)
+
+        with pytest.raises(ValueError, match=pattern):
+            jax.jit(call)(q, k, v, arrays)
+        return
+    with pytest.raises(ValueError, match=pattern):
+        fn(q, k, v, **spec)
+
+
+def test_mask_helpers_match_numpy():
+    np.testing.assert_array_equal(
+        kit.causal_mask(3, 5), numpy_mask(1, 1, 3, 5, is_causal=True)[0, 0]
+    )
+    np.testing.assert_array_equal(
+        kit.local_window_mask(6, 6, (2, 1)), numpy_mask(1, 1, 6, 6, window=(2, 1))[0, 0]
+    )
+    lengths_q, lengths_kv = np.array([2, 4], np.int32), np.array([3, 1], np.int32)
+    np.testing.assert_array_equal(
+        kit.padding_mask(jnp.asarray(lengths_q), jnp.asarray(lengths_kv), 4, 5),
+        numpy_mask(2, 1, 4, 5, q_len=lengths_q, kv_len=lengths_kv),
+    )
+    combined = kit.combine_masks(kit.causal_mask(4, 4), None, kit.local_window_mask(4, 4, 1))
+    np.testing.assert_array_equal(combined, numpy_mask(1, 1, 4, 4, is_causal=True, window=1)[0, 0])
+    assert kit.combine_masks(None, None) is None
+    with pytest.raises(ValueError, match="combine_masks: mask 0 must be bool"):
+        kit.combine_masks(jnp.ones((2, 2)))
+
+
+def test_projection_errors_name_the_argument():
+    with pytest.raises(ValueError, match=r"num_kv_heads: must divide num_heads = 4, got 3"):
+        kit.init_attention_params(jax.random.key(0), 32, 4, num_kv_heads=3)
+    with pytest.raises(ValueError, match=r"d_model: must be divisible by num_heads = 3"):
+        kit.init_attention_params(jax.random.key(0), 32, 3)
+    with pytest.raises(ValueError, match=r"x: last dim must equal kernel's D = 32"):
+        kit.project_heads(jnp.ones((2, 3, 16)), jnp.ones((32, 4, 8)))
+    params = kit.init_attention_params(jax.random.key(0), 32, 4)
+    with pytest.raises(ValueError, match=r"params: expected a dict with keys"):
+        kit.multi_head_attention({"query": params["query"]}, jnp.ones((2, 3, 32)))
+    with pytest.raises(ValueError, match=r"x: expected rank 3 \[B, T, D\]"):
+        kit.multi_head_attention(params, jnp.ones((3, 32)))

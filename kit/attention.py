@@ -635,6 +635,44 @@ def prepare_inputs(
     )
 
 
+# Below this many query-key pairs per head the materialized path is as fast
+# (experiments/bench_attention.py on a 2-core CPU).
+CHUNKED_MIN_PAIRS = 512 * 512
+
+
+def _choose_implementation(implementation: str | None, p: dict[str, Any], dropout_rate: float):
+    """Resolves `implementation=None` and rejects paths that cannot serve the call."""
+    dtype = p["query"].dtype
+    on_gpu = jax.default_backend() == "gpu"
+    if implementation is None:
+        cudnn_fits = (
+            on_gpu
+            and dtype in (jnp.bfloat16, jnp.float16)
+            and dropout_rate == 0.0
+            and p["mask"] is None
+            and p["window"] is None
+        )
+        if cudnn_fits:
+            return "cudnn"
+        big = p["query"].shape[1] * p["key"].shape[1] >= CHUNKED_MIN_PAIRS
+        chunked_fits = dropout_rate == 0.0 and isinstance(p["scale"], float)
+        return "chunked" if big and chunked_fits else "xla"
+    if implementation == "cudnn":
+        if not on_gpu:
+            raise ValueError(
+                "implementation: 'cudnn' needs a GPU backend, but jax's default backend "
+                f"is {jax.default_backend()!r}; use None, 'xla' or 'chunked'"
+            )
+        if dropout_rate > 0.0:
+            raise ValueError("dropout_rate: the 'cudnn' implementation has no attention dropout")
+    if implementation == "chunked" and dropout_rate > 0.0:
+        raise ValueError(
+            "dropout_rate: the 'chunked' implementation has no attention dropout; "
+            "use implementation='xla'"
+        )
+    return implementation
+
+
 def _full_mask(p: dict[str, Any]) -> Array | None:
     """The user's mask combined with causal, window and padding masks, rank 4."""
     T, S = p["query"].shape[1], p["key"].shape[1]
@@ -735,10 +773,26 @@ def dot_product_attention(
         dropout_rate=dropout_rate,
         dropout_rng=dropout_rng,
     )
-    if implementation in ("chunked", "cudnn"):
-        raise ValueError(
-            f"implementation: {implementation!r} is not available in this build; use None or 'xla'"
+    implementation = _choose_implementation(implementation, p, dropout_rate)
+    if implementation == "cudnn":
+        return jax.nn.dot_product_attention(
+            query,
+            key,
+            value,
+            bias,
+            mask,
+            scale=p["scale"],
+            is_causal=is_causal,
+            query_seq_lengths=p["query_seq_lengths"],
+            key_value_seq_lengths=p["key_value_seq_lengths"],
+            local_window_size=local_window_size,
+            implementation="cudnn",
         )
+    if implementation == "chunked":
+        # Imported here: kit.chunked builds on this module's checks.
+        from kit.chunked import chunked_from_prepared
+
+        return chunked_from_prepared(p)
     out, _ = _xla_attention(p, dropout_rate, dropout_rng)
     return out[0] if p["unbatched"] else out
 

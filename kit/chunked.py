@@ -1,0 +1,472 @@
+"""Memory-efficient (flash-style) attention in pure JAX, with its own VJP.
+
+Queries and keys/values are processed in blocks with an online softmax
+(running max m and sum l), so no `[T, S]` array is ever formed; the backward
+pass recomputes each block's scores from the saved log-sum-exp, so the
+residuals are O(T), not O(T * S). Blocks wholly outside a causal or window
+mask, or wholly beyond the sequence lengths, are skipped by the loop bounds,
+not computed and masked.
+
+Semantics are those of `kit.dot_product_attention` (see `kit.attention`):
+float32 scores and softmax statistics, a finite mask value, and exactly zero
+output with zero gradients for query rows with no live key.
+
+Internal layout: q `[B, K, G, T, H]`, k and v `[B, K, S, H]`, bias and mask
+`[B|1, K|1, G|1, T|1, S|1]`, where G = N // K query heads share a key/value
+head.
+
+References:
+  Rabe & Staats, "Self-attention Does Not Need O(n^2) Memory", 2021.
+  Dao et al., "FlashAttention: Fast and Memory-Efficient Exact Attention with
+  IO-Awareness", 2022. Dao, "FlashAttention-2", 2023.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from kit.attention import MASK_VALUE, prepare_inputs
+
+Array = jax.Array
+
+DEFAULT_UNITS_PER_STEP = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    """Static options: one compiled loop per distinct config."""
+
+    scale: float
+    is_causal: bool
+    window: tuple[int, int] | None
+    block_q: int
+    block_k: int
+    num_q_blocks: int
+    num_k_blocks: int
+    # True when nothing but the causal structure masks anything (no user mask,
+    # lengths, window or padding): blocks wholly below the diagonal then skip
+    # the mask arithmetic, and loop bounds do not depend on the lengths.
+    structural_only: bool
+    units_per_step: int
+
+
+def default_block_sizes(query_length: int, key_length: int) -> tuple[int, int]:
+    """Block sizes `(block_q, block_k)` chosen from the lengths.
+
+    512 x 256 blocks measured fastest on a 2-core CPU at T = 2048 (see
+    experiments/bench_attention.py); short sequences use one block rounded up
+    to a multiple of 8.
+    """
+    return min(512, -(-query_length // 8) * 8), min(256, -(-key_length // 8) * 8)
+
+
+# --------------------------------------------------------------------------
+# One unit: one example and one key/value head with its G query heads.
+# q [G, Tp, H], k and v [Sp, H], bias and mask [G|1, Tp|1, Sp|1], lengths scalars.
+
+
+def _slice(x: Array | None, start: Array, size: int, axis: int) -> Array | None:
+    """The block [start, start + size) of `x` along `axis`, or `x` if it broadcasts there."""
+    if x is None or x.shape[axis] == 1:
+        return x
+    return lax.dynamic_slice_in_dim(x, start, size, axis=axis)
+
+
+def _logits(cfg, q_blk, k_blk, bias_blk) -> Array:
+    # [G, bq, H] x [bk, H] -> [G, bq, bk], float32
+    s = jnp.einsum("gqh,sh->gqs", q_blk, k_blk, preferred_element_type=jnp.float32)
+    s = s * jnp.float32(cfg.scale)
+    if bias_blk is not None:
+        s = s + bias_blk.astype(jnp.float32)
+    return s
+
+
+def _live(cfg, i, j, q_len, kv_len, mask_blk) -> Array:
+    """bool `[G|1, bq, bk]`: which (query, key) pairs of block (i, j) may attend."""
+    t = (i * cfg.block_q + jnp.arange(cfg.block_q, dtype=jnp.int32))[:, None]  # [bq, 1]
+    s = (j * cfg.block_k + jnp.arange(cfg.block_k, dtype=jnp.int32))[None, :]  # [1, bk]
+    live = (t < q_len) & (s < kv_len)
+    if cfg.is_causal:
+        live = live & (s <= t)
+    if cfg.window is not None:
+        left, right = cfg.window
+        live = live & (s >= t - left) & (s <= t + right)
+    live = live[None]
+    return live if mask_blk is None else live & mask_blk
+
+
+def _kv_range(cfg, i, q_len, kv_len) -> tuple[Array, Array, Array]:
+    """Key blocks for query block i: [lo, full) need no mask, [full, hi) do."""
+    first_t = i * cfg.block_q
+    last_t = first_t + cfg.block_q - 1
+    lo, hi = jnp.int32(0), jnp.int32(cfg.num_k_blocks)
+    if cfg.is_causal:
+        hi = jnp.minimum(hi, last_t // cfg.block_k + 1)
+    if cfg.structural_only:
+        full = jnp.minimum(hi, (first_t + 1) // cfg.block_k) if cfg.is_causal else hi
+        return lo, full, hi
+    hi = jnp.minimum(hi, -(-kv_len // cfg.block_k))
+    if cfg.window is not None:
+        left, right = cfg.window
+        lo = jnp.maximum(lo, (first_t - left) // cfg.block_k)
+        hi = jnp.minimum(hi, (last_t + right) // cfg.block_k + 1)
+    hi = jnp.maximum(jnp.where(first_t < q_len, hi, lo), lo)  # padding queries do nothing
+    return lo, lo, hi
+
+
+def _q_range(cfg, j, q_len, kv_len) -> tuple[Array, Array, Array]:
+    """Query blocks for key block j: [lo, full) need a mask, [full, hi) do not."""
+    first_s = j * cfg.block_k
+    last_s = first_s + cfg.block_k - 1
+    lo, hi = jnp.int32(0), jnp.int32(cfg.num_q_blocks)
+    if cfg.is_causal:
+        lo = jnp.maximum(lo, first_s // cfg.block_q)
+    if cfg.structural_only:
+        full = jnp.maximum(lo, -(-last_s // cfg.block_q)) if cfg.is_causal else lo
+        return lo, jnp.minimum(full, hi), hi
+    hi = jnp.minimum(hi, -(-q_len // cfg.block_q))
+    if cfg.window is not None:
+        left, right = cfg.window
+        lo = jnp.maximum(lo, (first_s - right) // cfg.block_q)
+        hi = jnp.minimum(hi, (last_s + left) // cfg.block_q + 1)
+    hi = jnp.maximum(jnp.where(first_s < kv_len, hi, lo), lo)
+    return lo, hi, hi
+
+
+def _unit_forward(cfg, q, k, v, bias, mask, q_len, kv_len):
+    """Returns out `[G, Tp, H]` (q's dtype) and lse `[G, Tp]` (float32)."""
+    G, _, H = q.shape
+    bq, bk = cfg.block_q, cfg.block_k
+
+    def q_block(_, i):
+        q_blk = lax.dynamic_slice_in_dim(q, i * bq, bq, axis=1)
+        bias_i, mask_i = _slice(bias, i * bq, bq, axis=1), _slice(mask, i * bq, bq, axis=1)
+
+        def kv_step(j, carry, masked):
+            m, l, acc = carry  # [G, bq], [G, bq], [G, bq, H]
+            k_blk = lax.dynamic_slice_in_dim(k, j * bk, bk, axis=0)
+            v_blk = lax.dynamic_slice_in_dim(v, j * bk, bk, axis=0)
+            s = _logits(cfg, q_blk, k_blk, _slice(bias_i, j * bk, bk, axis=2))
+            if masked:
+                live = _live(cfg, i, j, q_len, kv_len, _slice(mask_i, j * bk, bk, axis=2))
+                s = jnp.where(live, s, MASK_VALUE)
+            m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+            p = jnp.exp(s - m_new[..., None])
+            if masked:
+                p = jnp.where(live, p, 0.0)
+            correction = jnp.exp(m - m_new)
+            pv = jnp.einsum(  # [G, bq, bk] x [bk, H] -> [G, bq, H]
+                "gqs,sh->gqh", p.astype(v.dtype), v_blk, preferred_element_type=jnp.float32
+            )
+            l = l * correction + jnp.sum(p, axis=-1)
+            return m_new, l, acc * correction[..., None] + pv
+
+        lo, full, hi = _kv_range(cfg, i, q_len, kv_len)
+        carry = (
+            jnp.full((G, bq), MASK_VALUE, jnp.float32),
+            jnp.zeros((G, bq), jnp.float32),
+            jnp.zeros((G, bq, H), jnp.float32),
+        )
+        carry = lax.fori_loop(lo, full, functools.partial(kv_step, masked=False), carry)
+        m, l, acc = lax.fori_loop(full, hi, functools.partial(kv_step, masked=True), carry)
+        has_live = l > 0
+        safe_l = jnp.where(has_live, l, 1.0)
+        out = (acc / safe_l[..., None]).astype(q.dtype)
+        return None, (out, jnp.where(has_live, m + jnp.log(safe_l), 0.0))
+
+    _, (out, lse) = lax.scan(q_block, None, jnp.arange(cfg.num_q_blocks, dtype=jnp.int32))
+    # [nq, G, bq, ...] -> [G, nq * bq, ...]
+    return jnp.moveaxis(out, 0, 1).reshape(G, -1, H), jnp.moveaxis(lse, 0, 1).reshape(G, -1)
+
+
+def _unit_backward(cfg, q, k, v, bias, mask, q_len, kv_len, out, lse, d_out):
+    """Returns dq, dk, dv in float32 and dbias `[G|1, Tp|1, Sp|1]` (or None)."""
+    G, Tp, H = q.shape
+    bq, bk = cfg.block_q, cfg.block_k
+    scale = jnp.float32(cfg.scale)
+    # delta_t = sum_h dO_th O_th = sum_s P_ts dP_ts, the softmax backward's row term.
+    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+
+    def kv_block(carry, j):
+        k_blk = lax.dynamic_slice_in_dim(k, j * bk, bk, axis=0)
+        v_blk = lax.dynamic_slice_in_dim(v, j * bk, bk, axis=0)
+        bias_j, mask_j = _slice(bias, j * bk, bk, axis=2), _slice(mask, j * bk, bk, axis=2)
+
+        def q_step(i, inner, masked):
+            dk, dv, dq, dbias = inner
+            q_blk = lax.dynamic_slice_in_dim(q, i * bq, bq, axis=1)
+            do_blk = lax.dynamic_slice_in_dim(d_out, i * bq, bq, axis=1)
+            lse_blk = lax.dynamic_slice_in_dim(lse, i * bq, bq, axis=1)
+            delta_blk = lax.dynamic_slice_in_dim(delta, i * bq, bq, axis=1)
+            s = _logits(cfg, q_blk, k_blk, _slice(bias_j, i * bq, bq, axis=1))
+            p = jnp.exp(s - lse_blk[..., None])  # [G, bq, bk]
+            if masked:
+                live = _live(cfg, i, j, q_len, kv_len, _slice(mask_j, i * bq, bq, axis=1))
+                p = jnp.where(live, p, 0.0)
+            dv = dv + jnp.einsum(  # [G, bq, bk] x [G, bq, H] -> [bk, H]
+                "gqs,gqh->sh", p.astype(d_out.dtype), do_blk, preferred_element_type=jnp.float32
+            )
+            dp = jnp.einsum(  # [G, bq, H] x [bk, H] -> [G, bq, bk]
+                "gqh,sh->gqs", do_blk, v_blk, preferred_element_type=jnp.float32
+            )
+            ds = p * (dp - delta_blk[..., None])  # gradient of the (biased) logits
+            ds_scaled = (ds * scale).astype(q.dtype)
+            dk = dk + jnp.einsum(  # [G, bq, bk] x [G, bq, H] -> [bk, H]
+                "gqs,gqh->sh", ds_scaled, q_blk, preferred_element_type=jnp.float32
+            )
+            dq_blk = jnp.einsum(  # [G, bq, bk] x [bk, H] -> [G, bq, H]
+                "gqs,sh->gqh", ds_scaled, k_blk, preferred_element_type=jnp.float32
+            )
+            dq = _add_block(dq, dq_blk, {1: i * bq})
+            if dbias is not None:
+                dbias = _add_bias_grad(dbias, ds, i * bq, j * bk)
+            return dk, dv, dq, dbias
+
+        lo, full, hi = _q_range(cfg, j, q_len, kv_len)
+        zeros = jnp.zeros((bk, H), jnp.float32)
+        inner = (zeros, zeros, *carry)
+        inner = lax.fori_loop(lo, full, functools.partial(q_step, masked=True), inner)
+        dk, dv, dq, dbias = lax.fori_loop(full, hi, functools.partial(q_step, masked=False), inner)
+        return (dq, dbias), (dk, dv)
+
+    carry = (
+        jnp.zeros((G, Tp, H), jnp.float32),
+        None if bias is None else jnp.zeros(bias.shape, jnp.float32),
+    )
+    (dq, dbias), (dk, dv) = lax.scan(kv_block, carry, jnp.arange(cfg.num_k_blocks, dtype=jnp.int32))
+    return dq, dk.reshape(-1, H), dv.reshape(-1, H), dbias  # [nk, bk, H] -> [Sp, H]
+
+
+def _add_block(full: Array, block: Array, starts: dict[int, Array]) -> Array:
+    index = [starts.get(axis, jnp.int32(0)) for axis in range(full.ndim)]
+    current = lax.dynamic_slice(full, index, block.shape)
+    return lax.dynamic_update_slice(full, current + block, index)
+
+
+def _add_bias_grad(dbias: Array, ds: Array, t0: Array, s0: Array) -> Array:
+    """Adds ds `[G, bq, bk]` into dbias, summing over the axes where bias broadcasts."""
+    sum_axes = tuple(a for a in range(3) if dbias.shape[a] == 1)
+    ds = jnp.sum(ds, axis=sum_axes, keepdims=True)
+    starts = {axis: start for axis, start in ((1, t0), (2, s0)) if dbias.shape[axis] != 1}
+    return _add_block(dbias, ds, starts)
+
+
+# --------------------------------------------------------------------------
+# All units: lax.map over (example, key/value head) in chunks of units_per_step.
+# Arrays: q [U, G, Tp, H], k, v [U, Sp, H], lengths [U], bias and mask either
+# [U, G|1, Tp|1, Sp|1] (mapped) or [1, G|1, Tp|1, Sp|1] (shared by all units).
+
+
+def _map_units(cfg, fn, arrays, bias, mask):
+    """lax.map of `fn(*unit_arrays, bias_unit, mask_unit)` over the units.
+
+    A bias or mask with a leading 1 is shared by all units and closed over,
+    not copied per unit.
+    """
+    shared = [None if x is None or x.shape[0] != 1 else x[0] for x in (bias, mask)]
+    mapped = [None if x is None or x.shape[0] == 1 else x for x in (bias, mask)]
+
+    def call(unit):
+        *unit_arrays, unit_bias, unit_mask = unit
+        unit_bias = shared[0] if unit_bias is None else unit_bias
+        unit_mask = shared[1] if unit_mask is None else unit_mask
+        return fn(*unit_arrays, unit_bias, unit_mask)
+
+    return lax.map(call, (*arrays, *mapped), batch_size=cfg.units_per_step)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash(cfg, q, k, v, bias, mask, q_len, kv_len):
+    return _flash_fwd(cfg, q, k, v, bias, mask, q_len, kv_len)[0]
+
+
+def _flash_fwd(cfg, q, k, v, bias, mask, q_len, kv_len):
+    def unit(q, k, v, q_len, kv_len, bias, mask):
+        return _unit_forward(cfg, q, k, v, bias, mask, q_len, kv_len)
+
+    out, lse = _map_units(cfg, unit, (q, k, v, q_len, kv_len), bias, mask)
+    return out, (q, k, v, bias, mask, q_len, kv_len, out, lse)
+
+
+def _flash_bwd(cfg, res, d_out):
+    q, k, v, bias, mask, q_len, kv_len, out, lse = res
+
+    def unit(q, k, v, q_len, kv_len, out, lse, d_out, bias, mask):
+        return _unit_backward(cfg, q, k, v, bias, mask, q_len, kv_len, out, lse, d_out)
+
+    arrays = (q, k, v, q_len, kv_len, out, lse, d_out)
+    dq, dk, dv, dbias = _map_units(cfg, unit, arrays, bias, mask)
+    if dbias is not None:
+        if bias.shape[0] == 1:
+            dbias = jnp.sum(dbias, axis=0, keepdims=True)
+        dbias = dbias.astype(bias.dtype)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dbias, None, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+# --------------------------------------------------------------------------
+# Layout and padding around the kernel.
+
+
+def _pad_axis(x: Array | None, axis: int, size: int) -> Array | None:
+    if x is None or x.shape[axis] in (1, size):
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, widths)
+
+
+def _to_units(x: Array | None, B: int, K: int, G: int, T: int, S: int) -> Array | None:
+    """`[B|1, N|1, T|1, S|1]` -> `[U|1, G|1, Tp|1, Sp|1]` with U = B * K."""
+    if x is None:
+        return None
+    b, n = x.shape[:2]
+    x = x[:, :, None] if n == 1 else x.reshape(b, K, G, *x.shape[2:])  # [b, k, g, t, s]
+    if x.shape[:2] != (1, 1):
+        x = jnp.broadcast_to(x, (B, K, *x.shape[2:]))
+    x = x.reshape(-1, *x.shape[2:])
+    return _pad_axis(_pad_axis(x, 2, T), 3, S)
+
+
+def chunked_from_prepared(
+    p: dict[str, Any],
+    *,
+    block_q: int | None = None,
+    block_k: int | None = None,
+    units_per_step: int | None = None,
+) -> Array:
+    """Runs the chunked kernel on the output of `kit.attention.prepare_inputs`.
+
+    Returns:
+      `[B, T, N, H]` (or `[T, N, H]` for unbatched input).
+    """
+    query, key, value = p["query"], p["key"], p["value"]
+    B, T, N, H = query.shape
+    S, K = key.shape[1], key.shape[2]
+    G = N // K
+    auto_q, auto_k = default_block_sizes(T, S)
+    block_q = auto_q if block_q is None else _check_block("block_q", block_q)
+    block_k = auto_k if block_k is None else _check_block("block_k", block_k)
+    units = DEFAULT_UNITS_PER_STEP if units_per_step is None else units_per_step
+    units = min(_check_block("units_per_step", units), B * K)
+    scale = p["scale"]
+    if not isinstance(scale, float):
+        raise ValueError(
+            f"scale: the chunked path needs a Python number, got a {type(scale).__name__}"
+        )
+    num_q, num_k = -(-T // block_q), -(-S // block_k)
+    Tp, Sp = num_q * block_q, num_k * block_k
+    structural_only = (
+        p["mask"] is None
+        and p["query_seq_lengths"] is None
+        and p["key_value_seq_lengths"] is None
+        and p["window"] is None
+        and (Tp, Sp) == (T, S)
+    )
+    cfg = _Config(
+        scale, p["is_causal"], p["window"], block_q, block_k, num_q, num_k, structural_only, units
+    )
+
+    # [B, T, N, H] -> [U, G, Tp, H]; [B, S, K, H] -> [U, Sp, H]
+    q = _pad_axis(query.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4), 3, Tp)
+    q = q.reshape(B * K, G, Tp, H)
+    k = _pad_axis(key.transpose(0, 2, 1, 3), 2, Sp).reshape(B * K, Sp, H)
+    v = _pad_axis(value.transpose(0, 2, 1, 3), 2, Sp).reshape(B * K, Sp, H)
+    bias = _to_units(p["bias"], B, K, G, Tp, Sp)
+    mask = _to_units(p["mask"], B, K, G, Tp, Sp)
+    # Padding rows and columns are dead through the lengths, which always exist here.
+    q_len = jnp.full((B,), T, jnp.int32)
+    kv_len = jnp.full((B,), S, jnp.int32)
+    if p["query_seq_lengths"] is not None:
+        q_len = jnp.minimum(p["query_seq_lengths"], T)
+    if p["key_value_seq_lengths"] is not None:
+        kv_len = jnp.minimum(p["key_value_seq_lengths"], S)
+    q_len, kv_len = jnp.repeat(q_len, K), jnp.repeat(kv_len, K)  # [U]
+
+    out = _flash(cfg, q, k, v, bias, mask, q_len, kv_len)  # [U, G, Tp, H]
+    out = out.reshape(B, K, G, Tp, H)[:, :, :, :T].transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
+    return out[0] if p["unbatched"] else out
+
+
+def _check_block(name: str, size: Any) -> int:
+    if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+        raise ValueError(f"{name}: expected a positive int, got {size!r}")
+    return size
+
+
+def chunked_attention(
+    query: Array,
+    key: Array,
+    value: Array,
+    bias: Array | None = None,
+    mask: Array | None = None,
+    *,
+    scale: float | None = None,
+    is_causal: bool = False,
+    query_seq_lengths: Array | None = None,
+    key_value_seq_lengths: Array | None = None,
+    local_window_size: int | tuple[int, int] | None = None,
+    block_q: int | None = None,
+    block_k: int | None = None,
+    units_per_step: int | None = None,
+) -> Array:
+    """Memory-efficient attention; `kit.dot_product_attention(..., implementation="chunked")`.
+
+    out = softmax(scale * Q K^T + bias, masked) V, computed block by block
+    with an online softmax, never forming `[T, S]`. The VJP recomputes block
+    scores from the saved log-sum-exp. Query rows with no live key return
+    exactly zero, with zero gradients.
+
+    Args:
+      query: `[B, T, N, H]` or `[T, N, H]`.
+      key: `[B, S, K, H]` or `[S, K, H]`; K divides N.
+      value: as `key`.
+      bias: optional, broadcastable to `[B, N, T, S]` (a full bias is O(T S)
+        memory of its own, and so is its gradient).
+      mask: optional bool, broadcastable to `[B, N, T, S]`, True = may attend.
+      scale: a Python number; defaults to 1 / sqrt(H).
+      is_causal, query_seq_lengths, key_value_seq_lengths, local_window_size:
+        as in `kit.dot_product_attention`.
+      block_q: query block size; chosen from T if None.
+      block_k: key/value block size; chosen from S if None.
+      units_per_step: how many (example, key/value head) pairs each loop step
+        processes together (default 8).
+
+    Returns:
+      `[B, T, N, H]` (or `[T, N, H]`), dtype of `query`.
+
+    Raises:
+      ValueError: for every input `kit.dot_product_attention` rejects, a
+        non-positive block size, or a traced `scale`.
+
+    References:
+      Dao, "FlashAttention-2: Faster Attention with Better Parallelism and
+      Work Partitioning", 2023.
+    """
+    p = prepare_inputs(
+        query,
+        key,
+        value,
+        bias,
+        mask,
+        scale=scale,
+        is_causal=is_causal,
+        query_seq_lengths=query_seq_lengths,
+        key_value_seq_lengths=key_value_seq_lengths,
+        local_window_size=local_window_size,
+    )
+    return chunked_from_prepared(p, block_q=block_q, block_k=block_k, units_per_step=units_per_step)
+
+
+def flops(batch: int, q_len: int, kv_len: int, heads: int, head_dim: int, causal: bool) -> float:
+    """Matmul FLOPs of one attention forward pass (2 matmuls); causal counts half."""
+    total = 4.0 * batch * heads * q_len * kv_len * head_dim
+    return total / 2 if causal else total

@@ -8,29 +8,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import TOLERANCES, make_qkv, normal
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kit
-
-TOLERANCES = {  # dtype: (forward, gradient)
-    jnp.float32: (1e-5, 1e-4),
-    jnp.bfloat16: (2e-2, 2e-2),
-    jnp.float16: (2e-2, 2e-2),
-}
-
-
-def _normal(rng, shape, dtype=jnp.float32):
-    return jax.random.normal(rng, shape, jnp.float32).astype(dtype)
-
-
-def make_qkv(B=2, T=8, S=8, N=4, K=4, H=16, dtype=jnp.float32, seed=0):
-    rq, rk, rv = jax.random.split(jax.random.key(seed), 3)
-    return (
-        _normal(rq, (B, T, N, H), dtype),
-        _normal(rk, (B, S, K, H), dtype),
-        _normal(rv, (B, S, K, H), dtype),
-    )
 
 
 def numpy_mask(B, N, T, S, mask=None, is_causal=False, q_len=None, kv_len=None, window=None):
@@ -101,7 +83,7 @@ def _run_case(case, dtype, shapes):
     q, k, v = make_qkv(dtype=dtype, **shapes)
     B, T, N, _ = q.shape
     S = k.shape[1]
-    bias = _normal(jax.random.key(7), (B, N, T, S), dtype) if kw.pop("bias", False) else None
+    bias = normal(jax.random.key(7), (B, N, T, S), dtype) if kw.pop("bias", False) else None
     mask = kw.pop("mask", None)
     if mask is not None:
         mask = jnp.asarray(mask[..., :T, :S])
@@ -153,7 +135,7 @@ def test_cross_attention_with_different_lengths(case):
 
 def test_unbatched_input():
     q, k, v = make_qkv(B=1, K=2)
-    bias = _normal(jax.random.key(3), (4, 8, 8))
+    bias = normal(jax.random.key(3), (4, 8, 8))
     out = kit.dot_product_attention(q[0], k[0], v[0], bias, is_causal=True)
     assert out.shape == (8, 4, 16)
     with jax.numpy_dtype_promotion("standard"):
@@ -288,8 +270,8 @@ def test_multi_head_attention_matches_composition_with_jax_nn():
     assert params["key"]["kernel"].shape == (32, 2, 8)
     assert params["out"]["kernel"].shape == (4, 8, 32)
     params = jax.tree.map(lambda p: p + 0.1, params)  # nonzero biases
-    x = _normal(jax.random.key(1), (2, 6, 32))
-    context = _normal(jax.random.key(2), (2, 9, 32))
+    x = normal(jax.random.key(1), (2, 6, 32))
+    context = normal(jax.random.key(2), (2, 9, 32))
     y, weights = kit.multi_head_attention(params, x, context, return_weights=True)
     assert weights.shape == (2, 4, 6, 9)
 

@@ -1,0 +1,185 @@
+"""kit.chunked equals kit's materialized (xla) path, forward and VJP, and holds no [T, S] buffer."""
+
+import functools
+
+import chex
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import TOLERANCES, make_qkv, normal
+
+import kit
+
+# T and S are not multiples of the blocks (8 x 16) on purpose.
+B, T, S, N = 2, 37, 45, 4
+LENGTHS_Q = np.array([30, 37], np.int32)
+LENGTHS_KV = np.array([45, 19], np.int32)
+
+CASES = {
+    "plain": dict(),
+    "causal": dict(is_causal=True),
+    "bias": dict(bias=(B, N, T, S)),
+    "bias shared over batch": dict(bias=(1, N, T, S)),
+    "bias shared over heads": dict(bias=(B, 1, T, S)),
+    "bias [T, S]": dict(bias=(T, S)),
+    "bias over keys only": dict(bias=(B, 1, 1, S)),
+    "mask": dict(mask=(B, 1, T, S)),
+    "lengths": dict(query_seq_lengths=LENGTHS_Q, key_value_seq_lengths=LENGTHS_KV),
+    "causal+lengths": dict(is_causal=True, query_seq_lengths=LENGTHS_Q),
+    "causal+window": dict(is_causal=True, local_window_size=(9, 0)),
+    "window": dict(local_window_size=(3, 11)),
+    "scale": dict(scale=0.05),
+    "everything": dict(
+        bias=(1, N, T, S),
+        mask=(B, N, T, S),
+        is_causal=True,
+        query_seq_lengths=LENGTHS_Q,
+        key_value_seq_lengths=LENGTHS_KV,
+        local_window_size=(20, 2),
+    ),
+}
+
+
+def _compare(case, *, dtype=jnp.float32, T=T, S=S, K=2, blocks=(8, 16), units=3):
+    kw = dict(case)
+    q, k, v = make_qkv(B=B, T=T, S=S, N=N, K=K, dtype=dtype)
+    bias = normal(jax.random.key(5), kw.pop("bias"), dtype) if "bias" in kw else None
+    mask = None
+    if "mask" in kw:
+        mask = jax.random.bernoulli(jax.random.key(6), 0.7, kw.pop("mask"))
+
+    def run(attention):
+        def loss(q, k, v, bias):
+            out = attention(q, k, v, bias, mask, **kw)
+            weights = jnp.cos(jnp.arange(out.size, dtype=jnp.float32)).reshape(out.shape)
+            return jnp.sum(out.astype(jnp.float32) * weights), out
+
+        argnums = (0, 1, 2) if bias is None else (0, 1, 2, 3)
+        return jax.jit(jax.grad(loss, argnums=argnums, has_aux=True))(q, k, v, bias)
+
+    grads, out = run(
+        functools.partial(
+            kit.chunked_attention, block_q=blocks[0], block_k=blocks[1], units_per_step=units
+        )
+    )
+    ref_grads, ref_out = run(functools.partial(kit.dot_product_attention, implementation="xla"))
+    fwd_tol, grad_tol = TOLERANCES[dtype]
+    assert out.dtype == ref_out.dtype == dtype
+    chex.assert_trees_all_close(out, ref_out, atol=fwd_tol, rtol=fwd_tol)
+    chex.assert_trees_all_close(grads, ref_grads, atol=grad_tol, rtol=grad_tol)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_chunked_equals_xla_forward_and_vjp(name):
+    _compare(CASES[name])
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=str)
+@pytest.mark.parametrize("name", ["causal", "everything"])
+def test_chunked_low_precision(name, dtype):
+    _compare(CASES[name], dtype=dtype)
+
+
+@pytest.mark.parametrize("groups", [1, 2, 4])
+def test_chunked_grouped_query_attention(groups):
+    _compare(CASES["causal+lengths"], K=N // groups)
+
+
+@pytest.mark.parametrize("blocks", [(16, 8), (64, 64), (5, 7)], ids=lambda b: f"{b[0]}x{b[1]}")
+def test_chunked_block_sizes(blocks):
+    # Exactly divisible lengths take the mask-free path for blocks below the diagonal.
+    _compare(CASES["causal"], T=48, S=48, blocks=blocks, units=8)
+    _compare(CASES["bias"] | {"bias": (B, N, 48, 48)}, T=48, S=48, blocks=blocks)
+
+
+def test_chunked_unbatched_and_default_blocks():
+    q, k, v = make_qkv(B=1, T=33, S=33, K=2)
+    out = kit.chunked_attention(q[0], k[0], v[0], is_causal=True)
+    expected = kit.dot_product_attention(q[0], k[0], v[0], is_causal=True, implementation="xla")
+    chex.assert_trees_all_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_chunked_fully_masked_rows_are_zero_with_finite_gradients():
+    q, k, v = make_qkv(T=20, S=20)
+    mask = np.ones((2, 4, 20, 20), bool)
+    mask[0, 2, 7] = False
+    lengths = jnp.array([0, 12], jnp.int32)  # example 0 has no live key at all
+
+    def f(q, k, v):
+        return kit.chunked_attention(
+            q, k, v, mask=jnp.asarray(mask), key_value_seq_lengths=lengths, block_q=8, block_k=8
+        )
+
+    out = f(q, k, v)
+    assert np.all(np.asarray(out[0]) == 0.0)
+    grads = jax.grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=(0, 1, 2))(q, k, v)
+    for g in grads:
+        assert np.all(np.isfinite(np.asarray(g)))
+    assert np.all(np.asarray(grads[0][0]) == 0.0)
+
+
+def _jaxpr_arrays(fn, *args):
+    jaxpr = jax.make_jaxpr(fn)(*args)
+    sizes = []
+
+    def visit(jaxpr):
+        for eqn in jaxpr.eqns:
+            sizes.extend(
+                int(np.prod(v.aval.shape)) for v in eqn.outvars if hasattr(v.aval, "shape")
+            )
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                visit(sub)
+
+    visit(jaxpr.jaxpr)
+    return len(jaxpr.jaxpr.eqns), sizes
+
+
+def test_chunked_holds_no_score_matrix_and_compiles_to_loops():
+    def fwd_bwd(q, k, v):
+        return jax.grad(lambda q, k, v: jnp.sum(kit.chunked_attention(q, k, v, is_causal=True)))(
+            q, k, v
+        )
+
+    shapes, temps = {}, {}
+    for length in (4096, 16384):
+        spec = jax.ShapeDtypeStruct((1, length, 2, 16), jnp.float32)
+        num_eqns, sizes = _jaxpr_arrays(fwd_bwd, spec, spec, spec)
+        shapes[length] = num_eqns
+        # Nothing anywhere in the program, loops included, is as large as one [T, S] head.
+        assert max(sizes) < length * length // 16, max(sizes)
+        compiled = jax.jit(fwd_bwd).lower(spec, spec, spec).compile()
+        temps[length] = compiled.memory_analysis().temp_size_in_bytes
+        assert temps[length] < length * length * 4 // 8, temps[length]
+    # The program does not grow with T: the blocks are loops, not unrolled; and
+    # XLA's scratch memory grows linearly (4x T -> at most ~4x), not quadratically.
+    assert shapes[4096] == shapes[16384]
+    assert temps[16384] < 5 * temps[4096], temps
+    # The materialized path, by contrast, does hold [T, S].
+    spec = jax.ShapeDtypeStruct((1, 4096, 2, 16), jnp.float32)
+    _, xla_sizes = _jaxpr_arrays(
+        lambda q, k, v: kit.dot_product_attention(q, k, v, implementation="xla"), spec, spec, spec
+    )
+    assert max(xla_sizes) >= 4096 * 4096
+
+
+def test_implementation_dispatch_and_errors():
+    q, k, v = make_qkv(T=16, S=16)
+    with pytest.raises(ValueError, match=r"implementation: 'cudnn' needs a GPU backend"):
+        kit.dot_product_attention(q, k, v, implementation="cudnn")
+    with pytest.raises(ValueError, match=r"dropout_rate: the 'chunked' implementation has no"):
+        kit.dot_product_attention(
+            q, k, v, implementation="chunked", dropout_rate=0.1, dropout_rng=jax.random.key(0)
+        )
+    with pytest.raises(ValueError, match=r"block_q: expected a positive int, got 0"):
+        kit.chunked_attention(q, k, v, block_q=0)
+    with pytest.raises(ValueError, match=r"units_per_step: expected a positive int"):
+        kit.chunked_attention(q, k, v, units_per_step=-2)
+    with pytest.raises(ValueError, match=r"key: batch must equal query's B = 2"):
+        kit.chunked_attention(q, k[:1], v[:1])
+    # None takes the chunked path for long sequences and agrees with xla.
+    q, k, v = make_qkv(B=1, T=520, S=520, N=2, K=1, H=8)
+    auto = kit.dot_product_attention(q, k, v, is_causal=True)
+    xla = kit.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+    chex.assert_trees_all_close(auto, xla, atol=1e-5, rtol=1e-5)

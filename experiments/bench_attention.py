@@ -1,0 +1,172 @@
+"""Attention speed and memory, side by side in one run: kit chunked, kit xla, jax.nn, flax.nnx.
+
+    python experiments/bench_attention.py                      # the README table
+    python experiments/bench_attention.py --lengths=4096,8192 --dtype=bfloat16
+    python experiments/bench_attention.py --long_context=32768  # peak RSS of one long run
+
+Prints a markdown table: median milliseconds over --repeats runs after a
+compile-and-warm-up call, speed-up against jax.nn.dot_product_attention
+(implementation="xla"), effective GFLOP/s (4 B N T S H for the forward pass,
+3.5x that for forward+backward, causal counting half), the percentage of this
+machine's matmul peak (measured here with a 2048^3 matmul in --dtype), and the
+memory XLA plans for the compiled program (arguments + outputs + scratch).
+Materialized paths whose [B, N, T, S] scores would exceed --max_scores_gib are
+skipped.
+"""
+
+import resource
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from flax import nnx
+
+import kit
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("lengths", ["512", "1024", "2048", "4096", "8192"], "Lengths T = S.")
+flags.DEFINE_list("impls", ["kit_chunked", "kit_xla", "jax_nn", "flax_nnx"], "Paths to time.")
+flags.DEFINE_list("causal", ["true", "false"], "Causal settings to run.")
+flags.DEFINE_list("modes", ["fwd", "fwd+bwd"], "Forward only and/or forward+backward.")
+flags.DEFINE_integer("batch", 4, "B.")
+flags.DEFINE_integer("heads", 8, "N (= K).")
+flags.DEFINE_integer("head_dim", 64, "H.")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Input dtype.")
+flags.DEFINE_integer("repeats", 3, "Timed runs per cell (the median is reported).")
+flags.DEFINE_float("max_scores_gib", 4.0, "Skip materialized paths above this score size.")
+flags.DEFINE_string("out", None, "Also write the markdown table to this file.")
+flags.DEFINE_string("plot", None, "Also write a PNG plot of time against T to this file.")
+flags.DEFINE_integer("long_context", None, "Only run B=1 causal fwd+bwd chunked at this T.")
+
+PATHS = {
+    "kit_chunked": lambda q, k, v, c: kit.dot_product_attention(
+        q, k, v, is_causal=c, implementation="chunked"
+    ),
+    "kit_xla": lambda q, k, v, c: kit.dot_product_attention(
+        q, k, v, is_causal=c, implementation="xla"
+    ),
+    "jax_nn": lambda q, k, v, c: jax.nn.dot_product_attention(
+        q, k, v, is_causal=c, implementation="xla"
+    ),
+    "flax_nnx": lambda q, k, v, c: nnx.dot_product_attention(q, k, v, is_causal=c),
+}
+
+
+def compiled(fn, mode, causal, args):
+    def fwd(q, k, v):
+        return fn(q, k, v, causal)
+
+    def fwd_bwd(q, k, v):
+        return jax.grad(lambda *a: jnp.sum(fwd(*a).astype(jnp.float32)), argnums=(0, 1, 2))(q, k, v)
+
+    return jax.jit(fwd if mode == "fwd" else fwd_bwd).lower(*args).compile()
+
+
+def median_seconds(run, args, repeats):
+    jax.block_until_ready(run(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(run(*args))
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def matmul_peak(dtype):
+    a = jnp.ones((2048, 2048), dtype)
+    return 2 * 2048**3 / median_seconds(jax.jit(jnp.matmul), (a, a), 5) / 1e9
+
+
+def inputs(B, T, dtype):
+    rngs = jax.random.split(jax.random.key(0), 3)
+    shape = (B, T, FLAGS.heads, FLAGS.head_dim)
+    return tuple(jax.random.normal(r, shape, jnp.float32).astype(dtype) for r in rngs)
+
+
+def main(_):
+    dtype = jnp.dtype(FLAGS.dtype)
+    if FLAGS.long_context:
+        args = inputs(1, FLAGS.long_context, dtype)
+        run = compiled(PATHS["kit_chunked"], "fwd+bwd", True, args)
+        seconds = median_seconds(run, args, 1)
+        peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        print(
+            f"B=1 T={FLAGS.long_context} N={FLAGS.heads} H={FLAGS.head_dim} {FLAGS.dtype} causal "
+            f"fwd+bwd chunked: {seconds:.1f} s, peak process memory {peak_gib:.2f} GiB"
+        )
+        return
+    peak = matmul_peak(dtype)
+    lines = [
+        f"{jax.devices()[0].device_kind}, matmul peak {peak:.0f} GFLOP/s ({FLAGS.dtype}); "
+        f"B={FLAGS.batch} N={FLAGS.heads} H={FLAGS.head_dim}",
+        "",
+        "| T | causal | mode | path | median ms | vs jax.nn | GFLOP/s | % peak | XLA MiB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    print("\n".join(lines), flush=True)
+    results = []
+    for T in map(int, FLAGS.lengths):
+        args = inputs(FLAGS.batch, T, dtype)
+        scores_gib = FLAGS.batch * FLAGS.heads * T * T * 4 / 2**30
+        for causal in (c == "true" for c in FLAGS.causal):
+            for mode in FLAGS.modes:
+                flops = 4 * FLAGS.batch * FLAGS.heads * T * T * FLAGS.head_dim
+                flops *= (0.5 if causal else 1.0) * (3.5 if mode == "fwd+bwd" else 1.0)
+                base = None
+                for name in sorted(FLAGS.impls, key=lambda n: n != "jax_nn"):
+                    if name != "kit_chunked" and scores_gib > FLAGS.max_scores_gib:
+                        row = f"| {T} | {causal} | {mode} | {name} | skipped: {scores_gib:.0f} GiB scores"
+                    else:
+                        run = compiled(PATHS[name], mode, causal, args)
+                        memory = run.memory_analysis()
+                        mib = (
+                            memory.temp_size_in_bytes
+                            + memory.argument_size_in_bytes
+                            + memory.output_size_in_bytes
+                        ) / 2**20
+                        seconds = median_seconds(run, args, FLAGS.repeats)
+                        base = seconds if name == "jax_nn" else base
+                        ratio = f"{base / seconds:.2f}x" if base else "-"
+                        gflops = flops / seconds / 1e9
+                        results.append((T, causal, mode, name, seconds))
+                        row = (
+                            f"| {T} | {causal} | {mode} | {name} | {seconds * 1e3:.0f} | {ratio} "
+                            f"| {gflops:.1f} | {100 * gflops / peak:.0f}% | {mib:.0f} |"
+                        )
+                    lines.append(row)
+                    print(row, flush=True)
+    if FLAGS.out:
+        with open(FLAGS.out, "w") as f:
+            f.write("\n".join(lines) + "\n")
+    if FLAGS.plot:
+        plot(results)
+
+
+def plot(results):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, mode in zip(axes, ("fwd", "fwd+bwd"), strict=True):
+        for name in FLAGS.impls:
+            for causal, style in ((True, "-"), (False, "--")):
+                pts = [
+                    (T, s * 1e3) for T, c, m, n, s in results if (c, m, n) == (causal, mode, name)
+                ]
+                if pts:
+                    ax.loglog(
+                        *zip(*pts, strict=True), style, marker="o", label=f"{name} causal={causal}"
+                    )
+        ax.set(title=mode, xlabel="T", ylabel="median ms")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(FLAGS.plot, dpi=100)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -117,7 +117,8 @@ def main(_):
                 base = None
                 for name in sorted(FLAGS.impls, key=lambda n: n != "jax_nn"):
                     if name != "kit_chunked" and scores_gib > FLAGS.max_scores_gib:
-                        row = f"| {T} | {causal} | {mode} | {name} | skipped: {scores_gib:.0f} GiB scores"
+                        skip = f"skipped: {scores_gib:.0f} GiB scores"
+                        row = f"| {T} | {causal} | {mode} | {name} | {skip}"
                     else:
                         run = compiled(PATHS[name], mode, causal, args)
                         memory = run.memory_analysis()

@@ -1,0 +1,65 @@
+"""Functional KV cache and greedy decoding.
+
+A cache is a list (one entry per decoder layer) of `{"key", "value":
+[B, Smax, K, H], "index": int32 []}`: a pytree, so decoding is a `lax.scan`
+that jit compiles once. Prefill writes the prompt; each step writes one token.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from kit import models
+
+Array = jax.Array
+
+
+def init_caches(
+    cfg: models.ModelConfig, num_layers: int, batch: int, length: int, dtype=jnp.float32
+):
+    """Empty caches for `num_layers` layers: `[B, Smax, K, H]` zeros, index 0."""
+    kv_heads = cfg.num_kv_heads or cfg.num_heads
+    shape = (batch, length, kv_heads, cfg.d_model // cfg.num_heads)
+    return [
+        {"key": jnp.zeros(shape, dtype), "value": jnp.zeros(shape, dtype), "index": jnp.int32(0)}
+        for _ in range(num_layers)
+    ]
+
+
+def greedy_encoder_decoder(
+    model: models.EncoderDecoder, src: Array, src_lengths: Array, *, bos: int, length: int
+) -> Array:
+    """Greedy decoding: src `[B, S]` -> tokens `[B, length]` (the BOS is not included)."""
+    memory, _ = model.encode(src, src_lengths)
+    caches = init_caches(model.cfg, model.cfg.num_decoder_layers, src.shape[0], length)
+
+    def step(carry, t):
+        caches, token = carry
+        logits, aux = model.decode(token, memory, src_lengths, caches=caches, start=t)
+        token = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)[:, None]
+        return (aux["caches"], token), token[:, 0]
+
+    start = jnp.full((src.shape[0], 1), bos, jnp.int32)
+    _, tokens = jax.lax.scan(step, (caches, start), jnp.arange(length, dtype=jnp.int32))
+    return tokens.T
+
+
+def greedy_decoder_only(
+    model: models.DecoderOnly, prompt: Array, prompt_mask: Array, *, length: int
+) -> Array:
+    """Greedy continuation of prompt `[B, P]` (mask `[B, P]`, False = padding) -> `[B, length]`."""
+    B, P = prompt.shape
+    key_mask = jnp.concatenate([prompt_mask, jnp.ones((B, length), bool)], axis=1)
+    caches = init_caches(model.cfg, model.cfg.num_layers, B, P + length)
+    logits, aux = model(prompt, key_mask, caches=caches, start=0)
+    first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+
+    def step(carry, t):
+        caches, token = carry
+        logits, aux = model(token[:, None], key_mask, caches=caches, start=P + t)
+        nxt = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+        return (aux["caches"], nxt), nxt
+
+    _, rest = jax.lax.scan(step, (aux["caches"], first), jnp.arange(length - 1, dtype=jnp.int32))
+    return jnp.concatenate([first[:, None], rest.T], axis=1)

@@ -1,0 +1,272 @@
+"""Toy transformers built from kit.nn: encoder-decoder, decoder-only, encoder-only.
+
+Each model's `__call__` returns `(logits, aux)`; with `return_weights=True`,
+`aux` holds per-layer attention weights stacked as `[L, B, N, T, S]` under
+"encoder", "decoder" (self-attention) and "cross".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from kit import nn, positional
+
+Array = jax.Array
+
+KINDS = ("encoder_decoder", "decoder_only", "encoder_only")
+POSITIONS = ("sinusoidal", "learned", "rope", "alibi")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Hyperparameters of a toy transformer (built from `config.model`)."""
+
+    kind: str
+    vocab_size: int
+    d_model: int = 64
+    num_heads: int = 4
+    num_kv_heads: int | None = None
+    num_layers: int = 2
+    num_decoder_layers: int = 2
+    d_ff: int = 128
+    max_len: int = 64
+    dropout_rate: float = 0.0
+    positions: str = "sinusoidal"
+
+
+class Embedder(nnx.Module):
+    """Token embedding plus absolute positions (sinusoidal or learned), if any.
+
+    Lookups are one-hot matmuls: for toy vocabularies they are faster on CPU
+    than a gather, whose gradient is a scatter.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        init = nnx.initializers.normal(1.0)
+        self.tokens = nnx.Param(init(rngs.params(), (cfg.vocab_size, cfg.d_model)))
+        self.learned = (
+            nnx.Param(init(rngs.params(), (cfg.max_len, cfg.d_model)) * 0.02)
+            if cfg.positions == "learned"
+            else None
+        )
+        self.sinusoidal = cfg.positions == "sinusoidal"
+        self.max_len = cfg.max_len
+
+    def __call__(self, tokens: Array, positions: Array) -> Array:
+        """tokens, positions `[B, T]` -> `[B, T, D]`."""
+        table = self.tokens[...]
+        x = jax.nn.one_hot(tokens, table.shape[0], dtype=table.dtype) @ table
+        if self.learned is not None:
+            x = x + jax.nn.one_hot(positions, self.max_len, dtype=table.dtype) @ self.learned[...]
+        if self.sinusoidal:
+            # A trace-time constant, not a parameter.
+            x = x + positional.sinusoidal(self.max_len, table.shape[1])[positions]
+        return x
+
+
+class Stack(nnx.Module):
+    """L transformer blocks and a final LayerNorm."""
+
+    def __init__(self, cfg: ModelConfig, num_layers: int, *, cross: bool, rngs: nnx.Rngs):
+        self.layers = nnx.List(
+            [
+                nn.TransformerBlock(
+                    cfg.d_model,
+                    cfg.num_heads,
+                    cfg.d_ff,
+                    num_kv_heads=cfg.num_kv_heads,
+                    cross_attention=cross,
+                    dropout_rate=cfg.dropout_rate,
+                    rope=cfg.positions == "rope",
+                    rngs=rngs,
+                )
+                for _ in range(num_layers)
+            ]
+        )
+        self.norm = nnx.LayerNorm(cfg.d_model, rngs=rngs)
+        self.alibi = cfg.positions == "alibi"
+        self.num_heads = cfg.num_heads
+
+    def __call__(
+        self,
+        x: Array,
+        *,
+        positions: Array,
+        caches: list[dict[str, Array]] | None = None,
+        dropout_rng: Array | None = None,
+        return_weights: bool = False,
+        **block_kwargs: Any,
+    ) -> tuple[Array, dict[str, Any]]:
+        bias = None
+        if self.alibi:
+            key_length = x.shape[1] if caches is None else caches[0]["key"].shape[1]
+            key_positions = jnp.arange(key_length, dtype=jnp.int32)
+            distance = jnp.abs(positions[:, None, :, None] - key_positions[None, None, None, :])
+            slopes = positional.alibi_slopes(self.num_heads)[None, :, None, None]
+            bias = -slopes * distance.astype(jnp.float32)  # [B, N, T, S]
+        new_caches, weights = [], {"self": [], "cross": []}
+        for i, layer in enumerate(self.layers):
+            x, aux = layer(
+                x,
+                self_bias=bias,
+                positions=positions,
+                cache=None if caches is None else caches[i],
+                dropout_rng=None if dropout_rng is None else jax.random.fold_in(dropout_rng, i),
+                return_weights=return_weights,
+                **block_kwargs,
+            )
+            new_caches.append(aux.get("cache"))
+            for name in weights:
+                if name in aux:
+                    weights[name].append(aux[name])
+        out_aux: dict[str, Any] = {k: jnp.stack(v) for k, v in weights.items() if v}
+        if caches is not None:
+            out_aux["caches"] = new_caches
+        return self.norm(x), out_aux
+
+
+def _positions(tokens: Array, start: Array | int = 0) -> Array:
+    B, T = tokens.shape
+    return jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
+
+
+class EncoderDecoder(nnx.Module):
+    """Translation-style model: the decoder reads the source only through cross-attention."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = Embedder(cfg, rngs=rngs)
+        self.encoder = Stack(cfg, cfg.num_layers, cross=False, rngs=rngs)
+        self.decoder = Stack(cfg, cfg.num_decoder_layers, cross=True, rngs=rngs)
+        self.head = nnx.Linear(cfg.d_model, cfg.vocab_size, rngs=rngs)
+
+    def encode(self, src, src_lengths, *, dropout_rng=None, return_weights=False):
+        """src `[B, S]`, src_lengths `[B]` -> memory `[B, S, D]`, aux."""
+        positions = _positions(src)
+        return self.encoder(
+            self.embed(src, positions),
+            positions=positions,
+            lengths=src_lengths,
+            dropout_rng=dropout_rng,
+            return_weights=return_weights,
+        )
+
+    def decode(
+        self,
+        tgt_in,
+        memory,
+        src_lengths,
+        *,
+        caches=None,
+        start=0,
+        dropout_rng=None,
+        return_weights=False,
+    ):
+        """tgt_in `[B, T]` (from position `start`) -> logits `[B, T, V]`, aux."""
+        positions = _positions(tgt_in, start)
+        x, aux = self.decoder(
+            self.embed(tgt_in, positions),
+            positions=positions,
+            memory=memory,
+            memory_lengths=src_lengths,
+            is_causal=caches is None,
+            caches=caches,
+            dropout_rng=dropout_rng,
+            return_weights=return_weights,
+        )
+        return self.head(x), aux
+
+    def __call__(self, src, src_lengths, tgt_in, *, dropout_rng=None, return_weights=False):
+        """Teacher-forced logits `[B, T, V]` for tgt_in `[B, T]`, and aux."""
+        enc_rng, dec_rng = (None, None) if dropout_rng is None else jax.random.split(dropout_rng)
+        memory, enc_aux = self.encode(
+            src, src_lengths, dropout_rng=enc_rng, return_weights=return_weights
+        )
+        logits, dec_aux = self.decode(
+            tgt_in, memory, src_lengths, dropout_rng=dec_rng, return_weights=return_weights
+        )
+        aux = {}
+        if return_weights:
+            aux = {
+                "encoder": enc_aux["self"],
+                "decoder": dec_aux["self"],
+                "cross": dec_aux["cross"],
+            }
+        return logits, aux
+
+
+class DecoderOnly(nnx.Module):
+    """Causal language model over [source (padded), separator, target]."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = Embedder(cfg, rngs=rngs)
+        self.decoder = Stack(cfg, cfg.num_layers, cross=False, rngs=rngs)
+        self.head = nnx.Linear(cfg.d_model, cfg.vocab_size, rngs=rngs)
+
+    def __call__(
+        self,
+        tokens,
+        key_mask,
+        *,
+        caches=None,
+        start=0,
+        dropout_rng=None,
+        return_weights=False,
+    ):
+        """tokens `[B, T]`, key_mask bool `[B, S]` (False = padding) -> logits `[B, T, V]`, aux.
+
+        Without caches S = T and attention is causal; with caches, S is the
+        cache length and `tokens` sit at positions start..start + T - 1.
+        """
+        positions = _positions(tokens, start)
+        x, aux = self.decoder(
+            self.embed(tokens, positions),
+            positions=positions,
+            mask=key_mask[:, None, None, :],
+            is_causal=caches is None,
+            caches=caches,
+            dropout_rng=dropout_rng,
+            return_weights=return_weights,
+        )
+        out_aux = {"decoder": aux["self"]} if return_weights else {}
+        if caches is not None:
+            out_aux["caches"] = aux["caches"]
+        return self.head(x), out_aux
+
+
+class EncoderOnly(nnx.Module):
+    """Bidirectional encoder with a per-position classifier."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = Embedder(cfg, rngs=rngs)
+        self.encoder = Stack(cfg, cfg.num_layers, cross=False, rngs=rngs)
+        self.head = nnx.Linear(cfg.d_model, cfg.vocab_size, rngs=rngs)
+
+    def __call__(self, src, src_lengths, *, dropout_rng=None, return_weights=False):
+        """src `[B, T]` -> per-position logits `[B, T, V]`, aux."""
+        positions = _positions(src)
+        x, aux = self.encoder(
+            self.embed(src, positions),
+            positions=positions,
+            lengths=src_lengths,
+            dropout_rng=dropout_rng,
+            return_weights=return_weights,
+        )
+        return self.head(x), ({"encoder": aux["self"]} if return_weights else {})
+
+
+def build(cfg: ModelConfig, rng: Array) -> nnx.Module:
+    """The model of `cfg.kind`, initialized from `rng`."""
+    cls = {
+        "encoder_decoder": EncoderDecoder,
+        "decoder_only": DecoderOnly,
+        "encoder_only": EncoderOnly,
+    }
+    return cls[cfg.kind](cfg, rngs=nnx.Rngs(params=rng))

@@ -1,0 +1,237 @@
+"""Flax NNX modules: they own the parameters and call kit.attention's pure functions.
+
+Randomness is explicit: dropout takes a `dropout_rng` argument (None means no
+dropout), so a module call is a pure function of its parameters and inputs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from kit import attention, positional
+
+Array = jax.Array
+
+
+def dropout(x: Array, rate: float, rng: Array | None) -> Array:
+    """Inverted dropout; the identity when `rng` is None or `rate` is 0."""
+    if rng is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def _fold(rng: Array | None, index: int) -> Array | None:
+    return None if rng is None else jax.random.fold_in(rng, index)
+
+
+class MultiHeadAttention(nnx.Module):
+    """Multi-head / grouped-query attention over `kit.dot_product_attention`.
+
+    Parameters: query `[D, N, H]`, key and value `[D, K, H]`, out `[N, H, D]`
+    kernels, each with a bias.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        *,
+        num_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        dropout_rate: float = 0.0,
+        rope: bool = False,
+        implementation: str | None = None,
+        rngs: nnx.Rngs,
+    ):
+        params = attention.init_attention_params(
+            rngs.params(), d_model, num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim
+        )
+        self.query = nnx.Dict({n: nnx.Param(a) for n, a in params["query"].items()})
+        self.key = nnx.Dict({n: nnx.Param(a) for n, a in params["key"].items()})
+        self.value = nnx.Dict({n: nnx.Param(a) for n, a in params["value"].items()})
+        self.out = nnx.Dict({n: nnx.Param(a) for n, a in params["out"].items()})
+        self.dropout_rate = dropout_rate
+        self.rope = rope
+        self.implementation = implementation
+
+    def __call__(
+        self,
+        x: Array,
+        context: Array | None = None,
+        *,
+        mask: Array | None = None,
+        bias: Array | None = None,
+        is_causal: bool = False,
+        key_value_seq_lengths: Array | None = None,
+        positions: Array | None = None,
+        cache: dict[str, Array] | None = None,
+        dropout_rng: Array | None = None,
+        return_weights: bool = False,
+    ) -> tuple[Array, dict[str, Any]]:
+        """Attends from `x [B, T, D]` to `context [B, S, D]` (default: to `x` itself).
+
+        Args:
+          x: `[B, T, D]`.
+          context: `[B, S, D]` for cross-attention.
+          mask, bias, is_causal, key_value_seq_lengths: as in
+            `kit.dot_product_attention`.
+          positions: int `[B, T]` positions of `x` (for RoPE and the cache);
+            defaults to 0..T-1.
+          cache: self-attention KV cache `{"key", "value": [B, Smax, K, H],
+            "index": int32 []}`; the new keys and values are written at
+            `index`, and query t attends to cached keys 0..index + t.
+          dropout_rng: PRNG key for attention dropout; None disables it.
+          return_weights: also return the attention weights `[B, N, T, S]`.
+
+        Returns:
+          `y [B, T, D]` and an aux dict with "weights" (if asked) and "cache"
+          (the updated cache, if one was given).
+        """
+        source = x if context is None else context
+        q = attention.project_heads(x, self.query["kernel"][...], self.query["bias"][...])
+        k = attention.project_heads(source, self.key["kernel"][...], self.key["bias"][...])
+        v = attention.project_heads(source, self.value["kernel"][...], self.value["bias"][...])
+        B, T = x.shape[:2]
+        if positions is None:
+            start = jnp.int32(0) if cache is None else cache["index"]
+            positions = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
+        if self.rope and context is None:
+            q = positional.apply_rope(q, positions)
+            k = positional.apply_rope(k, positions)
+        aux: dict[str, Any] = {}
+        if cache is not None:
+            index = cache["index"]
+            k = jax.lax.dynamic_update_slice(
+                cache["key"], k.astype(cache["key"].dtype), (0, index, 0, 0)
+            )
+            v = jax.lax.dynamic_update_slice(
+                cache["value"], v.astype(cache["value"].dtype), (0, index, 0, 0)
+            )
+            aux["cache"] = {"key": k, "value": v, "index": index + T}
+            # Query at position p sees cached keys 0..p: causal with an offset.
+            key_positions = jnp.arange(k.shape[1], dtype=jnp.int32)
+            cache_mask = key_positions[None, None, None, :] <= positions[:, None, :, None]
+            mask = cache_mask if mask is None else mask & cache_mask
+            is_causal = False
+        rate = self.dropout_rate if dropout_rng is not None else 0.0
+        out = attention.dot_product_attention(
+            q,
+            k,
+            v,
+            bias,
+            mask,
+            is_causal=is_causal,
+            key_value_seq_lengths=key_value_seq_lengths,
+            implementation=self.implementation if rate == 0.0 else "xla",
+            dropout_rate=rate,
+            dropout_rng=dropout_rng,
+        )
+        if return_weights:
+            aux["weights"] = attention.attention_weights(
+                q, k, bias, mask, is_causal=is_causal, key_value_seq_lengths=key_value_seq_lengths
+            )
+        y = attention.project_output(out, self.out["kernel"][...], self.out["bias"][...])
+        return y, aux
+
+
+class FeedForward(nnx.Module):
+    """Position-wise MLP: D -> F (GELU) -> D."""
+
+    def __init__(self, d_model: int, d_ff: int, *, dropout_rate: float = 0.0, rngs: nnx.Rngs):
+        self.up = nnx.Linear(d_model, d_ff, rngs=rngs)
+        self.down = nnx.Linear(d_ff, d_model, rngs=rngs)
+        self.dropout_rate = dropout_rate
+
+    def __call__(self, x: Array, *, dropout_rng: Array | None = None) -> Array:
+        h = dropout(jax.nn.gelu(self.up(x)), self.dropout_rate, dropout_rng)
+        return self.down(h)
+
+
+class TransformerBlock(nnx.Module):
+    """Pre-LayerNorm block: self-attention, optional cross-attention, feed-forward.
+
+    x = x + Dropout(SelfAttn(LN(x))); x = x + Dropout(CrossAttn(LN(x), memory));
+    x = x + Dropout(FFN(LN(x))).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        d_ff: int,
+        *,
+        num_kv_heads: int | None = None,
+        cross_attention: bool = False,
+        dropout_rate: float = 0.0,
+        rope: bool = False,
+        rngs: nnx.Rngs,
+    ):
+        def mha(use_rope: bool) -> MultiHeadAttention:
+            return MultiHeadAttention(
+                d_model,
+                num_heads,
+                num_kv_heads=num_kv_heads,
+                dropout_rate=dropout_rate,
+                rope=use_rope,
+                rngs=rngs,
+            )
+
+        self.norm_self = nnx.LayerNorm(d_model, rngs=rngs)
+        self.self_attention = mha(rope)
+        self.norm_cross = nnx.LayerNorm(d_model, rngs=rngs) if cross_attention else None
+        self.cross_attention = mha(False) if cross_attention else None
+        self.norm_ff = nnx.LayerNorm(d_model, rngs=rngs)
+        self.feed_forward = FeedForward(d_model, d_ff, dropout_rate=dropout_rate, rngs=rngs)
+        self.dropout_rate = dropout_rate
+
+    def __call__(
+        self,
+        x: Array,
+        *,
+        memory: Array | None = None,
+        mask: Array | None = None,
+        self_bias: Array | None = None,
+        is_causal: bool = False,
+        lengths: Array | None = None,
+        memory_lengths: Array | None = None,
+        positions: Array | None = None,
+        cache: dict[str, Array] | None = None,
+        dropout_rng: Array | None = None,
+        return_weights: bool = False,
+    ) -> tuple[Array, dict[str, Any]]:
+        """Returns `x [B, T, D]` and aux ("self", "cross" weights; "cache")."""
+        aux: dict[str, Any] = {}
+        h, self_aux = self.self_attention(
+            self.norm_self(x),
+            mask=mask,
+            bias=self_bias,
+            is_causal=is_causal,
+            key_value_seq_lengths=lengths,
+            positions=positions,
+            cache=cache,
+            dropout_rng=_fold(dropout_rng, 0),
+            return_weights=return_weights,
+        )
+        x = x + dropout(h, self.dropout_rate, _fold(dropout_rng, 1))
+        if "cache" in self_aux:
+            aux["cache"] = self_aux["cache"]
+        if return_weights:
+            aux["self"] = self_aux["weights"]
+        if self.cross_attention is not None:
+            h, cross_aux = self.cross_attention(
+                self.norm_cross(x),
+                memory,
+                key_value_seq_lengths=memory_lengths,
+                dropout_rng=_fold(dropout_rng, 2),
+                return_weights=return_weights,
+            )
+            x = x + dropout(h, self.dropout_rate, _fold(dropout_rng, 3))
+            if return_weights:
+                aux["cross"] = cross_aux["weights"]
+        h = self.feed_forward(self.norm_ff(x), dropout_rng=_fold(dropout_rng, 4))
+        return x + dropout(h, self.dropout_rate, _fold(dropout_rng, 5)), aux

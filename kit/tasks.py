@@ -1,0 +1,190 @@
+"""Generated, deterministic tasks: copy, reverse, sort and date translation.
+
+A training batch is a pure function of (seed, step), so resuming needs no data
+state. Held-out sets come from another seed stream; for dates they also use
+only dates that training never samples, so no source string is shared.
+
+Token ids: 0 PAD, 1 BOS, 2 EOS, 3 SEP, then the task's symbols.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+
+import numpy as np
+
+PAD, BOS, EOS, SEP = 0, 1, 2, 3
+SPECIALS = ("<pad>", "<bos>", "<eos>", "<sep>")
+SYMBOLS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+DATE_CHARS = " ,-./0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+EVAL_STREAM = 1_000_003  # seed offset of the held-out stream
+
+MONTHS = [
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+]
+DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+FIRST_DATE = datetime.date(1950, 1, 1).toordinal()
+LAST_DATE = datetime.date(2049, 12, 31).toordinal()
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """A sequence-to-sequence task over a fixed vocabulary."""
+
+    name: str
+    vocab: tuple[str, ...]
+    src_len: int  # longest source
+    tgt_len: int  # longest target, without EOS
+    aligned: bool  # target has the source's length (an encoder-only model can solve it)
+    length: int = 0
+    num_symbols: int = 0
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    def encode(self, text: str) -> list[int]:
+        """Character string -> ids; raises ValueError naming unknown characters."""
+        index = {tok: i for i, tok in enumerate(self.vocab)}
+        unknown = sorted({c for c in text if c not in index or index[c] < len(SPECIALS)})
+        if unknown:
+            raise ValueError(f"text: characters {unknown} are not in the {self.name} vocabulary")
+        return [index[c] for c in text]
+
+    def decode(self, ids) -> str:
+        """ids -> string, stopping at EOS and skipping PAD/BOS/SEP."""
+        out = []
+        for i in ids:
+            if int(i) == EOS:
+                break
+            if int(i) >= len(SPECIALS):
+                out.append(self.vocab[int(i)])
+        return "".join(out)
+
+
+def make_task(name: str, *, length: int = 16, num_symbols: int = 10) -> Task:
+    """The task called `name` ("copy", "reverse", "sort", "dates").
+
+    Raises:
+      ValueError: for an unknown name or a bad length / symbol count.
+    """
+    if name == "dates":
+        return Task("dates", SPECIALS + tuple(DATE_CHARS), 32, 10, aligned=False)
+    if name not in ("copy", "reverse", "sort"):
+        raise ValueError(f"task.name: expected one of copy, reverse, sort, dates, got {name!r}")
+    if not isinstance(length, int) or length <= 0:
+        raise ValueError(f"task.length: expected a positive int, got {length!r}")
+    if not isinstance(num_symbols, int) or not 2 <= num_symbols <= len(SYMBOLS):
+        raise ValueError(
+            f"task.num_symbols: expected an int in [2, {len(SYMBOLS)}], got {num_symbols!r}"
+        )
+    vocab = SPECIALS + tuple(SYMBOLS[:num_symbols])
+    return Task(name, vocab, length, length, True, length=length, num_symbols=num_symbols)
+
+
+# --------------------------------------------------------------------------
+# Dates.
+
+
+def _ordinal(day: int) -> str:
+    suffix = "th" if 11 <= day % 100 <= 13 else {1: "st", 2: "nd", 3: "rd"}.get(day % 10, "th")
+    return f"{day}{suffix}"
+
+
+def format_date(date: datetime.date, style: int) -> str:
+    """One of the human-readable styles (0..len(DATE_STYLES)-1)."""
+    d, m, y = date.day, date.month, date.year
+    month, weekday = MONTHS[m - 1], DAYS[date.weekday()]
+    styles = (
+        f"{_ordinal(d)} of {month} {y}",
+        f"{month[:3]} {d}, {y}",
+        f"{d:02d}.{m:02d}.{y % 100:02d}",
+        f"{weekday}, {month} {d}, {y}",
+        f"{month} {d}, {y}",
+        f"{d} {month} {y}",
+        f"{m:02d}/{d:02d}/{y}",
+        f"{d} {month[:3]} {y % 100:02d}",
+        f"{weekday.lower()} {d} {month.lower()} {y}",
+        f"{d}.{m}.{y}",
+        f"{weekday[:3]}, {d} {month[:3]} {y}",
+        f"{month.upper()} {d}, {y}",
+        f"the {_ordinal(d)} of {month.lower()}, {y}",
+    )
+    return styles[style]
+
+
+NUM_DATE_STYLES = 13
+
+
+def _is_eval_date(ordinal: np.ndarray) -> np.ndarray:
+    # A fixed hash of the day: one date in ten is held out, never trained on.
+    return (ordinal.astype(np.uint64) * np.uint64(2654435761) % np.uint64(2**32)) % 10 == 0
+
+
+def _sample_dates(rng: np.random.Generator, n: int, held_out: bool) -> list[tuple[str, str]]:
+    out = []
+    while len(out) < n:
+        ordinals = rng.integers(FIRST_DATE, LAST_DATE + 1, size=2 * n)
+        styles = rng.integers(0, NUM_DATE_STYLES, size=2 * n)
+        keep = _is_eval_date(ordinals) == held_out
+        for o, s in zip(ordinals[keep], styles[keep], strict=True):
+            date = datetime.date.fromordinal(int(o))
+            out.append((format_date(date, int(s)), date.isoformat()))
+    return out[:n]
+
+
+# --------------------------------------------------------------------------
+# Batches.
+
+
+def _examples(task: Task, rng: np.random.Generator, n: int, held_out: bool):
+    if task.name == "dates":
+        pairs = _sample_dates(rng, n, held_out)
+        return [task.encode(s) for s, _ in pairs], [task.encode(t) for _, t in pairs]
+    src = rng.integers(len(SPECIALS), task.vocab_size, size=(n, task.length))
+    if task.name == "copy":
+        tgt = src
+    elif task.name == "reverse":
+        tgt = src[:, ::-1]
+    else:
+        tgt = np.sort(src, axis=1)
+    return list(src), list(tgt)
+
+
+def _pack(task: Task, sources, targets) -> dict[str, np.ndarray]:
+    n = len(sources)
+    src = np.full((n, task.src_len), PAD, np.int32)
+    tgt = np.full((n, task.tgt_len), PAD, np.int32)
+    for i, (s, t) in enumerate(zip(sources, targets, strict=True)):
+        src[i, : len(s)] = s
+        tgt[i, : len(t)] = t
+    return {
+        "src": src,
+        "src_lengths": np.array([len(s) for s in sources], np.int32),
+        "tgt": tgt,
+        "tgt_lengths": np.array([len(t) for t in targets], np.int32),
+    }
+
+
+def train_batch(task: Task, seed: int, step: int, batch_size: int) -> dict[str, np.ndarray]:
+    """Training batch `step`: src `[B, Ls]`, src_lengths `[B]`, tgt `[B, Lt]`, tgt_lengths."""
+    rng = np.random.default_rng([seed, step])
+    return _pack(task, *_examples(task, rng, batch_size, held_out=False))
+
+
+def eval_set(task: Task, seed: int, size: int) -> dict[str, np.ndarray]:
+    """A held-out set from its own seed stream (and, for dates, held-out dates only)."""
+    rng = np.random.default_rng([seed + EVAL_STREAM, 0])
+    return _pack(task, *_examples(task, rng, size, held_out=True))

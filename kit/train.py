@@ -157,11 +157,12 @@ def check_config(config: ml_collections.ConfigDict) -> tuple[tasks.Task, models.
     """All start-up checks; returns the task and the model config."""
     if not isinstance(config.seed, int):
         raise ValueError(f"config.seed: expected an int, got {config.seed!r}")
-    task = tasks.make_task(
-        config.task.name,
-        length=config.task.get("length", 16),
-        num_symbols=config.task.get("num_symbols", 10),
-    )
+    try:
+        task = tasks.make_task(
+            config.task.name, length=config.task.length, num_symbols=config.task.num_symbols
+        )
+    except ValueError as error:  # its messages name task.<field>
+        raise ValueError(f"config.{error}") from None
     _positive_int(config, "task.eval_size")
     for name in (
         "steps",
@@ -301,7 +302,7 @@ class Trainer:
         return new_state, {
             "loss": loss,
             "accuracy": accuracy,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
         }
 
     def eval_step(self, params: Any, mb: dict[str, Array]) -> dict[str, Array]:

@@ -635,9 +635,10 @@ def prepare_inputs(
     )
 
 
-# Below this many query-key pairs per head the materialized path is as fast
-# (experiments/bench_attention.py on a 2-core CPU).
-CHUNKED_MIN_PAIRS = 512 * 512
+# From this many query-key pairs per head on, the chunked path wins forward and
+# forward+backward; at T = S = 512 the materialized path is as fast or faster for
+# causal forward+backward (experiments/bench_attention.py, 2-core CPU).
+CHUNKED_MIN_PAIRS = 1024 * 1024
 
 
 def _choose_implementation(implementation: str | None, p: dict[str, Any], dropout_rate: float):

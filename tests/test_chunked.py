@@ -178,8 +178,14 @@ def test_implementation_dispatch_and_errors():
         kit.chunked_attention(q, k, v, units_per_step=-2)
     with pytest.raises(ValueError, match=r"key: batch must equal query's B = 2"):
         kit.chunked_attention(q, k[:1], v[:1])
-    # None takes the chunked path for long sequences and agrees with xla.
-    q, k, v = make_qkv(B=1, T=520, S=520, N=2, K=1, H=8)
+
+    # None takes the chunked path (loops) for long sequences, xla for short, and agrees.
+    def uses_loops(q, k, v):
+        return "while" in str(jax.make_jaxpr(kit.dot_product_attention)(q, k, v))
+
+    assert not uses_loops(q, k, v)
+    q, k, v = make_qkv(B=1, T=1030, S=1030, N=2, K=1, H=8)
+    assert uses_loops(q, k, v)
     auto = kit.dot_product_attention(q, k, v, is_causal=True)
     xla = kit.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
     chex.assert_trees_all_close(auto, xla, atol=1e-5, rtol=1e-5)

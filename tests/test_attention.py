@@ -420,3 +420,16 @@ def test_projection_errors_name_the_argument():
         kit.multi_head_attention({"query": params["query"]}, jnp.ones((2, 3, 32)))
     with pytest.raises(ValueError, match=r"x: expected rank 3 \[B, T, D\]"):
         kit.multi_head_attention(params, jnp.ones((3, 32)))
+
+
+def test_forward_mode_matches_jax_nn():
+    # The masked softmax has a custom JVP; forward mode must stay exact too.
+    q, k, v = make_qkv(K=2)
+    tangents = make_qkv(K=2, seed=9)
+
+    def run(fn):
+        return jax.jvp(lambda *a: fn(*a, is_causal=True), (q, k, v), tangents)
+
+    (out, d_out), (ref, d_ref) = run(kit.dot_product_attention), run(jax.nn.dot_product_attention)
+    chex.assert_trees_all_close(out, ref, atol=1e-5, rtol=1e-5)
+    chex.assert_trees_all_close(d_out, d_ref, atol=1e-4, rtol=1e-4)

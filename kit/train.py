@@ -312,13 +312,13 @@ class Trainer:
         loss, _ = loss_fn(logits, mb["targets"], mb["weights"])
         prediction = predict(model, mb)
         w = mb["weights"]
-        right = (prediction == mb["targets"]) | ~w
+        hit = prediction == mb["targets"]
         tokens = jnp.sum(w.astype(jnp.float32))
         return {
             "loss_sum": loss * tokens,
-            "correct": jnp.sum(((prediction == mb["targets"]) & w).astype(jnp.float32)),
+            "correct": jnp.sum((hit & w).astype(jnp.float32)),
             "tokens": tokens,
-            "exact": jnp.sum(jnp.all(right, axis=1).astype(jnp.float32)),
+            "exact": jnp.sum(jnp.all(hit | ~w, axis=1).astype(jnp.float32)),
             "sequences": jnp.float32(prediction.shape[0]),
         }
 

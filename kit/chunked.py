@@ -465,9 +465,3 @@ def chunked_attention(
         local_window_size=local_window_size,
     )
     return chunked_from_prepared(p, block_q=block_q, block_k=block_k, units_per_step=units_per_step)
-
-
-def flops(batch: int, q_len: int, kv_len: int, heads: int, head_dim: int, causal: bool) -> float:
-    """Matmul FLOPs of one attention forward pass (2 matmuls); causal counts half."""
-    total = 4.0 * batch * heads * q_len * kv_len * head_dim
-    return total / 2 if causal else total

@@ -135,6 +135,18 @@ def _positions(tokens: Array, start: Array | int = 0) -> Array:
     return jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
 
 
+def _encode(model, src, src_lengths, dropout_rng, return_weights):
+    """The bidirectional encoder stack of `model` over src `[B, S]` -> `[B, S, D]`, aux."""
+    positions = _positions(src)
+    return model.encoder(
+        model.embed(src, positions),
+        positions=positions,
+        lengths=src_lengths,
+        dropout_rng=dropout_rng,
+        return_weights=return_weights,
+    )
+
+
 class EncoderDecoder(nnx.Module):
     """Translation-style model: the decoder reads the source only through cross-attention."""
 
@@ -147,14 +159,7 @@ class EncoderDecoder(nnx.Module):
 
     def encode(self, src, src_lengths, *, dropout_rng=None, return_weights=False):
         """src `[B, S]`, src_lengths `[B]` -> memory `[B, S, D]`, aux."""
-        positions = _positions(src)
-        return self.encoder(
-            self.embed(src, positions),
-            positions=positions,
-            lengths=src_lengths,
-            dropout_rng=dropout_rng,
-            return_weights=return_weights,
-        )
+        return _encode(self, src, src_lengths, dropout_rng, return_weights)
 
     def decode(
         self,
@@ -251,14 +256,7 @@ class EncoderOnly(nnx.Module):
 
     def __call__(self, src, src_lengths, *, dropout_rng=None, return_weights=False):
         """src `[B, T]` -> per-position logits `[B, T, V]`, aux."""
-        positions = _positions(src)
-        x, aux = self.encoder(
-            self.embed(src, positions),
-            positions=positions,
-            lengths=src_lengths,
-            dropout_rng=dropout_rng,
-            return_weights=return_weights,
-        )
+        x, aux = _encode(self, src, src_lengths, dropout_rng, return_weights)
         return self.head(x), ({"encoder": aux["self"]} if return_weights else {})
 
 

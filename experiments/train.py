@@ -6,32 +6,53 @@
 
 Rerunning the same command with the same workdir resumes from its latest
 checkpoint. Prints the final held-out metrics.
+
+Several processes (hosts) run the same command, each with its --process_id
+(or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID; or --distributed
+to let jax detect SLURM, Open MPI or a TPU pod slice):
+
+    python experiments/train.py --config=configs/copy.py --workdir=runs/copy \\
+        --coordinator_address=10.0.0.1:1234 --num_processes=2 --process_id=0
 """
 
 import json
 import time
 
+import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from kit import train
+from kit import sharding, train
 
 _START = time.perf_counter()
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints, metrics.jsonl and config.json go.")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (several processes).")
+flags.DEFINE_integer("num_processes", None, "How many processes take part.")
+flags.DEFINE_integer("process_id", None, "This process's index, 0 .. num_processes - 1.")
+flags.DEFINE_bool("distributed", False, "Start jax.distributed with cluster auto-detection.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
     del argv
     try:
+        sharding.initialize(
+            FLAGS.coordinator_address,
+            FLAGS.num_processes,
+            FLAGS.process_id,
+            auto=FLAGS.distributed,
+        )
         result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir, progress=FLAGS.progress)
     except ValueError as error:
         raise app.UsageError(str(error)) from None
     result["command_seconds"] = time.perf_counter() - _START
-    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
+    if jax.process_index() == 0:
+        print(
+            json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()})
+        )
 
 
 if __name__ == "__main__":

@@ -234,18 +234,22 @@ def init_attention_params(
 ) -> dict[str, Any]:
     """Initial parameters for `multi_head_attention` (LeCun normal kernels, zero biases).
 
+    The key projection has no bias: it would add q·b to every score of a query
+    row, which the softmax cancels, so its gradient is zero and an adaptive
+    optimizer would move it by rounding noise alone.
+
     Args:
       rng: PRNG key.
       d_model: D.
       num_heads: N.
       num_kv_heads: K (divides N); defaults to N.
       head_dim: H; defaults to D // N.
-      use_bias: whether to add projection biases.
+      use_bias: whether to add biases to the query, value and output projections.
       dtype: parameter dtype.
 
     Returns:
-      `{"query", "key", "value", "out"}`, each `{"kernel": ..., "bias": ...}`:
-      kernels `[D, N, H]`, `[D, K, H]`, `[D, K, H]`, `[N, H, D]`.
+      `{"query", "key", "value", "out"}`, each `{"kernel": ..., "bias": ...}`
+      (key: kernel only): kernels `[D, N, H]`, `[D, K, H]`, `[D, K, H]`, `[N, H, D]`.
 
     Raises:
       ValueError: if a size is not positive, K does not divide N, or D is not
@@ -283,7 +287,7 @@ def init_attention_params(
     params = {}
     for name, (r, shape, init) in shapes.items():
         params[name] = {"kernel": init(r, shape, dtype)}
-        if use_bias:
+        if use_bias and name != "key":
             bias_shape = shape[2:] if name == "out" else shape[1:]
             params[name]["bias"] = jnp.zeros(bias_shape, dtype)
     return params

@@ -35,7 +35,11 @@ class Checkpointer:
         self.manager.wait_until_finished()
 
     def restore(self, step: int, like: Any) -> Any:
-        """Restores `step` into the structure, shapes and dtypes of `like`."""
+        """Restores `step` into the structure, shapes, dtypes and shardings of `like`.
+
+        `like` holds arrays or jax.ShapeDtypeStructs (with `sharding` set to place
+        the restored arrays across devices and processes).
+        """
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
         return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
 

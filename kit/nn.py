@@ -33,7 +33,7 @@ class MultiHeadAttention(nnx.Module):
     """Multi-head / grouped-query attention over `kit.dot_product_attention`.
 
     Parameters: query `[D, N, H]`, key and value `[D, K, H]`, out `[N, H, D]`
-    kernels, each with a bias.
+    kernels, each with a bias but the key's (see kit.init_attention_params).
     """
 
     def __init__(
@@ -94,7 +94,7 @@ class MultiHeadAttention(nnx.Module):
         """
         source = x if context is None else context
         q = attention.project_heads(x, self.query["kernel"][...], self.query["bias"][...])
-        k = attention.project_heads(source, self.key["kernel"][...], self.key["bias"][...])
+        k = attention.project_heads(source, self.key["kernel"][...])
         v = attention.project_heads(source, self.value["kernel"][...], self.value["bias"][...])
         B, T = x.shape[:2]
         if positions is None:

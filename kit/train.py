@@ -23,7 +23,7 @@ import optax
 from flax import nnx
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from kit import checkpoint, decode, metrics, models, tasks
+from kit import checkpoint, decode, metrics, models, sharding, tasks
 
 Array = jax.Array
 
@@ -69,6 +69,8 @@ def default_config() -> ml_collections.ConfigDict:
             "eval_batch_size": 1000,
         }
     )
+    # Device mesh ("data", "model"); -1 fills the remaining devices. See kit/sharding.py.
+    config.mesh = ml_collections.ConfigDict({"data": -1, "model": 1})
     return config
 
 
@@ -323,11 +325,40 @@ class Trainer:
         }
 
 
-def init_model(mcfg: models.ModelConfig, rng: Array) -> tuple[Any, Any]:
-    """(graphdef, params) of a fresh model; initialized under jit (one compile, not one per op)."""
+def init_model(mcfg: models.ModelConfig, rng: Array, shardings: Any = None) -> tuple[Any, Any]:
+    """(graphdef, params) of a fresh model; initialized under jit (one compile, not one per op).
+
+    `shardings` (a pytree of shardings like the params) places each parameter
+    directly where it lives: no process ever holds a full copy first.
+    """
     graphdef, _ = nnx.split(nnx.eval_shape(lambda: models.build(mcfg, rng)))
-    params = jax.jit(lambda r: nnx.split(models.build(mcfg, r))[1])(rng)
-    return graphdef, params
+    init = jax.jit(lambda r: nnx.split(models.build(mcfg, r))[1], out_shardings=shardings)
+    return graphdef, init(rng)
+
+
+def make_mesh(config: ml_collections.ConfigDict, mcfg: models.ModelConfig, devices=None):
+    """The device mesh of `config.mesh`, checked against the devices, batch and heads.
+
+    Raises:
+      ValueError: naming config.mesh.data or config.mesh.model.
+    """
+    devices = jax.devices() if devices is None else devices
+    try:
+        mesh = sharding.make_mesh(config.mesh.data, config.mesh.model, devices=devices)
+        data, model = mesh.shape["data"], mesh.shape["model"]
+        sharding.check_divides("data", data, {"train.batch_size": config.train.batch_size})
+        sharding.check_divides(
+            "model",
+            model,
+            {
+                "model.num_heads": mcfg.num_heads,
+                "model.num_kv_heads": mcfg.num_kv_heads or mcfg.num_heads,
+                "model.d_ff": mcfg.d_ff,
+            },
+        )
+    except ValueError as error:
+        raise ValueError(f"config.{error}") from None
+    return mesh
 
 
 def make_schedule(t: ml_collections.ConfigDict) -> optax.Schedule:
@@ -365,10 +396,14 @@ def evaluate(eval_step, params: Any, batches: list[tuple[dict, int]]) -> dict[st
     }
 
 
-def eval_batches(task: tasks.Task, kind: str, config) -> list[tuple[dict, int]]:
-    """The held-out set as (model batch, number of padding rows), all of one shape."""
+def eval_batches(task: tasks.Task, kind: str, config, multiple: int = 1) -> list[tuple[dict, int]]:
+    """The held-out set as (model batch, number of padding rows), all of one shape.
+
+    The batch size is rounded up to a multiple of `multiple` (the mesh's data axis).
+    """
     data = tasks.eval_set(task, config.seed, config.task.eval_size)
     size = min(config.train.eval_batch_size, config.task.eval_size)
+    size = -(-size // multiple) * multiple
     out = []
     for start in range(0, config.task.eval_size, size):
         mb = model_batch(kind, {k: v[start : start + size] for k, v in data.items()})
@@ -411,11 +446,72 @@ def _check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
         )
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True):
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """Everything built from a config before training: task, model, optimizer, placement."""
+
+    task: tasks.Task
+    mcfg: models.ModelConfig
+    trainer: Trainer
+    mesh: Any
+    abstract_state: dict[str, Any]
+    state_shardings: dict[str, Any]
+    batch_sharding: Any
+    replicated: Any
+
+
+def setup(config: ml_collections.ConfigDict, devices=None) -> Setup:
+    """Checks the config and builds the trainer and the shardings; compiles nothing.
+
+    Raises:
+      ValueError: for an invalid config, naming the field.
+    """
+    task, mcfg = check_config(config)
+    mesh = make_mesh(config, mcfg, devices)
+    graphdef, abstract_params = nnx.split(
+        nnx.eval_shape(lambda: models.build(mcfg, jax.random.key(0, impl="rbg")))
+    )
+    t = config.train
+    trainer = Trainer(graphdef, make_optimizer(t), float(t.label_smoothing), mcfg.dropout_rate > 0)
+    abstract_state = jax.eval_shape(trainer.init_state, abstract_params)
+    return Setup(
+        task=task,
+        mcfg=mcfg,
+        trainer=trainer,
+        mesh=mesh,
+        abstract_state=abstract_state,
+        state_shardings=sharding.state_shardings(trainer.tx, abstract_state, mesh),
+        batch_sharding=sharding.batch_sharding(mesh),
+        replicated=sharding.replicated(mesh),
+    )
+
+
+def _rngs(seed: int, replicated) -> tuple[Array, Array]:
+    """(init, dropout) keys, replicated over the mesh.
+
+    RBG keys compile several times faster than threefry on CPU (seconds at start-up).
+    """
+    return jax.jit(
+        lambda: tuple(jax.random.split(jax.random.key(seed, impl="rbg"))),
+        out_shardings=(replicated, replicated),
+    )()
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, devices=None
+):
     """Trains the configured model on its task; resumes from workdir's latest checkpoint.
 
     Writes workdir/config.json, workdir/metrics.jsonl and
-    workdir/checkpoints/<step>/.
+    workdir/checkpoints/<step>/. With several processes (kit.sharding.initialize)
+    every process runs this with the same arguments; only process 0 writes
+    config.json, metrics and the progress bar, and all take part in checkpoints.
+
+    Args:
+      config: the experiment config (see default_config).
+      workdir: where outputs go; an existing run there is resumed.
+      progress: show a progress bar.
+      devices: the devices of the mesh (default: all devices of all processes).
 
     Returns:
       The final evaluation metrics with "step" and "train_seconds".
@@ -424,27 +520,43 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
       ValueError: for an invalid config (naming the field) or a workdir whose
         checkpoint came from an incompatible config; nothing is written then.
     """
-    task, mcfg = check_config(config)
+    s = setup(config, devices)
+    task, mcfg, trainer = s.task, s.mcfg, s.trainer
     _check_workdir(workdir, config)
+    lead = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
+    if lead:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
 
     t = config.train
-    # RBG keys compile several times faster than threefry on CPU (seconds at start-up).
-    rng = jax.random.key(config.seed, impl="rbg")
-    init_rng, dropout_rng = jax.random.split(rng)
-    graphdef, params = init_model(mcfg, init_rng)
-    trainer = Trainer(graphdef, make_optimizer(t), float(t.label_smoothing), mcfg.dropout_rate > 0)
-    state = trainer.init_state(params)
+    init_rng, dropout_rng = _rngs(config.seed, s.replicated)
+    _, params = init_model(mcfg, init_rng, s.state_shardings["params"])
+    state = jax.jit(trainer.init_state, out_shardings=s.state_shardings)(params)
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints)
     start = ckpt.latest_step()
     if start is not None:
         state = ckpt.restore(start, state)
-    writer = metrics.MetricWriter(os.path.join(workdir, "metrics.jsonl"), resume_step=start)
-    train_step = jax.jit(trainer.train_step, donate_argnums=0)
-    eval_step = jax.jit(trainer.eval_step)
-    batches = eval_batches(task, mcfg.kind, config)
+    writer = (
+        metrics.MetricWriter(os.path.join(workdir, "metrics.jsonl"), resume_step=start)
+        if lead
+        else None
+    )
+    train_step = jax.jit(
+        trainer.train_step,
+        in_shardings=(s.state_shardings, s.batch_sharding, s.replicated),
+        out_shardings=(s.state_shardings, s.replicated),
+        donate_argnums=0,
+    )
+    eval_step = jax.jit(
+        trainer.eval_step,
+        in_shardings=(s.state_shardings["params"], s.batch_sharding),
+        out_shardings=s.replicated,
+    )
+    batches = [
+        (sharding.put_batch(mb, s.batch_sharding), pad)
+        for mb, pad in eval_batches(task, mcfg.kind, config, s.mesh.shape["data"])
+    ]
     schedule = make_schedule(t)
 
     step = int(state["step"])
@@ -459,20 +571,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
         ),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, disable=not progress) as bar:
+    with Progress(*columns, disable=not (progress and lead)) as bar:
         job = bar.add_task(
             task.name, total=t.steps, completed=step, loss=float("nan"), acc=0.0, rate="-"
         )
         window_start, window_steps = time.perf_counter(), 0
         while step < t.steps:
             mb = model_batch(mcfg.kind, tasks.train_batch(task, config.seed, step, t.batch_size))
-            state, m = train_step(state, mb, dropout_rng)
+            state, m = train_step(state, sharding.put_batch(mb, s.batch_sharding), dropout_rng)
             step += 1
             window_steps += 1
             if step % t.log_every == 0 or step == t.steps:
                 record = {name: float(value) for name, value in m.items()}
                 record["learning_rate"] = float(schedule(step - 1))
-                writer.write(step, record)
+                if writer:
+                    writer.write(step, record)
                 rate = window_steps / (time.perf_counter() - window_start)
                 bar.update(
                     job,
@@ -484,10 +597,60 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
                 window_start, window_steps = time.perf_counter(), 0
             if step % t.eval_every == 0 or step == t.steps:
                 result = evaluate(eval_step, state["params"], batches)
-                writer.write(step, result)
+                if writer:
+                    writer.write(step, result)
             if step % t.checkpoint_every == 0 or step == t.steps:
                 ckpt.save(step, state)
     if not result:  # resumed at the end: evaluate what was restored
         result = evaluate(eval_step, state["params"], batches)
     ckpt.close()
     return {**result, "step": step, "train_seconds": time.perf_counter() - began}
+
+
+def load_checkpoint(workdir: str, *, step: int | None = None, device=None):
+    """The config and train state saved in `workdir` (its latest checkpoint by default).
+
+    The state is restored onto one device (`device`, default the first), whatever
+    mesh trained it: orbax reads each array's shards into the new placement.
+
+    Returns:
+      (config, setup, state): the ConfigDict from workdir/config.json, its Setup,
+      and the state {"step", "params", "opt_state"}; `nnx.merge(setup.trainer.graphdef,
+      state["params"])` is the model.
+
+    Raises:
+      ValueError: if the workdir has no config.json or no checkpoint.
+    """
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise ValueError(f"workdir: no config.json in {workdir!r}; train there first")
+    with open(path) as f:
+        config = default_config()
+        config.update_from_flattened_dict(_flatten(json.load(f)))
+    one_device = config.copy_and_resolve_references()
+    one_device.mesh.update({"data": 1, "model": 1})
+    s = setup(one_device, [jax.devices()[0] if device is None else device])
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=1 << 30)
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+        raise ValueError(
+            f"workdir: no complete checkpoint in {os.path.join(workdir, 'checkpoints')!r}"
+        )
+    abstract = jax.tree.map(
+        lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+        s.abstract_state,
+        s.state_shardings,
+    )
+    state = ckpt.restore(step, abstract)
+    ckpt.close()
+    return config, s, state
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

@@ -269,6 +269,7 @@ def test_multi_head_attention_matches_composition_with_jax_nn():
     assert params["query"]["kernel"].shape == (32, 4, 8)
     assert params["key"]["kernel"].shape == (32, 2, 8)
     assert params["out"]["kernel"].shape == (4, 8, 32)
+    assert "bias" not in params["key"]  # softmax cancels it
     params = jax.tree.map(lambda p: p + 0.1, params)  # nonzero biases
     x = normal(jax.random.key(1), (2, 6, 32))
     context = normal(jax.random.key(2), (2, 9, 32))
@@ -276,7 +277,8 @@ def test_multi_head_attention_matches_composition_with_jax_nn():
     assert weights.shape == (2, 4, 6, 9)
 
     def proj(inp, p):
-        return jnp.einsum("btd,dnh->btnh", inp, p["kernel"]) + p["bias"][None, None]
+        y = jnp.einsum("btd,dnh->btnh", inp, p["kernel"])
+        return y + p["bias"][None, None] if "bias" in p else y
 
     out = jax.nn.dot_product_attention(
         proj(x, params["query"]), proj(context, params["key"]), proj(context, params["value"])

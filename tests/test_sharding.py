@@ -1,0 +1,222 @@
+"""Sharded training on 8 simulated CPU devices, two processes through jax.distributed."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import make_qkv
+from jax.sharding import NamedSharding, PartitionSpec
+
+import kit
+from kit import sharding, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def standard_promotion():
+    # optax's Adam mixes weak and strong types (see test_train.py).
+    with jax.numpy_dtype_promotion("standard"):
+        yield
+
+
+def tiny_config(**mesh):
+    config = train.default_config()
+    config.task.name = "copy"
+    config.task.length = 6
+    config.task.eval_size = 16
+    config.model.update(
+        {"num_heads": 4, "d_model": 32, "d_ff": 64, "num_layers": 1, "num_decoder_layers": 1}
+    )
+    config.model.max_len = 16
+    config.train.update(
+        {
+            "steps": 5,
+            "batch_size": 16,
+            "log_every": 1,
+            "eval_every": 5,
+            "checkpoint_every": 5,
+            "eval_batch_size": 16,
+            "warmup_steps": 1,
+        }
+    )
+    config.mesh.update(mesh)
+    return config
+
+
+def losses(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return np.array([r["loss"] for r in map(json.loads, f) if "loss" in r])
+
+
+def final_params(workdir):
+    _, _, state = train.load_checkpoint(workdir)
+    return jax.device_get(state["params"])
+
+
+@pytest.fixture(scope="module")
+def single_device_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("one"))
+    config = tiny_config(data=1, model=1)
+    with jax.numpy_dtype_promotion("standard"):
+        train.train_and_evaluate(config, workdir, progress=False, devices=jax.devices()[:1])
+        return losses(workdir), final_params(workdir)
+
+
+@pytest.mark.parametrize("data,model", [(8, 1), (4, 2), (2, 4)])
+def test_mesh_matches_one_device(tmp_path, single_device_run, data, model):
+    workdir = str(tmp_path)
+    train.train_and_evaluate(tiny_config(data=data, model=model), workdir, progress=False)
+    want_losses, want_params = single_device_run
+    np.testing.assert_allclose(losses(workdir), want_losses, rtol=1e-5)
+    assert len(want_losses) == 5
+    chex.assert_trees_all_close(final_params(workdir), want_params, rtol=1e-5, atol=1e-7)
+
+
+def test_state_is_sharded_as_documented():
+    s = train.setup(tiny_config(data=2, model=4))
+    params = s.state_shardings["params"]
+    attn = params["encoder"]["layers"][0]["self_attention"]
+    assert attn["query"]["kernel"].get_value().spec == PartitionSpec(None, "model", None)
+    assert attn["out"]["kernel"].get_value().spec == PartitionSpec("model", None, None)
+    ff = params["encoder"]["layers"][0]["feed_forward"]
+    assert ff["up"]["kernel"].get_value().spec == PartitionSpec(None, "model")
+    assert ff["down"]["kernel"].get_value().spec == PartitionSpec("model", None)
+    assert params["embed"]["tokens"].get_value().spec == PartitionSpec()
+    # Adam's moments follow their parameters; the step count is replicated.
+    adam = s.state_shardings["opt_state"][1][0]
+    assert adam.mu["encoder"]["layers"][0]["self_attention"]["query"][
+        "kernel"
+    ].get_value().spec == PartitionSpec(None, "model", None)
+    assert adam.count.spec == PartitionSpec()
+
+
+def _sharded_attention(implementation):
+    mesh = sharding.make_mesh(2, 4)
+    q, k, v = make_qkv(B=4, T=32, S=32, N=8, K=4, H=16)
+    heads = NamedSharding(mesh, PartitionSpec("data", None, "model", None))
+    lengths = jnp.array([32, 20, 7, 32], jnp.int32)
+
+    def f(q, k, v, lengths):
+        return kit.dot_product_attention(
+            q, k, v, is_causal=True, key_value_seq_lengths=lengths, implementation=implementation
+        )
+
+    args = (q, k, v, lengths)
+    in_shardings = (heads, heads, heads, NamedSharding(mesh, PartitionSpec("data")))
+    sharded = jax.jit(f, in_shardings=in_shardings, out_shardings=heads)
+    np.testing.assert_allclose(sharded(*args), jax.jit(f)(*args), rtol=1e-6, atol=1e-6)
+    return sharded.lower(*args).compile().as_text()
+
+
+COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter")
+
+
+def test_attention_runs_sharded_without_communication():
+    """Batch on "data", heads on "model": the unchanged vmapped function needs no collective."""
+    hlo = _sharded_attention("xla")
+    assert [c for c in COLLECTIVES if c in hlo] == []
+
+
+def test_chunked_attention_runs_sharded():
+    """Correct when sharded; its (example, head) unit loop gathers across devices (see README)."""
+    _sharded_attention("chunked")
+
+
+@pytest.mark.parametrize(
+    "mesh, field",
+    [
+        ({"data": 3, "model": 1}, r"config\.mesh\.data: .*3 x 1 = 3 .* 8 devices"),
+        ({"data": -1, "model": 3}, r"config\.mesh\.model: 3 does not divide the 8 devices"),
+        ({"data": 1, "model": 8}, r"config\.mesh\.model: 8 does not divide model\.num_heads = 4"),
+        ({"data": -1, "model": -1}, r"config\.mesh\.data: at most one"),
+        ({"data": 0, "model": 1}, r"config\.mesh\.data: expected a positive int or -1"),
+    ],
+)
+def test_bad_mesh_fails_at_start_naming_the_field(tmp_path, mesh, field):
+    with pytest.raises(ValueError, match=field):
+        train.train_and_evaluate(tiny_config(**mesh), str(tmp_path), progress=False)
+    assert os.listdir(tmp_path) == []
+
+
+def test_mesh_must_divide_the_batch(tmp_path):
+    config = tiny_config(data=8, model=1)
+    config.train.batch_size = 12
+    with pytest.raises(ValueError, match=r"config\.mesh\.data: 8 does not divide train\.batch"):
+        train.train_and_evaluate(config, str(tmp_path), progress=False)
+    assert os.listdir(tmp_path) == []
+
+
+def test_initialize_needs_all_three_values(monkeypatch):
+    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        monkeypatch.delenv(name, raising=False)
+    assert sharding.initialize() is False
+    with pytest.raises(ValueError, match=r"num_processes, process_id: needed"):
+        sharding.initialize("127.0.0.1:1")
+    with pytest.raises(ValueError, match=r"process_id: expected in \[0, 2\), got 2"):
+        sharding.initialize("127.0.0.1:1", 2, 2)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one(tmp_path, single_device_run):
+    """Two processes x 2 CPU devices each (gloo collectives) train like one device."""
+    workdir = str(tmp_path / "run")
+    config = tiny_config(data=2, model=2)
+    overrides = [f"--config.{k}={v}" for k, v in _flat(config.to_dict()).items()]
+    address = f"127.0.0.1:{free_port()}"
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    procs = []
+    try:
+        for pid in range(2):
+            command = [
+                sys.executable,
+                os.path.join(ROOT, "experiments", "train.py"),
+                f"--config={os.path.join(ROOT, 'configs', 'copy.py')}",
+                *overrides,
+                f"--workdir={workdir}",
+                "--progress=false",
+                f"--coordinator_address={address}",
+                "--num_processes=2",
+                f"--process_id={pid}",
+            ]
+            procs.append(
+                subprocess.Popen(
+                    command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+                )
+            )
+        outputs = [p.communicate(timeout=240)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for p, out in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, out[-3000:]
+    assert '"step": 5' in outputs[0]
+    assert '"step"' not in outputs[1]  # only process 0 prints and writes metrics
+    want_losses, want_params = single_device_run
+    np.testing.assert_allclose(losses(workdir), want_losses, rtol=1e-5)
+    chex.assert_trees_all_close(final_params(workdir), want_params, rtol=1e-5, atol=1e-7)
+
+
+def _flat(tree, prefix=""):
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        elif value is not None:
+            out[f"{prefix}{key}"] = value
+    return out

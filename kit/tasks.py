@@ -1,8 +1,9 @@
-"""Generated, deterministic tasks: copy, reverse, sort and date translation.
+"""Generated, deterministic tasks: copy, reverse, sort, date translation, pronoun probe.
 
 A training batch is a pure function of (seed, step), so resuming needs no data
 state. Held-out sets come from another seed stream; for dates they also use
-only dates that training never samples, so no source string is shared.
+only dates that training never samples, so no source string is shared; for the
+pronoun probe they use only name pairs that training never puts together.
 
 Token ids: 0 PAD, 1 BOS, 2 EOS, 3 SEP, then the task's symbols.
 """
@@ -11,6 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import itertools
+import re
+import zlib
 
 import numpy as np
 
@@ -50,28 +54,41 @@ class Task:
     aligned: bool  # target has the source's length (an encoder-only model can solve it)
     length: int = 0
     num_symbols: int = 0
+    words: bool = False  # tokens are words and punctuation, not characters
 
     @property
     def vocab_size(self) -> int:
         return len(self.vocab)
 
-    def encode(self, text: str) -> list[int]:
-        """Character string -> ids; raises ValueError naming unknown characters."""
-        index = {tok: i for i, tok in enumerate(self.vocab)}
-        unknown = sorted({c for c in text if c not in index or index[c] < len(SPECIALS)})
-        if unknown:
-            raise ValueError(f"text: characters {unknown} are not in the {self.name} vocabulary")
-        return [index[c] for c in text]
+    def split(self, text: str) -> list[str]:
+        """Text -> token strings: characters, or words and punctuation marks."""
+        return re.findall(r"\w+|[^\w\s]", text) if self.words else list(text)
 
-    def decode(self, ids) -> str:
-        """ids -> string, stopping at EOS and skipping PAD/BOS/SEP."""
+    def encode(self, text: str) -> list[int]:
+        """Text -> ids; raises ValueError naming the tokens not in the vocabulary."""
+        index = {tok: i for i, tok in enumerate(self.vocab)}
+        tokens = self.split(text)
+        unknown = sorted({t for t in tokens if t not in index or index[t] < len(SPECIALS)})
+        if unknown:
+            kind = "words" if self.words else "characters"
+            raise ValueError(f"text: {kind} {unknown} are not in the {self.name} vocabulary")
+        if not tokens:
+            raise ValueError("text: expected at least one token, got an empty text")
+        return [index[t] for t in tokens]
+
+    def tokens(self, ids) -> list[str]:
+        """ids -> token strings, stopping at EOS and skipping PAD/BOS/SEP."""
         out = []
         for i in ids:
             if int(i) == EOS:
                 break
             if int(i) >= len(SPECIALS):
                 out.append(self.vocab[int(i)])
-        return "".join(out)
+        return out
+
+    def decode(self, ids) -> str:
+        """ids -> text (tokens joined by spaces for a word-level task)."""
+        return (" " if self.words else "").join(self.tokens(ids))
 
 
 def make_task(name: str, *, length: int = 16, num_symbols: int = 10) -> Task:
@@ -82,8 +99,12 @@ def make_task(name: str, *, length: int = 16, num_symbols: int = 10) -> Task:
     """
     if name == "dates":
         return Task("dates", SPECIALS + tuple(DATE_CHARS), 32, 10, aligned=False)
+    if name == "pronoun":
+        return Task("pronoun", PRONOUN_VOCAB, PRONOUN_LEN, PRONOUN_LEN, aligned=True, words=True)
     if name not in ("copy", "reverse", "sort"):
-        raise ValueError(f"task.name: expected one of copy, reverse, sort, dates, got {name!r}")
+        raise ValueError(
+            f"task.name: expected one of copy, reverse, sort, dates, pronoun, got {name!r}"
+        )
     if not isinstance(length, int) or length <= 0:
         raise ValueError(f"task.length: expected a positive int, got {length!r}")
     if not isinstance(num_symbols, int) or not 2 <= num_symbols <= len(SYMBOLS):
@@ -146,6 +167,82 @@ def _sample_dates(rng: np.random.Generator, n: int, held_out: bool) -> list[tupl
 
 
 # --------------------------------------------------------------------------
+# The pronoun probe: "Mark told Sam that he was leaving ." -> the label "Mark" at
+# "he" and "_" everywhere else. The antecedent is the name whose gender matches
+# the pronoun, and the subject when both match, so the pronoun's position has
+# to find the right name by attention.
+
+MALE = (
+    "Mark", "Sam", "John", "Paul", "David", "Peter", "James", "Tom", "Mike", "Adam",
+    "Ben", "Chris", "Daniel", "Eric", "Frank", "George", "Henry", "Jack", "Kevin", "Luke",
+)  # fmt: skip
+FEMALE = (
+    "Mary", "Anna", "Emma", "Sarah", "Lisa", "Kate", "Julia", "Laura", "Alice", "Grace",
+    "Helen", "Jane", "Lucy", "Nina", "Olivia", "Rachel", "Sophie", "Susan", "Clara", "Eva",
+)  # fmt: skip
+VERBS = (
+    "leaving", "working", "sleeping", "running", "cooking", "reading",
+    "waiting", "singing", "driving", "laughing", "winning", "travelling",
+)  # fmt: skip
+TEMPLATES = (  # A: subject, B: the other name, P: pronoun, V: verb
+    "A told B that P was V .",
+    "A called B because P was V .",
+    "A asked B whether P was V .",
+    "A warned B that P was V .",
+    "A texted B while P was V .",
+    "after A met B , P was V .",
+    "A and B talked , and then P was V .",
+    "when A saw B , P was V .",
+)
+NO_LABEL = "_"
+PRONOUN_LEN = max(len(t.split()) for t in TEMPLATES)
+_TEMPLATE_WORDS = sorted({w for t in TEMPLATES for w in t.split()} - {"A", "B", "P", "V"})
+PRONOUN_VOCAB = (*SPECIALS, NO_LABEL, "he", "she", *MALE, *FEMALE, *VERBS, *_TEMPLATE_WORDS)
+HELD_OUT_PAIRS = (("Mark", "Sam"),)  # the article's sentence is never trained on
+
+
+def is_held_out_pair(a: str, b: str) -> bool:
+    """One unordered name pair in eight (by a fixed hash), and the article's pair."""
+    pair = tuple(sorted((a, b)))
+    if pair in {tuple(sorted(p)) for p in HELD_OUT_PAIRS}:
+        return True
+    return zlib.crc32(" ".join(pair).encode()) % 8 == 0
+
+
+_NAMES = MALE + FEMALE
+_PAIRS = {
+    held_out: [
+        (a, b) for a, b in itertools.permutations(_NAMES, 2) if is_held_out_pair(a, b) == held_out
+    ]
+    for held_out in (False, True)
+}
+
+
+def pronoun_example(template: str, a: str, b: str, pronoun: str, verb: str):
+    """(sentence tokens, label tokens) for one filled template."""
+    antecedent = a if (pronoun == "he") == (a in MALE) else b
+    if (pronoun == "he") != (antecedent in MALE):
+        raise ValueError(f"pronoun: {pronoun!r} matches neither {a!r} nor {b!r}")
+    fill = {"A": a, "B": b, "P": pronoun, "V": verb}
+    words = [fill.get(w, w) for w in template.split()]
+    labels = [antecedent if w == "P" else NO_LABEL for w in template.split()]
+    return words, labels
+
+
+def _sample_pronouns(rng: np.random.Generator, n: int, held_out: bool):
+    pairs = _PAIRS[held_out]
+    out = []
+    for _ in range(n):
+        a, b = pairs[rng.integers(len(pairs))]
+        pronoun = ("he" if a in MALE else "she") if rng.random() < 0.5 else None
+        if pronoun is None:
+            pronoun = "he" if b in MALE else "she"
+        template = TEMPLATES[rng.integers(len(TEMPLATES))]
+        out.append(pronoun_example(template, a, b, pronoun, VERBS[rng.integers(len(VERBS))]))
+    return out
+
+
+# --------------------------------------------------------------------------
 # Batches.
 
 
@@ -153,6 +250,10 @@ def _examples(task: Task, rng: np.random.Generator, n: int, held_out: bool):
     if task.name == "dates":
         pairs = _sample_dates(rng, n, held_out)
         return [task.encode(s) for s, _ in pairs], [task.encode(t) for _, t in pairs]
+    if task.name == "pronoun":
+        index = {tok: i for i, tok in enumerate(task.vocab)}
+        pairs = _sample_pronouns(rng, n, held_out)
+        return [[index[w] for w in s] for s, _ in pairs], [[index[w] for w in t] for _, t in pairs]
     src = rng.integers(len(SPECIALS), task.vocab_size, size=(n, task.length))
     if task.name == "copy":
         tgt = src

@@ -537,10 +537,8 @@ def train_and_evaluate(
     start = ckpt.latest_step()
     if start is not None:
         state = ckpt.restore(start, state)
-    writer = (
-        metrics.MetricWriter(os.path.join(workdir, "metrics.jsonl"), resume_step=start)
-        if lead
-        else None
+    writer = metrics.MetricWriter(
+        os.path.join(workdir, "metrics.jsonl"), resume_step=start, enabled=lead
     )
     train_step = jax.jit(
         trainer.train_step,
@@ -584,8 +582,7 @@ def train_and_evaluate(
             if step % t.log_every == 0 or step == t.steps:
                 record = {name: float(value) for name, value in m.items()}
                 record["learning_rate"] = float(schedule(step - 1))
-                if writer:
-                    writer.write(step, record)
+                writer.write(step, record)
                 rate = window_steps / (time.perf_counter() - window_start)
                 bar.update(
                     job,
@@ -597,8 +594,7 @@ def train_and_evaluate(
                 window_start, window_steps = time.perf_counter(), 0
             if step % t.eval_every == 0 or step == t.steps:
                 result = evaluate(eval_step, state["params"], batches)
-                if writer:
-                    writer.write(step, result)
+                writer.write(step, result)
             if step % t.checkpoint_every == 0 or step == t.steps:
                 ckpt.save(step, state)
     if not result:  # resumed at the end: evaluate what was restored

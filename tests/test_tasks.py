@@ -8,7 +8,7 @@ import pytest
 from kit import tasks
 
 
-@pytest.mark.parametrize("name", ["copy", "reverse", "sort", "dates"])
+@pytest.mark.parametrize("name", ["copy", "reverse", "sort", "dates", "pronoun"])
 def test_batches_are_a_pure_function_of_seed_and_step(name):
     task = tasks.make_task(name)
     a = tasks.train_batch(task, 0, 5, 16)
@@ -69,3 +69,74 @@ def test_task_errors_name_the_field():
         tasks.make_task("sort", num_symbols=99)
     with pytest.raises(ValueError, match=r"text: characters \['#'\] are not in the dates"):
         tasks.make_task("dates").encode("3rd of #")
+
+
+# ---------------------------------------------------------------- pronoun probe
+
+
+@pytest.mark.parametrize(
+    "a, b, pronoun, antecedent",
+    [
+        ("Mark", "Sam", "he", "Mark"),  # both match: the subject
+        ("Mary", "Anna", "she", "Mary"),
+        ("Mark", "Mary", "she", "Mary"),
+        ("Mary", "Mark", "he", "Mark"),
+        ("Mary", "Mark", "she", "Mary"),
+    ],
+)
+def test_pronoun_resolution_hand_cases(a, b, pronoun, antecedent):
+    words, labels = tasks.pronoun_example("A told B that P was V .", a, b, pronoun, "leaving")
+    assert words == [a, "told", b, "that", pronoun, "was", "leaving", "."]
+    assert labels == ["_", "_", "_", "_", antecedent, "_", "_", "_"]
+
+
+def test_pronoun_matching_no_name_is_an_error():
+    with pytest.raises(ValueError, match=r"pronoun: 'she' matches neither 'Mark' nor 'Sam'"):
+        tasks.pronoun_example("A told B that P was V .", "Mark", "Sam", "she", "leaving")
+
+
+def _sentences(task, batch):
+    for src, n, tgt in zip(batch["src"], batch["src_lengths"], batch["tgt"], strict=True):
+        yield [task.vocab[i] for i in src[:n]], [task.vocab[i] for i in tgt[:n]]
+
+
+def test_pronoun_labels_follow_the_rule():
+    task = tasks.make_task("pronoun")
+    for words, labels in _sentences(task, tasks.train_batch(task, 0, 3, 256)):
+        names = [w for w in words if w in tasks.MALE + tasks.FEMALE]
+        (p,) = [i for i, w in enumerate(words) if w in ("he", "she")]
+        male = words[p] == "he"
+        matching = [n for n in names if (n in tasks.MALE) == male]
+        assert len(names) == 2 and matching
+        assert labels[p] == matching[0]  # the first matching name is the subject when both do
+        assert all(label == "_" for i, label in enumerate(labels) if i != p)
+
+
+def test_pronoun_held_out_pairs_never_trained_together():
+    task = tasks.make_task("pronoun")
+
+    def pairs(batch):
+        out = set()
+        for words, _ in _sentences(task, batch):
+            names = tuple(sorted(w for w in words if w in tasks.MALE + tasks.FEMALE))
+            out.add(names)
+        return out
+
+    trained = set()
+    for step in range(20):
+        trained |= pairs(tasks.train_batch(task, 0, step, 256))
+    held_out = pairs(tasks.eval_set(task, 0, 2000))
+    assert len(trained) > 500 and len(held_out) > 80
+    assert trained.isdisjoint(held_out)
+    assert ("Mark", "Sam") not in trained
+    assert tasks.is_held_out_pair("Sam", "Mark")
+
+
+def test_word_tasks_encode_words_and_name_unknown_ones():
+    task = tasks.make_task("pronoun")
+    ids = task.encode("Mark told Sam that he was leaving.")
+    assert task.decode(ids) == "Mark told Sam that he was leaving ."
+    with pytest.raises(ValueError, match=r"text: words \['Zed', 'it'\] are not in the pronoun"):
+        task.encode("Zed told Sam that it was leaving.")
+    with pytest.raises(ValueError, match=r"text: expected at least one token"):
+        task.encode("   ")

@@ -16,6 +16,7 @@ to let jax detect SLURM, Open MPI or a TPU pod slice):
 """
 
 import json
+import sys
 import time
 
 import jax
@@ -48,6 +49,8 @@ def main(argv):
         result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir, progress=FLAGS.progress)
     except ValueError as error:
         raise app.UsageError(str(error)) from None
+    except train.NonFiniteError as error:
+        sys.exit(f"error: {error}")
     result["command_seconds"] = time.perf_counter() - _START
     if jax.process_index() == 0:
         print(

@@ -2,7 +2,8 @@
 
 Saves are synchronous and atomic (orbax writes to a temporary folder and
 renames it when complete), so a crash mid-save leaves the previous checkpoint
-as the latest complete one.
+as the latest complete one. Nothing is unpickled: orbax stores arrays with
+tensorstore (OCDBT/zarr) and metadata as JSON, and restore reads only those.
 """
 
 from __future__ import annotations
@@ -21,7 +22,12 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(
             os.path.abspath(directory),
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep, create=True, enable_async_checkpointing=False
+                max_to_keep=keep,
+                create=True,
+                enable_async_checkpointing=False,
+                # A save cut short by a crash leaves a temporary folder; it is never
+                # read as a checkpoint, and it is removed when training starts again.
+                cleanup_tmp_directories=True,
             ),
         )
 
@@ -41,7 +47,14 @@ class Checkpointer:
         the restored arrays across devices and processes).
         """
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-        return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        try:
+            return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        except Exception as error:  # any reader failure: say which checkpoint, keep the cause
+            raise ValueError(
+                f"checkpoint: step {step} under {self.manager.directory} cannot be restored "
+                f"({type(error).__name__}: {str(error)[:300]}); it is corrupt or from another "
+                f"model"
+            ) from error
 
     def close(self) -> None:
         self.manager.close()

@@ -217,12 +217,14 @@ def _unit_backward(cfg, q, k, v, bias, mask, q_len, kv_len, out, lse, d_out):
                 "gqh,sh->gqs", do_blk, v_blk, preferred_element_type=jnp.float32
             )
             ds = p * (dp - delta_blk[..., None])  # gradient of the (biased) logits
-            ds_scaled = (ds * scale).astype(q.dtype)
-            dk = dk + jnp.einsum(  # [G, bq, bk] x [G, bq, H] -> [bk, H]
-                "gqs,gqh->sh", ds_scaled, q_blk, preferred_element_type=jnp.float32
+            # The scale is applied to the float32 products, not to ds in the input dtype,
+            # where a tiny scale would underflow it (float16) and a huge one overflow it.
+            ds_low = ds.astype(q.dtype)
+            dk = dk + scale * jnp.einsum(  # [G, bq, bk] x [G, bq, H] -> [bk, H]
+                "gqs,gqh->sh", ds_low, q_blk, preferred_element_type=jnp.float32
             )
-            dq_blk = jnp.einsum(  # [G, bq, bk] x [bk, H] -> [G, bq, H]
-                "gqs,sh->gqh", ds_scaled, k_blk, preferred_element_type=jnp.float32
+            dq_blk = scale * jnp.einsum(  # [G, bq, bk] x [bk, H] -> [G, bq, H]
+                "gqs,sh->gqh", ds_low, k_blk, preferred_element_type=jnp.float32
             )
             dq = _add_block(dq, dq_blk, {1: i * bq})
             if dbias is not None:
@@ -317,8 +319,9 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 # Layout and padding around the kernel.
 
 
-def _pad_axis(x: Array | None, axis: int, size: int) -> Array | None:
-    if x is None or x.shape[axis] in (1, size):
+def _pad_axis(x: Array | None, axis: int, size: int, *, broadcast: bool = False) -> Array | None:
+    """Zero-pads `axis` to `size`; with `broadcast`, a size-1 (broadcast) axis stays 1."""
+    if x is None or x.shape[axis] == size or (broadcast and x.shape[axis] == 1):
         return x
     widths = [(0, 0)] * x.ndim
     widths[axis] = (0, size - x.shape[axis])
@@ -334,7 +337,7 @@ def _to_units(x: Array | None, B: int, K: int, G: int, T: int, S: int) -> Array 
     if x.shape[:2] != (1, 1):
         x = jnp.broadcast_to(x, (B, K, *x.shape[2:]))
     x = x.reshape(-1, *x.shape[2:])
-    return _pad_axis(_pad_axis(x, 2, T), 3, S)
+    return _pad_axis(_pad_axis(x, 2, T, broadcast=True), 3, S, broadcast=True)
 
 
 def chunked_from_prepared(

@@ -92,11 +92,20 @@ class Task:
 
 
 def make_task(name: str, *, length: int = 16, num_symbols: int = 10) -> Task:
-    """The task called `name` ("copy", "reverse", "sort", "dates").
+    """The task called `name` ("copy", "reverse", "sort", "dates", "pronoun").
+
+    `length` and `num_symbols` shape the symbol tasks; they are checked for every
+    task, so an invalid value never passes unnoticed.
 
     Raises:
       ValueError: for an unknown name or a bad length / symbol count.
     """
+    if not isinstance(length, int) or isinstance(length, bool) or length <= 0:
+        raise ValueError(f"task.length: expected a positive int, got {length!r}")
+    if not isinstance(num_symbols, int) or not 2 <= num_symbols <= len(SYMBOLS):
+        raise ValueError(
+            f"task.num_symbols: expected an int in [2, {len(SYMBOLS)}], got {num_symbols!r}"
+        )
     if name == "dates":
         return Task("dates", SPECIALS + tuple(DATE_CHARS), 32, 10, aligned=False)
     if name == "pronoun":
@@ -104,12 +113,6 @@ def make_task(name: str, *, length: int = 16, num_symbols: int = 10) -> Task:
     if name not in ("copy", "reverse", "sort"):
         raise ValueError(
             f"task.name: expected one of copy, reverse, sort, dates, pronoun, got {name!r}"
-        )
-    if not isinstance(length, int) or length <= 0:
-        raise ValueError(f"task.length: expected a positive int, got {length!r}")
-    if not isinstance(num_symbols, int) or not 2 <= num_symbols <= len(SYMBOLS):
-        raise ValueError(
-            f"task.num_symbols: expected an int in [2, {len(SYMBOLS)}], got {num_symbols!r}"
         )
     vocab = SPECIALS + tuple(SYMBOLS[:num_symbols])
     return Task(name, vocab, length, length, True, length=length, num_symbols=num_symbols)

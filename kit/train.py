@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
 from typing import Any
@@ -67,6 +68,9 @@ def default_config() -> ml_collections.ConfigDict:
             "checkpoint_every": 500,
             "keep_checkpoints": 3,
             "eval_batch_size": 1000,
+            # False: a non-finite loss or gradient stops training with an error naming
+            # the step. True: such updates are skipped and counted (metric "skipped").
+            "skip_nonfinite": False,
         }
     )
     # Device mesh ("data", "model"); -1 fills the remaining devices. See kit/sharding.py.
@@ -82,6 +86,28 @@ def _positive_int(config: ml_collections.ConfigDict, path: str) -> None:
     value = _get(config, path)
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"config.{path}: expected a positive int, got {value!r}")
+
+
+def _number(
+    config: ml_collections.ConfigDict,
+    path: str,
+    low: float,
+    high: float,
+    *,
+    low_open: bool = False,
+    high_open: bool = True,
+) -> float:
+    """A finite real number in the interval; raises ValueError naming config.<path>."""
+    value = _get(config, path)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (value > low if low_open else value >= low) and (
+            value < high if high_open else value <= high
+        )
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ValueError(f"config.{path}: expected a finite number in {interval}, got {value!r}")
+    return float(value)
 
 
 def _get(config: ml_collections.ConfigDict, path: str) -> Any:
@@ -100,10 +126,8 @@ def model_config(config: ml_collections.ConfigDict, task: tasks.Task) -> models.
         raise ValueError(
             f"config.model.positions: expected one of {models.POSITIONS}, got {m.positions!r}"
         )
-    for name in ("d_model", "num_heads", "num_layers", "d_ff", "max_len"):
+    for name in ("d_model", "num_heads", "num_layers", "num_decoder_layers", "d_ff", "max_len"):
         _positive_int(config, f"model.{name}")
-    if m.kind == "encoder_decoder":
-        _positive_int(config, "model.num_decoder_layers")
     if m.d_model % m.num_heads:
         raise ValueError(
             f"config.model.d_model: must be divisible by model.num_heads = {m.num_heads}, "
@@ -115,8 +139,7 @@ def model_config(config: ml_collections.ConfigDict, task: tasks.Task) -> models.
             f"config.model.num_kv_heads: must be a positive divisor of model.num_heads = "
             f"{m.num_heads}, got {kv!r}"
         )
-    if not 0.0 <= m.dropout_rate < 1.0:
-        raise ValueError(f"config.model.dropout_rate: expected [0, 1), got {m.dropout_rate!r}")
+    _number(config, "model.dropout_rate", 0.0, 1.0)
     if m.positions == "rope" and (m.d_model // m.num_heads) % 2:
         raise ValueError(
             "config.model.positions: 'rope' needs an even head dim d_model / num_heads"
@@ -157,8 +180,9 @@ def model_config(config: ml_collections.ConfigDict, task: tasks.Task) -> models.
 
 def check_config(config: ml_collections.ConfigDict) -> tuple[tasks.Task, models.ModelConfig]:
     """All start-up checks; returns the task and the model config."""
-    if not isinstance(config.seed, int):
-        raise ValueError(f"config.seed: expected an int, got {config.seed!r}")
+    seed = config.seed
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**31:
+        raise ValueError(f"config.seed: expected an int in [0, 2**31), got {seed!r}")
     try:
         task = tasks.make_task(
             config.task.name, length=config.task.length, num_symbols=config.task.num_symbols
@@ -177,18 +201,18 @@ def check_config(config: ml_collections.ConfigDict) -> tuple[tasks.Task, models.
     ):
         _positive_int(config, f"train.{name}")
     t = config.train
-    if not t.learning_rate > 0:
-        raise ValueError(f"config.train.learning_rate: expected > 0, got {t.learning_rate!r}")
-    if not isinstance(t.warmup_steps, int) or t.warmup_steps < 0:
+    _number(config, "train.learning_rate", 0.0, math.inf, low_open=True)
+    if (
+        not isinstance(t.warmup_steps, int)
+        or isinstance(t.warmup_steps, bool)
+        or t.warmup_steps < 0
+    ):
         raise ValueError(f"config.train.warmup_steps: expected an int >= 0, got {t.warmup_steps!r}")
-    if not 0.0 <= t.label_smoothing < 1.0:
-        raise ValueError(
-            f"config.train.label_smoothing: expected [0, 1), got {t.label_smoothing!r}"
-        )
-    if not t.grad_clip > 0:
-        raise ValueError(f"config.train.grad_clip: expected > 0, got {t.grad_clip!r}")
-    if t.weight_decay < 0:
-        raise ValueError(f"config.train.weight_decay: expected >= 0, got {t.weight_decay!r}")
+    _number(config, "train.label_smoothing", 0.0, 1.0)
+    _number(config, "train.grad_clip", 0.0, math.inf, low_open=True)
+    _number(config, "train.weight_decay", 0.0, math.inf)
+    if not isinstance(t.skip_nonfinite, bool):
+        raise ValueError(f"config.train.skip_nonfinite: expected a bool, got {t.skip_nonfinite!r}")
     return task, model_config(config, task)
 
 
@@ -301,10 +325,13 @@ class Trainer:
             "params": optax.apply_updates(state["params"], updates),
             "opt_state": opt_state,
         }
+        grad_norm = optax.tree.norm(grads)
         return new_state, {
             "loss": loss,
             "accuracy": accuracy,
-            "grad_norm": optax.tree.norm(grads),
+            "grad_norm": grad_norm,
+            "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm),
+            "skipped": opt_state.total_notfinite,
         }
 
     def eval_step(self, params: Any, mb: dict[str, Array]) -> dict[str, Array]:
@@ -372,11 +399,23 @@ def make_schedule(t: ml_collections.ConfigDict) -> optax.Schedule:
     )
 
 
+# optax.apply_if_finite applies a non-finite update after this many in a row; never, here.
+_NEVER = 2**30
+
+
 def make_optimizer(t: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """AdamW on the schedule, after global-norm clipping."""
-    return optax.chain(
-        optax.clip_by_global_norm(t.grad_clip),
-        optax.adamw(make_schedule(t), weight_decay=t.weight_decay),
+    """AdamW on the schedule, after global-norm clipping; non-finite gradients skip the update.
+
+    optax.apply_if_finite leaves parameters and moments untouched on a step whose
+    gradients are not all finite and counts it (`opt_state.total_notfinite`).
+    Whether training then stops or goes on is `train.skip_nonfinite`.
+    """
+    return optax.apply_if_finite(
+        optax.chain(
+            optax.clip_by_global_norm(t.grad_clip),
+            optax.adamw(make_schedule(t), weight_decay=t.weight_decay),
+        ),
+        max_consecutive_errors=_NEVER,
     )
 
 
@@ -424,8 +463,7 @@ def _check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         return
-    with open(path) as f:
-        saved = json.load(f)
+    saved = _read_json(path)
     current = json.loads(config.to_json_best_effort())
     diffs = [
         f"{section}.{key}: saved {saved.get(section, {}).get(key)!r}, now {value!r}"
@@ -574,13 +612,22 @@ def train_and_evaluate(
             task.name, total=t.steps, completed=step, loss=float("nan"), acc=0.0, rate="-"
         )
         window_start, window_steps = time.perf_counter(), 0
+        unchecked: list[tuple[int, dict]] = []  # read at the next log/eval/save, not every step
         while step < t.steps:
             mb = model_batch(mcfg.kind, tasks.train_batch(task, config.seed, step, t.batch_size))
             state, m = train_step(state, sharding.put_batch(mb, s.batch_sharding), dropout_rng)
             step += 1
             window_steps += 1
+            unchecked.append((step, m))
+            boundary = step == t.steps or any(
+                step % every == 0 for every in (t.log_every, t.eval_every, t.checkpoint_every)
+            )
+            if boundary and not t.skip_nonfinite:
+                _stop_if_nonfinite(unchecked, ckpt)
+            if boundary:
+                unchecked = []
             if step % t.log_every == 0 or step == t.steps:
-                record = {name: float(value) for name, value in m.items()}
+                record = {name: float(value) for name, value in m.items() if name != "finite"}
                 record["learning_rate"] = float(schedule(step - 1))
                 writer.write(step, record)
                 rate = window_steps / (time.perf_counter() - window_start)
@@ -603,6 +650,29 @@ def train_and_evaluate(
     return {**result, "step": step, "train_seconds": time.perf_counter() - began}
 
 
+class NonFiniteError(RuntimeError):
+    """Training met a non-finite loss or gradient (train.skip_nonfinite is False)."""
+
+
+def _stop_if_nonfinite(steps: list[tuple[int, dict]], ckpt: checkpoint.Checkpointer) -> None:
+    """Raises NonFiniteError naming the first step whose loss or gradients were not finite.
+
+    That step's update was skipped (make_optimizer), and no checkpoint was saved
+    after it, so the latest checkpoint holds finite parameters.
+    """
+    for step, m in steps:
+        if not bool(m["finite"]):
+            last = ckpt.latest_step()
+            ckpt.close()
+            raise NonFiniteError(
+                f"step {step}: the loss ({float(m['loss'])}) or the gradient norm "
+                f"({float(m['grad_norm'])}) is not finite; stopped. The latest checkpoint "
+                f"({'none' if last is None else f'step {last}'}) is intact. Lower "
+                f"config.train.learning_rate, or set config.train.skip_nonfinite=True to skip "
+                f"such updates."
+            )
+
+
 def load_checkpoint(workdir: str, *, step: int | None = None, device=None):
     """The config and train state saved in `workdir` (its latest checkpoint by default).
 
@@ -620,9 +690,11 @@ def load_checkpoint(workdir: str, *, step: int | None = None, device=None):
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         raise ValueError(f"workdir: no config.json in {workdir!r}; train there first")
-    with open(path) as f:
-        config = default_config()
-        config.update_from_flattened_dict(_flatten(json.load(f)))
+    config = default_config()
+    try:
+        config.update_from_flattened_dict(_flatten(_read_json(path)))
+    except (KeyError, TypeError) as error:
+        raise ValueError(f"workdir: {path} does not fit this version's config ({error})") from None
     one_device = config.copy_and_resolve_references()
     one_device.mesh.update({"data": 1, "model": 1})
     s = setup(one_device, [jax.devices()[0] if device is None else device])
@@ -640,6 +712,18 @@ def load_checkpoint(workdir: str, *, step: int | None = None, device=None):
     state = ckpt.restore(step, abstract)
     ckpt.close()
     return config, s, state
+
+
+def _read_json(path: str) -> dict[str, Any]:
+    """A workdir's config.json; plain JSON only (nothing in a workdir is unpickled)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"workdir: {path} is not a JSON config ({error})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"workdir: {path} is not a JSON config (top level is not an object)")
+    return data
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:

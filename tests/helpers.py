@@ -21,3 +21,24 @@ def make_qkv(B=2, T=8, S=8, N=4, K=4, H=16, dtype=jnp.float32, seed=0):
         normal(rk, (B, S, K, H), dtype),
         normal(rv, (B, S, K, H), dtype),
     )
+
+
+def reference_attention(q, k, v, *, scale, mask, bias=None):
+    """Plain float32 attention: `[B, T, N, H]`, `[B, S, K, H]`, boolean mask `[B, N, T, S]`,
+    optional bias broadcastable to `[B, N, T, S]`.
+
+    Written from the formula with jax.numpy only (no kit code); a query row with no
+    live key gives zeros, as kit's contract says.
+    """
+    N, K = q.shape[2], k.shape[2]
+    k = jnp.repeat(k.astype(jnp.float32), N // K, axis=2)
+    v = jnp.repeat(v.astype(jnp.float32), N // K, axis=2)
+    logits = jnp.einsum("btnh,bsnh->bnts", q.astype(jnp.float32), k) * scale
+    if bias is not None:
+        logits = logits + jnp.broadcast_to(bias.astype(jnp.float32), logits.shape)
+    logits = jnp.where(mask, logits, -jnp.inf)
+    live = jnp.any(mask, axis=-1, keepdims=True)
+    shifted = logits - jnp.where(live, jnp.max(logits, axis=-1, keepdims=True), 0.0)
+    e = jnp.where(mask, jnp.exp(jnp.where(mask, shifted, 0.0)), 0.0)
+    p = e / jnp.where(live, jnp.sum(e, axis=-1, keepdims=True), 1.0)
+    return jnp.einsum("bnts,bsnh->btnh", p, v)

@@ -44,8 +44,14 @@ def tiny_config(task="copy", kind="encoder_decoder", **train_overrides):
     config.train.checkpoint_every = 2
     config.train.eval_batch_size = 8
     config.train.update(train_overrides)
+    config.mesh.update({"data": 1, "model": 1})
     config.lock()
     return config
+
+
+def run(config, workdir, **kwargs):
+    """train_and_evaluate on one device (tests/test_sharding.py covers meshes)."""
+    return train.train_and_evaluate(config, workdir, devices=jax.devices()[:1], **kwargs)
 
 
 @pytest.mark.parametrize(
@@ -59,7 +65,7 @@ def tiny_config(task="copy", kind="encoder_decoder", **train_overrides):
     ],
 )
 def test_smoke_train_and_evaluate(tmp_path, task, kind):
-    result = train.train_and_evaluate(tiny_config(task, kind), str(tmp_path), progress=False)
+    result = run(tiny_config(task, kind), str(tmp_path), progress=False)
     assert result["step"] == 4
     for name in ("eval/loss", "eval/token_accuracy", "eval/exact_match"):
         assert np.isfinite(result[name])
@@ -83,7 +89,7 @@ def _final_params(workdir, config):
 def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     config = tiny_config(steps=6, eval_every=6)
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-    train.train_and_evaluate(config, straight, progress=False)
+    run(config, straight, progress=False)
 
     real_batch = tasks.train_batch
 
@@ -94,10 +100,10 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, monkeypatch)
 
     monkeypatch.setattr(tasks, "train_batch", crash_at_step_5)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train.train_and_evaluate(config, resumed, progress=False)
+        run(config, resumed, progress=False)
     monkeypatch.setattr(tasks, "train_batch", real_batch)
     assert checkpoint.Checkpointer(os.path.join(resumed, "checkpoints")).latest_step() == 4
-    train.train_and_evaluate(config, resumed, progress=False)
+    run(config, resumed, progress=False)
 
     a, b = _final_params(straight, config), _final_params(resumed, config)
     assert int(a["step"]) == int(b["step"]) == 6
@@ -127,22 +133,22 @@ def test_invalid_config_fails_naming_the_field_and_writes_nothing(tmp_path, fiel
     change(config)
     workdir = tmp_path / "run"
     with pytest.raises(ValueError, match=rf"config\.{field}: .*{message}"):
-        train.train_and_evaluate(config, str(workdir), progress=False)
+        run(config, str(workdir), progress=False)
     assert not workdir.exists()
 
 
 def test_encoder_only_refuses_a_task_of_other_length(tmp_path):
     with pytest.raises(ValueError, match=r"config.model.kind: 'encoder_only' predicts one output"):
-        train.train_and_evaluate(tiny_config("dates", "encoder_only"), str(tmp_path / "r"))
+        run(tiny_config("dates", "encoder_only"), str(tmp_path / "r"))
 
 
 def test_incompatible_checkpoint_stops_and_overwrites_nothing(tmp_path):
-    train.train_and_evaluate(tiny_config(steps=2), str(tmp_path), progress=False)
+    run(tiny_config(steps=2), str(tmp_path), progress=False)
     before = {p: (tmp_path / p).read_bytes() for p in ("config.json", "metrics.jsonl")}
     config = tiny_config(steps=2).unlock()
     config.model.d_model = 32
     with pytest.raises(ValueError, match=r"workdir: .* incompatible config \(model.d_model"):
-        train.train_and_evaluate(config, str(tmp_path), progress=False)
+        run(config, str(tmp_path), progress=False)
     assert before == {p: (tmp_path / p).read_bytes() for p in before}
 
 

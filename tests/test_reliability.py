@@ -1,0 +1,450 @@
+"""Reliability: killed runs resume exactly, non-finite steps, numerics under stress,
+determinism, no unpickling, a property sweep of bad inputs, a sweep of config fields."""
+
+import contextlib
+import os
+import pickle
+import re
+import signal
+import subprocess
+import sys
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import TOLERANCES, normal, reference_attention
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import kit
+from kit import checkpoint, metrics, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def standard_promotion():
+    # optax's Adam is not strict-promotion clean (see test_train.py).
+    with jax.numpy_dtype_promotion("standard"):
+        yield
+
+
+TINY = {
+    "task.name": "copy",
+    "task.length": 5,
+    "task.num_symbols": 6,
+    "task.eval_size": 12,
+    "model.d_model": 16,
+    "model.num_heads": 2,
+    "model.num_layers": 1,
+    "model.num_decoder_layers": 1,
+    "model.d_ff": 32,
+    "model.max_len": 16,
+    "model.dropout_rate": 0.1,
+    "train.steps": 8,
+    "train.batch_size": 8,
+    "train.warmup_steps": 1,
+    "train.log_every": 1,
+    "train.eval_every": 4,
+    "train.checkpoint_every": 2,
+    "train.eval_batch_size": 8,
+    "mesh.data": 1,
+    "mesh.model": 1,
+}
+
+
+def tiny_config(**overrides):
+    config = train.default_config()
+    config.update_from_flattened_dict({**TINY, **overrides})
+    return config
+
+
+def run(config, workdir):
+    return train.train_and_evaluate(config, workdir, progress=False, devices=jax.devices()[:1])
+
+
+def read_bytes(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+# ---------------------------------------------------------------- kill and resume
+
+
+def crash_run(point, workdir, cache):
+    """experiments/train.py in a fresh process, killed at `point` ("none": never)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    env.update(
+        JAX_COMPILATION_CACHE_DIR=cache,
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
+    command = [
+        sys.executable,
+        os.path.join(ROOT, "tests", "crash_run.py"),
+        point,
+        f"--config={os.path.join(ROOT, 'configs', 'copy.py')}",
+        *(f"--config.{k}={v}" for k, v in TINY.items()),
+        f"--workdir={workdir}",
+        "--progress=false",
+    ]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+
+
+def temporary_folders(workdir):
+    folder = os.path.join(workdir, "checkpoints")
+    return [name for name in os.listdir(folder) if not name.isdigit()]
+
+
+def test_killed_runs_resume_to_the_uninterrupted_result_bit_for_bit(tmp_path):
+    """SIGKILL at 4 points in one workdir, the same command rerun each time."""
+    cache = str(tmp_path / "cache")
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    done = crash_run("none:0", straight, cache)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    def latest():
+        return checkpoint.Checkpointer(os.path.join(resumed, "checkpoints")).latest_step()
+
+    # 1. Between checkpoints: before step 3 (checkpoint 2 is complete).
+    killed = crash_run("batch:3", resumed, cache)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert latest() == 2
+    # 2. During the save of checkpoint 4 (resumed from 2): written, not committed.
+    killed = crash_run("save:4", resumed, cache)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert latest() == 2
+    assert temporary_folders(resumed), "the cut save should leave its temporary folder"
+    # 3. In the middle of the metrics line of step 7 (resumed from 2, saved 4 and 6).
+    killed = crash_run("metrics:7", resumed, cache)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert latest() == 6
+    assert temporary_folders(resumed) == []  # the partial checkpoint was cleaned up
+    assert not read_bytes(os.path.join(resumed, "metrics.jsonl")).endswith(b"\n")
+    # 4. Right after the last checkpoint, before the command returns.
+    killed = crash_run("after_save:8", resumed, cache)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert latest() == 8
+    done = crash_run("none:0", resumed, cache)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    assert read_bytes(os.path.join(straight, "metrics.jsonl")) == read_bytes(
+        os.path.join(resumed, "metrics.jsonl")
+    )
+    _, _, a = train.load_checkpoint(straight)
+    _, _, b = train.load_checkpoint(resumed)
+    assert int(a["step"]) == int(b["step"]) == 8
+    chex.assert_trees_all_equal(jax.device_get(a), jax.device_get(b))
+
+
+# ---------------------------------------------------------------- non-finite guard
+
+
+def kit_metrics(workdir):
+    return metrics.read_metrics(os.path.join(workdir, "metrics.jsonl"))
+
+
+def test_nonfinite_stops_naming_the_step_or_is_skipped_and_counted(tmp_path):
+    overrides = {"train.learning_rate": 1e30, "train.checkpoint_every": 1}
+    stopped, skipped = str(tmp_path / "stop"), str(tmp_path / "skip")
+    with pytest.raises(train.NonFiniteError, match=r"step 3: the loss \(nan\) .* not finite"):
+        run(tiny_config(**overrides), stopped)
+    _, _, at_2 = train.load_checkpoint(stopped)  # the last good checkpoint loads
+    assert int(at_2["step"]) == 2
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(at_2["params"]))
+    assert max(line["step"] for line in kit_metrics(stopped)) == 2  # nothing logged after
+
+    run(tiny_config(**overrides, **{"train.skip_nonfinite": True}), skipped)
+    lines = [line for line in kit_metrics(skipped) if "loss" in line]
+    assert [line["skipped"] for line in lines] == [0, 0, 1, 2, 3, 4, 5, 6]
+    # Every update after step 2 was skipped: the parameters are still step 2's.
+    _, _, at_8 = train.load_checkpoint(skipped)
+    assert int(at_8["step"]) == 8
+    chex.assert_trees_all_equal(jax.device_get(at_2["params"]), jax.device_get(at_8["params"]))
+
+
+# ---------------------------------------------------------------- numerics under stress
+
+
+def _stress_inputs(case, dtype):
+    """q, k, v, options and the boolean mask they mean; B=2, N=4, K=2, H=16."""
+    B, N, K, H = 2, 4, 2, 16
+    T, S = (8, 4096) if case == "long_rows" else (16, 24)
+    rq, rk, rv = jax.random.split(jax.random.key(7), 3)
+    # Entries of q and k have std `spread`, so q.k has std 4 * spread**2 and the logits
+    # scale * 4 * spread**2: about 100 (up to +-300) for the first three cases, so the
+    # softmax is sharp but not one-hot, and the extreme scales meet extreme inputs.
+    spread = {"logits_300": 5.0, "huge_scale": 0.05, "tiny_scale": 500.0}.get(case, 1.0)
+    q = (normal(rq, (B, T, N, H)) * spread).astype(dtype)
+    k = (normal(rk, (B, S, K, H)) * spread).astype(dtype)
+    v = normal(rv, (B, S, K, H), dtype)
+    scale = {"huge_scale": 1e4, "tiny_scale": 1e-6, "logits_300": 1.0}.get(case, H**-0.5)
+    options = {"scale": scale}
+    mask = np.ones((B, N, T, S), bool)
+    if case in ("logits_300", "huge_scale", "tiny_scale"):
+        options["is_causal"] = True
+        mask &= np.tril(np.ones((T, S), bool))[None, None]
+    if case == "masked_rows":  # example 0 has no key at all, example 1 five
+        options["key_value_seq_lengths"] = jnp.array([0, 5], jnp.int32)
+        mask[0] = False
+        mask[1, :, :, 5:] = False
+    return q, k, v, options, jnp.asarray(mask)
+
+
+@pytest.mark.parametrize("implementation", ["xla", "chunked"])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize(
+    "case", ["logits_300", "masked_rows", "long_rows", "huge_scale", "tiny_scale"]
+)
+def test_low_precision_under_stress_is_finite_and_matches_float32(case, dtype, implementation):
+    q, k, v, options, mask = _stress_inputs(case, dtype)
+
+    def kit_fn(q, k, v):
+        if implementation == "chunked":
+            return kit.chunked_attention(q, k, v, block_q=8, block_k=64, **options)
+        return kit.dot_product_attention(q, k, v, implementation="xla", **options)
+
+    def ref_fn(q, k, v):  # the same rounded inputs, in float32
+        return reference_attention(q, k, v, scale=options["scale"], mask=mask)
+
+    d_out = normal(jax.random.key(3), q.shape)
+    out, vjp = jax.vjp(jax.jit(kit_fn), q, k, v)
+    grads = vjp(d_out.astype(dtype))
+    ref_out, ref_vjp = jax.vjp(ref_fn, *(x.astype(jnp.float32) for x in (q, k, v)))
+    ref_grads = ref_vjp(d_out)
+    fwd_tol, grad_tol = TOLERANCES[dtype]
+    pairs = [("out", out, ref_out, fwd_tol)]
+    pairs += [(f"d{n}", g, w, grad_tol) for n, g, w in zip("qkv", grads, ref_grads, strict=True)]
+    for name, got, want, tol in pairs:
+        got = np.asarray(got.astype(jnp.float32))
+        assert np.all(np.isfinite(got)), name
+        size = max(float(jnp.max(jnp.abs(want))), 1e-30)
+        np.testing.assert_allclose(got, want, rtol=0, atol=tol * size, err_msg=name)
+
+
+# ---------------------------------------------------------------- determinism
+
+
+def test_same_config_and_seed_give_identical_metrics(tmp_path):
+    config = tiny_config(**{"train.steps": 3, "train.eval_every": 3})
+    run(config, str(tmp_path / "a"))
+    run(config, str(tmp_path / "b"))
+    assert read_bytes(tmp_path / "a" / "metrics.jsonl") == read_bytes(
+        tmp_path / "b" / "metrics.jsonl"
+    )
+
+
+# ---------------------------------------------------------------- no code from data
+
+
+class _Payload:
+    """Unpickling this creates a marker file: proof that something unpickled it."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_loading_never_unpickles(tmp_path):
+    workdir = str(tmp_path / "run")
+    run(tiny_config(**{"train.steps": 2}), workdir)
+    marker = str(tmp_path / "executed")
+    payload = pickle.dumps(_Payload(marker))
+    step_dir = os.path.join(workdir, "checkpoints", "2")
+    # Stray files where pickle-based formats keep their state: never read.
+    for name in ("checkpoint", "state.pkl", "checkpoint.pkl"):
+        with open(os.path.join(step_dir, name), "wb") as f:
+            f.write(payload)
+    _, _, state = train.load_checkpoint(workdir)
+    assert int(state["step"]) == 2
+    # The payload in place of files orbax does read (its legacy aggregate file, which it
+    # parses as msgpack, and its JSON metadata): the load fails clearly.
+    for name in ("checkpoint", "_METADATA"):
+        path = os.path.join(step_dir, "default", name)
+        original = read_bytes(path) if os.path.exists(path) else None
+        with open(path, "wb") as f:
+            f.write(payload)
+        with pytest.raises(ValueError, match=r"checkpoint: step 2 under .* cannot be restored"):
+            train.load_checkpoint(workdir)
+        if original is None:
+            os.remove(path)
+        else:
+            with open(path, "wb") as f:
+                f.write(original)
+    with open(os.path.join(workdir, "config.json"), "wb") as f:
+        f.write(payload)
+    with pytest.raises(ValueError, match=r"workdir: .*config.json is not a JSON config"):
+        train.load_checkpoint(workdir)
+    with pytest.raises(ValueError, match=r"workdir: .*config.json is not a JSON config"):
+        run(tiny_config(), workdir)
+    assert not os.path.exists(marker)
+
+
+# ---------------------------------------------------------------- property sweep
+
+ARGUMENTS = (
+    "query",
+    "key",
+    "value",
+    "bias",
+    "mask",
+    "query_seq_lengths",
+    "key_value_seq_lengths",
+    "local_window_size",
+    "scale",
+    "is_causal",
+    "implementation",
+)
+SWEEP_EXAMPLES = 30
+
+
+@st.composite
+def attention_calls(draw):
+    """A call to kit.dot_product_attention, valid or not, and the mask it means if valid."""
+    B, T, S = draw(st.integers(1, 3)), draw(st.integers(1, 12)), draw(st.integers(1, 12))
+    K = draw(st.sampled_from([1, 2, 3]))
+    N = K * draw(st.sampled_from([1, 2, 3])) + draw(st.sampled_from([0, 0, 0, 1]))  # 1: invalid
+    H = draw(st.sampled_from([4, 8]))
+    dtype = draw(st.sampled_from([jnp.float32, jnp.bfloat16, jnp.float16]))
+    seed = draw(st.integers(0, 2**16))
+    rq, rk, rv, rb = jax.random.split(jax.random.key(seed), 4)
+    q = normal(rq, (B, T, N, H), dtype)
+    k_shape = (B, S, K, draw(st.sampled_from([H, H, H, H + 1])))  # H + 1: invalid
+    k = normal(rk, k_shape, draw(st.sampled_from([dtype] * 5 + [jnp.float32])))
+    v = normal(rv, (B, S, K, H), dtype)
+    kwargs = {"implementation": draw(st.sampled_from(["xla", "chunked", None, "flash"]))}
+    live = np.ones((B, N, T, S), bool)
+    if draw(st.booleans()):
+        kwargs["is_causal"] = True
+        live &= np.tril(np.ones((T, S), bool))[None, None]
+    if draw(st.booleans()):
+        shape = draw(st.sampled_from([(B, N, T, S), (1, 1, T, S), (B, 1, 1, S), (B, T, S)]))
+        kwargs["bias"] = normal(rb, shape, dtype)
+    if draw(st.booleans()):
+        shape = draw(st.sampled_from([(B, N, T, S), (B, 1, T, S), (1, 1, 1, S), (B, N, S, T)]))
+        density = draw(st.sampled_from([0.3, 0.8]))
+        mask = np.random.default_rng(seed).random(shape) < density
+        kwargs["mask"] = jnp.asarray(mask)
+        with contextlib.suppress(ValueError):  # a mask that broadcasts is valid
+            live &= np.broadcast_to(mask, live.shape)
+    for name, length in (("query_seq_lengths", T), ("key_value_seq_lengths", S)):
+        if draw(st.booleans()):
+            n = draw(st.sampled_from([B, B, B, B + 1]))  # B + 1: invalid
+            lengths = np.array([draw(st.integers(0, length)) for _ in range(n)], np.int32)
+            kwargs[name] = jnp.asarray(lengths)
+            if n == B:
+                pos = np.arange(length)[None, :] < lengths[:, None]  # [B, T|S]
+                live &= pos[:, None, :, None] if name.startswith("query") else pos[:, None, None]
+    if draw(st.booleans()):
+        window = draw(st.sampled_from([0, 2, (1, 3), (-1, 2), (3,)]))
+        kwargs["local_window_size"] = window
+        if isinstance(window, int) or (len(window) == 2 and min(window) >= 0):
+            left, right = (window, window) if isinstance(window, int) else window
+            t, s = np.arange(T)[:, None], np.arange(S)[None, :]
+            live &= (s >= t - left) & (s <= t + right)
+    if draw(st.booleans()):
+        kwargs["scale"] = draw(st.sampled_from([0.5, 2.0, float("nan")]))
+    return q, k, v, kwargs, live
+
+
+@pytest.fixture(scope="module")
+def sweep_counts():
+    """Counts the sweep's calls; at the end it must have seen both kinds."""
+    counts = {"accepted": 0, "rejected": 0}
+    yield counts
+    print(f"property sweep: {counts}")
+    assert counts["accepted"] > 5 and counts["rejected"] > 5, counts
+
+
+@settings(
+    max_examples=SWEEP_EXAMPLES,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(call=attention_calls())
+def test_property_sweep_right_answer_or_a_named_value_error(sweep_counts, call):
+    q, k, v, kwargs, live = call
+    try:
+        out = kit.dot_product_attention(q, k, v, **kwargs)
+    except ValueError as error:
+        sweep_counts["rejected"] += 1
+        name = re.match(r"(\w+)", str(error)).group(1)
+        assert name in ARGUMENTS, str(error)
+        return
+    sweep_counts["accepted"] += 1
+    assert out.shape == q.shape and out.dtype == q.dtype
+    got = np.asarray(out.astype(jnp.float32))
+    assert np.all(np.isfinite(got))
+    scale = kwargs.get("scale", q.shape[-1] ** -0.5)
+    want = reference_attention(
+        q, k, v, scale=scale, mask=jnp.asarray(live), bias=kwargs.get("bias")
+    )
+    tol = TOLERANCES[q.dtype.type][0]
+    np.testing.assert_allclose(got, want, rtol=0, atol=tol * max(1.0, float(jnp.max(want))))
+
+
+# ---------------------------------------------------------------- config sweep
+
+# One invalid value of the right type for every field of default_config().
+INVALID = {
+    "seed": -1,
+    "task.name": "parse",
+    "task.length": 0,
+    "task.num_symbols": 1,
+    "task.eval_size": 0,
+    "model.kind": "rnn",
+    "model.d_model": 17,
+    "model.num_heads": 0,
+    "model.num_kv_heads": 3,
+    "model.num_layers": 0,
+    "model.num_decoder_layers": 0,
+    "model.d_ff": -4,
+    "model.max_len": 2,
+    "model.dropout_rate": 1.0,
+    "model.positions": "none",
+    "train.steps": 0,
+    "train.batch_size": -1,
+    "train.learning_rate": float("nan"),
+    "train.warmup_steps": -1,
+    "train.weight_decay": -0.1,
+    "train.grad_clip": 0.0,
+    "train.label_smoothing": 1.0,
+    "train.log_every": 0,
+    "train.eval_every": 0,
+    "train.checkpoint_every": 0,
+    "train.keep_checkpoints": 0,
+    "train.eval_batch_size": 0,
+    "mesh.data": 3,
+    "mesh.model": 0,
+}
+# A bool field has no invalid value of its type; ml_collections refuses other types.
+BOOL_FIELDS = ("train.skip_nonfinite",)
+
+
+def _leaves(config, prefix=""):
+    for key, value in config.items():
+        if hasattr(value, "items"):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}"
+
+
+def test_config_sweep_covers_every_field():
+    assert set(_leaves(train.default_config())) == set(INVALID) | set(BOOL_FIELDS)
+    config = train.default_config()
+    with pytest.raises(TypeError):
+        config.train.skip_nonfinite = "yes"
+
+
+@pytest.mark.parametrize("field", list(INVALID))
+def test_every_invalid_config_field_fails_at_start_naming_it(tmp_path, field):
+    config = tiny_config(**{field: INVALID[field]})
+    workdir = tmp_path / "run"
+    with pytest.raises(ValueError, match=rf"^config\.{re.escape(field)}: "):
+        run(config, str(workdir))
+    assert not workdir.exists()

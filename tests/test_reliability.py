@@ -115,8 +115,9 @@ def test_killed_runs_resume_to_the_uninterrupted_result_bit_for_bit(tmp_path):
     # 2. During the save of checkpoint 4 (resumed from 2): written, not committed.
     killed = crash_run("save:4", resumed, cache)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    assert latest() == 2
+    # (Checked first: opening a Checkpointer, as latest() does, removes such folders.)
     assert temporary_folders(resumed), "the cut save should leave its temporary folder"
+    assert latest() == 2
     # 3. In the middle of the metrics line of step 7 (resumed from 2, saved 4 and 6).
     killed = crash_run("metrics:7", resumed, cache)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
@@ -299,7 +300,7 @@ ARGUMENTS = (
     "is_causal",
     "implementation",
 )
-SWEEP_EXAMPLES = 30
+SWEEP_EXAMPLES = 12
 
 
 @st.composite
@@ -307,16 +308,16 @@ def attention_calls(draw):
     """A call to kit.dot_product_attention, valid or not, and the mask it means if valid."""
     B, T, S = draw(st.integers(1, 3)), draw(st.integers(1, 12)), draw(st.integers(1, 12))
     K = draw(st.sampled_from([1, 2, 3]))
-    N = K * draw(st.sampled_from([1, 2, 3])) + draw(st.sampled_from([0, 0, 0, 1]))  # 1: invalid
+    N = K * draw(st.sampled_from([1, 2, 3])) + draw(st.sampled_from([0] * 7 + [1]))  # 1: invalid
     H = draw(st.sampled_from([4, 8]))
     dtype = draw(st.sampled_from([jnp.float32, jnp.bfloat16, jnp.float16]))
     seed = draw(st.integers(0, 2**16))
     rq, rk, rv, rb = jax.random.split(jax.random.key(seed), 4)
     q = normal(rq, (B, T, N, H), dtype)
-    k_shape = (B, S, K, draw(st.sampled_from([H, H, H, H + 1])))  # H + 1: invalid
-    k = normal(rk, k_shape, draw(st.sampled_from([dtype] * 5 + [jnp.float32])))
+    k_shape = (B, S, K, draw(st.sampled_from([H] * 7 + [H + 1])))  # H + 1: invalid
+    k = normal(rk, k_shape, draw(st.sampled_from([dtype] * 7 + [jnp.float32])))
     v = normal(rv, (B, S, K, H), dtype)
-    kwargs = {"implementation": draw(st.sampled_from(["xla", "chunked", None, "flash"]))}
+    kwargs = {"implementation": draw(st.sampled_from(["xla", "chunked", None] * 2 + ["flash"]))}
     live = np.ones((B, N, T, S), bool)
     if draw(st.booleans()):
         kwargs["is_causal"] = True
@@ -357,7 +358,7 @@ def sweep_counts():
     counts = {"accepted": 0, "rejected": 0}
     yield counts
     print(f"property sweep: {counts}")
-    assert counts["accepted"] > 5 and counts["rejected"] > 5, counts
+    assert counts["accepted"] > 3 and counts["rejected"] > 3, counts
 
 
 @settings(

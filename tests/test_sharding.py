@@ -91,7 +91,7 @@ def test_state_is_sharded_as_documented():
     assert ff["down"]["kernel"].get_value().spec == PartitionSpec("model", None)
     assert params["embed"]["tokens"].get_value().spec == PartitionSpec()
     # Adam's moments follow their parameters; the step count is replicated.
-    adam = s.state_shardings["opt_state"][1][0]
+    adam = s.state_shardings["opt_state"].inner_state[1][0]  # apply_if_finite(chain(clip, adamw))
     assert adam.mu["encoder"]["layers"][0]["self_attention"]["query"][
         "kernel"
     ].get_value().spec == PartitionSpec(None, "model", None)

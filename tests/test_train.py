@@ -78,63 +78,10 @@ def test_smoke_train_and_evaluate(tmp_path, task, kind):
     assert checkpoint.Checkpointer(str(tmp_path / "checkpoints")).latest_step() == 4
 
 
-def _final_params(workdir, config):
-    _, mcfg = train.check_config(config)
-    graphdef, params = train.init_model(mcfg, jax.random.key(0, impl="rbg"))
-    trainer = train.Trainer(graphdef, train.make_optimizer(config.train), 0.0, True)
-    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
-    return ckpt.restore(ckpt.latest_step(), trainer.init_state(params))
+# Crash and resume, bit for bit: tests/test_reliability.py (SIGKILL at 4 points).
 
 
-def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, monkeypatch):
-    config = tiny_config(steps=6, eval_every=6)
-    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-    run(config, straight, progress=False)
-
-    real_batch = tasks.train_batch
-
-    def crash_at_step_5(task, seed, step, batch_size):
-        if step == 5:
-            raise RuntimeError("simulated crash")
-        return real_batch(task, seed, step, batch_size)
-
-    monkeypatch.setattr(tasks, "train_batch", crash_at_step_5)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        run(config, resumed, progress=False)
-    monkeypatch.setattr(tasks, "train_batch", real_batch)
-    assert checkpoint.Checkpointer(os.path.join(resumed, "checkpoints")).latest_step() == 4
-    run(config, resumed, progress=False)
-
-    a, b = _final_params(straight, config), _final_params(resumed, config)
-    assert int(a["step"]) == int(b["step"]) == 6
-    chex.assert_trees_all_equal(a, b)
-    assert metrics.read_metrics(os.path.join(straight, "metrics.jsonl")) == metrics.read_metrics(
-        os.path.join(resumed, "metrics.jsonl")
-    )
-
-
-BAD_CONFIGS = {
-    "model.d_model": (lambda c: c.model.update(d_model=18, num_heads=4), "divisible by"),
-    "model.num_kv_heads": (lambda c: c.model.update(num_kv_heads=3), "positive divisor"),
-    "train.steps": (lambda c: c.train.update(steps=0), "positive int"),
-    "train.batch_size": (lambda c: c.train.update(batch_size=-1), "positive int"),
-    "task.name": (lambda c: c.task.update(name="parse"), "expected one of"),
-    "model.kind": (lambda c: c.model.update(kind="rnn"), "expected one of"),
-    "model.max_len": (lambda c: c.model.update(max_len=4), "needs positions up to"),
-    "model.positions": (lambda c: c.model.update(positions="none"), "expected one of"),
-    "train.learning_rate": (lambda c: c.train.update(learning_rate=0.0), "expected > 0"),
-}
-
-
-@pytest.mark.parametrize("field", list(BAD_CONFIGS))
-def test_invalid_config_fails_naming_the_field_and_writes_nothing(tmp_path, field):
-    config = tiny_config().unlock()
-    change, message = BAD_CONFIGS[field]
-    change(config)
-    workdir = tmp_path / "run"
-    with pytest.raises(ValueError, match=rf"config\.{field}: .*{message}"):
-        run(config, str(workdir), progress=False)
-    assert not workdir.exists()
+# Every config field's invalid value: tests/test_reliability.py (the config sweep).
 
 
 def test_encoder_only_refuses_a_task_of_other_length(tmp_path):

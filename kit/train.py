@@ -692,7 +692,7 @@ def load_checkpoint(workdir: str, *, step: int | None = None, device=None):
         raise ValueError(f"workdir: no config.json in {workdir!r}; train there first")
     config = default_config()
     try:
-        config.update_from_flattened_dict(_flatten(_read_json(path)))
+        config.lock().update(_read_json(path))  # nested dicts merge; unknown keys raise
     except (KeyError, TypeError) as error:
         raise ValueError(f"workdir: {path} does not fit this version's config ({error})") from None
     one_device = config.copy_and_resolve_references()
@@ -724,13 +724,3 @@ def _read_json(path: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"workdir: {path} is not a JSON config (top level is not an object)")
     return data
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out

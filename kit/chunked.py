@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import jax
@@ -54,17 +55,33 @@ class _Config:
     # the mask arithmetic, and loop bounds do not depend on the lengths.
     structural_only: bool
     units_per_step: int
+    # The backward pass's (block_q, block_k); the padded lengths are multiples of both.
+    backward_blocks: tuple[int, int]
+
+    def for_backward(self) -> _Config:
+        bq, bk = self.backward_blocks
+        return dataclasses.replace(
+            self,
+            block_q=bq,
+            block_k=bk,
+            num_q_blocks=self.num_q_blocks * self.block_q // bq,
+            num_k_blocks=self.num_k_blocks * self.block_k // bk,
+        )
 
 
-def default_block_sizes(query_length: int, key_length: int) -> tuple[int, int]:
+def default_block_sizes(
+    query_length: int, key_length: int, *, backward: bool = False
+) -> tuple[int, int]:
     """Block sizes `(block_q, block_k)` chosen from the lengths.
 
-    Of 256 and 512 query/key blocks with 1-32 units per step, 512 x 256 with 8
-    units measured fastest for causal forward+backward at B=4, T=2048, N=8,
-    H=64 on a 2-core CPU; short sequences use one block rounded up to a
-    multiple of 8.
+    Of 128-1024 query/key blocks with 1-32 units per step, the forward pass
+    measured fastest with 512 x 256 and 8 units, and the backward (whose
+    blocks are `[block_k, block_q]`, keys as rows) with 256 x 512, for causal
+    attention at B=4, T=2048, N=8, H=64 on a 2-core CPU. Short sequences use
+    one block rounded up to a multiple of 8.
     """
-    return min(512, -(-query_length // 8) * 8), min(256, -(-key_length // 8) * 8)
+    max_q, max_k = (256, 512) if backward else (512, 256)
+    return min(max_q, -(-query_length // 8) * 8), min(max_k, -(-key_length // 8) * 8)
 
 
 # --------------------------------------------------------------------------
@@ -186,63 +203,104 @@ def _unit_forward(cfg, q, k, v, bias, mask, q_len, kv_len):
     return jnp.moveaxis(out, 0, 1).reshape(G, -1, H), jnp.moveaxis(lse, 0, 1).reshape(G, -1)
 
 
+def _live_t(cfg, i, j, q_len, kv_len, mask_t) -> Array:
+    """bool `[bk, G|1, bq]`: `_live` in the backward's transposed (key, query) layout."""
+    s = (j * cfg.block_k + jnp.arange(cfg.block_k, dtype=jnp.int32))[:, None, None]
+    t = (i * cfg.block_q + jnp.arange(cfg.block_q, dtype=jnp.int32))[None, None, :]
+    live = (t < q_len) & (s < kv_len)
+    if cfg.is_causal:
+        live = live & (s <= t)
+    if cfg.window is not None:
+        left, right = cfg.window
+        live = live & (s >= t - left) & (s <= t + right)
+    return live if mask_t is None else live & mask_t
+
+
 def _unit_backward(cfg, q, k, v, bias, mask, q_len, kv_len, out, lse, d_out):
-    """Returns dq, dk, dv in float32 and dbias `[G|1, Tp|1, Sp|1]` (or None)."""
+    """Returns dq, dk, dv in float32 and dbias `[G|1, Tp|1, Sp|1]` (or None).
+
+    The backward works in the transposed layout: block scores are `[bk, G, bq]`
+    (key rows, query columns), so that every product is a plain or
+    right-transposed matmul, and dq is accumulated as dq^T `[H, G, Tp]`. In
+    the `[G, bq, bk]` layout two of the five products (dv and dk) contract the
+    query axis of P and dS, and XLA copies each block into a transpose first.
+    """
     G, Tp, H = q.shape
     bq, bk = cfg.block_q, cfg.block_k
     scale = jnp.float32(cfg.scale)
     # delta_t = sum_h dO_th O_th = sum_s P_ts dP_ts, the softmax backward's row term.
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
 
+    def transposed(x: Array | None) -> Array | None:  # [G|1, bq|1, bk|1] -> [bk|1, G|1, bq|1]
+        return None if x is None else jnp.transpose(x, (2, 0, 1))
+
     def kv_block(carry, j):
-        k_blk = lax.dynamic_slice_in_dim(k, j * bk, bk, axis=0)
+        k_blk = lax.dynamic_slice_in_dim(k, j * bk, bk, axis=0)  # [bk, H]
         v_blk = lax.dynamic_slice_in_dim(v, j * bk, bk, axis=0)
+        k_blk_t = k_blk.T  # [H, bk], small
         bias_j, mask_j = _slice(bias, j * bk, bk, axis=2), _slice(mask, j * bk, bk, axis=2)
 
         def q_step(i, inner, masked):
-            dk, dv, dq, dbias = inner
-            q_blk = lax.dynamic_slice_in_dim(q, i * bq, bq, axis=1)
-            do_blk = lax.dynamic_slice_in_dim(d_out, i * bq, bq, axis=1)
-            lse_blk = lax.dynamic_slice_in_dim(lse, i * bq, bq, axis=1)
-            delta_blk = lax.dynamic_slice_in_dim(delta, i * bq, bq, axis=1)
-            s = _logits(cfg, q_blk, k_blk, _slice(bias_j, i * bq, bq, axis=1))
-            p = jnp.exp(s - lse_blk[..., None])  # [G, bq, bk]
+            dk, dv, dq_t, dbias = inner
+            # [G, bq, H] -> [G * bq, H]: query columns in (head, position) order.
+            q_blk = lax.dynamic_slice_in_dim(q, i * bq, bq, axis=1).reshape(G * bq, H)
+            do_blk = lax.dynamic_slice_in_dim(d_out, i * bq, bq, axis=1).reshape(G * bq, H)
+            lse_blk = lax.dynamic_slice_in_dim(lse, i * bq, bq, axis=1)[None]  # [1, G, bq]
+            delta_blk = lax.dynamic_slice_in_dim(delta, i * bq, bq, axis=1)[None]
+            s = (
+                jnp.einsum(  # [bk, H] x [G * bq, H] -> [bk, G * bq]
+                    "sh,ch->sc", k_blk, q_blk, preferred_element_type=jnp.float32
+                ).reshape(bk, G, bq)
+                * scale
+            )
+            bias_blk = transposed(_slice(bias_j, i * bq, bq, axis=1))
+            if bias_blk is not None:
+                s = s + bias_blk.astype(jnp.float32)
+            p = jnp.exp(s - lse_blk)  # [bk, G, bq]
             if masked:
-                live = _live(cfg, i, j, q_len, kv_len, _slice(mask_j, i * bq, bq, axis=1))
-                p = jnp.where(live, p, 0.0)
-            dv = dv + jnp.einsum(  # [G, bq, bk] x [G, bq, H] -> [bk, H]
-                "gqs,gqh->sh", p.astype(d_out.dtype), do_blk, preferred_element_type=jnp.float32
+                mask_blk = transposed(_slice(mask_j, i * bq, bq, axis=1))
+                p = jnp.where(_live_t(cfg, i, j, q_len, kv_len, mask_blk), p, 0.0)
+            dv = dv + jnp.einsum(  # [bk, G * bq] x [G * bq, H] -> [bk, H]
+                "sc,ch->sh",
+                p.reshape(bk, G * bq).astype(d_out.dtype),
+                do_blk,
+                preferred_element_type=jnp.float32,
             )
-            dp = jnp.einsum(  # [G, bq, H] x [bk, H] -> [G, bq, bk]
-                "gqh,sh->gqs", do_blk, v_blk, preferred_element_type=jnp.float32
-            )
-            ds = p * (dp - delta_blk[..., None])  # gradient of the (biased) logits
+            dp = jnp.einsum(  # [bk, H] x [G * bq, H] -> [bk, G * bq]
+                "sh,ch->sc", v_blk, do_blk, preferred_element_type=jnp.float32
+            ).reshape(bk, G, bq)
+            ds = p * (dp - delta_blk)  # gradient of the (biased) logits, [bk, G, bq]
             # The scale is applied to the float32 products, not to ds in the input dtype,
             # where a tiny scale would underflow it (float16) and a huge one overflow it.
-            ds_low = ds.astype(q.dtype)
-            dk = dk + scale * jnp.einsum(  # [G, bq, bk] x [G, bq, H] -> [bk, H]
-                "gqs,gqh->sh", ds_low, q_blk, preferred_element_type=jnp.float32
+            ds_low = ds.reshape(bk, G * bq).astype(q.dtype)
+            dk = dk + scale * jnp.einsum(  # [bk, G * bq] x [G * bq, H] -> [bk, H]
+                "sc,ch->sh", ds_low, q_blk, preferred_element_type=jnp.float32
             )
-            dq_blk = scale * jnp.einsum(  # [G, bq, bk] x [bk, H] -> [G, bq, H]
-                "gqs,sh->gqh", ds_low, k_blk, preferred_element_type=jnp.float32
+            dq_blk = scale * jnp.einsum(  # [H, bk] x [bk, G * bq] -> [H, G * bq]
+                "hs,sc->hc", k_blk_t, ds_low, preferred_element_type=jnp.float32
             )
-            dq = _add_block(dq, dq_blk, {1: i * bq})
+            dq_t = _add_block(dq_t, dq_blk.reshape(H, G, bq), {2: i * bq})
             if dbias is not None:
-                dbias = _add_bias_grad(dbias, ds, i * bq, j * bk)
-            return dk, dv, dq, dbias
+                dbias = _add_bias_grad(dbias, jnp.transpose(ds, (1, 2, 0)), i * bq, j * bk)
+            return dk, dv, dq_t, dbias
 
         lo, full, hi = _q_range(cfg, j, q_len, kv_len)
         zeros = jnp.zeros((bk, H), jnp.float32)
         inner = (zeros, zeros, *carry)
         inner = lax.fori_loop(lo, full, functools.partial(q_step, masked=True), inner)
-        dk, dv, dq, dbias = lax.fori_loop(full, hi, functools.partial(q_step, masked=False), inner)
-        return (dq, dbias), (dk, dv)
+        dk, dv, dq_t, dbias = lax.fori_loop(
+            full, hi, functools.partial(q_step, masked=False), inner
+        )
+        return (dq_t, dbias), (dk, dv)
 
     carry = (
-        jnp.zeros((G, Tp, H), jnp.float32),
+        jnp.zeros((H, G, Tp), jnp.float32),
         None if bias is None else jnp.zeros(bias.shape, jnp.float32),
     )
-    (dq, dbias), (dk, dv) = lax.scan(kv_block, carry, jnp.arange(cfg.num_k_blocks, dtype=jnp.int32))
+    (dq_t, dbias), (dk, dv) = lax.scan(
+        kv_block, carry, jnp.arange(cfg.num_k_blocks, dtype=jnp.int32)
+    )
+    dq = jnp.transpose(dq_t, (1, 2, 0))  # [H, G, Tp] -> [G, Tp, H]
     return dq, dk.reshape(-1, H), dv.reshape(-1, H), dbias  # [nk, bk, H] -> [Sp, H]
 
 
@@ -300,8 +358,10 @@ def _flash_fwd(cfg, q, k, v, bias, mask, q_len, kv_len):
 def _flash_bwd(cfg, res, d_out):
     q, k, v, bias, mask, q_len, kv_len, out, lse = res
 
+    bcfg = cfg.for_backward()
+
     def unit(q, k, v, q_len, kv_len, out, lse, d_out, bias, mask):
-        return _unit_backward(cfg, q, k, v, bias, mask, q_len, kv_len, out, lse, d_out)
+        return _unit_backward(bcfg, q, k, v, bias, mask, q_len, kv_len, out, lse, d_out)
 
     arrays = (q, k, v, q_len, kv_len, out, lse, d_out)
     dq, dk, dv, dbias = _map_units(cfg, unit, arrays, bias, mask)
@@ -345,6 +405,8 @@ def chunked_from_prepared(
     *,
     block_q: int | None = None,
     block_k: int | None = None,
+    backward_block_q: int | None = None,
+    backward_block_k: int | None = None,
     units_per_step: int | None = None,
 ) -> Array:
     """Runs the chunked kernel on the output of `kit.attention.prepare_inputs`.
@@ -356,9 +418,18 @@ def chunked_from_prepared(
     B, T, N, H = query.shape
     S, K = key.shape[1], key.shape[2]
     G = N // K
+    blocks = {"block_q": block_q, "block_k": block_k}
+    blocks |= {"backward_block_q": backward_block_q, "backward_block_k": backward_block_k}
+    for name, size in blocks.items():
+        if size is not None:
+            _check_block(name, size)
+    # Unset backward sizes follow the forward ones where those were given.
     auto_q, auto_k = default_block_sizes(T, S)
-    block_q = auto_q if block_q is None else _check_block("block_q", block_q)
-    block_k = auto_k if block_k is None else _check_block("block_k", block_k)
+    auto_bq, auto_bk = default_block_sizes(T, S, backward=True)
+    block_q = auto_q if block_q is None else block_q
+    block_k = auto_k if block_k is None else block_k
+    bwd_q = backward_block_q or (auto_bq if blocks["block_q"] is None else block_q)
+    bwd_k = backward_block_k or (auto_bk if blocks["block_k"] is None else block_k)
     units = DEFAULT_UNITS_PER_STEP if units_per_step is None else units_per_step
     units = min(_check_block("units_per_step", units), B * K)
     scale = p["scale"]
@@ -366,8 +437,10 @@ def chunked_from_prepared(
         raise ValueError(
             f"scale: the chunked path needs a Python number, got a {type(scale).__name__}"
         )
-    num_q, num_k = -(-T // block_q), -(-S // block_k)
-    Tp, Sp = num_q * block_q, num_k * block_k
+    # Padded lengths: multiples of the forward and the backward block sizes.
+    step_q, step_k = math.lcm(block_q, bwd_q), math.lcm(block_k, bwd_k)
+    Tp, Sp = -(-T // step_q) * step_q, -(-S // step_k) * step_k
+    num_q, num_k = Tp // block_q, Sp // block_k
     structural_only = (
         p["mask"] is None
         and p["query_seq_lengths"] is None
@@ -376,7 +449,16 @@ def chunked_from_prepared(
         and (Tp, Sp) == (T, S)
     )
     cfg = _Config(
-        scale, p["is_causal"], p["window"], block_q, block_k, num_q, num_k, structural_only, units
+        scale,
+        p["is_causal"],
+        p["window"],
+        block_q,
+        block_k,
+        num_q,
+        num_k,
+        structural_only,
+        units,
+        (bwd_q, bwd_k),
     )
 
     # [B, T, N, H] -> [U, G, Tp, H]; [B, S, K, H] -> [U, Sp, H]
@@ -420,6 +502,8 @@ def chunked_attention(
     local_window_size: int | tuple[int, int] | None = None,
     block_q: int | None = None,
     block_k: int | None = None,
+    backward_block_q: int | None = None,
+    backward_block_k: int | None = None,
     units_per_step: int | None = None,
 ) -> Array:
     """Memory-efficient attention; `kit.dot_product_attention(..., implementation="chunked")`.
@@ -439,8 +523,11 @@ def chunked_attention(
       scale: a Python number; defaults to 1 / sqrt(H).
       is_causal, query_seq_lengths, key_value_seq_lengths, local_window_size:
         as in `kit.dot_product_attention`.
-      block_q: query block size; chosen from T if None.
-      block_k: key/value block size; chosen from S if None.
+      block_q: the forward pass's query block size; chosen from T if None.
+      block_k: the forward pass's key/value block size; chosen from S if None.
+      backward_block_q, backward_block_k: the backward pass's block sizes;
+        if None, `block_q` / `block_k` where given, else chosen from T / S.
+        The lengths are padded to multiples of both passes' sizes.
       units_per_step: how many (example, key/value head) pairs each loop step
         processes together (default 8).
 
@@ -467,4 +554,11 @@ def chunked_attention(
         key_value_seq_lengths=key_value_seq_lengths,
         local_window_size=local_window_size,
     )
-    return chunked_from_prepared(p, block_q=block_q, block_k=block_k, units_per_step=units_per_step)
+    return chunked_from_prepared(
+        p,
+        block_q=block_q,
+        block_k=block_k,
+        backward_block_q=backward_block_q,
+        backward_block_k=backward_block_k,
+        units_per_step=units_per_step,
+    )

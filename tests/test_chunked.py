@@ -42,7 +42,7 @@ CASES = {
 }
 
 
-def _compare(case, *, dtype=jnp.float32, T=T, S=S, K=2, blocks=(8, 16), units=3):
+def _compare(case, *, dtype=jnp.float32, T=T, S=S, K=2, blocks=(8, 16), units=3, backward=None):
     kw = dict(case)
     q, k, v = make_qkv(B=B, T=T, S=S, N=N, K=K, dtype=dtype)
     bias = normal(jax.random.key(5), kw.pop("bias"), dtype) if "bias" in kw else None
@@ -61,7 +61,12 @@ def _compare(case, *, dtype=jnp.float32, T=T, S=S, K=2, blocks=(8, 16), units=3)
 
     grads, out = run(
         functools.partial(
-            kit.chunked_attention, block_q=blocks[0], block_k=blocks[1], units_per_step=units
+            kit.chunked_attention,
+            block_q=blocks[0],
+            block_k=blocks[1],
+            backward_block_q=None if backward is None else backward[0],
+            backward_block_k=None if backward is None else backward[1],
+            units_per_step=units,
         )
     )
     ref_grads, ref_out = run(functools.partial(kit.dot_product_attention, implementation="xla"))
@@ -92,6 +97,20 @@ def test_chunked_block_sizes(blocks):
     # Exactly divisible lengths take the mask-free path for blocks below the diagonal.
     _compare(CASES["causal"], T=48, S=48, blocks=blocks, units=8)
     _compare(CASES["bias"] | {"bias": (B, N, 48, 48)}, T=48, S=48, blocks=blocks)
+
+
+@pytest.mark.parametrize("name", ["causal", "everything", "bias"])
+def test_chunked_backward_blocks_differ_from_forward(name):
+    # The backward has its own block sizes (keys as rows); lengths are padded to
+    # multiples of both passes' sizes: lcm(8, 12) = 24 queries, lcm(16, 24) = 48 keys.
+    _compare(CASES[name], blocks=(8, 16), backward=(12, 24))
+    # Divisible lengths: the mask-free path below the diagonal, in both passes.
+    case = dict(CASES[name])
+    if "bias" in case:
+        case["bias"] = case["bias"][:2] + (48, 48)
+    if name == "everything":
+        case["mask"] = (B, N, 48, 48)
+    _compare(case, T=48, S=48, blocks=(16, 8), backward=(8, 16))
 
 
 def test_chunked_unbatched_and_default_blocks():

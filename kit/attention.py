@@ -656,9 +656,10 @@ def prepare_inputs(
 
 
 # From this many query-key pairs per head on, the chunked path wins forward and
-# forward+backward; at T = S = 512 the materialized path is as fast or faster for
-# causal forward+backward (experiments/bench_attention.py, 2-core CPU).
-CHUNKED_MIN_PAIRS = 1024 * 1024
+# forward+backward, causal or not (1.4x to 2.3x at T = S = 512); at T = S = 256
+# the materialized path is faster for non-causal forward+backward, and at 128
+# for both kinds (experiments/bench_attention.py, B=4 N=8 H=64, 2-core CPU).
+CHUNKED_MIN_PAIRS = 512 * 512
 
 
 def _choose_implementation(implementation: str | None, p: dict[str, Any], dropout_rate: float):

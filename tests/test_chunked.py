@@ -193,6 +193,8 @@ def test_implementation_dispatch_and_errors():
         )
     with pytest.raises(ValueError, match=r"block_q: expected a positive int, got 0"):
         kit.chunked_attention(q, k, v, block_q=0)
+    with pytest.raises(ValueError, match=r"backward_block_k: expected a positive int, got 2.5"):
+        kit.chunked_attention(q, k, v, backward_block_k=2.5)
     with pytest.raises(ValueError, match=r"units_per_step: expected a positive int"):
         kit.chunked_attention(q, k, v, units_per_step=-2)
     with pytest.raises(ValueError, match=r"key: batch must equal query's B = 2"):

@@ -217,6 +217,9 @@ def plot(results):
                     ax.loglog(
                         *zip(*pts, strict=True), style, marker="o", label=f"{name} causal={causal}"
                     )
+        lengths = sorted({T for T, *_ in results})
+        ax.set_xticks(lengths, [str(T) for T in lengths])
+        ax.minorticks_off()
         ax.set(title=mode, xlabel="T", ylabel="median ms")
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=7)

@@ -276,8 +276,12 @@ def _unit_backward(cfg, q, k, v, bias, mask, q_len, kv_len, out, lse, d_out):
             dk = dk + scale * jnp.einsum(  # [bk, G * bq] x [G * bq, H] -> [bk, H]
                 "sc,ch->sh", ds_low, q_blk, preferred_element_type=jnp.float32
             )
+            # XLA may fold k^T's transpose into this product, and XLA:CPU's dot for
+            # a transposed operand has no bfloat16 x bfloat16 -> float32. Products of
+            # two bfloat16 or float16 numbers are exact in float32, so the operands
+            # are taken in float32 here with the same result.
             dq_blk = scale * jnp.einsum(  # [H, bk] x [bk, G * bq] -> [H, G * bq]
-                "hs,sc->hc", k_blk_t, ds_low, preferred_element_type=jnp.float32
+                "hs,sc->hc", k_blk_t.astype(jnp.float32), ds_low.astype(jnp.float32)
             )
             dq_t = _add_block(dq_t, dq_blk.reshape(H, G, bq), {2: i * bq})
             if dbias is not None:

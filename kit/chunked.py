@@ -105,17 +105,26 @@ def _logits(cfg, q_blk, k_blk, bias_blk) -> Array:
     return s
 
 
-def _live(cfg, i, j, q_len, kv_len, mask_blk) -> Array:
-    """bool `[G|1, bq, bk]`: which (query, key) pairs of block (i, j) may attend."""
-    t = (i * cfg.block_q + jnp.arange(cfg.block_q, dtype=jnp.int32))[:, None]  # [bq, 1]
-    s = (j * cfg.block_k + jnp.arange(cfg.block_k, dtype=jnp.int32))[None, :]  # [1, bk]
+def _pair_live(cfg, t: Array, s: Array, q_len, kv_len) -> Array:
+    """bool: may query position t attend to key position s (broadcasting)?"""
     live = (t < q_len) & (s < kv_len)
     if cfg.is_causal:
         live = live & (s <= t)
     if cfg.window is not None:
         left, right = cfg.window
         live = live & (s >= t - left) & (s <= t + right)
-    live = live[None]
+    return live
+
+
+def _positions(start: Array, size: int) -> Array:
+    return start + jnp.arange(size, dtype=jnp.int32)
+
+
+def _live(cfg, i, j, q_len, kv_len, mask_blk) -> Array:
+    """bool `[G|1, bq, bk]`: which (query, key) pairs of block (i, j) may attend."""
+    t = _positions(i * cfg.block_q, cfg.block_q)[None, :, None]
+    s = _positions(j * cfg.block_k, cfg.block_k)[None, None, :]
+    live = _pair_live(cfg, t, s, q_len, kv_len)
     return live if mask_blk is None else live & mask_blk
 
 
@@ -205,14 +214,9 @@ def _unit_forward(cfg, q, k, v, bias, mask, q_len, kv_len):
 
 def _live_t(cfg, i, j, q_len, kv_len, mask_t) -> Array:
     """bool `[bk, G|1, bq]`: `_live` in the backward's transposed (key, query) layout."""
-    s = (j * cfg.block_k + jnp.arange(cfg.block_k, dtype=jnp.int32))[:, None, None]
-    t = (i * cfg.block_q + jnp.arange(cfg.block_q, dtype=jnp.int32))[None, None, :]
-    live = (t < q_len) & (s < kv_len)
-    if cfg.is_causal:
-        live = live & (s <= t)
-    if cfg.window is not None:
-        left, right = cfg.window
-        live = live & (s >= t - left) & (s <= t + right)
+    s = _positions(j * cfg.block_k, cfg.block_k)[:, None, None]
+    t = _positions(i * cfg.block_q, cfg.block_q)[None, None, :]
+    live = _pair_live(cfg, t, s, q_len, kv_len)
     return live if mask_t is None else live & mask_t
 
 

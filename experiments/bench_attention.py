@@ -85,7 +85,11 @@ def matmul_peak(dtype):
     return 2 * 2048**3 / best / 1e9
 
 
-def block_matmul_rate(dtype, units=8, block_q=512, block_k=256, iterations=32):
+# The chunked forward's block shape at long lengths: units per step, block_q, block_k.
+BLOCKS = (kit.chunked.DEFAULT_UNITS_PER_STEP, *kit.chunked.default_block_sizes(8192, 8192))
+
+
+def block_matmul_rate(dtype, iterations=32):
     """GFLOP/s of the chunked forward's own block products, chained in a loop.
 
     Per step, the scores [units, block_q, H] x [units, block_k, H] -> [units,
@@ -95,6 +99,7 @@ def block_matmul_rate(dtype, units=8, block_q=512, block_k=256, iterations=32):
     contraction (H = 64) or the output (H wide) is small. The best of 10 runs.
     """
     H = FLAGS.head_dim
+    units, block_q, block_k = BLOCKS
     rngs = jax.random.split(jax.random.key(1), 3)
     q = jax.random.normal(rngs[0], (units, block_q, H), dtype)
     k = jax.random.normal(rngs[1], (units, block_k, H), dtype)
@@ -138,11 +143,12 @@ def main(_):
         return
     peak = matmul_peak(dtype)
     blocks = block_matmul_rate(dtype)
+    (units, bq, bk), H = BLOCKS, FLAGS.head_dim
     lines = [
         f"{jax.devices()[0].device_kind}, matmul peak {peak:.0f} GFLOP/s ({FLAGS.dtype}); "
         f"B={FLAGS.batch} N={FLAGS.heads} H={FLAGS.head_dim}; the chunked forward's block "
-        f"products (8 x [512, {FLAGS.head_dim}] x [{FLAGS.head_dim}, 256], then x [256, "
-        f"{FLAGS.head_dim}]) run at {blocks:.0f} GFLOP/s ({100 * blocks / peak:.0f}% of peak)",
+        f"products ({units} x [{bq}, {H}] x [{H}, {bk}], then x [{bk}, {H}]) run at "
+        f"{blocks:.0f} GFLOP/s ({100 * blocks / peak:.0f}% of peak)",
         "",
         "| T | causal | mode | path | median ms | vs jax.nn | GFLOP/s | % peak | XLA MiB |",
         "|---|---|---|---|---|---|---|---|---|",

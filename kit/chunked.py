@@ -426,18 +426,20 @@ def chunked_from_prepared(
     B, T, N, H = query.shape
     S, K = key.shape[1], key.shape[2]
     G = N // K
-    blocks = {"block_q": block_q, "block_k": block_k}
-    blocks |= {"backward_block_q": backward_block_q, "backward_block_k": backward_block_k}
-    for name, size in blocks.items():
+    for name, size in (
+        ("block_q", block_q),
+        ("block_k", block_k),
+        ("backward_block_q", backward_block_q),
+        ("backward_block_k", backward_block_k),
+    ):
         if size is not None:
             _check_block(name, size)
     # Unset backward sizes follow the forward ones where those were given.
     auto_q, auto_k = default_block_sizes(T, S)
     auto_bq, auto_bk = default_block_sizes(T, S, backward=True)
-    block_q = auto_q if block_q is None else block_q
-    block_k = auto_k if block_k is None else block_k
-    bwd_q = backward_block_q or (auto_bq if blocks["block_q"] is None else block_q)
-    bwd_k = backward_block_k or (auto_bk if blocks["block_k"] is None else block_k)
+    bwd_q = backward_block_q or block_q or auto_bq
+    bwd_k = backward_block_k or block_k or auto_bk
+    block_q, block_k = block_q or auto_q, block_k or auto_k
     units = DEFAULT_UNITS_PER_STEP if units_per_step is None else units_per_step
     units = min(_check_block("units_per_step", units), B * K)
     scale = p["scale"]

@@ -618,13 +618,12 @@ def train_and_evaluate(
             state, m = train_step(state, sharding.put_batch(mb, s.batch_sharding), dropout_rng)
             step += 1
             window_steps += 1
-            unchecked.append((step, m))
-            boundary = step == t.steps or any(
+            if not t.skip_nonfinite:
+                unchecked.append((step, m))
+            if step == t.steps or any(
                 step % every == 0 for every in (t.log_every, t.eval_every, t.checkpoint_every)
-            )
-            if boundary and not t.skip_nonfinite:
+            ):
                 _stop_if_nonfinite(unchecked, ckpt)
-            if boundary:
                 unchecked = []
             if step % t.log_every == 0 or step == t.steps:
                 record = {name: float(value) for name, value in m.items() if name != "finite"}

@@ -96,13 +96,13 @@ def _slice(x: Array | None, start: Array, size: int, axis: int) -> Array | None:
     return lax.dynamic_slice_in_dim(x, start, size, axis=axis)
 
 
-def _logits(cfg, q_blk, k_blk, bias_blk) -> Array:
-    # [G, bq, H] x [bk, H] -> [G, bq, bk], float32
-    s = jnp.einsum("gqh,sh->gqs", q_blk, k_blk, preferred_element_type=jnp.float32)
-    s = s * jnp.float32(cfg.scale)
-    if bias_blk is not None:
-        s = s + bias_blk.astype(jnp.float32)
-    return s
+def _rows(x: Array | None, G: int, bq: int) -> Array | None:
+    """`[G|1, bq|1, bk|1]` -> `[G * bq|1, bk|1]`: the forward's flattened query rows."""
+    if x is None:
+        return None
+    if x.shape[:2] == (1, 1):
+        return x[0]
+    return jnp.broadcast_to(x, (G, bq, x.shape[2])).reshape(G * bq, x.shape[2])
 
 
 def _pair_live(cfg, t: Array, s: Array, q_len, kv_len) -> Array:
@@ -167,45 +167,65 @@ def _q_range(cfg, j, q_len, kv_len) -> tuple[Array, Array, Array]:
 
 
 def _unit_forward(cfg, q, k, v, bias, mask, q_len, kv_len):
-    """Returns out `[G, Tp, H]` (q's dtype) and lse `[G, Tp]` (float32)."""
+    """Returns out `[G, Tp, H]` (q's dtype) and lse `[G, Tp]` (float32).
+
+    Each query block's G heads are flattened into G * bq rows, so that a block
+    is one `[G * bq, H] x [H, bk]` product and the softmax works on plain rows.
+    Masked pairs get a -inf logit inside the block: their exponential is
+    exactly 0, and since the running max starts at the finite MASK_VALUE, a
+    row with no live key so far stays at m = MASK_VALUE, l = 0.
+    """
     G, _, H = q.shape
     bq, bk = cfg.block_q, cfg.block_k
+    scale = jnp.float32(cfg.scale)
+
+    # In float32 the scale goes into the query block (one pass per query block):
+    # scaling each score block instead makes XLA keep a scaled copy for the row max.
+    fold_scale = q.dtype == jnp.float32
 
     def q_block(_, i):
-        q_blk = lax.dynamic_slice_in_dim(q, i * bq, bq, axis=1)
+        q_blk = lax.dynamic_slice_in_dim(q, i * bq, bq, axis=1).reshape(G * bq, H)
+        if fold_scale:
+            q_blk = q_blk * scale
         bias_i, mask_i = _slice(bias, i * bq, bq, axis=1), _slice(mask, i * bq, bq, axis=1)
 
         def kv_step(j, carry, masked):
-            m, l, acc = carry  # [G, bq], [G, bq], [G, bq, H]
+            m, l, acc = carry  # [G * bq], [G * bq], [G * bq, H]
             k_blk = lax.dynamic_slice_in_dim(k, j * bk, bk, axis=0)
             v_blk = lax.dynamic_slice_in_dim(v, j * bk, bk, axis=0)
-            s = _logits(cfg, q_blk, k_blk, _slice(bias_i, j * bk, bk, axis=2))
+            s = jnp.einsum(  # [G * bq, H] x [bk, H] -> [G * bq, bk]
+                "ch,sh->cs", q_blk, k_blk, preferred_element_type=jnp.float32
+            )
+            if not fold_scale:
+                s = scale * s
+            bias_blk = _rows(_slice(bias_i, j * bk, bk, axis=2), G, bq)
+            if bias_blk is not None:
+                s = s + bias_blk.astype(jnp.float32)
             if masked:
                 live = _live(cfg, i, j, q_len, kv_len, _slice(mask_i, j * bk, bk, axis=2))
-                s = jnp.where(live, s, MASK_VALUE)
+                s = jnp.where(_rows(live, G, bq), s, -jnp.inf)
             m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-            p = jnp.exp(s - m_new[..., None])
-            if masked:
-                p = jnp.where(live, p, 0.0)
+            p = jnp.exp(s - m_new[:, None])
             correction = jnp.exp(m - m_new)
-            pv = jnp.einsum(  # [G, bq, bk] x [bk, H] -> [G, bq, H]
-                "gqs,sh->gqh", p.astype(v.dtype), v_blk, preferred_element_type=jnp.float32
+            pv = jnp.einsum(  # [G * bq, bk] x [bk, H] -> [G * bq, H]
+                "cs,sh->ch", p.astype(v.dtype), v_blk, preferred_element_type=jnp.float32
             )
             l = l * correction + jnp.sum(p, axis=-1)
-            return m_new, l, acc * correction[..., None] + pv
+            return m_new, l, acc * correction[:, None] + pv
 
         lo, full, hi = _kv_range(cfg, i, q_len, kv_len)
         carry = (
-            jnp.full((G, bq), MASK_VALUE, jnp.float32),
-            jnp.zeros((G, bq), jnp.float32),
-            jnp.zeros((G, bq, H), jnp.float32),
+            jnp.full((G * bq,), MASK_VALUE, jnp.float32),
+            jnp.zeros((G * bq,), jnp.float32),
+            jnp.zeros((G * bq, H), jnp.float32),
         )
         carry = lax.fori_loop(lo, full, functools.partial(kv_step, masked=False), carry)
         m, l, acc = lax.fori_loop(full, hi, functools.partial(kv_step, masked=True), carry)
         has_live = l > 0
         safe_l = jnp.where(has_live, l, 1.0)
-        out = (acc / safe_l[..., None]).astype(q.dtype)
-        return None, (out, jnp.where(has_live, m + jnp.log(safe_l), 0.0))
+        out = (acc / safe_l[:, None]).astype(q.dtype).reshape(G, bq, H)
+        lse = jnp.where(has_live, m + jnp.log(safe_l), 0.0).reshape(G, bq)
+        return None, (out, lse)
 
     _, (out, lse) = lax.scan(q_block, None, jnp.arange(cfg.num_q_blocks, dtype=jnp.int32))
     # [nq, G, bq, ...] -> [G, nq * bq, ...]
@@ -260,10 +280,10 @@ def _unit_backward(cfg, q, k, v, bias, mask, q_len, kv_len, out, lse, d_out):
             bias_blk = transposed(_slice(bias_j, i * bq, bq, axis=1))
             if bias_blk is not None:
                 s = s + bias_blk.astype(jnp.float32)
-            p = jnp.exp(s - lse_blk)  # [bk, G, bq]
-            if masked:
+            if masked:  # exp(-inf - lse) is exactly 0: one pass for the mask and the exp
                 mask_blk = transposed(_slice(mask_j, i * bq, bq, axis=1))
-                p = jnp.where(_live_t(cfg, i, j, q_len, kv_len, mask_blk), p, 0.0)
+                s = jnp.where(_live_t(cfg, i, j, q_len, kv_len, mask_blk), s, -jnp.inf)
+            p = jnp.exp(s - lse_blk)  # [bk, G, bq]
             dv = dv + jnp.einsum(  # [bk, G * bq] x [G * bq, H] -> [bk, H]
                 "sc,ch->sh",
                 p.reshape(bk, G * bq).astype(d_out.dtype),

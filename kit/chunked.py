@@ -120,9 +120,10 @@ def _positions(start: Array, size: int) -> Array:
     return start + jnp.arange(size, dtype=jnp.int32)
 
 
-def _live(cfg, i, j, q_len, kv_len, mask_blk) -> Array:
-    """bool `[G|1, bq, bk]`: which (query, key) pairs of block (i, j) may attend."""
-    t = _positions(i * cfg.block_q, cfg.block_q)[None, :, None]
+def _live(cfg, i, j, q_len, kv_len, mask_blk, first=0) -> Array:
+    """bool `[G|1, bq - first, bk]`: which (query, key) pairs of block (i, j) may
+    attend, for the block's queries from `first` on (default all)."""
+    t = _positions(i * cfg.block_q + first, cfg.block_q - first)[None, :, None]
     s = _positions(j * cfg.block_k, cfg.block_k)[None, None, :]
     live = _pair_live(cfg, t, s, q_len, kv_len)
     return live if mask_blk is None else live & mask_blk
@@ -189,29 +190,50 @@ def _unit_forward(cfg, q, k, v, bias, mask, q_len, kv_len):
             q_blk = q_blk * scale
         bias_i, mask_i = _slice(bias, i * bq, bq, axis=1), _slice(mask, i * bq, bq, axis=1)
 
-        def kv_step(j, carry, masked):
-            m, l, acc = carry  # [G * bq], [G * bq], [G * bq, H]
+        def kv_step(j, carry, masked, first=0):
+            # Only the block's queries from `first` on may be live (the causal diagonal).
+            rows = bq - first
+
+            def part(x):  # [G * bq, ...] -> each head's rows [first, bq): [G * rows, ...]
+                if not first:
+                    return x
+                return x.reshape(G, bq, *x.shape[1:])[:, first:].reshape(-1, *x.shape[1:])
+
+            def from_first(x):  # [G|1, bq|1, bk|1] -> [G|1, rows|1, bk|1]
+                return x if x is None or x.shape[1] == 1 else x[:, first:]
+
+            m, l, acc = map(part, carry)  # [G * rows], [G * rows], [G * rows, H]
             k_blk = lax.dynamic_slice_in_dim(k, j * bk, bk, axis=0)
             v_blk = lax.dynamic_slice_in_dim(v, j * bk, bk, axis=0)
-            s = jnp.einsum(  # [G * bq, H] x [bk, H] -> [G * bq, bk]
-                "ch,sh->cs", q_blk, k_blk, preferred_element_type=jnp.float32
+            s = jnp.einsum(  # [G * rows, H] x [bk, H] -> [G * rows, bk]
+                "ch,sh->cs", part(q_blk), k_blk, preferred_element_type=jnp.float32
             )
             if not fold_scale:
                 s = scale * s
-            bias_blk = _rows(_slice(bias_i, j * bk, bk, axis=2), G, bq)
+            bias_blk = _rows(from_first(_slice(bias_i, j * bk, bk, axis=2)), G, rows)
             if bias_blk is not None:
                 s = s + bias_blk.astype(jnp.float32)
             if masked:
-                live = _live(cfg, i, j, q_len, kv_len, _slice(mask_i, j * bk, bk, axis=2))
-                s = jnp.where(_rows(live, G, bq), s, -jnp.inf)
+                mask_blk = from_first(_slice(mask_i, j * bk, bk, axis=2))
+                live = _live(cfg, i, j, q_len, kv_len, mask_blk, first)
+                s = jnp.where(_rows(live, G, rows), s, -jnp.inf)
             m_new = jnp.maximum(m, jnp.max(s, axis=-1))
             p = jnp.exp(s - m_new[:, None])
             correction = jnp.exp(m - m_new)
-            pv = jnp.einsum(  # [G * bq, bk] x [bk, H] -> [G * bq, H]
+            pv = jnp.einsum(  # [G * rows, bk] x [bk, H] -> [G * rows, H]
                 "cs,sh->ch", p.astype(v.dtype), v_blk, preferred_element_type=jnp.float32
             )
             l = l * correction + jnp.sum(p, axis=-1)
-            return m_new, l, acc * correction[:, None] + pv
+            new = (m_new, l, acc * correction[:, None] + pv)
+            if not first:
+                return new
+            return tuple(  # write the rows back into the [G * bq, ...] carry
+                x.reshape(G, bq, *x.shape[1:])
+                .at[:, first:]
+                .set(y.reshape(G, rows, *x.shape[1:]))
+                .reshape(x.shape)
+                for x, y in zip(carry, new, strict=True)
+            )
 
         lo, full, hi = _kv_range(cfg, i, q_len, kv_len)
         carry = (
@@ -220,7 +242,19 @@ def _unit_forward(cfg, q, k, v, bias, mask, q_len, kv_len):
             jnp.zeros((G * bq, H), jnp.float32),
         )
         carry = lax.fori_loop(lo, full, functools.partial(kv_step, masked=False), carry)
-        m, l, acc = lax.fori_loop(full, hi, functools.partial(kv_step, masked=True), carry)
+        if cfg.structural_only and cfg.is_causal and bq % bk == 0 and bk > 1:
+            # On the causal diagonal, key block full + r is seen only by the
+            # queries from r * bk on: those steps compute just those rows.
+            for r in range(bq // bk):
+                carry = lax.cond(
+                    full + r < hi,
+                    functools.partial(kv_step, full + r, masked=True, first=r * bk),
+                    lambda carry: carry,
+                    carry,
+                )
+            m, l, acc = carry
+        else:
+            m, l, acc = lax.fori_loop(full, hi, functools.partial(kv_step, masked=True), carry)
         has_live = l > 0
         safe_l = jnp.where(has_live, l, 1.0)
         out = (acc / safe_l[:, None]).astype(q.dtype).reshape(G, bq, H)
@@ -232,9 +266,10 @@ def _unit_forward(cfg, q, k, v, bias, mask, q_len, kv_len):
     return jnp.moveaxis(out, 0, 1).reshape(G, -1, H), jnp.moveaxis(lse, 0, 1).reshape(G, -1)
 
 
-def _live_t(cfg, i, j, q_len, kv_len, mask_t) -> Array:
-    """bool `[bk, G|1, bq]`: `_live` in the backward's transposed (key, query) layout."""
-    s = _positions(j * cfg.block_k, cfg.block_k)[:, None, None]
+def _live_t(cfg, i, j, q_len, kv_len, mask_t, rows=None) -> Array:
+    """bool `[rows, G|1, bq]`: `_live` in the backward's transposed (key, query) layout,
+    for the first `rows` keys of the block (default all)."""
+    s = _positions(j * cfg.block_k, rows or cfg.block_k)[:, None, None]
     t = _positions(i * cfg.block_q, cfg.block_q)[None, None, :]
     live = _pair_live(cfg, t, s, q_len, kv_len)
     return live if mask_t is None else live & mask_t
@@ -264,49 +299,56 @@ def _unit_backward(cfg, q, k, v, bias, mask, q_len, kv_len, out, lse, d_out):
         k_blk_t = k_blk.T  # [H, bk], small
         bias_j, mask_j = _slice(bias, j * bk, bk, axis=2), _slice(mask, j * bk, bk, axis=2)
 
-        def q_step(i, inner, masked):
+        def q_step(i, inner, masked, rows=bk):
+            # Only the block's first `rows` keys may be live (the causal diagonal).
             dk, dv, dq_t, dbias = inner
+            k_rows, v_rows, k_rows_t = k_blk[:rows], v_blk[:rows], k_blk_t[:, :rows]
             # [G, bq, H] -> [G * bq, H]: query columns in (head, position) order.
             q_blk = lax.dynamic_slice_in_dim(q, i * bq, bq, axis=1).reshape(G * bq, H)
             do_blk = lax.dynamic_slice_in_dim(d_out, i * bq, bq, axis=1).reshape(G * bq, H)
             lse_blk = lax.dynamic_slice_in_dim(lse, i * bq, bq, axis=1)[None]  # [1, G, bq]
             delta_blk = lax.dynamic_slice_in_dim(delta, i * bq, bq, axis=1)[None]
             s = (
-                jnp.einsum(  # [bk, H] x [G * bq, H] -> [bk, G * bq]
-                    "sh,ch->sc", k_blk, q_blk, preferred_element_type=jnp.float32
-                ).reshape(bk, G, bq)
+                jnp.einsum(  # [rows, H] x [G * bq, H] -> [rows, G * bq]
+                    "sh,ch->sc", k_rows, q_blk, preferred_element_type=jnp.float32
+                ).reshape(rows, G, bq)
                 * scale
             )
             bias_blk = transposed(_slice(bias_j, i * bq, bq, axis=1))
             if bias_blk is not None:
-                s = s + bias_blk.astype(jnp.float32)
+                s = s + bias_blk[:rows].astype(jnp.float32)
             if masked:  # exp(-inf - lse) is exactly 0: one pass for the mask and the exp
                 mask_blk = transposed(_slice(mask_j, i * bq, bq, axis=1))
-                s = jnp.where(_live_t(cfg, i, j, q_len, kv_len, mask_blk), s, -jnp.inf)
-            p = jnp.exp(s - lse_blk)  # [bk, G, bq]
-            dv = dv + jnp.einsum(  # [bk, G * bq] x [G * bq, H] -> [bk, H]
+                live = _live_t(cfg, i, j, q_len, kv_len, mask_blk, rows)
+                s = jnp.where(live, s, -jnp.inf)
+            p = jnp.exp(s - lse_blk)  # [rows, G, bq]
+            dv_rows = jnp.einsum(  # [rows, G * bq] x [G * bq, H] -> [rows, H]
                 "sc,ch->sh",
-                p.reshape(bk, G * bq).astype(d_out.dtype),
+                p.reshape(rows, G * bq).astype(d_out.dtype),
                 do_blk,
                 preferred_element_type=jnp.float32,
             )
-            dp = jnp.einsum(  # [bk, H] x [G * bq, H] -> [bk, G * bq]
-                "sh,ch->sc", v_blk, do_blk, preferred_element_type=jnp.float32
-            ).reshape(bk, G, bq)
-            ds = p * (dp - delta_blk)  # gradient of the (biased) logits, [bk, G, bq]
+            dp = jnp.einsum(  # [rows, H] x [G * bq, H] -> [rows, G * bq]
+                "sh,ch->sc", v_rows, do_blk, preferred_element_type=jnp.float32
+            ).reshape(rows, G, bq)
+            ds = p * (dp - delta_blk)  # gradient of the (biased) logits, [rows, G, bq]
             # The scale is applied to the float32 products, not to ds in the input dtype,
             # where a tiny scale would underflow it (float16) and a huge one overflow it.
-            ds_low = ds.reshape(bk, G * bq).astype(q.dtype)
-            dk = dk + scale * jnp.einsum(  # [bk, G * bq] x [G * bq, H] -> [bk, H]
+            ds_low = ds.reshape(rows, G * bq).astype(q.dtype)
+            dk_rows = scale * jnp.einsum(  # [rows, G * bq] x [G * bq, H] -> [rows, H]
                 "sc,ch->sh", ds_low, q_blk, preferred_element_type=jnp.float32
             )
             # XLA may fold k^T's transpose into this product, and XLA:CPU's dot for
             # a transposed operand has no bfloat16 x bfloat16 -> float32. Products of
             # two bfloat16 or float16 numbers are exact in float32, so the operands
             # are taken in float32 here with the same result.
-            dq_blk = scale * jnp.einsum(  # [H, bk] x [bk, G * bq] -> [H, G * bq]
-                "hs,sc->hc", k_blk_t.astype(jnp.float32), ds_low.astype(jnp.float32)
+            dq_blk = scale * jnp.einsum(  # [H, rows] x [rows, G * bq] -> [H, G * bq]
+                "hs,sc->hc", k_rows_t.astype(jnp.float32), ds_low.astype(jnp.float32)
             )
+            if rows == bk:
+                dk, dv = dk + dk_rows, dv + dv_rows
+            else:
+                dk, dv = dk.at[:rows].add(dk_rows), dv.at[:rows].add(dv_rows)
             dq_t = _add_block(dq_t, dq_blk.reshape(H, G, bq), {2: i * bq})
             if dbias is not None:
                 dbias = _add_bias_grad(dbias, jnp.transpose(ds, (1, 2, 0)), i * bq, j * bk)
@@ -315,6 +357,17 @@ def _unit_backward(cfg, q, k, v, bias, mask, q_len, kv_len, out, lse, d_out):
         lo, full, hi = _q_range(cfg, j, q_len, kv_len)
         zeros = jnp.zeros((bk, H), jnp.float32)
         inner = (zeros, zeros, *carry)
+        if cfg.structural_only and cfg.is_causal and bk % bq == 0:
+            # On the causal diagonal, query block lo + r sees only the first
+            # (r + 1) * bq keys of this block: those steps compute just those rows.
+            for r in range(bk // bq - 1):
+                inner = lax.cond(
+                    lo + r < full,
+                    functools.partial(q_step, lo + r, masked=True, rows=(r + 1) * bq),
+                    lambda inner: inner,
+                    inner,
+                )
+            lo = jnp.minimum(lo + bk // bq - 1, full)
         inner = lax.fori_loop(lo, full, functools.partial(q_step, masked=True), inner)
         dk, dv, dq_t, dbias = lax.fori_loop(
             full, hi, functools.partial(q_step, masked=False), inner

@@ -102,9 +102,19 @@ def test_chunked_block_sizes(blocks):
 def test_chunked_backward_blocks_differ_from_forward():
     # The backward has its own block sizes (keys as rows); lengths are padded to
     # multiples of both passes' sizes: lcm(8, 12) = 24 queries, lcm(16, 24) = 48 keys.
+    # (Divisible lengths, where both passes skip the mask below the diagonal, are
+    # in test_chunked_trims_the_causal_diagonal.)
     _compare(CASES["everything"], blocks=(8, 16), backward=(12, 24))
-    # Divisible lengths: the mask-free path below the diagonal, in both passes.
-    _compare(CASES["causal"], T=48, S=48, blocks=(16, 8), backward=(8, 16))
+
+
+@pytest.mark.parametrize("T,S", [(48, 48), (24, 72), (72, 24)])
+def test_chunked_trims_the_causal_diagonal(T, S):
+    # On the causal diagonal the forward (query blocks of 24 over key blocks of 8)
+    # computes only a block's last 24, 16 and 8 queries, and the backward (key
+    # blocks of 24 over query blocks of 8) only a block's first 8, 16 and 24 keys;
+    # with a bias, whose gradient covers the skipped pairs too.
+    case = CASES["causal"] | {"bias": (B, N, T, S)}
+    _compare(case, T=T, S=S, blocks=(24, 8), backward=(8, 24))
 
 
 def test_chunked_unbatched_and_default_blocks():

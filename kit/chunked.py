@@ -5,7 +5,8 @@ Queries and keys/values are processed in blocks with an online softmax
 pass recomputes each block's scores from the saved log-sum-exp, so the
 residuals are O(T), not O(T * S). Blocks wholly outside a causal or window
 mask, or wholly beyond the sequence lengths, are skipped by the loop bounds,
-not computed and masked.
+not computed and masked; where the causal structure is the only mask, a block
+on the diagonal computes only its rows that can be live.
 
 Semantics are those of `kit.dot_product_attention` (see `kit.attention`):
 float32 scores and softmax statistics, a finite mask value, and exactly zero

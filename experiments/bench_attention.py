@@ -72,17 +72,21 @@ def compiled(fn, mode, causal, args):
     return jax.jit(fwd if mode == "fwd" else fwd_bwd).lower(*args).compile()
 
 
-def matmul_peak(dtype):
-    """The best of 10 runs of a 2048^3 matmul: a peak, so the fastest run, not the median."""
-    a = jnp.ones((2048, 2048), dtype)
-    run = jax.jit(jnp.matmul)
-    jax.block_until_ready(run(a, a))
+def fastest_seconds(run, *args, tries=10):
+    """The fastest of `tries` runs after a warm-up: for peaks, not for medians."""
+    jax.block_until_ready(run(*args))
     best = float("inf")
-    for _ in range(10):
+    for _ in range(tries):
         start = time.perf_counter()
-        jax.block_until_ready(run(a, a))
+        jax.block_until_ready(run(*args))
         best = min(best, time.perf_counter() - start)
-    return 2 * 2048**3 / best / 1e9
+    return best
+
+
+def matmul_peak(dtype):
+    """GFLOP/s of the fastest of 10 runs of a 2048^3 matmul."""
+    a = jnp.ones((2048, 2048), dtype)
+    return 2 * 2048**3 / fastest_seconds(jax.jit(jnp.matmul), a, a) / 1e9
 
 
 # The chunked forward's block shape at long lengths: units per step, block_q, block_k.
@@ -112,13 +116,8 @@ def block_matmul_rate(dtype, iterations=32):
     run = jax.jit(
         lambda x: jax.lax.fori_loop(0, iterations, lambda i, x: step(i, x).astype(dtype), x)
     )
-    jax.block_until_ready(run(q))
-    best = float("inf")
-    for _ in range(10):
-        start = time.perf_counter()
-        jax.block_until_ready(run(q))
-        best = min(best, time.perf_counter() - start)
-    return 2 * 2 * units * block_q * block_k * H * iterations / best / 1e9
+    flops = 2 * 2 * units * block_q * block_k * H * iterations
+    return flops / fastest_seconds(run, q) / 1e9
 
 
 def inputs(B, T, dtype):

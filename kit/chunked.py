@@ -12,9 +12,11 @@ Semantics are those of `kit.dot_product_attention` (see `kit.attention`):
 float32 scores and softmax statistics, a finite mask value, and exactly zero
 output with zero gradients for query rows with no live key.
 
-The kernel works on units: one example and one key/value head together with
-its G = N // K query heads (q `[G, T, H]`, k and v `[S, H]`), and `lax.map`
-runs the B * K units, `units_per_step` at a time (vmapped within a step).
+The kernel works on one example at a time (`lax.map` over the batch), with
+all its K key/value heads, each with G = N // K query heads, together. It
+reads the inputs in their own `[B, T, N, H]` layout and writes the outputs in
+it: only the blocks are brought into the products' head-major layout, one at
+a time, never a whole array.
 
 References:
   Rabe & Staats, "Self-attention Does Not Need O(n^2) Memory", 2021.
@@ -86,8 +88,12 @@ def default_block_sizes(
 
 
 # --------------------------------------------------------------------------
-# One unit: one example and one key/value head with its G query heads.
-# q [G, Tp, H], k and v [Sp, H], bias and mask [G|1, Tp|1, Sp|1], lengths scalars.
+# One example: its K key/value heads, each with G query heads. It comes in the
+# layout of the inputs: q `[Tp, N, H]`, k and v `[Sp, K, H]`, bias and mask
+# `[K|1, G|1, Tp|1, Sp|1]`, lengths scalars; the kernel brings the example's
+# q, k and v into head-major `[K, ...]` layout (one example at a time, never
+# a whole array), where a query's G heads are consecutive rows: q
+# `[K, Tp * G, H]` in (position, head) order.
 
 
 def _slice(x: Array | None, start: Array, size: int, axis: int) -> Array | None:
@@ -97,13 +103,36 @@ def _slice(x: Array | None, start: Array, size: int, axis: int) -> Array | None:
     return lax.dynamic_slice_in_dim(x, start, size, axis=axis)
 
 
+def _swap01(x: Array) -> Array:
+    """Swaps the two leading axes, as a transpose with no size-1 axes: XLA:CPU
+    transposes with size-1 axes (G = 1, say) several times slower."""
+    a, b, *rest = x.shape
+    if a == 1 or b == 1:
+        return x.reshape(b, a, *rest)
+    n = math.prod(rest)
+    return jnp.swapaxes(x.reshape(a, b, n) if n > 1 else x.reshape(a, b), 0, 1).reshape(b, a, *rest)
+
+
+def _head_major(x: Array, K: int) -> Array:
+    """`[T, K * G, H]` -> `[K, T * G, H]`."""
+    T, N, H = x.shape
+    return _swap01(x.reshape(T, K, N // K * H)).reshape(K, -1, H)
+
+
+def _position_major(x: Array, T: int) -> Array:
+    """`[K, T * G, H]` -> `[T, K * G, H]`, the inverse of `_head_major`."""
+    K, _, H = x.shape
+    return _swap01(x.reshape(K, T, -1)).reshape(T, -1, H)
+
+
 def _rows(x: Array | None, G: int, bq: int) -> Array | None:
-    """`[G|1, bq|1, bk|1]` -> `[G * bq|1, bk|1]`: the forward's flattened query rows."""
+    """`[K|1, G|1, bq|1, bk|1]` -> `[K|1, bq * G|1, bk|1]`: the forward's flattened rows."""
     if x is None:
         return None
-    if x.shape[:2] == (1, 1):
-        return x[0]
-    return jnp.broadcast_to(x, (G, bq, x.shape[2])).reshape(G * bq, x.shape[2])
+    if x.shape[1:3] == (1, 1):
+        return x[:, 0]
+    x = jnp.swapaxes(x, 1, 2)  # [K|1, bq|1, G|1, bk|1]
+    return jnp.broadcast_to(x, (x.shape[0], bq, G, x.shape[3])).reshape(x.shape[0], bq * G, -1)
 
 
 def _pair_live(cfg, t: Array, s: Array, q_len, kv_len) -> Array:
@@ -122,11 +151,11 @@ def _positions(start: Array, size: int) -> Array:
 
 
 def _live(cfg, i, j, q_len, kv_len, mask_blk, first=0) -> Array:
-    """bool `[G|1, bq - first, bk]`: which (query, key) pairs of block (i, j) may
-    attend, for the block's queries from `first` on (default all)."""
-    t = _positions(i * cfg.block_q + first, cfg.block_q - first)[None, :, None]
-    s = _positions(j * cfg.block_k, cfg.block_k)[None, None, :]
-    live = _pair_live(cfg, t, s, q_len, kv_len)
+    """bool `[K|1, G|1, bq - first, bk]`: which (query, key) pairs of block (i, j)
+    may attend, for the block's queries from `first` on (default all)."""
+    t = _positions(i * cfg.block_q + first, cfg.block_q - first)[:, None]
+    s = _positions(j * cfg.block_k, cfg.block_k)[None, :]
+    live = _pair_live(cfg, t, s, q_len, kv_len)[None, None]
     return live if mask_blk is None else live & mask_blk
 
 
@@ -168,79 +197,75 @@ def _q_range(cfg, j, q_len, kv_len) -> tuple[Array, Array, Array]:
     return lo, hi, hi
 
 
-def _unit_forward(cfg, q, k, v, bias, mask, q_len, kv_len):
-    """Returns out `[G, Tp, H]` (q's dtype) and lse `[G, Tp]` (float32).
+def _example_forward(cfg, q, k, v, bias, mask, q_len, kv_len):
+    """Returns out `[Tp, N, H]` (q's dtype) and lse `[K, Tp * G]` (float32).
 
-    Each query block's G heads are flattened into G * bq rows, so that a block
-    is one `[G * bq, H] x [H, bk]` product and the softmax works on plain rows.
-    Masked pairs get a -inf logit inside the block: their exponential is
-    exactly 0, and since the running max starts at the finite MASK_VALUE, a
-    row with no live key so far stays at m = MASK_VALUE, l = 0.
+    Each query block's G heads are flattened into bq * G rows, so that a block
+    is one `[bq * G, H] x [H, bk]` product per key/value head and the softmax
+    works on plain rows. Masked pairs get a -inf logit inside the block: their
+    exponential is exactly 0, and since the running max starts at the finite
+    MASK_VALUE, a row with no live key so far stays at m = MASK_VALUE, l = 0.
     """
-    G, _, H = q.shape
+    Tp, N, H = q.shape
+    K = k.shape[1]
+    G = N // K
     bq, bk = cfg.block_q, cfg.block_k
     scale = jnp.float32(cfg.scale)
+    q, k, v = _head_major(q, K), _swap01(k), _swap01(v)  # [K, Tp * G, H], [K, Sp, H]
 
     # In float32 the scale goes into the query block (one pass per query block):
     # scaling each score block instead makes XLA keep a scaled copy for the row max.
     fold_scale = q.dtype == jnp.float32
 
     def q_block(_, i):
-        q_blk = lax.dynamic_slice_in_dim(q, i * bq, bq, axis=1).reshape(G * bq, H)
+        q_blk = lax.dynamic_slice_in_dim(q, i * bq * G, bq * G, axis=1)
         if fold_scale:
             q_blk = q_blk * scale
-        bias_i, mask_i = _slice(bias, i * bq, bq, axis=1), _slice(mask, i * bq, bq, axis=1)
+        bias_i, mask_i = _slice(bias, i * bq, bq, axis=2), _slice(mask, i * bq, bq, axis=2)
 
         def kv_step(j, carry, masked, first=0):
             # Only the block's queries from `first` on may be live (the causal diagonal).
             rows = bq - first
 
-            def part(x):  # [G * bq, ...] -> each head's rows [first, bq): [G * rows, ...]
-                if not first:
-                    return x
-                return x.reshape(G, bq, *x.shape[1:])[:, first:].reshape(-1, *x.shape[1:])
+            def part(x):  # [K, bq * G, ...] -> the rows of positions [first, bq)
+                return x[:, first * G :] if first else x
 
-            def from_first(x):  # [G|1, bq|1, bk|1] -> [G|1, rows|1, bk|1]
-                return x if x is None or x.shape[1] == 1 else x[:, first:]
+            def from_first(x):  # [K|1, G|1, bq|1, bk|1] -> [K|1, G|1, rows|1, bk|1]
+                return x if x is None or x.shape[2] == 1 else x[:, :, first:]
 
-            m, l, acc = map(part, carry)  # [G * rows], [G * rows], [G * rows, H]
-            k_blk = lax.dynamic_slice_in_dim(k, j * bk, bk, axis=0)
-            v_blk = lax.dynamic_slice_in_dim(v, j * bk, bk, axis=0)
-            s = jnp.einsum(  # [G * rows, H] x [bk, H] -> [G * rows, bk]
-                "ch,sh->cs", part(q_blk), k_blk, preferred_element_type=jnp.float32
+            m, l, acc = map(part, carry)  # [K, rows * G], [K, rows * G], [K, rows * G, H]
+            k_blk = lax.dynamic_slice_in_dim(k, j * bk, bk, axis=1)  # [K, bk, H]
+            v_blk = lax.dynamic_slice_in_dim(v, j * bk, bk, axis=1)
+            s = jnp.einsum(  # [K, rows * G, H] x [K, bk, H] -> [K, rows * G, bk]
+                "uch,ush->ucs", part(q_blk), k_blk, preferred_element_type=jnp.float32
             )
             if not fold_scale:
                 s = scale * s
-            bias_blk = _rows(from_first(_slice(bias_i, j * bk, bk, axis=2)), G, rows)
+            bias_blk = _rows(from_first(_slice(bias_i, j * bk, bk, axis=3)), G, rows)
             if bias_blk is not None:
                 s = s + bias_blk.astype(jnp.float32)
             if masked:
-                mask_blk = from_first(_slice(mask_i, j * bk, bk, axis=2))
+                mask_blk = from_first(_slice(mask_i, j * bk, bk, axis=3))
                 live = _live(cfg, i, j, q_len, kv_len, mask_blk, first)
                 s = jnp.where(_rows(live, G, rows), s, -jnp.inf)
             m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-            p = jnp.exp(s - m_new[:, None])
+            p = jnp.exp(s - m_new[..., None])
             correction = jnp.exp(m - m_new)
-            pv = jnp.einsum(  # [G * rows, bk] x [bk, H] -> [G * rows, H]
-                "cs,sh->ch", p.astype(v.dtype), v_blk, preferred_element_type=jnp.float32
+            pv = jnp.einsum(  # [K, rows * G, bk] x [K, bk, H] -> [K, rows * G, H]
+                "ucs,ush->uch", p.astype(v.dtype), v_blk, preferred_element_type=jnp.float32
             )
             l = l * correction + jnp.sum(p, axis=-1)
-            new = (m_new, l, acc * correction[:, None] + pv)
+            new = (m_new, l, acc * correction[..., None] + pv)
             if not first:
                 return new
-            return tuple(  # write the rows back into the [G * bq, ...] carry
-                x.reshape(G, bq, *x.shape[1:])
-                .at[:, first:]
-                .set(y.reshape(G, rows, *x.shape[1:]))
-                .reshape(x.shape)
-                for x, y in zip(carry, new, strict=True)
-            )
+            # Write the rows back into the [K, bq * G, ...] carry.
+            return tuple(x.at[:, first * G :].set(y) for x, y in zip(carry, new, strict=True))
 
         lo, full, hi = _kv_range(cfg, i, q_len, kv_len)
         carry = (
-            jnp.full((G * bq,), MASK_VALUE, jnp.float32),
-            jnp.zeros((G * bq,), jnp.float32),
-            jnp.zeros((G * bq, H), jnp.float32),
+            jnp.full((K, bq * G), MASK_VALUE, jnp.float32),
+            jnp.zeros((K, bq * G), jnp.float32),
+            jnp.zeros((K, bq * G, H), jnp.float32),
         )
         carry = lax.fori_loop(lo, full, functools.partial(kv_step, masked=False), carry)
         if cfg.structural_only and cfg.is_causal and bq % bk == 0 and bk > 1:
@@ -258,105 +283,109 @@ def _unit_forward(cfg, q, k, v, bias, mask, q_len, kv_len):
             m, l, acc = lax.fori_loop(full, hi, functools.partial(kv_step, masked=True), carry)
         has_live = l > 0
         safe_l = jnp.where(has_live, l, 1.0)
-        out = (acc / safe_l[:, None]).astype(q.dtype).reshape(G, bq, H)
-        lse = jnp.where(has_live, m + jnp.log(safe_l), 0.0).reshape(G, bq)
-        return None, (out, lse)
+        out = _position_major((acc / safe_l[..., None]).astype(q.dtype), bq)  # [bq, N, H]
+        return None, (out, jnp.where(has_live, m + jnp.log(safe_l), 0.0))
 
     _, (out, lse) = lax.scan(q_block, None, jnp.arange(cfg.num_q_blocks, dtype=jnp.int32))
-    # [nq, G, bq, ...] -> [G, nq * bq, ...]
-    return jnp.moveaxis(out, 0, 1).reshape(G, -1, H), jnp.moveaxis(lse, 0, 1).reshape(G, -1)
+    # [nq, bq, N, H] -> [Tp, N, H]; [nq, K, bq * G] -> [K, Tp * G]
+    return out.reshape(Tp, N, H), _swap01(lse).reshape(K, Tp * G)
 
 
 def _live_t(cfg, i, j, q_len, kv_len, mask_t, rows=None) -> Array:
-    """bool `[rows, G|1, bq]`: `_live` in the backward's transposed (key, query) layout,
-    for the first `rows` keys of the block (default all)."""
+    """bool `[K|1, rows, bq, G|1]`: `_live` in the backward's transposed (key, query)
+    layout, for the first `rows` keys of the block (default all)."""
     s = _positions(j * cfg.block_k, rows or cfg.block_k)[:, None, None]
-    t = _positions(i * cfg.block_q, cfg.block_q)[None, None, :]
-    live = _pair_live(cfg, t, s, q_len, kv_len)
+    t = _positions(i * cfg.block_q, cfg.block_q)[None, :, None]
+    live = _pair_live(cfg, t, s, q_len, kv_len)[None]
     return live if mask_t is None else live & mask_t
 
 
-def _unit_backward(cfg, q, k, v, bias, mask, q_len, kv_len, out, lse, d_out):
-    """Returns dq, dk, dv in float32 and dbias `[G|1, Tp|1, Sp|1]` (or None).
+def _example_backward(cfg, q, k, v, bias, mask, q_len, kv_len, lse, delta, d_out):
+    """Returns dq^T `[K, H, Tp * G]`, dk and dv `[Sp, K, H]` in float32 and dbias
+    `[K|1, G|1, Tp|1, Sp|1]` (or None); lse and delta are `[K, Tp * G]`.
 
-    The backward works in the transposed layout: block scores are `[bk, G, bq]`
-    (key rows, query columns), so that every product is a plain or
-    right-transposed matmul, and dq is accumulated as dq^T `[H, G, Tp]`. In
-    the `[G, bq, bk]` layout two of the five products (dv and dk) contract the
-    query axis of P and dS, and XLA copies each block into a transpose first.
+    The backward works in the transposed layout: block scores are
+    `[K, bk, bq, G]` (key rows, query columns), so that every product is a
+    plain or right-transposed matmul, and dq is accumulated as dq^T
+    `[K, H, Tp * G]`. In the `[K, bq * G, bk]` layout two of the five products
+    (dv and dk) contract the query axis of P and dS, and XLA copies each block
+    into a transpose first.
     """
-    G, Tp, H = q.shape
+    Tp, N, H = q.shape
+    K = k.shape[1]
+    G = N // K
     bq, bk = cfg.block_q, cfg.block_k
     scale = jnp.float32(cfg.scale)
-    # delta_t = sum_h dO_th O_th = sum_s P_ts dP_ts, the softmax backward's row term.
-    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+    q, d_out = _head_major(q, K), _head_major(d_out, K)  # [K, Tp * G, H]
+    k, v = _swap01(k), _swap01(v)  # [K, Sp, H]
 
-    def transposed(x: Array | None) -> Array | None:  # [G|1, bq|1, bk|1] -> [bk|1, G|1, bq|1]
-        return None if x is None else jnp.transpose(x, (2, 0, 1))
+    def transposed(x):  # [K|1, G|1, bq|1, bk|1] -> [K|1, bk|1, bq|1, G|1]
+        return None if x is None else jnp.transpose(x, (0, 3, 2, 1))
 
     def kv_block(carry, j):
-        k_blk = lax.dynamic_slice_in_dim(k, j * bk, bk, axis=0)  # [bk, H]
-        v_blk = lax.dynamic_slice_in_dim(v, j * bk, bk, axis=0)
-        k_blk_t = k_blk.T  # [H, bk], small
-        bias_j, mask_j = _slice(bias, j * bk, bk, axis=2), _slice(mask, j * bk, bk, axis=2)
+        k_blk = lax.dynamic_slice_in_dim(k, j * bk, bk, axis=1)  # [K, bk, H]
+        v_blk = lax.dynamic_slice_in_dim(v, j * bk, bk, axis=1)
+        k_blk_t = jnp.swapaxes(k_blk, 1, 2)  # [K, H, bk], small
+        bias_j, mask_j = _slice(bias, j * bk, bk, axis=3), _slice(mask, j * bk, bk, axis=3)
 
         def q_step(i, inner, masked, rows=bk):
             # Only the block's first `rows` keys may be live (the causal diagonal).
             dk, dv, dq_t, dbias = inner
-            k_rows, v_rows, k_rows_t = k_blk[:rows], v_blk[:rows], k_blk_t[:, :rows]
-            # [G, bq, H] -> [G * bq, H]: query columns in (head, position) order.
-            q_blk = lax.dynamic_slice_in_dim(q, i * bq, bq, axis=1).reshape(G * bq, H)
-            do_blk = lax.dynamic_slice_in_dim(d_out, i * bq, bq, axis=1).reshape(G * bq, H)
-            lse_blk = lax.dynamic_slice_in_dim(lse, i * bq, bq, axis=1)[None]  # [1, G, bq]
-            delta_blk = lax.dynamic_slice_in_dim(delta, i * bq, bq, axis=1)[None]
+            k_rows, v_rows, k_rows_t = k_blk[:, :rows], v_blk[:, :rows], k_blk_t[..., :rows]
+            # [K, bq * G, H]: query columns in (position, head) order.
+            q_blk = lax.dynamic_slice_in_dim(q, i * bq * G, bq * G, axis=1)
+            do_blk = lax.dynamic_slice_in_dim(d_out, i * bq * G, bq * G, axis=1)
+            lse_blk = lax.dynamic_slice_in_dim(lse, i * bq * G, bq * G, axis=1)
+            delta_blk = lax.dynamic_slice_in_dim(delta, i * bq * G, bq * G, axis=1)
+            lse_blk, delta_blk = lse_blk.reshape(K, 1, bq, G), delta_blk.reshape(K, 1, bq, G)
             s = (
-                jnp.einsum(  # [rows, H] x [G * bq, H] -> [rows, G * bq]
-                    "sh,ch->sc", k_rows, q_blk, preferred_element_type=jnp.float32
-                ).reshape(rows, G, bq)
+                jnp.einsum(  # [K, rows, H] x [K, bq * G, H] -> [K, rows, bq * G]
+                    "ush,uch->usc", k_rows, q_blk, preferred_element_type=jnp.float32
+                ).reshape(K, rows, bq, G)
                 * scale
             )
-            bias_blk = transposed(_slice(bias_j, i * bq, bq, axis=1))
+            bias_blk = transposed(_slice(bias_j, i * bq, bq, axis=2))
             if bias_blk is not None:
-                s = s + bias_blk[:rows].astype(jnp.float32)
+                s = s + bias_blk[:, :rows].astype(jnp.float32)
             if masked:  # exp(-inf - lse) is exactly 0: one pass for the mask and the exp
-                mask_blk = transposed(_slice(mask_j, i * bq, bq, axis=1))
+                mask_blk = transposed(_slice(mask_j, i * bq, bq, axis=2))
                 live = _live_t(cfg, i, j, q_len, kv_len, mask_blk, rows)
                 s = jnp.where(live, s, -jnp.inf)
-            p = jnp.exp(s - lse_blk)  # [rows, G, bq]
-            dv_rows = jnp.einsum(  # [rows, G * bq] x [G * bq, H] -> [rows, H]
-                "sc,ch->sh",
-                p.reshape(rows, G * bq).astype(d_out.dtype),
+            p = jnp.exp(s - lse_blk)  # [K, rows, bq, G]
+            dv_rows = jnp.einsum(  # [K, rows, bq * G] x [K, bq * G, H] -> [K, rows, H]
+                "usc,uch->ush",
+                p.reshape(K, rows, bq * G).astype(d_out.dtype),
                 do_blk,
                 preferred_element_type=jnp.float32,
             )
-            dp = jnp.einsum(  # [rows, H] x [G * bq, H] -> [rows, G * bq]
-                "sh,ch->sc", v_rows, do_blk, preferred_element_type=jnp.float32
-            ).reshape(rows, G, bq)
-            ds = p * (dp - delta_blk)  # gradient of the (biased) logits, [rows, G, bq]
+            dp = jnp.einsum(  # [K, rows, H] x [K, bq * G, H] -> [K, rows, bq * G]
+                "ush,uch->usc", v_rows, do_blk, preferred_element_type=jnp.float32
+            ).reshape(K, rows, bq, G)
+            ds = p * (dp - delta_blk)  # gradient of the (biased) logits, [K, rows, bq, G]
             # The scale is applied to the float32 products, not to ds in the input dtype,
             # where a tiny scale would underflow it (float16) and a huge one overflow it.
-            ds_low = ds.reshape(rows, G * bq).astype(q.dtype)
-            dk_rows = scale * jnp.einsum(  # [rows, G * bq] x [G * bq, H] -> [rows, H]
-                "sc,ch->sh", ds_low, q_blk, preferred_element_type=jnp.float32
+            ds_low = ds.reshape(K, rows, bq * G).astype(q.dtype)
+            dk_rows = scale * jnp.einsum(  # [K, rows, bq * G] x [K, bq * G, H] -> [K, rows, H]
+                "usc,uch->ush", ds_low, q_blk, preferred_element_type=jnp.float32
             )
             # XLA may fold k^T's transpose into this product, and XLA:CPU's dot for
             # a transposed operand has no bfloat16 x bfloat16 -> float32. Products of
             # two bfloat16 or float16 numbers are exact in float32, so the operands
             # are taken in float32 here with the same result.
-            dq_blk = scale * jnp.einsum(  # [H, rows] x [rows, G * bq] -> [H, G * bq]
-                "hs,sc->hc", k_rows_t.astype(jnp.float32), ds_low.astype(jnp.float32)
+            dq_blk = scale * jnp.einsum(  # [K, H, rows] x [K, rows, bq * G] -> [K, H, bq * G]
+                "uhs,usc->uhc", k_rows_t.astype(jnp.float32), ds_low.astype(jnp.float32)
             )
             if rows == bk:
                 dk, dv = dk + dk_rows, dv + dv_rows
             else:
-                dk, dv = dk.at[:rows].add(dk_rows), dv.at[:rows].add(dv_rows)
-            dq_t = _add_block(dq_t, dq_blk.reshape(H, G, bq), {2: i * bq})
+                dk, dv = dk.at[:, :rows].add(dk_rows), dv.at[:, :rows].add(dv_rows)
+            dq_t = _add_block(dq_t, dq_blk, {2: i * bq * G})
             if dbias is not None:
-                dbias = _add_bias_grad(dbias, jnp.transpose(ds, (1, 2, 0)), i * bq, j * bk)
+                dbias = _add_bias_grad(dbias, transposed(ds), i * bq, j * bk)
             return dk, dv, dq_t, dbias
 
         lo, full, hi = _q_range(cfg, j, q_len, kv_len)
-        zeros = jnp.zeros((bk, H), jnp.float32)
+        zeros = jnp.zeros((K, bk, H), jnp.float32)
         inner = (zeros, zeros, *carry)
         if cfg.structural_only and cfg.is_causal and bk % bq == 0:
             # On the causal diagonal, query block lo + r sees only the first
@@ -373,17 +402,20 @@ def _unit_backward(cfg, q, k, v, bias, mask, q_len, kv_len, out, lse, d_out):
         dk, dv, dq_t, dbias = lax.fori_loop(
             full, hi, functools.partial(q_step, masked=False), inner
         )
-        return (dq_t, dbias), (dk, dv)
+        return (dq_t, dbias), (_swap01(dk), _swap01(dv))  # [bk, K, H]
 
     carry = (
-        jnp.zeros((H, G, Tp), jnp.float32),
+        jnp.zeros((K, H, Tp * G), jnp.float32),
         None if bias is None else jnp.zeros(bias.shape, jnp.float32),
     )
     (dq_t, dbias), (dk, dv) = lax.scan(
         kv_block, carry, jnp.arange(cfg.num_k_blocks, dtype=jnp.int32)
     )
-    dq = jnp.transpose(dq_t, (1, 2, 0))  # [H, G, Tp] -> [G, Tp, H]
-    return dq, dk.reshape(-1, H), dv.reshape(-1, H), dbias  # [nk, bk, H] -> [Sp, H]
+    # dq^T [K, H, Tp * G] as it is: the caller brings all examples' dq into
+    # [B, Tp, N, H] with one transpose (XLA:CPU runs it several times slower
+    # fused into the loop's output).
+    dq = dq_t
+    return dq, dk.reshape(-1, K, H), dv.reshape(-1, K, H), dbias  # [nk, bk, ...] -> [Sp, ...]
 
 
 def _add_block(full: Array, block: Array, starts: dict[int, Array]) -> Array:
@@ -393,35 +425,35 @@ def _add_block(full: Array, block: Array, starts: dict[int, Array]) -> Array:
 
 
 def _add_bias_grad(dbias: Array, ds: Array, t0: Array, s0: Array) -> Array:
-    """Adds ds `[G, bq, bk]` into dbias, summing over the axes where bias broadcasts."""
-    sum_axes = tuple(a for a in range(3) if dbias.shape[a] == 1)
+    """Adds ds `[K, G, bq, bk]` into dbias, summing over the axes where bias broadcasts."""
+    sum_axes = tuple(a for a in range(4) if dbias.shape[a] == 1)
     ds = jnp.sum(ds, axis=sum_axes, keepdims=True)
-    starts = {axis: start for axis, start in ((1, t0), (2, s0)) if dbias.shape[axis] != 1}
+    starts = {axis: start for axis, start in ((2, t0), (3, s0)) if dbias.shape[axis] != 1}
     return _add_block(dbias, ds, starts)
 
 
 # --------------------------------------------------------------------------
-# All units: lax.map over (example, key/value head) in chunks of units_per_step.
-# Arrays: q [U, G, Tp, H], k, v [U, Sp, H], lengths [U], bias and mask either
-# [U, G|1, Tp|1, Sp|1] (mapped) or [1, G|1, Tp|1, Sp|1] (shared by all units).
+# All examples: lax.map over the examples, max(1, units_per_step // K) at a
+# time. Arrays keep the layout of the inputs: q, out and d_out [B, Tp, N, H],
+# k and v [B, Sp, K, H]; lse and delta are [B, K, Tp * G], lengths [B];
+# bias and mask [B|1, K|1, G|1, Tp|1, Sp|1], where a leading 1 (shared by all
+# examples) is closed over, not copied per example.
 
 
-def _map_units(cfg, fn, arrays, bias, mask):
-    """lax.map of `fn(*unit_arrays, bias_unit, mask_unit)` over the units.
-
-    A bias or mask with a leading 1 is shared by all units and closed over,
-    not copied per unit.
-    """
+def _map_examples(cfg, fn, arrays, bias, mask):
+    """lax.map of `fn(*example_arrays, example_bias, example_mask)` over the examples."""
     shared = [None if x is None or x.shape[0] != 1 else x[0] for x in (bias, mask)]
     mapped = [None if x is None or x.shape[0] == 1 else x for x in (bias, mask)]
 
-    def call(unit):
-        *unit_arrays, unit_bias, unit_mask = unit
-        unit_bias = shared[0] if unit_bias is None else unit_bias
-        unit_mask = shared[1] if unit_mask is None else unit_mask
-        return fn(*unit_arrays, unit_bias, unit_mask)
+    def call(example):
+        *example_arrays, example_bias, example_mask = example
+        example_bias = shared[0] if example_bias is None else example_bias
+        example_mask = shared[1] if example_mask is None else example_mask
+        return fn(*example_arrays, example_bias, example_mask)
 
-    return lax.map(call, (*arrays, *mapped), batch_size=cfg.units_per_step)
+    K = arrays[1].shape[2]  # k [B, Sp, K, H]
+    examples = max(1, cfg.units_per_step // K)
+    return lax.map(call, (*arrays, *mapped), batch_size=examples if examples > 1 else None)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -430,10 +462,10 @@ def _flash(cfg, q, k, v, bias, mask, q_len, kv_len):
 
 
 def _flash_fwd(cfg, q, k, v, bias, mask, q_len, kv_len):
-    def unit(q, k, v, q_len, kv_len, bias, mask):
-        return _unit_forward(cfg, q, k, v, bias, mask, q_len, kv_len)
+    def example(q, k, v, q_len, kv_len, bias, mask):
+        return _example_forward(cfg, q, k, v, bias, mask, q_len, kv_len)
 
-    out, lse = _map_units(cfg, unit, (q, k, v, q_len, kv_len), bias, mask)
+    out, lse = _map_examples(cfg, example, (q, k, v, q_len, kv_len), bias, mask)
     return out, (q, k, v, bias, mask, q_len, kv_len, out, lse)
 
 
@@ -442,11 +474,23 @@ def _flash_bwd(cfg, res, d_out):
 
     bcfg = cfg.for_backward()
 
-    def unit(q, k, v, q_len, kv_len, out, lse, d_out, bias, mask):
-        return _unit_backward(bcfg, q, k, v, bias, mask, q_len, kv_len, out, lse, d_out)
+    def example(q, k, v, q_len, kv_len, lse, delta, d_out, bias, mask):
+        return _example_backward(bcfg, q, k, v, bias, mask, q_len, kv_len, lse, delta, d_out)
 
-    arrays = (q, k, v, q_len, kv_len, out, lse, d_out)
-    dq, dk, dv, dbias = _map_units(cfg, unit, arrays, bias, mask)
+    # delta_t = sum_h dO_th O_th = sum_s P_ts dP_ts, the softmax backward's row term.
+    B, Tp, N, _ = q.shape
+    K = k.shape[2]
+    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [B, Tp, N]
+    delta = jnp.swapaxes(delta.reshape(B, Tp, K, N // K), 1, 2).reshape(B, K, -1)
+    arrays = (q, k, v, q_len, kv_len, lse, delta, d_out)
+    dq, dk, dv, dbias = _map_examples(cfg, example, arrays, bias, mask)
+    # [B, K, H, Tp * G] -> [B, Tp, K, G, H] (with no size-1 G axis: see _swap01)
+    G = N // K
+    if G == 1:
+        dq = jnp.transpose(dq, (0, 3, 1, 2))
+    else:
+        dq = jnp.transpose(dq.reshape(B, K, -1, Tp, G), (0, 3, 1, 4, 2))
+    dq = dq.reshape(q.shape)
     if dbias is not None:
         if bias.shape[0] == 1:
             dbias = jnp.sum(dbias, axis=0, keepdims=True)
@@ -470,16 +514,13 @@ def _pad_axis(x: Array | None, axis: int, size: int, *, broadcast: bool = False)
     return jnp.pad(x, widths)
 
 
-def _to_units(x: Array | None, B: int, K: int, G: int, T: int, S: int) -> Array | None:
-    """`[B|1, N|1, T|1, S|1]` -> `[U|1, G|1, Tp|1, Sp|1]` with U = B * K."""
+def _per_head_group(x: Array | None, K: int, G: int, T: int, S: int) -> Array | None:
+    """`[B|1, N|1, T|1, S|1]` -> `[B|1, K|1, G|1, Tp|1, Sp|1]`, as the kernel takes it."""
     if x is None:
         return None
     b, n = x.shape[:2]
-    x = x[:, :, None] if n == 1 else x.reshape(b, K, G, *x.shape[2:])  # [b, k, g, t, s]
-    if x.shape[:2] != (1, 1):
-        x = jnp.broadcast_to(x, (B, K, *x.shape[2:]))
-    x = x.reshape(-1, *x.shape[2:])
-    return _pad_axis(_pad_axis(x, 2, T, broadcast=True), 3, S, broadcast=True)
+    x = x[:, None] if n == 1 else x.reshape(b, K, G, *x.shape[2:])
+    return _pad_axis(_pad_axis(x, 3, T, broadcast=True), 4, S, broadcast=True)
 
 
 def chunked_from_prepared(
@@ -497,7 +538,7 @@ def chunked_from_prepared(
       `[B, T, N, H]` (or `[T, N, H]` for unbatched input).
     """
     query, key, value = p["query"], p["key"], p["value"]
-    B, T, N, H = query.shape
+    B, T, N = query.shape[:3]
     S, K = key.shape[1], key.shape[2]
     G = N // K
     for name, size in (
@@ -515,7 +556,7 @@ def chunked_from_prepared(
     bwd_k = backward_block_k or block_k or auto_bk
     block_q, block_k = block_q or auto_q, block_k or auto_k
     units = DEFAULT_UNITS_PER_STEP if units_per_step is None else units_per_step
-    units = min(_check_block("units_per_step", units), B * K)
+    units = _check_block("units_per_step", units)
     scale = p["scale"]
     if not isinstance(scale, float):
         raise ValueError(
@@ -545,13 +586,10 @@ def chunked_from_prepared(
         (bwd_q, bwd_k),
     )
 
-    # [B, T, N, H] -> [U, G, Tp, H]; [B, S, K, H] -> [U, Sp, H]
-    q = _pad_axis(query.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4), 3, Tp)
-    q = q.reshape(B * K, G, Tp, H)
-    k = _pad_axis(key.transpose(0, 2, 1, 3), 2, Sp).reshape(B * K, Sp, H)
-    v = _pad_axis(value.transpose(0, 2, 1, 3), 2, Sp).reshape(B * K, Sp, H)
-    bias = _to_units(p["bias"], B, K, G, Tp, Sp)
-    mask = _to_units(p["mask"], B, K, G, Tp, Sp)
+    q = _pad_axis(query, 1, Tp)
+    k, v = _pad_axis(key, 1, Sp), _pad_axis(value, 1, Sp)
+    bias = _per_head_group(p["bias"], K, G, Tp, Sp)
+    mask = _per_head_group(p["mask"], K, G, Tp, Sp)
     # Padding rows and columns are dead through the lengths, which always exist here.
     q_len = jnp.full((B,), T, jnp.int32)
     kv_len = jnp.full((B,), S, jnp.int32)
@@ -559,10 +597,8 @@ def chunked_from_prepared(
         q_len = jnp.minimum(p["query_seq_lengths"], T)
     if p["key_value_seq_lengths"] is not None:
         kv_len = jnp.minimum(p["key_value_seq_lengths"], S)
-    q_len, kv_len = jnp.repeat(q_len, K), jnp.repeat(kv_len, K)  # [U]
 
-    out = _flash(cfg, q, k, v, bias, mask, q_len, kv_len)  # [U, G, Tp, H]
-    out = out.reshape(B, K, G, Tp, H)[:, :, :, :T].transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
+    out = _flash(cfg, q, k, v, bias, mask, q_len, kv_len)[:, :T]  # [B, T, N, H]
     return out[0] if p["unbatched"] else out
 
 
@@ -612,8 +648,9 @@ def chunked_attention(
       backward_block_q, backward_block_k: the backward pass's block sizes;
         if None, `block_q` / `block_k` where given, else chosen from T / S.
         The lengths are padded to multiples of both passes' sizes.
-      units_per_step: how many (example, key/value head) pairs each loop step
-        processes together (default 8).
+      units_per_step: about how many (example, key/value head) pairs each
+        loop step processes together (default 8): a step takes
+        max(1, units_per_step // K) whole examples.
 
     Returns:
       `[B, T, N, H]` (or `[T, N, H]`), dtype of `query`.

@@ -15,8 +15,8 @@ output with zero gradients for query rows with no live key.
 The kernel works on one example at a time (`lax.map` over the batch), with
 all its K key/value heads, each with G = N // K query heads, together. It
 reads the inputs in their own `[B, T, N, H]` layout and writes the outputs in
-it: only the blocks are brought into the products' head-major layout, one at
-a time, never a whole array.
+it: a loop step brings only its own example into the products' head-major
+layout, so no transposed copy of a whole array is made.
 
 References:
   Rabe & Staats, "Self-attention Does Not Need O(n^2) Memory", 2021.
@@ -411,11 +411,9 @@ def _example_backward(cfg, q, k, v, bias, mask, q_len, kv_len, lse, delta, d_out
     (dq_t, dbias), (dk, dv) = lax.scan(
         kv_block, carry, jnp.arange(cfg.num_k_blocks, dtype=jnp.int32)
     )
-    # dq^T [K, H, Tp * G] as it is: the caller brings all examples' dq into
-    # [B, Tp, N, H] with one transpose (XLA:CPU runs it several times slower
-    # fused into the loop's output).
-    dq = dq_t
-    return dq, dk.reshape(-1, K, H), dv.reshape(-1, K, H), dbias  # [nk, bk, ...] -> [Sp, ...]
+    # dq^T as it is: the caller brings all examples' dq into [B, Tp, N, H] with
+    # one transpose (XLA:CPU runs it several times slower fused into the loop's output).
+    return dq_t, dk.reshape(-1, K, H), dv.reshape(-1, K, H), dbias  # [nk, bk, ...] -> [Sp, ...]
 
 
 def _add_block(full: Array, block: Array, starts: dict[int, Array]) -> Array:

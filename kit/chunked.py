@@ -478,12 +478,12 @@ def _flash_bwd(cfg, res, d_out):
     # delta_t = sum_h dO_th O_th = sum_s P_ts dP_ts, the softmax backward's row term.
     B, Tp, N, _ = q.shape
     K = k.shape[2]
+    G = N // K
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [B, Tp, N]
-    delta = jnp.swapaxes(delta.reshape(B, Tp, K, N // K), 1, 2).reshape(B, K, -1)
+    delta = jnp.swapaxes(delta.reshape(B, Tp, K, G), 1, 2).reshape(B, K, -1)
     arrays = (q, k, v, q_len, kv_len, lse, delta, d_out)
     dq, dk, dv, dbias = _map_examples(cfg, example, arrays, bias, mask)
     # [B, K, H, Tp * G] -> [B, Tp, K, G, H] (with no size-1 G axis: see _swap01)
-    G = N // K
     if G == 1:
         dq = jnp.transpose(dq, (0, 3, 1, 2))
     else:

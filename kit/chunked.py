@@ -12,11 +12,12 @@ Semantics are those of `kit.dot_product_attention` (see `kit.attention`):
 float32 scores and softmax statistics, a finite mask value, and exactly zero
 output with zero gradients for query rows with no live key.
 
-The kernel works on one example at a time (`lax.map` over the batch), with
-all its K key/value heads, each with G = N // K query heads, together. It
-reads the inputs in their own `[B, T, N, H]` layout and writes the outputs in
-it: a loop step brings only its own example into the products' head-major
-layout, so no transposed copy of a whole array is made.
+The kernel works on one example at a time (`lax.map` over the example
+indices), with all its K key/value heads, each with G = N // K query heads,
+together. It reads the inputs in their own `[B, T, N, H]` layout and writes
+the outputs in it: each block is read straight from the whole input and
+brought into the products' head-major layout on its own, so no transposed
+copy of an example, let alone of a whole array, is made.
 
 References:
   Rabe & Staats, "Self-attention Does Not Need O(n^2) Memory", 2021.
@@ -88,12 +89,12 @@ def default_block_sizes(
 
 
 # --------------------------------------------------------------------------
-# One example: its K key/value heads, each with G query heads. It comes in the
-# layout of the inputs: q `[Tp, N, H]`, k and v `[Sp, K, H]`, bias and mask
-# `[K|1, G|1, Tp|1, Sp|1]`, lengths scalars; the kernel brings the example's
-# q, k and v into head-major `[K, ...]` layout (one example at a time, never
-# a whole array), where a query's G heads are consecutive rows: q
-# `[K, Tp * G, H]` in (position, head) order.
+# One example b: its K key/value heads, each with G query heads. The kernel
+# reads its blocks from the whole inputs in their own layout, q `[B, Tp, N, H]`
+# and k, v `[B, Sp, K, H]`, and brings each block into head-major `[K, ...]`
+# layout, where a query's G heads are consecutive rows: a query block is
+# `[K, bq * G, H]` in (position, head) order. Bias and mask come per example,
+# `[K|1, G|1, Tp|1, Sp|1]`, and the lengths as scalars.
 
 
 def _slice(x: Array | None, start: Array, size: int, axis: int) -> Array | None:
@@ -197,8 +198,8 @@ def _q_range(cfg, j, q_len, kv_len) -> tuple[Array, Array, Array]:
     return lo, hi, hi
 
 
-def _example_forward(cfg, q, k, v, bias, mask, q_len, kv_len):
-    """Returns out `[Tp, N, H]` (q's dtype) and lse `[K, Tp * G]` (float32).
+def _example_forward(cfg, b, q, k, v, bias, mask, q_len, kv_len):
+    """Returns example b's out `[Tp, N, H]` (q's dtype) and lse `[K, Tp * G]` (float32).
 
     Each query block's G heads are flattened into bq * G rows, so that a block
     is one `[bq * G, H] x [H, bk]` product per key/value head and the softmax
@@ -206,19 +207,18 @@ def _example_forward(cfg, q, k, v, bias, mask, q_len, kv_len):
     exponential is exactly 0, and since the running max starts at the finite
     MASK_VALUE, a row with no live key so far stays at m = MASK_VALUE, l = 0.
     """
-    Tp, N, H = q.shape
-    K = k.shape[1]
+    _, Tp, N, H = q.shape
+    K = k.shape[2]
     G = N // K
     bq, bk = cfg.block_q, cfg.block_k
     scale = jnp.float32(cfg.scale)
-    q, k, v = _head_major(q, K), _swap01(k), _swap01(v)  # [K, Tp * G, H], [K, Sp, H]
 
     # In float32 the scale goes into the query block (one pass per query block):
     # scaling each score block instead makes XLA keep a scaled copy for the row max.
     fold_scale = q.dtype == jnp.float32
 
     def q_block(_, i):
-        q_blk = lax.dynamic_slice_in_dim(q, i * bq * G, bq * G, axis=1)
+        q_blk = _head_major(_example_rows(q, b, i * bq, bq), K)
         if fold_scale:
             q_blk = q_blk * scale
         bias_i, mask_i = _slice(bias, i * bq, bq, axis=2), _slice(mask, i * bq, bq, axis=2)
@@ -234,8 +234,8 @@ def _example_forward(cfg, q, k, v, bias, mask, q_len, kv_len):
                 return x if x is None or x.shape[2] == 1 else x[:, :, first:]
 
             m, l, acc = map(part, carry)  # [K, rows * G], [K, rows * G], [K, rows * G, H]
-            k_blk = lax.dynamic_slice_in_dim(k, j * bk, bk, axis=1)  # [K, bk, H]
-            v_blk = lax.dynamic_slice_in_dim(v, j * bk, bk, axis=1)
+            k_blk = _swap01(_example_rows(k, b, j * bk, bk))  # [K, bk, H]
+            v_blk = _swap01(_example_rows(v, b, j * bk, bk))
             s = jnp.einsum(  # [K, rows * G, H] x [K, bk, H] -> [K, rows * G, bk]
                 "uch,ush->ucs", part(q_blk), k_blk, preferred_element_type=jnp.float32
             )
@@ -300,9 +300,9 @@ def _live_t(cfg, i, j, q_len, kv_len, mask_t, rows=None) -> Array:
     return live if mask_t is None else live & mask_t
 
 
-def _example_backward(cfg, q, k, v, bias, mask, q_len, kv_len, lse, delta, d_out):
-    """Returns dq^T `[K, H, Tp * G]`, dk and dv `[Sp, K, H]` in float32 and dbias
-    `[K|1, G|1, Tp|1, Sp|1]` (or None); lse and delta are `[K, Tp * G]`.
+def _example_backward(cfg, b, q, k, v, bias, mask, q_len, kv_len, lse, delta, d_out):
+    """Returns example b's dq^T `[K, H, Tp * G]`, dk and dv `[Sp, K, H]` in float32
+    and dbias `[K|1, G|1, Tp|1, Sp|1]` (or None); lse and delta are `[B, K, Tp * G]`.
 
     The backward works in the transposed layout: block scores are
     `[K, bk, bq, G]` (key rows, query columns), so that every product is a
@@ -311,20 +311,18 @@ def _example_backward(cfg, q, k, v, bias, mask, q_len, kv_len, lse, delta, d_out
     (dv and dk) contract the query axis of P and dS, and XLA copies each block
     into a transpose first.
     """
-    Tp, N, H = q.shape
-    K = k.shape[1]
+    _, Tp, N, H = q.shape
+    K = k.shape[2]
     G = N // K
     bq, bk = cfg.block_q, cfg.block_k
     scale = jnp.float32(cfg.scale)
-    q, d_out = _head_major(q, K), _head_major(d_out, K)  # [K, Tp * G, H]
-    k, v = _swap01(k), _swap01(v)  # [K, Sp, H]
 
     def transposed(x):  # [K|1, G|1, bq|1, bk|1] -> [K|1, bk|1, bq|1, G|1]
         return None if x is None else jnp.transpose(x, (0, 3, 2, 1))
 
     def kv_block(carry, j):
-        k_blk = lax.dynamic_slice_in_dim(k, j * bk, bk, axis=1)  # [K, bk, H]
-        v_blk = lax.dynamic_slice_in_dim(v, j * bk, bk, axis=1)
+        k_blk = _swap01(_example_rows(k, b, j * bk, bk))  # [K, bk, H]
+        v_blk = _swap01(_example_rows(v, b, j * bk, bk))
         k_blk_t = jnp.swapaxes(k_blk, 1, 2)  # [K, H, bk], small
         bias_j, mask_j = _slice(bias, j * bk, bk, axis=3), _slice(mask, j * bk, bk, axis=3)
 
@@ -333,10 +331,10 @@ def _example_backward(cfg, q, k, v, bias, mask, q_len, kv_len, lse, delta, d_out
             dk, dv, dq_t, dbias = inner
             k_rows, v_rows, k_rows_t = k_blk[:, :rows], v_blk[:, :rows], k_blk_t[..., :rows]
             # [K, bq * G, H]: query columns in (position, head) order.
-            q_blk = lax.dynamic_slice_in_dim(q, i * bq * G, bq * G, axis=1)
-            do_blk = lax.dynamic_slice_in_dim(d_out, i * bq * G, bq * G, axis=1)
-            lse_blk = lax.dynamic_slice_in_dim(lse, i * bq * G, bq * G, axis=1)
-            delta_blk = lax.dynamic_slice_in_dim(delta, i * bq * G, bq * G, axis=1)
+            q_blk = _head_major(_example_rows(q, b, i * bq, bq), K)
+            do_blk = _head_major(_example_rows(d_out, b, i * bq, bq), K)
+            lse_blk = lax.dynamic_slice(lse, (b, 0, i * bq * G), (1, K, bq * G))[0]
+            delta_blk = lax.dynamic_slice(delta, (b, 0, i * bq * G), (1, K, bq * G))[0]
             lse_blk, delta_blk = lse_blk.reshape(K, 1, bq, G), delta_blk.reshape(K, 1, bq, G)
             s = (
                 jnp.einsum(  # [K, rows, H] x [K, bq * G, H] -> [K, rows, bq * G]
@@ -438,20 +436,26 @@ def _add_bias_grad(dbias: Array, ds: Array, t0: Array, s0: Array) -> Array:
 # examples) is closed over, not copied per example.
 
 
-def _map_examples(cfg, fn, arrays, bias, mask):
-    """lax.map of `fn(*example_arrays, example_bias, example_mask)` over the examples."""
+def _map_examples(cfg, fn, B, K, bias, mask):
+    """lax.map of `fn(b, example_bias, example_mask)` over the example indices b."""
     shared = [None if x is None or x.shape[0] != 1 else x[0] for x in (bias, mask)]
     mapped = [None if x is None or x.shape[0] == 1 else x for x in (bias, mask)]
 
     def call(example):
-        *example_arrays, example_bias, example_mask = example
+        b, example_bias, example_mask = example
         example_bias = shared[0] if example_bias is None else example_bias
         example_mask = shared[1] if example_mask is None else example_mask
-        return fn(*example_arrays, example_bias, example_mask)
+        return fn(b, example_bias, example_mask)
 
-    K = arrays[1].shape[2]  # k [B, Sp, K, H]
     examples = max(1, cfg.units_per_step // K)
-    return lax.map(call, (*arrays, *mapped), batch_size=examples if examples > 1 else None)
+    indices = jnp.arange(B, dtype=jnp.int32)
+    return lax.map(call, (indices, *mapped), batch_size=examples if examples > 1 else None)
+
+
+def _example_rows(x: Array, b: Array, start: Array, size: int) -> Array:
+    """`x[b, start:start + size]`: one block of positions of example b, read in place."""
+    index = (b, start) + (0,) * (x.ndim - 2)
+    return lax.dynamic_slice(x, index, (1, size, *x.shape[2:]))[0]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -460,10 +464,10 @@ def _flash(cfg, q, k, v, bias, mask, q_len, kv_len):
 
 
 def _flash_fwd(cfg, q, k, v, bias, mask, q_len, kv_len):
-    def example(q, k, v, q_len, kv_len, bias, mask):
-        return _example_forward(cfg, q, k, v, bias, mask, q_len, kv_len)
+    def example(b, bias, mask):
+        return _example_forward(cfg, b, q, k, v, bias, mask, q_len[b], kv_len[b])
 
-    out, lse = _map_examples(cfg, example, (q, k, v, q_len, kv_len), bias, mask)
+    out, lse = _map_examples(cfg, example, q.shape[0], k.shape[2], bias, mask)
     return out, (q, k, v, bias, mask, q_len, kv_len, out, lse)
 
 
@@ -472,8 +476,10 @@ def _flash_bwd(cfg, res, d_out):
 
     bcfg = cfg.for_backward()
 
-    def example(q, k, v, q_len, kv_len, lse, delta, d_out, bias, mask):
-        return _example_backward(bcfg, q, k, v, bias, mask, q_len, kv_len, lse, delta, d_out)
+    def example(b, bias, mask):
+        return _example_backward(
+            bcfg, b, q, k, v, bias, mask, q_len[b], kv_len[b], lse, delta, d_out
+        )
 
     # delta_t = sum_h dO_th O_th = sum_s P_ts dP_ts, the softmax backward's row term.
     B, Tp, N, _ = q.shape
@@ -481,8 +487,7 @@ def _flash_bwd(cfg, res, d_out):
     G = N // K
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [B, Tp, N]
     delta = jnp.swapaxes(delta.reshape(B, Tp, K, G), 1, 2).reshape(B, K, -1)
-    arrays = (q, k, v, q_len, kv_len, lse, delta, d_out)
-    dq, dk, dv, dbias = _map_examples(cfg, example, arrays, bias, mask)
+    dq, dk, dv, dbias = _map_examples(cfg, example, B, K, bias, mask)
     # [B, K, H, Tp * G] -> [B, Tp, K, G, H] (with no size-1 G axis: see _swap01)
     if G == 1:
         dq = jnp.transpose(dq, (0, 3, 1, 2))

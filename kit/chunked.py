@@ -333,9 +333,10 @@ def _example_backward(cfg, b, q, k, v, bias, mask, q_len, kv_len, lse, delta, d_
             # [K, bq * G, H]: query columns in (position, head) order.
             q_blk = _head_major(_example_rows(q, b, i * bq, bq), K)
             do_blk = _head_major(_example_rows(d_out, b, i * bq, bq), K)
-            lse_blk = lax.dynamic_slice(lse, (b, 0, i * bq * G), (1, K, bq * G))[0]
-            delta_blk = lax.dynamic_slice(delta, (b, 0, i * bq * G), (1, K, bq * G))[0]
-            lse_blk, delta_blk = lse_blk.reshape(K, 1, bq, G), delta_blk.reshape(K, 1, bq, G)
+            lse_blk, delta_blk = (  # [B, K, Tp * G] -> [K, 1, bq, G]
+                lax.dynamic_slice(x, (b, 0, i * bq * G), (1, K, bq * G)).reshape(K, 1, bq, G)
+                for x in (lse, delta)
+            )
             s = (
                 jnp.einsum(  # [K, rows, H] x [K, bq * G, H] -> [K, rows, bq * G]
                     "ush,uch->usc", k_rows, q_blk, preferred_element_type=jnp.float32

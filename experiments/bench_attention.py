@@ -32,6 +32,7 @@ from absl import app, flags
 from flax import nnx
 
 import kit
+from kit.attention import blocks
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("lengths", ["512", "1024", "2048", "4096", "8192"], "Lengths T = S.")
@@ -90,7 +91,7 @@ def matmul_peak(dtype):
 
 
 # The chunked forward's block shape at long lengths: units per step, block_q, block_k.
-BLOCKS = (kit.chunked.DEFAULT_UNITS_PER_STEP, *kit.chunked.default_block_sizes(8192, 8192))
+BLOCKS = (blocks.DEFAULT_UNITS_PER_STEP, *blocks.default_block_sizes(8192, 8192))
 
 
 def block_matmul_rate(dtype, iterations=32):

@@ -5,6 +5,7 @@ from kit.attention import (
     attention_logits,
     attention_weights,
     causal_mask,
+    chunked_attention,
     combine_masks,
     dot_product_attention,
     init_attention_params,
@@ -17,7 +18,6 @@ from kit.attention import (
     project_qkv,
     single_head_attention,
 )
-from kit.chunked import chunked_attention
 
 __all__ = [
     "MASK_VALUE",

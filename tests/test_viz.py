@@ -4,6 +4,11 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -193,6 +198,45 @@ def test_attention_html_rejects_bad_examples(edit, match):
         viz.attention_html(examples)
 
 
+_ASSETS = ("viewer.html", "viewer.css", "viewer.js")
+
+
+def test_attention_html_inlines_the_asset_files():
+    page = viz.attention_html(make_examples("self", batch=1))
+    assets = Path(viz.__file__).parent / "assets"
+    for name in ("viewer.css", "viewer.js"):
+        text = (assets / name).read_text(encoding="utf-8")
+        assert text.strip() and text.strip() in page
+    assert "__STYLE__" not in page and "__SCRIPT__" not in page
+
+
+@pytest.mark.slow
+def test_wheel_ships_the_viewer_assets(tmp_path):
+    # Built from a copy: pip builds in the source tree, and the build/ and
+    # *.egg-info it leaves behind (stale files in build/lib reach later wheels)
+    # have no place in the checkout. Plain `pip wheel` builds in an isolated
+    # environment with the build requirements pyproject.toml names.
+    root = Path(__file__).resolve().parents[1]
+    source = tmp_path / "source"
+    shutil.copytree(root / "kit", source / "kit", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md", "setup.py", "setup.cfg", "MANIFEST.in"):
+        if (root / name).exists():
+            shutil.copy2(root / name, source / name)
+    out = tmp_path / "wheel"
+    command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(source)]
+    start = time.perf_counter()
+    build = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    seconds = time.perf_counter() - start
+    assert build.returncode == 0, f"{' '.join(command)} failed:\n{build.stdout}\n{build.stderr}"
+    (wheel,) = out.glob("kit-*.whl")
+    print(f"wheel built in {seconds:.1f} s: {wheel.name}")
+    with zipfile.ZipFile(wheel) as zf:
+        for name in _ASSETS:
+            member = f"kit/assets/{name}"
+            assert member in zf.namelist(), f"{member} missing from {wheel.name}"
+            assert zf.read(member) == (root / "kit" / "assets" / name).read_bytes(), member
+
+
 # --------------------------------------------------------------------------
 # attention_rollout
 
@@ -320,6 +364,7 @@ def readout(page):
     return {tok: {int(n): float(v) for n, v in cells} for tok, cells in rows}
 
 
+@pytest.mark.browser
 def test_viewer_heads_layers_and_hover(open_page):
     (example,) = make_examples("self", batch=1, L=2, N=3, T=5)
     entry = example["attention"]["self"]
@@ -349,6 +394,7 @@ def test_viewer_heads_layers_and_hover(open_page):
     assert readout(page) == want
 
 
+@pytest.mark.browser
 def test_viewer_examples_sets_and_escaped_tokens(open_page):
     examples = make_examples("cross", batch=3, L=1, N=2, T=3, S=5)
     for b, example in enumerate(examples):

@@ -1,0 +1,55 @@
+"""Scaled dot-product attention as pure JAX functions (no flax, no flags, no prints).
+
+Shape letters: B batch, T query length, S key/value length, N query heads,
+K key/value heads (K divides N; G = N // K query heads share one key/value
+head), H head dim, D model dim.
+
+Modules, whose imports run one way (masks <- inputs <- {core, chunked} <- api
+<- projections):
+
+- `masks`: causal, sliding-window and padding masks, `combine_masks`;
+- `inputs`: the argument checks and the checked inputs (`Inputs`);
+- `core`: float32 masked softmax, the single-head core and its vmap over heads
+  and batch (the materialized "xla" path);
+- `blocks`, `flash_forward`, `flash_backward`, `chunked`: the memory-efficient
+  (flash-style) path with its own VJP;
+- `api`: `dot_product_attention`, `attention_weights`, `chunked_attention`;
+- `projections`: Q/K/V and output projections, `init_attention_params`,
+  functional `multi_head_attention`.
+"""
+
+from kit.attention.api import attention_weights, chunked_attention, dot_product_attention
+from kit.attention.core import attention_logits, masked_softmax, single_head_attention
+from kit.attention.masks import (
+    MASK_VALUE,
+    causal_mask,
+    combine_masks,
+    local_window_mask,
+    padding_mask,
+)
+from kit.attention.projections import (
+    init_attention_params,
+    multi_head_attention,
+    project_heads,
+    project_output,
+    project_qkv,
+)
+
+__all__ = [
+    "MASK_VALUE",
+    "attention_logits",
+    "attention_weights",
+    "causal_mask",
+    "chunked_attention",
+    "combine_masks",
+    "dot_product_attention",
+    "init_attention_params",
+    "local_window_mask",
+    "masked_softmax",
+    "multi_head_attention",
+    "padding_mask",
+    "project_heads",
+    "project_output",
+    "project_qkv",
+    "single_head_attention",
+]

@@ -1,0 +1,213 @@
+"""Memory-efficient (flash-style) attention in pure JAX, with its own VJP.
+
+Queries and keys/values are processed in blocks with an online softmax
+(running max m and sum l), so no `[T, S]` array is ever formed; the backward
+pass recomputes each block's scores from the saved log-sum-exp, so the
+residuals are O(T), not O(T * S). Blocks wholly outside a causal or window
+mask, or wholly beyond the sequence lengths, are skipped by the loop bounds,
+not computed and masked; where the causal structure is the only mask, a block
+on the diagonal computes only its rows that can be live.
+
+Semantics are those of `kit.dot_product_attention` (see `kit.attention`):
+float32 scores and softmax statistics, a finite mask value, and exactly zero
+output with zero gradients for query rows with no live key.
+
+The kernel works on one example at a time (`lax.map` over the example
+indices), with all its K key/value heads, each with G = N // K query heads,
+together. It reads the inputs in their own `[B, T, N, H]` layout and writes
+the outputs in it: each block is read straight from the whole input and
+brought into the products' head-major layout on its own, so no transposed
+copy of an example, let alone of a whole array, is made.
+
+References:
+  Rabe & Staats, "Self-attention Does Not Need O(n^2) Memory", 2021.
+  Dao et al., "FlashAttention: Fast and Memory-Efficient Exact Attention with
+  IO-Awareness", 2022. Dao, "FlashAttention-2", 2023.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from kit.attention.blocks import DEFAULT_UNITS_PER_STEP, BlockConfig, default_block_sizes
+from kit.attention.flash_backward import example_backward
+from kit.attention.flash_forward import example_forward
+from kit.attention.inputs import Inputs
+
+Array = jax.Array
+
+# All examples: lax.map over the examples, max(1, units_per_step // K) at a
+# time. Arrays keep the layout of the inputs: q, out and d_out [B, Tp, N, H],
+# k and v [B, Sp, K, H]; lse and delta are [B, K, Tp * G], lengths [B];
+# bias and mask [B|1, K|1, G|1, Tp|1, Sp|1], where a leading 1 (shared by all
+# examples) is closed over, not copied per example.
+
+
+def _map_examples(cfg, fn, B, K, bias, mask):
+    """lax.map of `fn(b, example_bias, example_mask)` over the example indices b."""
+    shared = [None if x is None or x.shape[0] != 1 else x[0] for x in (bias, mask)]
+    mapped = [None if x is None or x.shape[0] == 1 else x for x in (bias, mask)]
+
+    def call(example):
+        b, example_bias, example_mask = example
+        example_bias = shared[0] if example_bias is None else example_bias
+        example_mask = shared[1] if example_mask is None else example_mask
+        return fn(b, example_bias, example_mask)
+
+    examples = max(1, cfg.units_per_step // K)
+    indices = jnp.arange(B, dtype=jnp.int32)
+    return lax.map(call, (indices, *mapped), batch_size=examples if examples > 1 else None)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash(cfg, q, k, v, bias, mask, q_len, kv_len):
+    return _flash_fwd(cfg, q, k, v, bias, mask, q_len, kv_len)[0]
+
+
+def _flash_fwd(cfg, q, k, v, bias, mask, q_len, kv_len):
+    def example(b, bias, mask):
+        return example_forward(cfg, b, q, k, v, bias, mask, q_len[b], kv_len[b])
+
+    out, lse = _map_examples(cfg, example, q.shape[0], k.shape[2], bias, mask)
+    return out, (q, k, v, bias, mask, q_len, kv_len, out, lse)
+
+
+def _flash_bwd(cfg, res, d_out):
+    q, k, v, bias, mask, q_len, kv_len, out, lse = res
+
+    bcfg = cfg.for_backward()
+
+    def example(b, bias, mask):
+        return example_backward(
+            bcfg, b, q, k, v, bias, mask, q_len[b], kv_len[b], lse, delta, d_out
+        )
+
+    # delta_t = sum_h dO_th O_th = sum_s P_ts dP_ts, the softmax backward's row term.
+    B, Tp, N, _ = q.shape
+    K = k.shape[2]
+    G = N // K
+    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [B, Tp, N]
+    delta = jnp.swapaxes(delta.reshape(B, Tp, K, G), 1, 2).reshape(B, K, -1)
+    dq, dk, dv, dbias = _map_examples(cfg, example, B, K, bias, mask)
+    # [B, K, H, Tp * G] -> [B, Tp, K, G, H] (with no size-1 G axis: see swap01)
+    if G == 1:
+        dq = jnp.transpose(dq, (0, 3, 1, 2))
+    else:
+        dq = jnp.transpose(dq.reshape(B, K, -1, Tp, G), (0, 3, 1, 4, 2))
+    dq = dq.reshape(q.shape)
+    if dbias is not None:
+        if bias.shape[0] == 1:
+            dbias = jnp.sum(dbias, axis=0, keepdims=True)
+        dbias = dbias.astype(bias.dtype)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dbias, None, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def _pad_axis(x: Array | None, axis: int, size: int, *, broadcast: bool = False) -> Array | None:
+    """Zero-pads `axis` to `size`; with `broadcast`, a size-1 (broadcast) axis stays 1."""
+    if x is None or x.shape[axis] == size or (broadcast and x.shape[axis] == 1):
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, widths)
+
+
+def _per_head_group(x: Array | None, K: int, G: int, T: int, S: int) -> Array | None:
+    """`[B|1, N|1, T|1, S|1]` -> `[B|1, K|1, G|1, Tp|1, Sp|1]`, as the kernel takes it."""
+    if x is None:
+        return None
+    b, n = x.shape[:2]
+    x = x[:, None] if n == 1 else x.reshape(b, K, G, *x.shape[2:])
+    return _pad_axis(_pad_axis(x, 3, T, broadcast=True), 4, S, broadcast=True)
+
+
+def chunked_from_inputs(
+    x: Inputs,
+    *,
+    block_q: int | None = None,
+    block_k: int | None = None,
+    backward_block_q: int | None = None,
+    backward_block_k: int | None = None,
+    units_per_step: int | None = None,
+) -> Array:
+    """Runs the chunked kernel on checked inputs (`x.value` must be given).
+
+    Returns:
+      `[B, T, N, H]` (or `[T, N, H]` for unbatched input).
+
+    Raises:
+      ValueError: for a non-positive block size or a traced scale, naming it.
+    """
+    query, key, value = x.query, x.key, x.value
+    B, T, N = query.shape[:3]
+    S, K = key.shape[1], key.shape[2]
+    G = N // K
+    for name, size in (
+        ("block_q", block_q),
+        ("block_k", block_k),
+        ("backward_block_q", backward_block_q),
+        ("backward_block_k", backward_block_k),
+    ):
+        if size is not None:
+            _check_block(name, size)
+    # Unset backward sizes follow the forward ones where those were given.
+    auto_q, auto_k = default_block_sizes(T, S)
+    auto_bq, auto_bk = default_block_sizes(T, S, backward=True)
+    bwd_q = backward_block_q or block_q or auto_bq
+    bwd_k = backward_block_k or block_k or auto_bk
+    block_q, block_k = block_q or auto_q, block_k or auto_k
+    units = DEFAULT_UNITS_PER_STEP if units_per_step is None else units_per_step
+    units = _check_block("units_per_step", units)
+    scale = x.scale
+    if not isinstance(scale, float):
+        raise ValueError(
+            f"scale: the chunked path needs a Python number, got a {type(scale).__name__}"
+        )
+    # Padded lengths: multiples of the forward and the backward block sizes.
+    step_q, step_k = math.lcm(block_q, bwd_q), math.lcm(block_k, bwd_k)
+    Tp, Sp = -(-T // step_q) * step_q, -(-S // step_k) * step_k
+    num_q, num_k = Tp // block_q, Sp // block_k
+    structural_only = (
+        x.mask is None and not x.lengths_given and x.window is None and (Tp, Sp) == (T, S)
+    )
+    cfg = BlockConfig(
+        scale,
+        x.is_causal,
+        x.window,
+        block_q,
+        block_k,
+        num_q,
+        num_k,
+        structural_only,
+        units,
+        (bwd_q, bwd_k),
+    )
+
+    q = _pad_axis(query, 1, Tp)
+    k, v = _pad_axis(key, 1, Sp), _pad_axis(value, 1, Sp)
+    bias = _per_head_group(x.bias, K, G, Tp, Sp)
+    mask = _per_head_group(x.mask, K, G, Tp, Sp)
+    # Padding rows and columns are dead through the lengths, which always exist here.
+    q_len = jnp.full((B,), T, jnp.int32)
+    kv_len = jnp.full((B,), S, jnp.int32)
+    if x.query_seq_lengths is not None:
+        q_len = jnp.minimum(x.query_seq_lengths, T)
+    if x.key_value_seq_lengths is not None:
+        kv_len = jnp.minimum(x.key_value_seq_lengths, S)
+
+    out = _flash(cfg, q, k, v, bias, mask, q_len, kv_len)[:, :T]  # [B, T, N, H]
+    return x.unbatch(out)
+
+
+def _check_block(name: str, size: Any) -> int:
+    if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+        raise ValueError(f"{name}: expected a positive int, got {size!r}")
+    return size

@@ -1,0 +1,228 @@
+"""The single-head core and its lift to heads and batch: the materialized ("xla") path.
+
+`single_head_attention` works on one example and one head (`[T, H]`, `[S, H]`);
+`map_heads` adds heads and batch with `jax.vmap`, mapping each query head to its
+key/value head for grouped-query attention. `xla_attention` runs the checked
+inputs through them and returns the output and the weights from the same pass.
+
+Shape letters: B batch, T query length, S key/value length, N query heads, K
+key/value heads (G = N // K query heads share one), H head dim.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from kit.attention.inputs import Inputs
+from kit.attention.masks import MASK_VALUE
+
+Array = jax.Array
+
+
+def masked_softmax(logits: Array, mask: Array | None = None) -> Array:
+    """Softmax over the last axis in float32 in which masked entries get weight 0.
+
+    A row with no live entry returns all zeros (not the uniform distribution),
+    and its gradient is zero and finite.
+
+    Args:
+      logits: `[..., S]`.
+      mask: bool, broadcastable to `logits` with the same rank, or None.
+
+    Returns:
+      float32 weights, same shape as `logits`.
+    """
+    logits = logits.astype(jnp.float32)
+    if mask is None:
+        return jax.nn.softmax(logits, axis=-1)
+    return _masked_softmax(logits, mask)
+
+
+@jax.custom_jvp
+def _masked_softmax(logits: Array, mask: Array) -> Array:
+    logits = jnp.where(mask, logits, MASK_VALUE)
+    shift = jnp.max(logits, axis=-1, keepdims=True)
+    unnormalized = jnp.where(mask, jnp.exp(logits - shift), 0.0)
+    total = jnp.sum(unnormalized, axis=-1, keepdims=True)
+    return unnormalized / jnp.where(total > 0, total, 1.0)
+
+
+@_masked_softmax.defjvp
+def _masked_softmax_jvp(primals, tangents):
+    # The softmax derivative, dy = y * (dx - sum(dx * y)), written once so that the
+    # backward pass is one fused expression rather than the chain through exp,
+    # where and the division (1.3x faster causal fwd+bwd at T = 1024 on CPU).
+    # Masked entries and dead rows have y = 0, so their derivative is exactly zero.
+    logits, mask = primals
+    d_logits, _ = tangents
+    weights = _masked_softmax(logits, mask)
+    return weights, weights * (d_logits - jnp.sum(d_logits * weights, axis=-1, keepdims=True))
+
+
+def attention_logits(
+    query: Array, key: Array, bias: Array | None = None, *, scale: float | Array
+) -> Array:
+    """float32 logits of one head: `scale * q k^T + bias`.
+
+    Args:
+      query: `[T, H]`.
+      key: `[S, H]`.
+      bias: optional, broadcastable to `[T, S]` with rank 2.
+      scale: multiplies the dot products.
+
+    Returns:
+      float32 `[T, S]`.
+    """
+    logits = jnp.einsum(
+        "th,sh->ts", query, key, preferred_element_type=jnp.float32
+    )  # [T, H] x [S, H] -> [T, S]
+    logits = logits * jnp.asarray(scale, jnp.float32)
+    if bias is not None:
+        logits = logits + bias.astype(jnp.float32)
+    return logits
+
+
+def single_head_attention(
+    query: Array,
+    key: Array,
+    value: Array,
+    bias: Array | None = None,
+    mask: Array | None = None,
+    *,
+    scale: float | Array | None = None,
+    dropout_rate: float = 0.0,
+    dropout_rng: Array | None = None,
+) -> tuple[Array, Array]:
+    """Attention for one example and one head.
+
+    out = dropout(softmax(scale * q k^T + bias, masked)) v, softmax in float32.
+
+    Args:
+      query: `[T, H]`.
+      key: `[S, H]`.
+      value: `[S, H]`.
+      bias: optional additive bias, broadcastable to `[T, S]` (rank 2).
+      mask: optional bool, True = may attend, broadcastable to `[T, S]` (rank 2).
+      scale: defaults to 1 / sqrt(H).
+      dropout_rate: probability of dropping an attention weight.
+      dropout_rng: PRNG key, needed when `dropout_rate > 0`.
+
+    Returns:
+      out `[T, H]` (dtype of `query`) and the pre-dropout weights `[T, S]`
+      (dtype of `value`). Rows with no live key are exactly zero in both.
+
+    References:
+      Vaswani et al., "Attention Is All You Need", 2017.
+    """
+    if scale is None:
+        scale = 1.0 / math.sqrt(query.shape[-1])
+    weights = masked_softmax(attention_logits(query, key, bias, scale=scale), mask)
+    out = jnp.einsum(
+        "ts,sh->th", _dropout(weights, dropout_rate, dropout_rng).astype(value.dtype), value
+    )  # [T, S] x [S, H] -> [T, H]
+    return out.astype(query.dtype), weights.astype(value.dtype)
+
+
+def _dropout(weights: Array, rate: float, rng: Array | None) -> Array:
+    if rate == 0.0:
+        return weights
+    keep = jax.random.bernoulli(rng, 1.0 - rate, weights.shape)
+    return jnp.where(keep, weights / (1.0 - rate), 0.0)
+
+
+# --------------------------------------------------------------------------
+# Heads and batch by vmap.
+
+
+def _leading(x: Array | None, size: int) -> tuple[Array | None, int | None]:
+    """Unmaps a leading axis of size 1 (shared by all) and maps a full one."""
+    if x is None:
+        return None, None
+    if x.shape[0] == 1 and size != 1:
+        return x[0], None
+    return x, 0
+
+
+def map_heads(
+    head_fn: Callable[..., tuple[Array, Array]],
+    query: Array,
+    key: Array,
+    value: Array | None,
+    bias: Array | None,
+    mask: Array | None,
+    rng: Array | None,
+) -> tuple[Array | None, Array]:
+    """Lifts `head_fn(q [T, H], k [S, H], v [S, H], bias, mask, rng)` to all heads and examples.
+
+    Query head n uses key/value head n // G. bias and mask are `[B|1, N|1, T|1, S|1]`.
+
+    Returns:
+      out `[B, T, N, H]` (None if `head_fn` returns None for it) and weights
+      `[B, N, T, S]`.
+    """
+    B, T, N, H = query.shape
+    K = key.shape[2]
+    G = N // K
+    query = query.reshape(B, T, K, G, H)
+    if value is None:  # the key stands in to give vmap the key/value head axis; it is not read
+        value = key
+
+    def grouped(x: Array | None) -> Array | None:
+        # [B|1, N|1, T, S] -> [B|1, K|1, G|1, T, S]
+        if x is None:
+            return None
+        b, n = x.shape[:2]
+        if n == 1:
+            return x[:, :, None]
+        return x.reshape(b, K, G, *x.shape[2:])
+
+    bias, mask = grouped(bias), grouped(mask)
+    rngs = None if rng is None else jax.random.split(rng, (B, K, G))
+
+    def per_example(q, k, v, b, m, r):  # q [T, K, G, H], k, v [S, K, H], b [K|1, G|1, T, S]
+        def per_kv_head(q, k, v, b, m, r):  # q [T, G, H], k, v [S, H], b [G|1, T, S]
+            def per_query_head(q, b, m, r):  # q [T, H], b [T, S]
+                return head_fn(q, k, v, b, m, r)
+
+            (b, b_ax), (m, m_ax) = _leading(b, G), _leading(m, G)
+            return jax.vmap(per_query_head, in_axes=(1, b_ax, m_ax, 0), out_axes=(1, 0))(
+                q, b, m, r
+            )  # -> out [T, G, H], weights [G, T, S]
+
+        (b, b_ax), (m, m_ax) = _leading(b, K), _leading(m, K)
+        return jax.vmap(per_kv_head, in_axes=(1, 1, 1, b_ax, m_ax, 0), out_axes=(1, 0))(
+            q, k, v, b, m, r
+        )  # -> out [T, K, G, H], weights [K, G, T, S]
+
+    (b, b_ax), (m, m_ax) = _leading(bias, B), _leading(mask, B)
+    out, weights = jax.vmap(per_example, in_axes=(0, 0, 0, b_ax, m_ax, 0))(
+        query, key, value, b, m, rngs
+    )  # -> out [B, T, K, G, H], weights [B, K, G, T, S]
+    out = None if out is None else out.reshape(B, T, N, H)
+    return out, weights.reshape(B, N, T, weights.shape[-1])
+
+
+def xla_attention(
+    x: Inputs, *, dropout_rate: float = 0.0, dropout_rng: Array | None = None
+) -> tuple[Array | None, Array]:
+    """Materialized attention over checked inputs: output and weights from one pass.
+
+    Returns:
+      out `[B, T, N, H]` (None when `x.value` is None) and the pre-dropout
+      weights `[B, N, T, S]`, in the inputs' dtype.
+    """
+
+    def head_fn(q, k, v, b, m, r):
+        if x.value is None:
+            return None, masked_softmax(attention_logits(q, k, b, scale=x.scale), m)
+        return single_head_attention(
+            q, k, v, b, m, scale=x.scale, dropout_rate=dropout_rate, dropout_rng=r
+        )
+
+    rng = dropout_rng if dropout_rate > 0.0 else None
+    out, weights = map_heads(head_fn, x.query, x.key, x.value, x.bias, x.full_mask(), rng)
+    return out, weights.astype(x.query.dtype)

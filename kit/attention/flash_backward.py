@@ -1,0 +1,181 @@
+"""The chunked kernel's backward pass for one example: block scores recomputed
+from the saved log-sum-exp, in the transposed (key, query) layout.
+
+References:
+  Dao, "FlashAttention-2: Faster Attention with Better Parallelism and Work
+  Partitioning", 2023.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from kit.attention.blocks import (
+    add_block,
+    example_rows,
+    head_major,
+    pair_live,
+    positions,
+    slice_block,
+    swap01,
+)
+
+Array = jax.Array
+
+
+def _live_t(cfg, i, j, q_len, kv_len, mask_t, rows=None) -> Array:
+    """bool `[K|1, rows, bq, G|1]`: `_live` in the backward's transposed (key, query)
+    layout, for the first `rows` keys of the block (default all)."""
+    s = positions(j * cfg.block_k, rows or cfg.block_k)[:, None, None]
+    t = positions(i * cfg.block_q, cfg.block_q)[None, :, None]
+    live = pair_live(cfg, t, s, q_len, kv_len)[None]
+    return live if mask_t is None else live & mask_t
+
+
+def _q_range(cfg, j, q_len, kv_len) -> tuple[Array, Array, Array]:
+    """Query blocks for key block j: [lo, full) need a mask, [full, hi) do not."""
+    first_s = j * cfg.block_k
+    last_s = first_s + cfg.block_k - 1
+    lo, hi = jnp.int32(0), jnp.int32(cfg.num_q_blocks)
+    if cfg.is_causal:
+        lo = jnp.maximum(lo, first_s // cfg.block_q)
+    if cfg.structural_only:
+        full = jnp.maximum(lo, -(-last_s // cfg.block_q)) if cfg.is_causal else lo
+        return lo, jnp.minimum(full, hi), hi
+    hi = jnp.minimum(hi, -(-q_len // cfg.block_q))
+    if cfg.window is not None:
+        left, right = cfg.window
+        lo = jnp.maximum(lo, (first_s - right) // cfg.block_q)
+        hi = jnp.minimum(hi, (last_s + left) // cfg.block_q + 1)
+    hi = jnp.maximum(jnp.where(first_s < kv_len, hi, lo), lo)
+    return lo, hi, hi
+
+
+def example_backward(cfg, b, q, k, v, bias, mask, q_len, kv_len, lse, delta, d_out):
+    """Returns example b's dq^T `[K, H, Tp * G]`, dk and dv `[Sp, K, H]` in float32
+    and dbias `[K|1, G|1, Tp|1, Sp|1]` (or None); lse and delta are `[B, K, Tp * G]`.
+
+    The backward works in the transposed layout: block scores are
+    `[K, bk, bq, G]` (key rows, query columns), so that every product is a
+    plain or right-transposed matmul, and dq is accumulated as dq^T
+    `[K, H, Tp * G]`. In the `[K, bq * G, bk]` layout two of the five products
+    (dv and dk) contract the query axis of P and dS, and XLA copies each block
+    into a transpose first.
+    """
+    _, Tp, N, H = q.shape
+    K = k.shape[2]
+    G = N // K
+    bq, bk = cfg.block_q, cfg.block_k
+    scale = jnp.float32(cfg.scale)
+
+    def transposed(x):  # [K|1, G|1, bq|1, bk|1] -> [K|1, bk|1, bq|1, G|1]
+        return None if x is None else jnp.transpose(x, (0, 3, 2, 1))
+
+    def kv_block(carry, j):
+        k_blk = swap01(example_rows(k, b, j * bk, bk))  # [K, bk, H]
+        v_blk = swap01(example_rows(v, b, j * bk, bk))
+        k_blk_t = jnp.swapaxes(k_blk, 1, 2)  # [K, H, bk], small
+        bias_j, mask_j = (
+            slice_block(bias, j * bk, bk, axis=3),
+            slice_block(mask, j * bk, bk, axis=3),
+        )
+
+        def q_step(i, inner, masked, rows=bk):
+            # Only the block's first `rows` keys may be live (the causal diagonal).
+            dk, dv, dq_t, dbias = inner
+            k_rows, v_rows, k_rows_t = k_blk[:, :rows], v_blk[:, :rows], k_blk_t[..., :rows]
+            # [K, bq * G, H]: query columns in (position, head) order.
+            q_blk = head_major(example_rows(q, b, i * bq, bq), K)
+            do_blk = head_major(example_rows(d_out, b, i * bq, bq), K)
+            lse_blk, delta_blk = (  # [B, K, Tp * G] -> [K, 1, bq, G]
+                lax.dynamic_slice(x, (b, 0, i * bq * G), (1, K, bq * G)).reshape(K, 1, bq, G)
+                for x in (lse, delta)
+            )
+            s = (
+                jnp.einsum(  # [K, rows, H] x [K, bq * G, H] -> [K, rows, bq * G]
+                    "ush,uch->usc", k_rows, q_blk, preferred_element_type=jnp.float32
+                ).reshape(K, rows, bq, G)
+                * scale
+            )
+            bias_blk = transposed(slice_block(bias_j, i * bq, bq, axis=2))
+            if bias_blk is not None:
+                s = s + bias_blk[:, :rows].astype(jnp.float32)
+            if masked:  # exp(-inf - lse) is exactly 0: one pass for the mask and the exp
+                mask_blk = transposed(slice_block(mask_j, i * bq, bq, axis=2))
+                live = _live_t(cfg, i, j, q_len, kv_len, mask_blk, rows)
+                s = jnp.where(live, s, -jnp.inf)
+            p = jnp.exp(s - lse_blk)  # [K, rows, bq, G]
+            dv_rows = jnp.einsum(  # [K, rows, bq * G] x [K, bq * G, H] -> [K, rows, H]
+                "usc,uch->ush",
+                p.reshape(K, rows, bq * G).astype(d_out.dtype),
+                do_blk,
+                preferred_element_type=jnp.float32,
+            )
+            dp = jnp.einsum(  # [K, rows, H] x [K, bq * G, H] -> [K, rows, bq * G]
+                "ush,uch->usc", v_rows, do_blk, preferred_element_type=jnp.float32
+            ).reshape(K, rows, bq, G)
+            ds = p * (dp - delta_blk)  # gradient of the (biased) logits, [K, rows, bq, G]
+            # The scale is applied to the float32 products, not to ds in the input dtype,
+            # where a tiny scale would underflow it (float16) and a huge one overflow it.
+            ds_low = ds.reshape(K, rows, bq * G).astype(q.dtype)
+            dk_rows = scale * jnp.einsum(  # [K, rows, bq * G] x [K, bq * G, H] -> [K, rows, H]
+                "usc,uch->ush", ds_low, q_blk, preferred_element_type=jnp.float32
+            )
+            # XLA may fold k^T's transpose into this product, and XLA:CPU's dot for
+            # a transposed operand has no bfloat16 x bfloat16 -> float32. Products of
+            # two bfloat16 or float16 numbers are exact in float32, so the operands
+            # are taken in float32 here with the same result.
+            dq_blk = scale * jnp.einsum(  # [K, H, rows] x [K, rows, bq * G] -> [K, H, bq * G]
+                "uhs,usc->uhc", k_rows_t.astype(jnp.float32), ds_low.astype(jnp.float32)
+            )
+            if rows == bk:
+                dk, dv = dk + dk_rows, dv + dv_rows
+            else:
+                dk, dv = dk.at[:, :rows].add(dk_rows), dv.at[:, :rows].add(dv_rows)
+            dq_t = add_block(dq_t, dq_blk, {2: i * bq * G})
+            if dbias is not None:
+                dbias = _add_bias_grad(dbias, transposed(ds), i * bq, j * bk)
+            return dk, dv, dq_t, dbias
+
+        lo, full, hi = _q_range(cfg, j, q_len, kv_len)
+        zeros = jnp.zeros((K, bk, H), jnp.float32)
+        inner = (zeros, zeros, *carry)
+        if cfg.structural_only and cfg.is_causal and bk % bq == 0:
+            # On the causal diagonal, query block lo + r sees only the first
+            # (r + 1) * bq keys of this block: those steps compute just those rows.
+            for r in range(bk // bq - 1):
+                inner = lax.cond(
+                    lo + r < full,
+                    functools.partial(q_step, lo + r, masked=True, rows=(r + 1) * bq),
+                    lambda inner: inner,
+                    inner,
+                )
+            lo = jnp.minimum(lo + bk // bq - 1, full)
+        inner = lax.fori_loop(lo, full, functools.partial(q_step, masked=True), inner)
+        dk, dv, dq_t, dbias = lax.fori_loop(
+            full, hi, functools.partial(q_step, masked=False), inner
+        )
+        return (dq_t, dbias), (swap01(dk), swap01(dv))  # [bk, K, H]
+
+    carry = (
+        jnp.zeros((K, H, Tp * G), jnp.float32),
+        None if bias is None else jnp.zeros(bias.shape, jnp.float32),
+    )
+    (dq_t, dbias), (dk, dv) = lax.scan(
+        kv_block, carry, jnp.arange(cfg.num_k_blocks, dtype=jnp.int32)
+    )
+    # dq^T as it is: the caller brings all examples' dq into [B, Tp, N, H] with
+    # one transpose (XLA:CPU runs it several times slower fused into the loop's output).
+    return dq_t, dk.reshape(-1, K, H), dv.reshape(-1, K, H), dbias  # [nk, bk, ...] -> [Sp, ...]
+
+
+def _add_bias_grad(dbias: Array, ds: Array, t0: Array, s0: Array) -> Array:
+    """Adds ds `[K, G, bq, bk]` into dbias, summing over the axes where bias broadcasts."""
+    sum_axes = tuple(a for a in range(4) if dbias.shape[a] == 1)
+    ds = jnp.sum(ds, axis=sum_axes, keepdims=True)
+    starts = {axis: start for axis, start in ((2, t0), (3, s0)) if dbias.shape[axis] != 1}
+    return add_block(dbias, ds, starts)

@@ -1,0 +1,161 @@
+"""The chunked kernel's forward pass for one example: online softmax over key blocks.
+
+References:
+  Dao, "FlashAttention-2: Faster Attention with Better Parallelism and Work
+  Partitioning", 2023.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from kit.attention.blocks import (
+    example_rows,
+    head_major,
+    pair_live,
+    position_major,
+    positions,
+    slice_block,
+    swap01,
+)
+from kit.attention.masks import MASK_VALUE
+
+Array = jax.Array
+
+
+def _rows(x: Array | None, G: int, bq: int) -> Array | None:
+    """`[K|1, G|1, bq|1, bk|1]` -> `[K|1, bq * G|1, bk|1]`: the forward's flattened rows."""
+    if x is None:
+        return None
+    if x.shape[1:3] == (1, 1):
+        return x[:, 0]
+    x = jnp.swapaxes(x, 1, 2)  # [K|1, bq|1, G|1, bk|1]
+    return jnp.broadcast_to(x, (x.shape[0], bq, G, x.shape[3])).reshape(x.shape[0], bq * G, -1)
+
+
+def _live(cfg, i, j, q_len, kv_len, mask_blk, first=0) -> Array:
+    """bool `[K|1, G|1, bq - first, bk]`: which (query, key) pairs of block (i, j)
+    may attend, for the block's queries from `first` on (default all)."""
+    t = positions(i * cfg.block_q + first, cfg.block_q - first)[:, None]
+    s = positions(j * cfg.block_k, cfg.block_k)[None, :]
+    live = pair_live(cfg, t, s, q_len, kv_len)[None, None]
+    return live if mask_blk is None else live & mask_blk
+
+
+def _kv_range(cfg, i, q_len, kv_len) -> tuple[Array, Array, Array]:
+    """Key blocks for query block i: [lo, full) need no mask, [full, hi) do."""
+    first_t = i * cfg.block_q
+    last_t = first_t + cfg.block_q - 1
+    lo, hi = jnp.int32(0), jnp.int32(cfg.num_k_blocks)
+    if cfg.is_causal:
+        hi = jnp.minimum(hi, last_t // cfg.block_k + 1)
+    if cfg.structural_only:
+        full = jnp.minimum(hi, (first_t + 1) // cfg.block_k) if cfg.is_causal else hi
+        return lo, full, hi
+    hi = jnp.minimum(hi, -(-kv_len // cfg.block_k))
+    if cfg.window is not None:
+        left, right = cfg.window
+        lo = jnp.maximum(lo, (first_t - left) // cfg.block_k)
+        hi = jnp.minimum(hi, (last_t + right) // cfg.block_k + 1)
+    hi = jnp.maximum(jnp.where(first_t < q_len, hi, lo), lo)  # padding queries do nothing
+    return lo, lo, hi
+
+
+def example_forward(cfg, b, q, k, v, bias, mask, q_len, kv_len):
+    """Returns example b's out `[Tp, N, H]` (q's dtype) and lse `[K, Tp * G]` (float32).
+
+    Each query block's G heads are flattened into bq * G rows, so that a block
+    is one `[bq * G, H] x [H, bk]` product per key/value head and the softmax
+    works on plain rows. Masked pairs get a -inf logit inside the block: their
+    exponential is exactly 0, and since the running max starts at the finite
+    MASK_VALUE, a row with no live key so far stays at m = MASK_VALUE, l = 0.
+    """
+    _, Tp, N, H = q.shape
+    K = k.shape[2]
+    G = N // K
+    bq, bk = cfg.block_q, cfg.block_k
+    scale = jnp.float32(cfg.scale)
+
+    # In float32 the scale goes into the query block (one pass per query block):
+    # scaling each score block instead makes XLA keep a scaled copy for the row max.
+    fold_scale = q.dtype == jnp.float32
+
+    def q_block(_, i):
+        q_blk = head_major(example_rows(q, b, i * bq, bq), K)
+        if fold_scale:
+            q_blk = q_blk * scale
+        bias_i, mask_i = (
+            slice_block(bias, i * bq, bq, axis=2),
+            slice_block(mask, i * bq, bq, axis=2),
+        )
+
+        def kv_step(j, carry, masked, first=0):
+            # Only the block's queries from `first` on may be live (the causal diagonal).
+            rows = bq - first
+
+            def part(x):  # [K, bq * G, ...] -> the rows of positions [first, bq)
+                return x[:, first * G :] if first else x
+
+            def from_first(x):  # [K|1, G|1, bq|1, bk|1] -> [K|1, G|1, rows|1, bk|1]
+                return x if x is None or x.shape[2] == 1 else x[:, :, first:]
+
+            m, l, acc = map(part, carry)  # [K, rows * G], [K, rows * G], [K, rows * G, H]
+            k_blk = swap01(example_rows(k, b, j * bk, bk))  # [K, bk, H]
+            v_blk = swap01(example_rows(v, b, j * bk, bk))
+            s = jnp.einsum(  # [K, rows * G, H] x [K, bk, H] -> [K, rows * G, bk]
+                "uch,ush->ucs", part(q_blk), k_blk, preferred_element_type=jnp.float32
+            )
+            if not fold_scale:
+                s = scale * s
+            bias_blk = _rows(from_first(slice_block(bias_i, j * bk, bk, axis=3)), G, rows)
+            if bias_blk is not None:
+                s = s + bias_blk.astype(jnp.float32)
+            if masked:
+                mask_blk = from_first(slice_block(mask_i, j * bk, bk, axis=3))
+                live = _live(cfg, i, j, q_len, kv_len, mask_blk, first)
+                s = jnp.where(_rows(live, G, rows), s, -jnp.inf)
+            m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+            p = jnp.exp(s - m_new[..., None])
+            correction = jnp.exp(m - m_new)
+            pv = jnp.einsum(  # [K, rows * G, bk] x [K, bk, H] -> [K, rows * G, H]
+                "ucs,ush->uch", p.astype(v.dtype), v_blk, preferred_element_type=jnp.float32
+            )
+            l = l * correction + jnp.sum(p, axis=-1)
+            new = (m_new, l, acc * correction[..., None] + pv)
+            if not first:
+                return new
+            # Write the rows back into the [K, bq * G, ...] carry.
+            return tuple(x.at[:, first * G :].set(y) for x, y in zip(carry, new, strict=True))
+
+        lo, full, hi = _kv_range(cfg, i, q_len, kv_len)
+        carry = (
+            jnp.full((K, bq * G), MASK_VALUE, jnp.float32),
+            jnp.zeros((K, bq * G), jnp.float32),
+            jnp.zeros((K, bq * G, H), jnp.float32),
+        )
+        carry = lax.fori_loop(lo, full, functools.partial(kv_step, masked=False), carry)
+        if cfg.structural_only and cfg.is_causal and bq % bk == 0 and bk > 1:
+            # On the causal diagonal, key block full + r is seen only by the
+            # queries from r * bk on: those steps compute just those rows.
+            for r in range(bq // bk):
+                carry = lax.cond(
+                    full + r < hi,
+                    functools.partial(kv_step, full + r, masked=True, first=r * bk),
+                    lambda carry: carry,
+                    carry,
+                )
+            m, l, acc = carry
+        else:
+            m, l, acc = lax.fori_loop(full, hi, functools.partial(kv_step, masked=True), carry)
+        has_live = l > 0
+        safe_l = jnp.where(has_live, l, 1.0)
+        out = position_major((acc / safe_l[..., None]).astype(q.dtype), bq)  # [bq, N, H]
+        return None, (out, jnp.where(has_live, m + jnp.log(safe_l), 0.0))
+
+    _, (out, lse) = lax.scan(q_block, None, jnp.arange(cfg.num_q_blocks, dtype=jnp.int32))
+    # [nq, bq, N, H] -> [Tp, N, H]; [nq, K, bq * G] -> [K, Tp * G]
+    return out.reshape(Tp, N, H), swap01(lse).reshape(K, Tp * G)

@@ -5,29 +5,21 @@
 
 An encoder-decoder whose cross-attention has to reorder: the year comes first
 in the output but last in most inputs. Held-out dates are never trained on.
-Result and time: see the table in README.md (measured on a 2-core CPU).
+Measured on the 2-core CPU development machine: 100% exact match on 2,000 held-out
+dates after 1,000 steps, 133.0 s for the whole command.
+
+Only what differs from kit.training.default_config() is set here. The
+tests run the `tiny` variant: --config=configs/dates.py:tiny.
 """
 
-from kit.train import default_config
+from kit import training
 
 
-def get_config():
-    config = default_config()
+def get_config(variant: str | None = None):
+    config = training.default_config()
     config.task.name = "dates"
     config.task.eval_size = 2000
-    config.model.kind = "encoder_decoder"
-    config.model.d_model = 64
-    config.model.num_heads = 4
-    config.model.num_layers = 2
     config.model.num_decoder_layers = 1
-    config.model.d_ff = 128
     config.model.max_len = 32
-    config.train.steps = 1000
-    config.train.batch_size = 128
-    config.train.learning_rate = 3e-3
     config.train.warmup_steps = 100
-    config.train.log_every = 50
-    config.train.eval_every = 500
-    config.train.checkpoint_every = 500
-    config.train.eval_batch_size = 1000
-    return config
+    return training.variant(config, variant)

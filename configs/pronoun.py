@@ -8,28 +8,24 @@ Sentences like "Mark told Sam that he was leaving ." (8 templates, 12 verbs,
 20 male and 20 female names); an encoder-only transformer predicts, at the
 pronoun's own position, the name of matching gender, and the subject when both
 match, and "_" at every other position. Held-out sentences use name pairs never
-seen together in training (Mark and Sam among them). Result and time: see the
-table in README.md (measured on a 2-core CPU).
+seen together in training (Mark and Sam among them).
+Measured on the 2-core CPU development machine: 100% exact match on 2,000
+held-out sentences (already at step 200), 22.9 s for the whole command.
+
+Only what differs from kit.training.default_config() is set here. The
+tests run the `tiny` variant: --config=configs/pronoun.py:tiny.
 """
 
-from kit.train import default_config
+from kit import training
 
 
-def get_config():
-    config = default_config()
+def get_config(variant: str | None = None):
+    config = training.default_config()
     config.task.name = "pronoun"
     config.task.eval_size = 2000
     config.model.kind = "encoder_only"
-    config.model.d_model = 64
-    config.model.num_heads = 4
-    config.model.num_layers = 2
-    config.model.d_ff = 128
     config.model.max_len = 16
     config.train.steps = 600
-    config.train.batch_size = 128
-    config.train.learning_rate = 3e-3
-    config.train.warmup_steps = 50
-    config.train.log_every = 50
     config.train.eval_every = 200
     config.train.checkpoint_every = 200
-    return config
+    return training.variant(config, variant)

@@ -4,29 +4,20 @@
 
 The decoder writes the symbols in ascending order, attending to the source to
 find the next one.
-Result and time: see the table in README.md (measured on a 2-core CPU).
+Measured on the 2-core CPU development machine: 99.9% exact match on 1,000 held-out
+sequences after 1,000 steps, 49.9 s for the whole command.
+
+Only what differs from kit.training.default_config() is set here. The
+tests run the `tiny` variant: --config=configs/sort.py:tiny.
 """
 
-from kit.train import default_config
+from kit import training
 
 
-def get_config():
-    config = default_config()
+def get_config(variant: str | None = None):
+    config = training.default_config()
     config.task.name = "sort"
-    config.task.length = 16
-    config.task.num_symbols = 10
-    config.model.kind = "encoder_decoder"
-    config.model.d_model = 64
-    config.model.num_heads = 4
     config.model.num_layers = 1
     config.model.num_decoder_layers = 1
-    config.model.d_ff = 128
     config.model.max_len = 20
-    config.train.steps = 1000
-    config.train.batch_size = 128
-    config.train.learning_rate = 3e-3
-    config.train.warmup_steps = 50
-    config.train.log_every = 50
-    config.train.eval_every = 500
-    config.train.checkpoint_every = 500
-    return config
+    return training.variant(config, variant)

@@ -18,7 +18,7 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from kit import models, tasks, train
+from kit import models, tasks, training
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/copy.py", "Experiment config.", lock_config=True)
@@ -72,19 +72,19 @@ def flax_variant(model, mcfg, rng):
 
 def main(_):
     config = FLAGS.config
-    task, mcfg = train.check_config(config)
+    task, mcfg = training.check_config(config)
     rng = jax.random.key(0, impl="rbg")
     kit_model = models.build(mcfg, rng)
     flax_model = flax_variant(models.build(mcfg, rng), mcfg, rng)
     batches = [
-        train.model_batch(mcfg.kind, tasks.train_batch(task, 0, s, config.train.batch_size))
+        training.model_batch(mcfg.kind, tasks.train_batch(task, 0, s, config.train.batch_size))
         for s in range(FLAGS.steps)
     ]
     tokens = sum(int(b["weights"].sum()) + int(b["src_lengths"].sum()) for b in batches)
     runners = {}
     for name, model in (("kit", kit_model), ("flax.nnx", flax_model)):
         graphdef, params = nnx.split(model)
-        trainer = train.Trainer(graphdef, train.make_optimizer(config.train), 0.0, False)
+        trainer = training.Trainer(graphdef, training.make_optimizer(config.train), 0.0, False)
         step = jax.jit(trainer.train_step)
         state = trainer.init_state(params)
         state, m = step(state, batches[0], rng)  # compile

@@ -3,9 +3,14 @@
     python experiments/train.py --config=configs/copy.py --workdir=runs/copy
     python experiments/train.py --config=configs/reverse.py --workdir=runs/reverse \\
         --config.model.num_heads=2
+    python experiments/train.py --config=configs/copy.py:tiny --workdir=/tmp/tiny
 
+Prints a short header (devices and mesh, task, model, workdir, resumed-from
+step), a progress bar (a plain line per log step when stdout is not a terminal),
+one line per evaluation and a summary; its last line is the summary as JSON.
+Library logs (absl, orbax, jax) appear only with --verbosity=1 or higher.
 Rerunning the same command with the same workdir resumes from its latest
-checkpoint. Prints the final held-out metrics.
+checkpoint.
 
 Several processes (hosts) run the same command, each with its --process_id
 (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID; or --distributed
@@ -20,16 +25,16 @@ import sys
 import time
 
 import jax
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
-from kit import sharding, train
+from kit import sharding, training
 
 _START = time.perf_counter()
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints, metrics.jsonl and config.json go.")
-flags.DEFINE_bool("progress", True, "Show a progress bar.")
+flags.DEFINE_bool("progress", True, "Show a progress bar (or a line per log step).")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (several processes).")
 flags.DEFINE_integer("num_processes", None, "How many processes take part.")
 flags.DEFINE_integer("process_id", None, "This process's index, 0 .. num_processes - 1.")
@@ -39,6 +44,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     del argv
+    if FLAGS.verbosity < 1:
+        logging.set_verbosity(logging.WARNING)
     try:
         sharding.initialize(
             FLAGS.coordinator_address,
@@ -46,13 +53,19 @@ def main(argv):
             FLAGS.process_id,
             auto=FLAGS.distributed,
         )
-        result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir, progress=FLAGS.progress)
+        console = training.Console("auto" if FLAGS.progress else "quiet")
+        result = training.train_and_evaluate(FLAGS.config, FLAGS.workdir, console=console)
     except ValueError as error:
-        raise app.UsageError(str(error)) from None
-    except train.NonFiniteError as error:
+        sys.exit(f"error: {error}")
+    except training.NonFiniteError as error:
         sys.exit(f"error: {error}")
     result["command_seconds"] = time.perf_counter() - _START
     if jax.process_index() == 0:
+        held_out = ", ".join(f"{k} {v:.4f}" for k, v in result.items() if k.startswith("eval/"))
+        print(
+            f"done: step {result['step']}, {held_out}; training {result['train_seconds']:.1f} s, "
+            f"whole command {result['command_seconds']:.1f} s"
+        )
         print(
             json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()})
         )

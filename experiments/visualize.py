@@ -10,14 +10,16 @@ per attention set and workdir/attention/index.html (offline; open it in any
 browser), and prints the prediction and the files. For a model that labels
 positions (the pronoun probe), it also prints, per layer and head, the attention
 from each labelled position to every token, and the head where the predicted
-antecedent gets the most.
+antecedent gets the most. Library logs (absl, orbax, jax) appear only with
+--verbosity=1 or higher; a bad flag value ends in one line naming it.
 """
 
 import os
+import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 
-from kit import probe, train
+from kit import probe, training
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A training workdir (config.json + checkpoints/).")
@@ -28,19 +30,23 @@ flags.mark_flags_as_required(["workdir", "text"])
 
 def main(argv):
     del argv
+    if FLAGS.verbosity < 1:
+        logging.set_verbosity(logging.WARNING)
+    out = FLAGS.out or os.path.join(FLAGS.workdir, "attention")
+    if os.path.exists(out) and not os.path.isdir(out):
+        sys.exit(f"error: out: {out} exists and is not a folder; use another --out")
     try:
-        _, setup, state = train.load_checkpoint(FLAGS.workdir)
+        _, setup, state = training.load_checkpoint(FLAGS.workdir)
         reading = probe.read_attention(
             setup.task, setup.trainer.graphdef, state["params"], FLAGS.text
         )
     except ValueError as error:
-        raise app.UsageError(str(error)) from None
+        sys.exit(f"error: {error}")
     print(f"input:      {FLAGS.text}")
     print(f"prediction: {reading.prediction}")
     if reading.labels is not None:
         for antecedent in probe.antecedent_attention(reading):
             print(probe.format_antecedent(antecedent))
-    out = FLAGS.out or os.path.join(FLAGS.workdir, "attention")
     for path in probe.write_views(reading, out):
         print(f"wrote {path}")
 

@@ -7,18 +7,19 @@ that jit compiles once. Prefill writes the prompt; each step writes one token.
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
-
-from kit import models
 
 Array = jax.Array
 
 
-def init_caches(
-    cfg: models.ModelConfig, num_layers: int, batch: int, length: int, dtype=jnp.float32
-):
-    """Empty caches for `num_layers` layers: `[B, Smax, K, H]` zeros, index 0."""
+def init_caches(cfg: Any, num_layers: int, batch: int, length: int, dtype=jnp.float32):
+    """Empty caches for `num_layers` layers: `[B, Smax, K, H]` zeros, index 0.
+
+    `cfg` is a `kit.models.ModelConfig` (d_model, num_heads, num_kv_heads).
+    """
     kv_heads = cfg.num_kv_heads or cfg.num_heads
     shape = (batch, length, kv_heads, cfg.d_model // cfg.num_heads)
     return [
@@ -28,7 +29,7 @@ def init_caches(
 
 
 def greedy_encoder_decoder(
-    model: models.EncoderDecoder, src: Array, src_lengths: Array, *, bos: int, length: int
+    model: Any, src: Array, src_lengths: Array, *, bos: int, length: int
 ) -> Array:
     """Greedy decoding: src `[B, S]` -> tokens `[B, length]` (the BOS is not included)."""
     memory, _ = model.encode(src, src_lengths)
@@ -45,9 +46,7 @@ def greedy_encoder_decoder(
     return tokens.T
 
 
-def greedy_decoder_only(
-    model: models.DecoderOnly, prompt: Array, prompt_mask: Array, *, length: int
-) -> Array:
+def greedy_decoder_only(model: Any, prompt: Array, prompt_mask: Array, *, length: int) -> Array:
     """Greedy continuation of prompt `[B, P]` (mask `[B, P]`, False = padding) -> `[B, length]`."""
     B, P = prompt.shape
     key_mask = jnp.concatenate([prompt_mask, jnp.ones((B, length), bool)], axis=1)

@@ -3,6 +3,12 @@
 Each model's `__call__` returns `(logits, aux)`; with `return_weights=True`,
 `aux` holds per-layer attention weights stacked as `[L, B, N, T, S]` under
 "encoder", "decoder" (self-attention) and "cross".
+
+Each model kind owns how it reads a task: `batch` turns the task's arrays into
+its inputs, targets and loss weights, `positions_needed` says how long its
+inputs get, `teacher_forced` gives logits aligned with the targets and
+`predict` its greedy output. Training reads a kind only through these, so a
+new kind is one class here and one entry in `MODELS`.
 """
 
 from __future__ import annotations
@@ -12,13 +18,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from kit import nn, positional
+from kit import decode, nn, positional, tasks
 
 Array = jax.Array
 
-KINDS = ("encoder_decoder", "decoder_only", "encoder_only")
 POSITIONS = ("sinusoidal", "learned", "rope", "alibi")
 
 
@@ -147,8 +153,51 @@ def _encode(model, src, src_lengths, dropout_rng, return_weights):
     )
 
 
+def _shifted_targets(batch: dict[str, np.ndarray], start: int) -> dict[str, np.ndarray]:
+    """The decoder reads [start, tgt] and predicts [tgt, EOS]; loss weights cover tgt and EOS."""
+    src, src_len = batch["src"], batch["src_lengths"]
+    tgt, tgt_len = batch["tgt"], batch["tgt_lengths"]
+    B, Lt = tgt.shape
+    out = np.concatenate([tgt, np.full((B, 1), tasks.PAD, np.int32)], axis=1)
+    out[np.arange(B), tgt_len] = tasks.EOS
+    weights = np.arange(Lt + 1)[None, :] <= tgt_len[:, None]
+    tgt_in = np.concatenate([np.full((B, 1), start, np.int32), tgt], axis=1)
+    return {
+        "src": src,
+        "src_lengths": src_len,
+        "tgt_in": tgt_in,
+        "targets": out,
+        "weights": weights,
+    }
+
+
 class EncoderDecoder(nnx.Module):
     """Translation-style model: the decoder reads the source only through cross-attention."""
+
+    @staticmethod
+    def batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Task arrays -> src, src_lengths, tgt_in ([BOS, tgt]), targets ([tgt, EOS]), weights."""
+        return _shifted_targets(batch, tasks.BOS)
+
+    @staticmethod
+    def positions_needed(task: tasks.Task) -> int:
+        return max(task.src_len, task.tgt_len + 1)
+
+    def teacher_forced(self, mb, *, dropout_rng=None, return_weights=False):
+        """Logits `[B, T, V]` aligned with mb["targets"], and aux."""
+        return self(
+            mb["src"],
+            mb["src_lengths"],
+            mb["tgt_in"],
+            dropout_rng=dropout_rng,
+            return_weights=return_weights,
+        )
+
+    def predict(self, mb) -> Array:
+        """Greedy predictions `[B, T]` aligned with mb["targets"]."""
+        return decode.greedy_encoder_decoder(
+            self, mb["src"], mb["src_lengths"], bos=tasks.BOS, length=mb["targets"].shape[1]
+        )
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -208,6 +257,37 @@ class EncoderDecoder(nnx.Module):
 class DecoderOnly(nnx.Module):
     """Causal language model over [source (padded), separator, target]."""
 
+    @staticmethod
+    def batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """As EncoderDecoder's, with SEP for BOS, and key_mask `[B, Ls + Lt + 1]`
+        (False = source padding) for the model's [src, SEP, tgt] input."""
+        mb = _shifted_targets(batch, tasks.SEP)
+        src, src_len = batch["src"], batch["src_lengths"]
+        src_mask = np.arange(src.shape[1])[None, :] < src_len[:, None]
+        live = np.ones(mb["tgt_in"].shape, bool)
+        mb["key_mask"] = np.concatenate([src_mask, live], axis=1)
+        return mb
+
+    @staticmethod
+    def positions_needed(task: tasks.Task) -> int:
+        return task.src_len + task.tgt_len + 1
+
+    def teacher_forced(self, mb, *, dropout_rng=None, return_weights=False):
+        """Logits of the target positions `[B, T, V]` aligned with mb["targets"], and aux."""
+        tokens = jnp.concatenate([mb["src"], mb["tgt_in"]], axis=1)
+        logits, aux = self(
+            tokens, mb["key_mask"], dropout_rng=dropout_rng, return_weights=return_weights
+        )
+        return logits[:, mb["src"].shape[1] :], aux
+
+    def predict(self, mb) -> Array:
+        """Greedy continuation `[B, T]` of [src, SEP], aligned with mb["targets"]."""
+        Ls = mb["src"].shape[1]
+        prompt = jnp.concatenate([mb["src"], mb["tgt_in"][:, :1]], axis=1)
+        return decode.greedy_decoder_only(
+            self, prompt, mb["key_mask"][:, : Ls + 1], length=mb["targets"].shape[1]
+        )
+
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         self.embed = Embedder(cfg, rngs=rngs)
@@ -246,7 +326,39 @@ class DecoderOnly(nnx.Module):
 
 
 class EncoderOnly(nnx.Module):
-    """Bidirectional encoder with a per-position classifier."""
+    """Bidirectional encoder with a per-position classifier (tasks with aligned targets)."""
+
+    @staticmethod
+    def batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Task arrays -> src, src_lengths, targets (aligned with src) and weights."""
+        tgt, tgt_len = batch["tgt"], batch["tgt_lengths"]
+        weights = np.arange(tgt.shape[1])[None, :] < tgt_len[:, None]
+        return {
+            "src": batch["src"],
+            "src_lengths": batch["src_lengths"],
+            "targets": tgt,
+            "weights": weights,
+        }
+
+    @staticmethod
+    def positions_needed(task: tasks.Task) -> int:
+        if not task.aligned:
+            raise ValueError(
+                f"model.kind: 'encoder_only' predicts one output per input position, "
+                f"but task {task.name!r} has targets of another length"
+            )
+        return task.src_len
+
+    def teacher_forced(self, mb, *, dropout_rng=None, return_weights=False):
+        """Per-position logits `[B, T, V]` and aux."""
+        return self(
+            mb["src"], mb["src_lengths"], dropout_rng=dropout_rng, return_weights=return_weights
+        )
+
+    def predict(self, mb) -> Array:
+        """Argmax per position `[B, T]`."""
+        logits, _ = self(mb["src"], mb["src_lengths"])
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -260,11 +372,14 @@ class EncoderOnly(nnx.Module):
         return self.head(x), ({"encoder": aux["self"]} if return_weights else {})
 
 
+MODELS = {
+    "encoder_decoder": EncoderDecoder,
+    "decoder_only": DecoderOnly,
+    "encoder_only": EncoderOnly,
+}
+KINDS = tuple(MODELS)
+
+
 def build(cfg: ModelConfig, rng: Array) -> nnx.Module:
     """The model of `cfg.kind`, initialized from `rng`."""
-    cls = {
-        "encoder_decoder": EncoderDecoder,
-        "decoder_only": DecoderOnly,
-        "encoder_only": EncoderOnly,
-    }
-    return cls[cfg.kind](cfg, rngs=nnx.Rngs(params=rng))
+    return MODELS[cfg.kind](cfg, rngs=nnx.Rngs(params=rng))

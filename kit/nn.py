@@ -13,6 +13,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kit import attention, positional
+from kit.attention.api import attend
+from kit.attention.inputs import check_inputs
 
 Array = jax.Array
 
@@ -59,6 +61,13 @@ class MultiHeadAttention(nnx.Module):
         self.rope = rope
         self.implementation = implementation
 
+    def params(self) -> dict[str, dict[str, Array]]:
+        """The parameters as the pytree `kit.multi_head_attention` reads."""
+        return {
+            name: {k: v[...] for k, v in getattr(self, name).items()}
+            for name in ("query", "key", "value", "out")
+        }
+
     def __call__(
         self,
         x: Array,
@@ -69,7 +78,6 @@ class MultiHeadAttention(nnx.Module):
         is_causal: bool = False,
         key_value_seq_lengths: Array | None = None,
         positions: Array | None = None,
-        cache: dict[str, Array] | None = None,
         dropout_rng: Array | None = None,
         return_weights: bool = False,
     ) -> tuple[Array, dict[str, Any]]:
@@ -80,63 +88,91 @@ class MultiHeadAttention(nnx.Module):
           context: `[B, S, D]` for cross-attention.
           mask, bias, is_causal, key_value_seq_lengths: as in
             `kit.dot_product_attention`.
-          positions: int `[B, T]` positions of `x` (for RoPE and the cache);
-            defaults to 0..T-1.
-          cache: self-attention KV cache `{"key", "value": [B, Smax, K, H],
-            "index": int32 []}`; the new keys and values are written at
-            `index`, and query t attends to cached keys 0..index + t.
+          positions: int `[B, T]` positions of `x` (for RoPE); defaults to 0..T-1.
           dropout_rng: PRNG key for attention dropout; None disables it.
           return_weights: also return the attention weights `[B, N, T, S]`.
 
         Returns:
-          `y [B, T, D]` and an aux dict with "weights" (if asked) and "cache"
-          (the updated cache, if one was given).
+          `y [B, T, D]` and an aux dict with "weights" (if asked).
         """
-        source = x if context is None else context
-        q = attention.project_heads(x, self.query["kernel"][...], self.query["bias"][...])
-        k = attention.project_heads(source, self.key["kernel"][...])
-        v = attention.project_heads(source, self.value["kernel"][...], self.value["bias"][...])
-        B, T = x.shape[:2]
-        if positions is None:
-            start = jnp.int32(0) if cache is None else cache["index"]
-            positions = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
-        if self.rope and context is None:
-            q = positional.apply_rope(q, positions)
-            k = positional.apply_rope(k, positions)
-        aux: dict[str, Any] = {}
-        if cache is not None:
-            index = cache["index"]
-            k = jax.lax.dynamic_update_slice(
-                cache["key"], k.astype(cache["key"].dtype), (0, index, 0, 0)
-            )
-            v = jax.lax.dynamic_update_slice(
-                cache["value"], v.astype(cache["value"].dtype), (0, index, 0, 0)
-            )
-            aux["cache"] = {"key": k, "value": v, "index": index + T}
-            # Query at position p sees cached keys 0..p: causal with an offset.
-            key_positions = jnp.arange(k.shape[1], dtype=jnp.int32)
-            cache_mask = key_positions[None, None, None, :] <= positions[:, None, :, None]
-            mask = cache_mask if mask is None else mask & cache_mask
-            is_causal = False
         rate = self.dropout_rate if dropout_rng is not None else 0.0
-        out = attention.dot_product_attention(
-            q,
-            k,
-            v,
+        result = attention.multi_head_attention(
+            self.params(),
+            x,
+            context,
             bias,
             mask,
+            return_weights=return_weights,
+            process_heads=self._rope(x, positions) if context is None else None,
             is_causal=is_causal,
             key_value_seq_lengths=key_value_seq_lengths,
             implementation=self.implementation if rate == 0.0 else "xla",
             dropout_rate=rate,
             dropout_rng=dropout_rng,
         )
+        y, weights = result if return_weights else (result, None)
+        return y, ({"weights": weights} if return_weights else {})
+
+    def decode_step(
+        self,
+        x: Array,
+        cache: dict[str, Array],
+        *,
+        mask: Array | None = None,
+        bias: Array | None = None,
+        positions: Array | None = None,
+        return_weights: bool = False,
+    ) -> tuple[Array, dict[str, Any]]:
+        """Self-attention of new tokens `x [B, T, D]` through a KV cache (no dropout).
+
+        The new keys and values are written into `cache` (`{"key", "value":
+        [B, Smax, K, H], "index": int32 []}`) at `index`, and query t attends to
+        cached keys 0..index + t.
+
+        Returns:
+          `y [B, T, D]` and an aux dict with "cache" (the updated cache) and
+          "weights" `[B, N, T, Smax]` (if asked).
+        """
+        B, T = x.shape[:2]
+        index = cache["index"]
+        if positions is None:
+            positions = jnp.broadcast_to(index + jnp.arange(T, dtype=jnp.int32), (B, T))
+        params = self.params()
+        q, k, v = attention.project_qkv(params, x)
+        q, k, v = self._rope(x, positions)(q, k, v)
+        k = jax.lax.dynamic_update_slice(
+            cache["key"], k.astype(cache["key"].dtype), (0, index, 0, 0)
+        )
+        v = jax.lax.dynamic_update_slice(
+            cache["value"], v.astype(cache["value"].dtype), (0, index, 0, 0)
+        )
+        # Query at position p sees cached keys 0..p: causal with an offset.
+        key_positions = jnp.arange(k.shape[1], dtype=jnp.int32)
+        cache_mask = key_positions[None, None, None, :] <= positions[:, None, :, None]
+        mask = cache_mask if mask is None else mask & cache_mask
+        out, weights = attend(
+            check_inputs(q, k, v, bias, mask),
+            implementation=self.implementation,
+            return_weights=return_weights,
+        )
+        aux: dict[str, Any] = {"cache": {"key": k, "value": v, "index": index + T}}
         if return_weights:
-            aux["weights"] = attention.attention_weights(
-                q, k, bias, mask, is_causal=is_causal, key_value_seq_lengths=key_value_seq_lengths
-            )
-        y = attention.project_output(out, self.out["kernel"][...], self.out["bias"][...])
+            aux["weights"] = weights
+        y = attention.project_output(out, params["out"]["kernel"], params["out"]["bias"])
         return y, aux
+
+    def _rope(self, x: Array, positions: Array | None):
+        """The process_heads hook: RoPE on queries and keys at `positions`, if enabled."""
+        if positions is None:
+            B, T = x.shape[:2]
+            positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+
+        def process_heads(q, k, v):
+            if not self.rope:
+                return q, k, v
+            return positional.apply_rope(q, positions), positional.apply_rope(k, positions), v
+
+        return process_heads
 
 
 class FeedForward(nnx.Module):
@@ -206,17 +242,26 @@ class TransformerBlock(nnx.Module):
     ) -> tuple[Array, dict[str, Any]]:
         """Returns `x [B, T, D]` and aux ("self", "cross" weights; "cache")."""
         aux: dict[str, Any] = {}
-        h, self_aux = self.self_attention(
-            self.norm_self(x),
-            mask=mask,
-            bias=self_bias,
-            is_causal=is_causal,
-            key_value_seq_lengths=lengths,
-            positions=positions,
-            cache=cache,
-            dropout_rng=_fold(dropout_rng, 0),
-            return_weights=return_weights,
-        )
+        if cache is None:
+            h, self_aux = self.self_attention(
+                self.norm_self(x),
+                mask=mask,
+                bias=self_bias,
+                is_causal=is_causal,
+                key_value_seq_lengths=lengths,
+                positions=positions,
+                dropout_rng=_fold(dropout_rng, 0),
+                return_weights=return_weights,
+            )
+        else:  # decoding: the KV cache path (lengths are in the cache's mask)
+            h, self_aux = self.self_attention.decode_step(
+                self.norm_self(x),
+                cache,
+                mask=mask,
+                bias=self_bias,
+                positions=positions,
+                return_weights=return_weights,
+            )
         x = x + dropout(h, self.dropout_rate, _fold(dropout_rng, 1))
         if "cache" in self_aux:
             aux["cache"] = self_aux["cache"]

@@ -91,11 +91,14 @@ def initialize(
 
 
 def mesh_shape(data: int, model: int, num_devices: int) -> tuple[int, int]:
-    """Resolves a -1 entry to fill the devices and checks that the mesh uses them all.
+    """Resolves a -1 entry to fill the devices and checks the mesh fits on them.
+
+    A mesh of two explicit sizes may use fewer than `num_devices` devices (the
+    first data x model of them); one with a -1 uses them all.
 
     Raises:
       ValueError: naming `mesh.data` or `mesh.model` when the shape does not
-        divide or does not use `num_devices` devices.
+        divide `num_devices` (with -1) or needs more devices than there are.
     """
     for name, value in (("data", data), ("model", model)):
         if not isinstance(value, int) or isinstance(value, bool) or (value < 1 and value != -1):
@@ -108,19 +111,32 @@ def mesh_shape(data: int, model: int, num_devices: int) -> tuple[int, int]:
             other = "model" if name == "data" else "data"
             raise ValueError(f"mesh.{other}: {known} does not divide the {num_devices} devices")
         data, model = (num_devices // known, model) if data == -1 else (data, num_devices // known)
-    if data * model != num_devices:
+    if data * model > num_devices:
         raise ValueError(
             f"mesh.data: mesh.data x mesh.model = {data} x {model} = {data * model} "
-            f"does not match the {num_devices} devices"
+            f"needs more than the {num_devices} devices there are"
         )
     return data, model
 
 
 def make_mesh(data: int = -1, model: int = 1, *, devices=None) -> Mesh:
-    """A ("data", "model") mesh over `devices` (default: all devices of all processes)."""
+    """A ("data", "model") mesh over the first data x model of `devices`.
+
+    `devices` defaults to all devices of all processes. With several processes
+    the mesh must use every device (each process feeds its own).
+
+    Raises:
+      ValueError: naming `mesh.data` or `mesh.model` (see `mesh_shape`).
+    """
     devices = jax.devices() if devices is None else list(devices)
     shape = mesh_shape(data, model, len(devices))
-    return jax.make_mesh(shape, AXES, (AxisType.Auto, AxisType.Auto), devices=devices)
+    used = shape[0] * shape[1]
+    if used < len(devices) and jax.process_count() > 1:
+        raise ValueError(
+            f"mesh.data: mesh.data x mesh.model = {used} must use all {len(devices)} devices "
+            f"when {jax.process_count()} processes take part"
+        )
+    return jax.make_mesh(shape, AXES, (AxisType.Auto, AxisType.Auto), devices=devices[:used])
 
 
 def _path_name(path) -> str:

@@ -1,0 +1,31 @@
+"""Training split by job: config (schema and checks), steps (loss, optimizer, train
+and eval steps), setup (task, model, mesh, shardings), workdir (config.json,
+metrics, checkpoints, load_checkpoint), report (what a run prints) and loop
+(train_and_evaluate). Imports run one way: config <- steps <- setup <- workdir
+<- loop.
+"""
+
+from kit.training.config import check_config, default_config, tiny, variant
+from kit.training.loop import NonFiniteError, train_and_evaluate
+from kit.training.report import Console
+from kit.training.setup import Setup, setup
+from kit.training.steps import Trainer, init_model, loss_fn, make_optimizer, model_batch
+from kit.training.workdir import load_checkpoint
+
+__all__ = [
+    "Console",
+    "NonFiniteError",
+    "Setup",
+    "Trainer",
+    "check_config",
+    "default_config",
+    "init_model",
+    "load_checkpoint",
+    "loss_fn",
+    "make_optimizer",
+    "model_batch",
+    "setup",
+    "tiny",
+    "train_and_evaluate",
+    "variant",
+]

@@ -1,0 +1,242 @@
+"""The experiment config: every key with its default, and the start-up checks.
+
+configs/<name>.py start from `default_config()` and set only what differs;
+`tiny(config)` shrinks any of them to the size the tests run. Every check names
+its field (`config.train.steps: ...`) and runs before anything is compiled or
+written.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import ml_collections
+
+from kit import models, tasks
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The full set of keys with defaults (configs/*.py start from this)."""
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.task = ml_collections.ConfigDict(
+        {"name": "copy", "length": 16, "num_symbols": 10, "eval_size": 1000}
+    )
+    config.model = ml_collections.ConfigDict(
+        {
+            "kind": "encoder_decoder",
+            "d_model": 64,
+            "num_heads": 4,
+            "num_kv_heads": ml_collections.FieldReference(None, field_type=int),
+            "num_layers": 2,
+            "num_decoder_layers": 2,
+            "d_ff": 128,
+            "max_len": 64,
+            "dropout_rate": 0.0,
+            "positions": "sinusoidal",
+        }
+    )
+    config.train = ml_collections.ConfigDict(
+        {
+            "steps": 1000,
+            "batch_size": 128,
+            "learning_rate": 3e-3,
+            "warmup_steps": 50,
+            "weight_decay": 0.0,
+            "grad_clip": 1.0,
+            "label_smoothing": 0.0,
+            "log_every": 50,
+            "eval_every": 500,
+            "checkpoint_every": 500,
+            "keep_checkpoints": 3,
+            "eval_batch_size": 1000,
+            # False: a non-finite loss or gradient stops training with an error naming
+            # the step. True: such updates are skipped and counted (metric "skipped").
+            "skip_nonfinite": False,
+        }
+    )
+    # Device mesh ("data", "model"); -1 fills the remaining devices. See kit/sharding.py.
+    config.mesh = ml_collections.ConfigDict({"data": -1, "model": 1})
+    return config
+
+
+# What `tiny` sets: seconds to compile and run on one CPU device, for tests.
+TINY = {
+    "task.length": 5,
+    "task.num_symbols": 6,
+    "task.eval_size": 12,
+    "model.d_model": 16,
+    "model.num_heads": 2,
+    "model.num_layers": 1,
+    "model.num_decoder_layers": 1,
+    "model.d_ff": 32,
+    "model.max_len": 48,
+    "train.steps": 4,
+    "train.batch_size": 8,
+    "train.warmup_steps": 1,
+    "train.log_every": 1,
+    "train.eval_every": 2,
+    "train.checkpoint_every": 2,
+    "train.eval_batch_size": 8,
+    "mesh.data": 1,
+    "mesh.model": 1,
+}
+
+
+def tiny(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`config` shrunk to the tests' size (`TINY`); task and model kind are kept."""
+    config.update_from_flattened_dict(TINY)
+    return config
+
+
+VARIANTS = ("tiny",)
+
+
+def variant(config: ml_collections.ConfigDict, name: str | None) -> ml_collections.ConfigDict:
+    """A config file's variant: `--config=configs/copy.py:tiny` passes "tiny" here.
+
+    Raises:
+      ValueError: for a variant other than None or one of VARIANTS.
+    """
+    if name is None:
+        return config
+    if name not in VARIANTS:
+        raise ValueError(f"config variant: expected one of {VARIANTS} after ':', got {name!r}")
+    return tiny(config)
+
+
+def get(config: ml_collections.ConfigDict, path: str) -> Any:
+    node = config
+    for part in path.split("."):
+        node = node[part]
+    return node
+
+
+def positive_int(config: ml_collections.ConfigDict, path: str) -> int:
+    value = get(config, path)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"config.{path}: expected a positive int, got {value!r}")
+    return value
+
+
+def number(
+    config: ml_collections.ConfigDict,
+    path: str,
+    low: float,
+    high: float,
+    *,
+    low_open: bool = False,
+    high_open: bool = True,
+) -> float:
+    """A finite real number in the interval; raises ValueError naming config.<path>."""
+    value = get(config, path)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (value > low if low_open else value >= low) and (
+            value < high if high_open else value <= high
+        )
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ValueError(f"config.{path}: expected a finite number in {interval}, got {value!r}")
+    return float(value)
+
+
+def model_config(config: ml_collections.ConfigDict, task: tasks.Task) -> models.ModelConfig:
+    """Validates `config.model` against the task and builds the frozen ModelConfig."""
+    m = config.model
+    if m.kind not in models.KINDS:
+        raise ValueError(f"config.model.kind: expected one of {models.KINDS}, got {m.kind!r}")
+    if m.positions not in models.POSITIONS:
+        raise ValueError(
+            f"config.model.positions: expected one of {models.POSITIONS}, got {m.positions!r}"
+        )
+    for name in ("d_model", "num_heads", "num_layers", "num_decoder_layers", "d_ff", "max_len"):
+        positive_int(config, f"model.{name}")
+    if m.d_model % m.num_heads:
+        raise ValueError(
+            f"config.model.d_model: must be divisible by model.num_heads = {m.num_heads}, "
+            f"got {m.d_model}"
+        )
+    kv = m.num_kv_heads
+    if kv is not None and (not isinstance(kv, int) or kv <= 0 or m.num_heads % kv):
+        raise ValueError(
+            f"config.model.num_kv_heads: must be a positive divisor of model.num_heads = "
+            f"{m.num_heads}, got {kv!r}"
+        )
+    number(config, "model.dropout_rate", 0.0, 1.0)
+    if m.positions == "rope" and (m.d_model // m.num_heads) % 2:
+        raise ValueError(
+            "config.model.positions: 'rope' needs an even head dim d_model / num_heads"
+        )
+    if m.positions == "sinusoidal" and m.d_model % 2:
+        raise ValueError(
+            f"config.model.d_model: sinusoidal positions need it even, got {m.d_model}"
+        )
+    try:
+        needed = models.MODELS[m.kind].positions_needed(task)
+    except ValueError as error:  # its messages name model.<field>
+        raise ValueError(f"config.{error}") from None
+    if m.max_len < needed:
+        raise ValueError(
+            f"config.model.max_len: the {m.kind} model needs positions up to {needed} "
+            f"for task {task.name!r}, got {m.max_len}"
+        )
+    return models.ModelConfig(
+        kind=m.kind,
+        vocab_size=task.vocab_size,
+        d_model=m.d_model,
+        num_heads=m.num_heads,
+        num_kv_heads=kv,
+        num_layers=m.num_layers,
+        num_decoder_layers=m.num_decoder_layers,
+        d_ff=m.d_ff,
+        max_len=m.max_len,
+        dropout_rate=float(m.dropout_rate),
+        positions=m.positions,
+    )
+
+
+_POSITIVE_TRAIN_FIELDS = (
+    "steps",
+    "batch_size",
+    "log_every",
+    "eval_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "eval_batch_size",
+)
+
+
+def check_config(config: ml_collections.ConfigDict) -> tuple[tasks.Task, models.ModelConfig]:
+    """All start-up checks; returns the task and the model config.
+
+    Raises:
+      ValueError: naming the first invalid field, `config.<section>.<field>`.
+    """
+    seed = config.seed
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**31:
+        raise ValueError(f"config.seed: expected an int in [0, 2**31), got {seed!r}")
+    try:
+        task = tasks.make_task(
+            config.task.name, length=config.task.length, num_symbols=config.task.num_symbols
+        )
+    except ValueError as error:  # its messages name task.<field>
+        raise ValueError(f"config.{error}") from None
+    positive_int(config, "task.eval_size")
+    for name in _POSITIVE_TRAIN_FIELDS:
+        positive_int(config, f"train.{name}")
+    t = config.train
+    number(config, "train.learning_rate", 0.0, math.inf, low_open=True)
+    if (
+        not isinstance(t.warmup_steps, int)
+        or isinstance(t.warmup_steps, bool)
+        or t.warmup_steps < 0
+    ):
+        raise ValueError(f"config.train.warmup_steps: expected an int >= 0, got {t.warmup_steps!r}")
+    number(config, "train.label_smoothing", 0.0, 1.0)
+    number(config, "train.grad_clip", 0.0, math.inf, low_open=True)
+    number(config, "train.weight_decay", 0.0, math.inf)
+    if not isinstance(t.skip_nonfinite, bool):
+        raise ValueError(f"config.train.skip_nonfinite: expected a bool, got {t.skip_nonfinite!r}")
+    return task, model_config(config, task)

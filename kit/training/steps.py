@@ -1,0 +1,174 @@
+"""The pure parts of training: loss, optimizer, train and eval steps, evaluation.
+
+The train state is a pytree `{"step", "params", "opt_state"}`; `Trainer.train_step`
+is a pure function of (state, batch, rng), jit-compiled once, with dropout keys
+`fold_in(rng, step)`. A model kind is read only through its `batch`,
+`teacher_forced` and `predict` (kit.models).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from kit import models, tasks
+
+Array = jax.Array
+
+
+def model_batch(kind: str, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Task arrays -> what the model of `kind` reads, with targets and loss weights."""
+    return models.MODELS[kind].batch(batch)
+
+
+def loss_fn(logits: Array, targets: Array, weights: Array, label_smoothing: float = 0.0):
+    """Weighted mean cross-entropy (optionally label-smoothed) and token accuracy."""
+    vocab = logits.shape[-1]
+    labels = optax.smooth_labels(jax.nn.one_hot(targets, vocab), label_smoothing)
+    losses = optax.softmax_cross_entropy(logits.astype(jnp.float32), labels)
+    w = weights.astype(jnp.float32)
+    total = jnp.maximum(jnp.sum(w), 1.0)
+    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    return jnp.sum(losses * w) / total, jnp.sum(correct * w) / total
+
+
+@dataclasses.dataclass(frozen=True)
+class Trainer:
+    """The static parts of training: model graph, optimizer, options. Steps are pure."""
+
+    graphdef: Any
+    tx: optax.GradientTransformation
+    label_smoothing: float
+    dropout: bool
+
+    def init_state(self, params: Any) -> dict[str, Any]:
+        return {"step": jnp.int32(0), "params": params, "opt_state": self.tx.init(params)}
+
+    def train_step(self, state: dict[str, Any], mb: dict[str, Array], rng: Array):
+        """One optimizer update: (state, batch, rng) -> (new state, metrics)."""
+        dropout_rng = jax.random.fold_in(rng, state["step"]) if self.dropout else None
+
+        def objective(params):
+            model = nnx.merge(self.graphdef, params)
+            logits, _ = model.teacher_forced(mb, dropout_rng=dropout_rng)
+            return loss_fn(logits, mb["targets"], mb["weights"], self.label_smoothing)
+
+        (loss, accuracy), grads = jax.value_and_grad(objective, has_aux=True)(state["params"])
+        updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
+        new_state = {
+            "step": state["step"] + 1,
+            "params": optax.apply_updates(state["params"], updates),
+            "opt_state": opt_state,
+        }
+        grad_norm = optax.tree.norm(grads)
+        return new_state, {
+            "loss": loss,
+            "accuracy": accuracy,
+            "grad_norm": grad_norm,
+            "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm),
+            "skipped": opt_state.total_notfinite,
+        }
+
+    def eval_step(self, params: Any, mb: dict[str, Array]) -> dict[str, Array]:
+        """Sums over one eval batch: loss, correct tokens, tokens, exact sequences."""
+        model = nnx.merge(self.graphdef, params)
+        logits, _ = model.teacher_forced(mb)
+        loss, _ = loss_fn(logits, mb["targets"], mb["weights"])
+        prediction = model.predict(mb)
+        w = mb["weights"]
+        hit = prediction == mb["targets"]
+        tokens = jnp.sum(w.astype(jnp.float32))
+        return {
+            "loss_sum": loss * tokens,
+            "correct": jnp.sum((hit & w).astype(jnp.float32)),
+            "tokens": tokens,
+            "exact": jnp.sum(jnp.all(hit | ~w, axis=1).astype(jnp.float32)),
+            "sequences": jnp.float32(prediction.shape[0]),
+        }
+
+
+def init_model(mcfg: models.ModelConfig, rng: Array, shardings: Any = None) -> tuple[Any, Any]:
+    """(graphdef, params) of a fresh model; initialized under jit (one compile, not one per op).
+
+    `shardings` (a pytree of shardings like the params) places each parameter
+    directly where it lives: no process ever holds a full copy first.
+    """
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: models.build(mcfg, rng)))
+    init = jax.jit(lambda r: nnx.split(models.build(mcfg, r))[1], out_shardings=shardings)
+    return graphdef, init(rng)
+
+
+def make_schedule(t: ml_collections.ConfigDict) -> optax.Schedule:
+    """Linear warmup to train.learning_rate, then cosine decay to 1% of it."""
+    return optax.warmup_cosine_decay_schedule(
+        0.0,
+        t.learning_rate,
+        max(t.warmup_steps, 1),
+        max(t.steps, t.warmup_steps + 1),
+        end_value=t.learning_rate * 0.01,
+    )
+
+
+# optax.apply_if_finite applies a non-finite update after this many in a row; never, here.
+
+
+# optax.apply_if_finite applies a non-finite update after this many in a row; never, here.
+_NEVER = 2**30
+
+
+def make_optimizer(t: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """AdamW on the schedule, after global-norm clipping; non-finite gradients skip the update.
+
+    optax.apply_if_finite leaves parameters and moments untouched on a step whose
+    gradients are not all finite and counts it (`opt_state.total_notfinite`).
+    Whether training then stops or goes on is `train.skip_nonfinite`.
+    """
+    return optax.apply_if_finite(
+        optax.chain(
+            optax.clip_by_global_norm(t.grad_clip),
+            optax.adamw(make_schedule(t), weight_decay=t.weight_decay),
+        ),
+        max_consecutive_errors=_NEVER,
+    )
+
+
+def evaluate(eval_step, params: Any, batches: list[tuple[dict, int]]) -> dict[str, float]:
+    """eval/loss, eval/token_accuracy and eval/exact_match over the held-out batches."""
+    totals: dict[str, float] = {}
+    for mb, pad in batches:
+        for name, value in eval_step(params, mb).items():
+            totals[name] = totals.get(name, 0.0) + float(value)
+        # A padding row has no weighted token, so it counted as one exact sequence.
+        totals["sequences"] -= pad
+        totals["exact"] -= pad
+    return {
+        "eval/loss": totals["loss_sum"] / totals["tokens"],
+        "eval/token_accuracy": totals["correct"] / totals["tokens"],
+        "eval/exact_match": totals["exact"] / totals["sequences"],
+    }
+
+
+def eval_batches(task: tasks.Task, kind: str, config, multiple: int = 1) -> list[tuple[dict, int]]:
+    """The held-out set as (model batch, number of padding rows), all of one shape.
+
+    The batch size is rounded up to a multiple of `multiple` (the mesh's data axis).
+    """
+    data = tasks.eval_set(task, config.seed, config.task.eval_size)
+    size = min(config.train.eval_batch_size, config.task.eval_size)
+    size = -(-size // multiple) * multiple
+    out = []
+    for start in range(0, config.task.eval_size, size):
+        mb = model_batch(kind, {k: v[start : start + size] for k, v in data.items()})
+        pad = size - len(mb["src"])
+        if pad:  # one shape, one compile; padding rows weigh nothing
+            mb = {k: np.concatenate([v, np.repeat(v[-1:], pad, axis=0)]) for k, v in mb.items()}
+            mb["weights"][-pad:] = False
+        out.append((mb, pad))
+    return out

@@ -12,9 +12,16 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax
+import pytest
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+# The tests' programs are tiny: XLA's optimization passes cost more than they save
+# (the not-slow suite took 80 s with them, 52 s without), as flax's examples set for
+# their smoke tests. Tests that read a compiled program (memory, collectives) or
+# check numerics against jax.nn take the `optimized` fixture: what users run.
+jax.config.update("jax_disable_most_optimizations", True)
 
 # Tests build the same tiny models many times (a resumed run compiles what the
 # first run compiled); a per-session persistent compilation cache compiles each once.
@@ -22,3 +29,38 @@ _CACHE = os.path.join(tempfile.gettempdir(), f"kit-jax-cache-{os.getppid()}")
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """`tiny_run(name, **overrides)`: the workdir of a finished tiny training run.
+
+    Each distinct run trains once per test process and is shared by every test
+    that only reads it (loading, probing, visualizing, checkpoints). Tests that
+    write copy it first.
+    """
+    from helpers import load_config
+
+    from kit import training
+
+    runs = {}
+
+    def get(name: str, **overrides) -> str:
+        config = load_config(name, **overrides)
+        key = config.to_json()
+        if key not in runs:
+            workdir = str(tmp_path_factory.mktemp(f"tiny-{name}"))
+            with jax.numpy_dtype_promotion("standard"):  # optax's Adam: see test_training.py
+                training.train_and_evaluate(config, workdir, progress=False)
+            runs[key] = workdir
+        return runs[key]
+
+    return get
+
+
+@pytest.fixture
+def optimized():
+    """Compiles with XLA's full optimization passes inside the test."""
+    jax.config.update("jax_disable_most_optimizations", False)
+    yield
+    jax.config.update("jax_disable_most_optimizations", True)

@@ -1,7 +1,11 @@
-"""Inputs and tolerances shared by the test modules."""
+"""Inputs, tolerances, configs and parameter marks shared by the test modules."""
+
+import importlib.util
+import os
 
 import jax
 import jax.numpy as jnp
+import pytest
 
 TOLERANCES = {  # dtype: (forward, gradient)
     jnp.float32: (1e-5, 1e-4),
@@ -42,3 +46,29 @@ def reference_attention(q, k, v, *, scale, mask, bias=None):
     e = jnp.where(mask, jnp.exp(jnp.where(mask, shifted, 0.0)), 0.0)
     p = e / jnp.where(live, jnp.sum(e, axis=-1, keepdims=True), 1.0)
     return jnp.einsum("bnts,bsnh->btnh", p, v)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(name: str, variant: str | None = "tiny", **overrides):
+    """configs/<name>.py's get_config(variant), with flattened overrides ("model.kind": ...)."""
+    spec = importlib.util.spec_from_file_location(
+        f"configs_{name}", os.path.join(ROOT, "configs", f"{name}.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(variant)
+    config.update_from_flattened_dict(overrides)
+    return config
+
+
+def slow_beyond(values, fast, *, several=False):
+    """Parameters for parametrize: those in `fast` run in the inner loop
+    (`pytest -m "not slow"`), the others are marked slow. With `several`, each
+    value is a tuple of several arguments."""
+
+    def param(v):
+        return pytest.param(*(v if several else (v,)), marks=pytest.mark.slow)
+
+    return [v if v in fast else param(v) for v in values]

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import TOLERANCES, make_qkv, normal
+from helpers import TOLERANCES, make_qkv, normal, slow_beyond
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -106,9 +106,11 @@ def _run_case(case, dtype, shapes):
     return out, ref_out, grads, ref_grads
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16], ids=str)
+@pytest.mark.parametrize(
+    "dtype", slow_beyond([jnp.float32, jnp.bfloat16, jnp.float16], [jnp.float32]), ids=str
+)
 @pytest.mark.parametrize("name", list(CASES))
-def test_matches_jax_nn_forward_and_vjp(name, dtype):
+def test_matches_jax_nn_forward_and_vjp(optimized, name, dtype):
     out, ref_out, grads, ref_grads = _run_case(CASES[name], dtype, {})
     fwd_tol, grad_tol = TOLERANCES[dtype]
     assert out.dtype == ref_out.dtype == dtype
@@ -117,7 +119,7 @@ def test_matches_jax_nn_forward_and_vjp(name, dtype):
 
 
 @pytest.mark.parametrize("groups", [1, 2, 4])
-@pytest.mark.parametrize("case", ["plain", "causal", "everything"])
+@pytest.mark.parametrize("case", slow_beyond(["plain", "causal", "everything"], ["everything"]))
 def test_grouped_query_attention(groups, case):
     shapes = dict(N=4, K=4 // groups)
     out, ref_out, grads, ref_grads = _run_case(CASES[case], jnp.float32, shapes)
@@ -125,7 +127,9 @@ def test_grouped_query_attention(groups, case):
     chex.assert_trees_all_close(grads, ref_grads, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("case", ["plain", "bias", "causal", "lengths", "everything"])
+@pytest.mark.parametrize(
+    "case", slow_beyond(["plain", "bias", "causal", "lengths", "everything"], ["everything"])
+)
 def test_cross_attention_with_different_lengths(case):
     out, ref_out, grads, ref_grads = _run_case(CASES[case], jnp.float32, dict(T=5, S=8, K=2))
     assert out.shape == (2, 5, 4, 16)

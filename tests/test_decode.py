@@ -6,8 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import slow_beyond
 
-from kit import decode, models, tasks, train
+from kit import decode, models, tasks, training
 
 VOCAB = 12
 
@@ -25,7 +26,7 @@ def _model(kind, positions, num_kv_heads=None):
         max_len=32,
         positions=positions,
     )
-    graphdef, params = train.init_model(cfg, jax.random.key(0, impl="rbg"))
+    graphdef, params = training.init_model(cfg, jax.random.key(0, impl="rbg"))
     return nnx.merge(graphdef, params)
 
 
@@ -42,7 +43,7 @@ def _tokens(shape, seed):
 VARIANTS = [("sinusoidal", None), ("learned", 2), ("rope", None), ("alibi", 2)]
 
 
-@pytest.mark.parametrize("positions, kv", VARIANTS)
+@pytest.mark.parametrize("positions, kv", slow_beyond(VARIANTS, [("rope", None)], several=True))
 def test_encoder_decoder_cache_equals_full_forward(positions, kv):
     model = _model("encoder_decoder", positions, kv)
     src, src_len = _tokens((3, 9), 1), jnp.array([9, 5, 7], jnp.int32)
@@ -64,7 +65,7 @@ def test_encoder_decoder_cache_equals_full_forward(positions, kv):
     chex.assert_trees_all_close(jitted(model, incremental), full, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("positions, kv", VARIANTS)
+@pytest.mark.parametrize("positions, kv", slow_beyond(VARIANTS, [("alibi", 2)], several=True))
 def test_decoder_only_cache_equals_full_forward(positions, kv):
     model = _model("decoder_only", positions, kv)
     tokens = _tokens((2, 10), 3)
@@ -86,6 +87,7 @@ def test_decoder_only_cache_equals_full_forward(positions, kv):
     chex.assert_trees_all_close(jitted(model, incremental), full, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_greedy_decoding_equals_argmax_of_full_forward():
     model = _model("encoder_decoder", "sinusoidal")
     src, src_len = _tokens((2, 7), 4), jnp.array([7, 4], jnp.int32)

@@ -14,55 +14,38 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import TOLERANCES, normal, reference_attention
+from helpers import TOLERANCES, load_config, normal, reference_attention, slow_beyond
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import kit
-from kit import checkpoint, metrics, train
+from kit import checkpoint, metrics, training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(autouse=True)
 def standard_promotion():
-    # optax's Adam is not strict-promotion clean (see test_train.py).
+    # optax's Adam is not strict-promotion clean (see test_training.py).
     with jax.numpy_dtype_promotion("standard"):
         yield
 
 
-TINY = {
-    "task.name": "copy",
-    "task.length": 5,
-    "task.num_symbols": 6,
-    "task.eval_size": 12,
-    "model.d_model": 16,
-    "model.num_heads": 2,
-    "model.num_layers": 1,
-    "model.num_decoder_layers": 1,
-    "model.d_ff": 32,
+# Beyond configs/copy.py's tiny variant: 8 steps, checkpoints every 2, evaluations every 4.
+RELIABLE = {
     "model.max_len": 16,
     "model.dropout_rate": 0.1,
     "train.steps": 8,
-    "train.batch_size": 8,
-    "train.warmup_steps": 1,
-    "train.log_every": 1,
     "train.eval_every": 4,
-    "train.checkpoint_every": 2,
-    "train.eval_batch_size": 8,
-    "mesh.data": 1,
-    "mesh.model": 1,
 }
 
 
 def tiny_config(**overrides):
-    config = train.default_config()
-    config.update_from_flattened_dict({**TINY, **overrides})
-    return config
+    return load_config("copy", **{**RELIABLE, **overrides})
 
 
 def run(config, workdir):
-    return train.train_and_evaluate(config, workdir, progress=False, devices=jax.devices()[:1])
+    return training.train_and_evaluate(config, workdir, progress=False)
 
 
 def read_bytes(path):
@@ -85,8 +68,8 @@ def crash_run(point, workdir, cache):
         sys.executable,
         os.path.join(ROOT, "tests", "crash_run.py"),
         point,
-        f"--config={os.path.join(ROOT, 'configs', 'copy.py')}",
-        *(f"--config.{k}={v}" for k, v in TINY.items()),
+        f"--config={os.path.join(ROOT, 'configs', 'copy.py')}:tiny",
+        *(f"--config.{k}={v}" for k, v in RELIABLE.items()),
         f"--workdir={workdir}",
         "--progress=false",
     ]
@@ -98,6 +81,7 @@ def temporary_folders(workdir):
     return [name for name in os.listdir(folder) if not name.isdigit()]
 
 
+@pytest.mark.slow
 def test_killed_runs_resume_to_the_uninterrupted_result_bit_for_bit(tmp_path):
     """SIGKILL at 4 points in one workdir, the same command rerun each time."""
     cache = str(tmp_path / "cache")
@@ -134,8 +118,8 @@ def test_killed_runs_resume_to_the_uninterrupted_result_bit_for_bit(tmp_path):
     assert read_bytes(os.path.join(straight, "metrics.jsonl")) == read_bytes(
         os.path.join(resumed, "metrics.jsonl")
     )
-    _, _, a = train.load_checkpoint(straight)
-    _, _, b = train.load_checkpoint(resumed)
+    _, _, a = training.load_checkpoint(straight)
+    _, _, b = training.load_checkpoint(resumed)
     assert int(a["step"]) == int(b["step"]) == 8
     chex.assert_trees_all_equal(jax.device_get(a), jax.device_get(b))
 
@@ -147,12 +131,13 @@ def kit_metrics(workdir):
     return metrics.read_metrics(os.path.join(workdir, "metrics.jsonl"))
 
 
+@pytest.mark.slow
 def test_nonfinite_stops_naming_the_step_or_is_skipped_and_counted(tmp_path):
     overrides = {"train.learning_rate": 1e30, "train.checkpoint_every": 1}
     stopped, skipped = str(tmp_path / "stop"), str(tmp_path / "skip")
-    with pytest.raises(train.NonFiniteError, match=r"step 3: the loss \(nan\) .* not finite"):
+    with pytest.raises(training.NonFiniteError, match=r"step 3: the loss \(nan\) .* not finite"):
         run(tiny_config(**overrides), stopped)
-    _, _, at_2 = train.load_checkpoint(stopped)  # the last good checkpoint loads
+    _, _, at_2 = training.load_checkpoint(stopped)  # the last good checkpoint loads
     assert int(at_2["step"]) == 2
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(at_2["params"]))
     assert max(line["step"] for line in kit_metrics(stopped)) == 2  # nothing logged after
@@ -161,7 +146,7 @@ def test_nonfinite_stops_naming_the_step_or_is_skipped_and_counted(tmp_path):
     lines = [line for line in kit_metrics(skipped) if "loss" in line]
     assert [line["skipped"] for line in lines] == [0, 0, 1, 2, 3, 4, 5, 6]
     # Every update after step 2 was skipped: the parameters are still step 2's.
-    _, _, at_8 = train.load_checkpoint(skipped)
+    _, _, at_8 = training.load_checkpoint(skipped)
     assert int(at_8["step"]) == 8
     chex.assert_trees_all_equal(jax.device_get(at_2["params"]), jax.device_get(at_8["params"]))
 
@@ -197,7 +182,10 @@ def _stress_inputs(case, dtype):
 @pytest.mark.parametrize("implementation", ["xla", "chunked"])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 @pytest.mark.parametrize(
-    "case", ["logits_300", "masked_rows", "long_rows", "huge_scale", "tiny_scale"]
+    "case",
+    slow_beyond(
+        ["logits_300", "masked_rows", "long_rows", "huge_scale", "tiny_scale"], ["masked_rows"]
+    ),
 )
 def test_low_precision_under_stress_is_finite_and_matches_float32(case, dtype, implementation):
     q, k, v, options, mask = _stress_inputs(case, dtype)
@@ -228,6 +216,7 @@ def test_low_precision_under_stress_is_finite_and_matches_float32(case, dtype, i
 # ---------------------------------------------------------------- determinism
 
 
+@pytest.mark.slow
 def test_same_config_and_seed_give_identical_metrics(tmp_path):
     config = tiny_config(**{"train.steps": 3, "train.eval_every": 3})
     run(config, str(tmp_path / "a"))
@@ -250,6 +239,7 @@ class _Payload:
         return (open, (self.marker, "w"))
 
 
+@pytest.mark.slow
 def test_loading_never_unpickles(tmp_path):
     workdir = str(tmp_path / "run")
     run(tiny_config(**{"train.steps": 2}), workdir)
@@ -260,7 +250,7 @@ def test_loading_never_unpickles(tmp_path):
     for name in ("checkpoint", "state.pkl", "checkpoint.pkl"):
         with open(os.path.join(step_dir, name), "wb") as f:
             f.write(payload)
-    _, _, state = train.load_checkpoint(workdir)
+    _, _, state = training.load_checkpoint(workdir)
     assert int(state["step"]) == 2
     # The payload in place of files orbax does read (its legacy aggregate file, which it
     # parses as msgpack, and its JSON metadata): the load fails clearly.
@@ -270,7 +260,7 @@ def test_loading_never_unpickles(tmp_path):
         with open(path, "wb") as f:
             f.write(payload)
         with pytest.raises(ValueError, match=r"checkpoint: step 2 under .* cannot be restored"):
-            train.load_checkpoint(workdir)
+            training.load_checkpoint(workdir)
         if original is None:
             os.remove(path)
         else:
@@ -279,7 +269,7 @@ def test_loading_never_unpickles(tmp_path):
     with open(os.path.join(workdir, "config.json"), "wb") as f:
         f.write(payload)
     with pytest.raises(ValueError, match=r"workdir: .*config.json is not a JSON config"):
-        train.load_checkpoint(workdir)
+        training.load_checkpoint(workdir)
     with pytest.raises(ValueError, match=r"workdir: .*config.json is not a JSON config"):
         run(tiny_config(), workdir)
     assert not os.path.exists(marker)
@@ -361,6 +351,7 @@ def sweep_counts():
     assert counts["accepted"] > 3 and counts["rejected"] > 3, counts
 
 
+@pytest.mark.slow
 @settings(
     max_examples=SWEEP_EXAMPLES,
     deadline=None,
@@ -436,8 +427,8 @@ def _leaves(config, prefix=""):
 
 
 def test_config_sweep_covers_every_field():
-    assert set(_leaves(train.default_config())) == set(INVALID) | set(BOOL_FIELDS)
-    config = train.default_config()
+    assert set(_leaves(training.default_config())) == set(INVALID) | set(BOOL_FIELDS)
+    config = training.default_config()
     with pytest.raises(TypeError):
         config.train.skip_nonfinite = "yes"
 

@@ -11,11 +11,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import make_qkv
+from helpers import load_config, make_qkv
 from jax.sharding import NamedSharding, PartitionSpec
 
 import kit
-from kit import sharding, train
+from kit import sharding, training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,28 +27,24 @@ def standard_promotion():
         yield
 
 
+# Four heads and d_ff 64 so that a model axis of 2 or 4 divides them.
+SHARDED = {
+    "task.length": 6,
+    "task.eval_size": 16,
+    "model.num_heads": 4,
+    "model.d_model": 32,
+    "model.d_ff": 64,
+    "model.max_len": 16,
+    "train.steps": 5,
+    "train.batch_size": 16,
+    "train.eval_every": 5,
+    "train.checkpoint_every": 5,
+    "train.eval_batch_size": 16,
+}
+
+
 def tiny_config(**mesh):
-    config = train.default_config()
-    config.task.name = "copy"
-    config.task.length = 6
-    config.task.eval_size = 16
-    config.model.update(
-        {"num_heads": 4, "d_model": 32, "d_ff": 64, "num_layers": 1, "num_decoder_layers": 1}
-    )
-    config.model.max_len = 16
-    config.train.update(
-        {
-            "steps": 5,
-            "batch_size": 16,
-            "log_every": 1,
-            "eval_every": 5,
-            "checkpoint_every": 5,
-            "eval_batch_size": 16,
-            "warmup_steps": 1,
-        }
-    )
-    config.mesh.update(mesh)
-    return config
+    return load_config("copy", **SHARDED, **{f"mesh.{k}": v for k, v in mesh.items()})
 
 
 def losses(workdir):
@@ -57,7 +53,7 @@ def losses(workdir):
 
 
 def final_params(workdir):
-    _, _, state = train.load_checkpoint(workdir)
+    _, _, state = training.load_checkpoint(workdir)
     return jax.device_get(state["params"])
 
 
@@ -66,14 +62,15 @@ def single_device_run(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("one"))
     config = tiny_config(data=1, model=1)
     with jax.numpy_dtype_promotion("standard"):
-        train.train_and_evaluate(config, workdir, progress=False, devices=jax.devices()[:1])
+        training.train_and_evaluate(config, workdir, progress=False)
         return losses(workdir), final_params(workdir)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("data,model", [(8, 1), (4, 2), (2, 4)])
 def test_mesh_matches_one_device(tmp_path, single_device_run, data, model):
     workdir = str(tmp_path)
-    train.train_and_evaluate(tiny_config(data=data, model=model), workdir, progress=False)
+    training.train_and_evaluate(tiny_config(data=data, model=model), workdir, progress=False)
     want_losses, want_params = single_device_run
     np.testing.assert_allclose(losses(workdir), want_losses, rtol=1e-5)
     assert len(want_losses) == 5
@@ -81,7 +78,7 @@ def test_mesh_matches_one_device(tmp_path, single_device_run, data, model):
 
 
 def test_state_is_sharded_as_documented():
-    s = train.setup(tiny_config(data=2, model=4))
+    s = training.setup(tiny_config(data=2, model=4))
     params = s.state_shardings["params"]
     attn = params["encoder"]["layers"][0]["self_attention"]
     assert attn["query"]["kernel"].get_value().spec == PartitionSpec(None, "model", None)
@@ -119,13 +116,13 @@ def _sharded_attention(implementation):
 COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter")
 
 
-def test_attention_runs_sharded_without_communication():
+def test_attention_runs_sharded_without_communication(optimized):
     """Batch on "data", heads on "model": the unchanged vmapped function needs no collective."""
     hlo = _sharded_attention("xla")
     assert [c for c in COLLECTIVES if c in hlo] == []
 
 
-def test_chunked_attention_runs_sharded():
+def test_chunked_attention_runs_sharded(optimized):
     """Correct when sharded; its (example, head) unit loop gathers across devices (see README)."""
     _sharded_attention("chunked")
 
@@ -142,7 +139,7 @@ def test_chunked_attention_runs_sharded():
 )
 def test_bad_mesh_fails_at_start_naming_the_field(tmp_path, mesh, field):
     with pytest.raises(ValueError, match=field):
-        train.train_and_evaluate(tiny_config(**mesh), str(tmp_path), progress=False)
+        training.train_and_evaluate(tiny_config(**mesh), str(tmp_path), progress=False)
     assert os.listdir(tmp_path) == []
 
 
@@ -150,7 +147,7 @@ def test_mesh_must_divide_the_batch(tmp_path):
     config = tiny_config(data=8, model=1)
     config.train.batch_size = 12
     with pytest.raises(ValueError, match=r"config\.mesh\.data: 8 does not divide train\.batch"):
-        train.train_and_evaluate(config, str(tmp_path), progress=False)
+        training.train_and_evaluate(config, str(tmp_path), progress=False)
     assert os.listdir(tmp_path) == []
 
 
@@ -170,11 +167,11 @@ def free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(tmp_path, single_device_run):
     """Two processes x 2 CPU devices each (gloo collectives) train like one device."""
     workdir = str(tmp_path / "run")
-    config = tiny_config(data=2, model=2)
-    overrides = [f"--config.{k}={v}" for k, v in _flat(config.to_dict()).items()]
+    overrides = [f"--config.{k}={v}" for k, v in SHARDED.items()]
     address = f"127.0.0.1:{free_port()}"
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
@@ -184,8 +181,10 @@ def test_two_processes_match_one(tmp_path, single_device_run):
             command = [
                 sys.executable,
                 os.path.join(ROOT, "experiments", "train.py"),
-                f"--config={os.path.join(ROOT, 'configs', 'copy.py')}",
+                f"--config={os.path.join(ROOT, 'configs', 'copy.py')}:tiny",
                 *overrides,
+                "--config.mesh.data=2",
+                "--config.mesh.model=2",
                 f"--workdir={workdir}",
                 "--progress=false",
                 f"--coordinator_address={address}",
@@ -210,13 +209,3 @@ def test_two_processes_match_one(tmp_path, single_device_run):
     want_losses, want_params = single_device_run
     np.testing.assert_allclose(losses(workdir), want_losses, rtol=1e-5)
     chex.assert_trees_all_close(final_params(workdir), want_params, rtol=1e-5, atol=1e-7)
-
-
-def _flat(tree, prefix=""):
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        elif value is not None:
-            out[f"{prefix}{key}"] = value
-    return out

@@ -1,4 +1,5 @@
-"""kit.chunked equals kit's materialized (xla) path, forward and VJP, and holds no [T, S] buffer."""
+"""kit.attention.chunked equals kit's materialized (xla) path, forward and VJP, and holds
+no [T, S] buffer."""
 
 import functools
 
@@ -8,7 +9,7 @@ import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import TOLERANCES, make_qkv, normal
+from helpers import TOLERANCES, make_qkv, normal, slow_beyond
 
 import kit
 
@@ -76,23 +77,29 @@ def _compare(case, *, dtype=jnp.float32, T=T, S=S, K=2, blocks=(8, 16), units=3,
     chex.assert_trees_all_close(grads, ref_grads, atol=grad_tol, rtol=grad_tol)
 
 
-@pytest.mark.parametrize("name", list(CASES))
+FAST = ["plain", "causal", "bias shared over heads", "lengths", "window", "everything"]
+
+
+@pytest.mark.parametrize("name", slow_beyond(list(CASES), FAST))
 def test_chunked_equals_xla_forward_and_vjp(name):
     _compare(CASES[name])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=str)
 @pytest.mark.parametrize("name", ["causal", "everything"])
 def test_chunked_low_precision(name, dtype):
     _compare(CASES[name], dtype=dtype)
 
 
-@pytest.mark.parametrize("groups", [1, 2, 4])
+@pytest.mark.parametrize("groups", slow_beyond([1, 2, 4], [2]))
 def test_chunked_grouped_query_attention(groups):
     _compare(CASES["causal+lengths"], K=N // groups)
 
 
-@pytest.mark.parametrize("blocks", [(16, 8), (64, 64), (5, 7)], ids=lambda b: f"{b[0]}x{b[1]}")
+@pytest.mark.parametrize(
+    "blocks", slow_beyond([(16, 8), (64, 64), (5, 7)], [(5, 7)]), ids=lambda b: f"{b[0]}x{b[1]}"
+)
 def test_chunked_block_sizes(blocks):
     # Exactly divisible lengths take the mask-free path for blocks below the diagonal.
     _compare(CASES["causal"], T=48, S=48, blocks=blocks, units=8)
@@ -107,7 +114,9 @@ def test_chunked_backward_blocks_differ_from_forward():
     _compare(CASES["everything"], blocks=(8, 16), backward=(12, 24))
 
 
-@pytest.mark.parametrize("T,S", [(48, 48), (24, 72), (72, 24)])
+@pytest.mark.parametrize(
+    "T,S", slow_beyond([(48, 48), (24, 72), (72, 24)], [(24, 72)], several=True)
+)
 def test_chunked_trims_the_causal_diagonal(T, S):
     # On the causal diagonal the forward (query blocks of 24 over key blocks of 8)
     # computes only a block's last 24, 16 and 8 queries, and the backward (key
@@ -159,7 +168,7 @@ def _jaxpr_arrays(fn, *args):
     return len(jaxpr.jaxpr.eqns), sizes
 
 
-def test_chunked_holds_no_score_matrix_and_compiles_to_loops():
+def test_chunked_holds_no_score_matrix_and_compiles_to_loops(optimized):
     def fwd_bwd(q, k, v):
         return jax.grad(lambda q, k, v: jnp.sum(kit.chunked_attention(q, k, v, is_causal=True)))(
             q, k, v

@@ -1,0 +1,138 @@
+"""kit.training: smoke runs per task and model, config variants, errors, one compile, report."""
+
+import io
+import json
+import os
+import pathlib
+import shutil
+
+import chex
+import jax
+import numpy as np
+import pytest
+from helpers import load_config, slow_beyond
+
+from kit import checkpoint, metrics, tasks, training
+
+
+@pytest.fixture(autouse=True)
+def standard_promotion():
+    # optax's Adam bias correction (decay ** int count) is not strict-promotion clean;
+    # kit's own model code is checked under strict promotion in test_decode.py.
+    with jax.numpy_dtype_promotion("standard"):
+        yield
+
+
+SMOKE = [
+    ("copy", "encoder_decoder"),
+    ("sort", "decoder_only"),
+    ("reverse", "encoder_only"),
+    ("dates", "encoder_decoder"),
+    ("dates", "decoder_only"),
+]
+
+
+@pytest.mark.parametrize(
+    "name, kind", slow_beyond(SMOKE, [("copy", "encoder_decoder")], several=True)
+)
+def test_smoke_train_and_evaluate(tiny_run, name, kind):
+    workdir = tiny_run(name, **{"model.kind": kind})
+    lines = metrics.read_metrics(os.path.join(workdir, "metrics.jsonl"))
+    assert [line["step"] for line in lines if "loss" in line] == [1, 2, 3, 4]
+    assert {"loss", "learning_rate", "accuracy", "grad_norm", "skipped"} <= set(lines[0])
+    evals = [line for line in lines if "eval/exact_match" in line]
+    assert [line["step"] for line in evals] == [2, 4]
+    for line in evals:
+        assert all(np.isfinite(line[k]) for k in ("eval/loss", "eval/exact_match"))
+        assert 0.0 <= line["eval/token_accuracy"] <= 1.0
+    saved = json.loads(pathlib.Path(workdir, "config.json").read_text())
+    assert saved["model"]["kind"] == kind and saved["task"]["name"] == name
+    assert checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")).latest_step() == 4
+
+
+def test_configs_hold_only_their_differences_and_a_tiny_variant():
+    # The tiny variant changes sizes, never what is learned or how it is read.
+    for name in ("copy", "reverse", "sort", "dates", "pronoun"):
+        full, tiny = load_config(name, None), load_config(name)
+        assert (tiny.task.name, tiny.model.kind) == (full.task.name, full.model.kind)
+        assert tiny.train.steps == training.config.TINY["train.steps"]
+        training.check_config(full)
+        training.check_config(tiny)
+    with pytest.raises(ValueError, match=r"config variant: expected one of \('tiny',\)"):
+        load_config("copy", "huge")
+
+
+def test_encoder_only_refuses_a_task_of_other_length(tmp_path):
+    config = load_config("dates", **{"model.kind": "encoder_only"})
+    with pytest.raises(ValueError, match=r"config.model.kind: 'encoder_only' predicts one output"):
+        training.train_and_evaluate(config, str(tmp_path / "r"), progress=False)
+    assert not (tmp_path / "r").exists()
+
+
+def test_incompatible_checkpoint_stops_and_overwrites_nothing(tiny_run, tmp_path):
+    workdir = str(tmp_path / "run")
+    shutil.copytree(tiny_run("copy"), workdir)
+    before = {p.name: p.read_bytes() for p in pathlib.Path(workdir).glob("*.json*")}
+    config = load_config("copy", **{"model.d_model": 32})
+    with pytest.raises(ValueError, match=r"workdir: .* incompatible config \(model.d_model"):
+        training.train_and_evaluate(config, workdir, progress=False)
+    assert before == {p: pathlib.Path(workdir, p).read_bytes() for p in before}
+
+
+def test_workdir_that_is_a_file_is_named(tmp_path):
+    path = tmp_path / "file"
+    path.write_text("x")
+    with pytest.raises(ValueError, match=r"workdir: .*file exists and is not a folder"):
+        training.train_and_evaluate(load_config("copy"), str(path), progress=False)
+    with pytest.raises(ValueError, match=r"workdir: .*file is a file, so .* cannot be made"):
+        training.train_and_evaluate(load_config("copy"), str(path / "run"), progress=False)
+    assert path.read_text() == "x"
+
+
+def test_train_step_compiles_once():
+    config = load_config("copy", **{"model.dropout_rate": 0.1})
+    task, mcfg = training.check_config(config)
+    graphdef, params = training.init_model(mcfg, jax.random.key(0, impl="rbg"))
+    trainer = training.Trainer(graphdef, training.make_optimizer(config.train), 0.1, True)
+    step = jax.jit(chex.assert_max_traces(trainer.train_step, n=1))
+    state = trainer.init_state(params)
+    for i in range(3):
+        mb = training.model_batch(mcfg.kind, tasks.train_batch(task, 0, i, 8))
+        state, _ = step(state, mb, jax.random.key(1, impl="rbg"))
+    assert int(state["step"]) == 3
+
+
+def test_resumed_run_reports_its_start_and_plain_lines(tiny_run, tmp_path):
+    """A resumed run's header says where it resumed; "lines" prints one per log step."""
+    workdir = str(tmp_path / "run")
+    shutil.copytree(tiny_run("copy"), workdir)
+    config = load_config("copy", **{"train.steps": 6})
+    out = io.StringIO()
+    result = training.train_and_evaluate(config, workdir, console=training.Console("lines", out))
+    text = out.getvalue()
+    assert result["step"] == 6
+    assert "start:   resumed from step 4" in text
+    assert "devices: 1 of 8 cpu devices (the first; the mesh is smaller than the host)" in text
+    assert [line.split()[1] for line in text.splitlines() if line.startswith("step ")] == [
+        "5/6",
+        "6/6",
+    ]
+    assert text.count("eval at step 6:  eval/loss") == 1
+    steps = [line["step"] for line in metrics.read_metrics(os.path.join(workdir, "metrics.jsonl"))]
+    assert steps == [1, 2, 2, 3, 4, 4, 5, 6, 6]  # resumed lines follow the saved ones
+
+
+def test_console_styles_and_bad_style():
+    out = io.StringIO()
+    quiet = training.Console("quiet", out)
+    quiet.header({"a": "1", "long name": "2"})
+    quiet.log_step(1, 2, {"loss": 1.0, "accuracy": 0.5})
+    quiet.evaluation(2, {"eval/loss": 0.25})
+    assert out.getvalue().splitlines() == [
+        "a:         1",
+        "long name: 2",
+        "eval at step 2:  eval/loss 0.2500",
+    ]
+    assert training.Console("auto", io.StringIO()).style == "lines"  # not a terminal
+    with pytest.raises(ValueError, match=r"style: expected 'auto' or one of"):
+        training.Console("loud")

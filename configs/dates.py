@@ -7,9 +7,6 @@ An encoder-decoder whose cross-attention has to reorder: the year comes first
 in the output but last in most inputs. Held-out dates are never trained on.
 Measured on the 2-core CPU development machine: 100% exact match on 2,000 held-out
 dates after 1,000 steps, 133.0 s for the whole command.
-
-Only what differs from kit.training.default_config() is set here. The
-tests run the `tiny` variant: --config=configs/dates.py:tiny.
 """
 
 from kit import training
@@ -17,9 +14,7 @@ from kit import training
 
 def get_config(variant: str | None = None):
     config = training.default_config()
-    config.task.name = "dates"
-    config.task.eval_size = 2000
-    config.model.num_decoder_layers = 1
-    config.model.max_len = 32
-    config.train.warmup_steps = 100
+    config.task.update(name="dates", eval_size=2000)
+    config.model.update(num_decoder_layers=1, max_len=32)
+    config.train.update(warmup_steps=100)
     return training.variant(config, variant)

@@ -11,9 +11,6 @@ match, and "_" at every other position. Held-out sentences use name pairs never
 seen together in training (Mark and Sam among them).
 Measured on the 2-core CPU development machine: 100% exact match on 2,000
 held-out sentences (already at step 200), 22.9 s for the whole command.
-
-Only what differs from kit.training.default_config() is set here. The
-tests run the `tiny` variant: --config=configs/pronoun.py:tiny.
 """
 
 from kit import training
@@ -21,11 +18,7 @@ from kit import training
 
 def get_config(variant: str | None = None):
     config = training.default_config()
-    config.task.name = "pronoun"
-    config.task.eval_size = 2000
-    config.model.kind = "encoder_only"
-    config.model.max_len = 16
-    config.train.steps = 600
-    config.train.eval_every = 200
-    config.train.checkpoint_every = 200
+    config.task.update(name="pronoun", eval_size=2000)
+    config.model.update(kind="encoder_only", max_len=16)
+    config.train.update(steps=600, eval_every=200, checkpoint_every=200)
     return training.variant(config, variant)

@@ -6,9 +6,6 @@ The decoder writes the symbols in ascending order, attending to the source to
 find the next one.
 Measured on the 2-core CPU development machine: 99.9% exact match on 1,000 held-out
 sequences after 1,000 steps, 49.9 s for the whole command.
-
-Only what differs from kit.training.default_config() is set here. The
-tests run the `tiny` variant: --config=configs/sort.py:tiny.
 """
 
 from kit import training
@@ -16,8 +13,6 @@ from kit import training
 
 def get_config(variant: str | None = None):
     config = training.default_config()
-    config.task.name = "sort"
-    config.model.num_layers = 1
-    config.model.num_decoder_layers = 1
-    config.model.max_len = 20
+    config.task.update(name="sort")
+    config.model.update(num_layers=1, num_decoder_layers=1, max_len=20)
     return training.variant(config, variant)

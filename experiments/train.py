@@ -25,7 +25,7 @@ import sys
 import time
 
 import jax
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from kit import sharding, training
@@ -44,8 +44,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     del argv
-    if FLAGS.verbosity < 1:
-        logging.set_verbosity(logging.WARNING)
+    training.report.quiet_library_logs(FLAGS.verbosity)
     try:
         sharding.initialize(
             FLAGS.coordinator_address,

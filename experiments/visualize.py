@@ -17,7 +17,7 @@ antecedent gets the most. Library logs (absl, orbax, jax) appear only with
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from kit import probe, training
 
@@ -28,11 +28,9 @@ flags.DEFINE_string("out", None, "Output folder (default: <workdir>/attention)."
 flags.mark_flags_as_required(["workdir", "text"])
 
 
-def main(argv):
-    del argv
-    if FLAGS.verbosity < 1:
-        logging.set_verbosity(logging.WARNING)
+def main(_):
     out = FLAGS.out or os.path.join(FLAGS.workdir, "attention")
+    training.report.quiet_library_logs(FLAGS.verbosity)
     if os.path.exists(out) and not os.path.isdir(out):
         sys.exit(f"error: out: {out} exists and is not a folder; use another --out")
     try:

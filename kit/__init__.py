@@ -1,39 +1,9 @@
-"""kit: a JAX/Flax research kit for self-attention."""
+"""kit: a JAX/Flax research kit for self-attention.
 
-from kit.attention import (
-    MASK_VALUE,
-    attention_logits,
-    attention_weights,
-    causal_mask,
-    chunked_attention,
-    combine_masks,
-    dot_product_attention,
-    init_attention_params,
-    local_window_mask,
-    masked_softmax,
-    multi_head_attention,
-    padding_mask,
-    project_heads,
-    project_output,
-    project_qkv,
-    single_head_attention,
-)
+The public API is the pure attention functions of `kit.attention`; training,
+models, probes and views are in their own modules (`kit.training`,
+`kit.models`, `kit.probe`, `kit.viz`).
+"""
 
-__all__ = [
-    "MASK_VALUE",
-    "attention_logits",
-    "attention_weights",
-    "causal_mask",
-    "chunked_attention",
-    "combine_masks",
-    "dot_product_attention",
-    "init_attention_params",
-    "local_window_mask",
-    "masked_softmax",
-    "multi_head_attention",
-    "padding_mask",
-    "project_heads",
-    "project_output",
-    "project_qkv",
-    "single_head_attention",
-]
+from kit.attention import *  # noqa: F403
+from kit.attention import __all__  # noqa: F401

@@ -50,7 +50,7 @@ def tiny_run(tmp_path_factory):
         key = config.to_json()
         if key not in runs:
             workdir = str(tmp_path_factory.mktemp(f"tiny-{name}"))
-            with jax.numpy_dtype_promotion("standard"):  # optax's Adam: see test_training.py
+            with jax.numpy_dtype_promotion("standard"):  # optax's Adam: see below
                 training.train_and_evaluate(config, workdir, progress=False)
             runs[key] = workdir
         return runs[key]
@@ -64,3 +64,12 @@ def optimized():
     jax.config.update("jax_disable_most_optimizations", False)
     yield
     jax.config.update("jax_disable_most_optimizations", True)
+
+
+@pytest.fixture
+def standard_promotion():
+    """Standard dtype promotion for tests that train: optax's Adam bias correction
+    (decay ** int count) is not strict-promotion clean. kit's own model code is
+    checked under strict promotion in test_decode.py."""
+    with jax.numpy_dtype_promotion("standard"):
+        yield

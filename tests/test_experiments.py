@@ -7,10 +7,10 @@ import subprocess
 import sys
 
 import pytest
+from helpers import ROOT
 
 pytestmark = pytest.mark.slow
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # An absl log line ("I1130 12:39:33.061361 1400 file.py:849] ...") or a library's name.
 LOG_LINE = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d|orbax|xla_bridge|absl", re.MULTILINE)
 

@@ -12,11 +12,8 @@ from kit import probe, training
 PRONOUN_TEXT = "Mark told Sam that he was leaving."
 
 
-@pytest.fixture(autouse=True)
-def standard_promotion():
-    # optax's Adam is not strict-promotion clean (see test_train.py).
-    with jax.numpy_dtype_promotion("standard"):
-        yield
+# optax's Adam is not strict-promotion clean: see tests/conftest.py.
+pytestmark = pytest.mark.usefixtures("standard_promotion")
 
 
 def untrained(task, kind):

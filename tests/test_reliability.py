@@ -14,30 +14,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import TOLERANCES, load_config, normal, reference_attention, slow_beyond
+from helpers import ROOT, TOLERANCES, load_config, normal, reference_attention, slow_beyond
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import kit
 from kit import checkpoint, metrics, training
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(autouse=True)
-def standard_promotion():
-    # optax's Adam is not strict-promotion clean (see test_training.py).
-    with jax.numpy_dtype_promotion("standard"):
-        yield
+# optax's Adam is not strict-promotion clean: see tests/conftest.py.
+pytestmark = pytest.mark.usefixtures("standard_promotion")
 
 
 # Beyond configs/copy.py's tiny variant: 8 steps, checkpoints every 2, evaluations every 4.
-RELIABLE = {
-    "model.max_len": 16,
-    "model.dropout_rate": 0.1,
-    "train.steps": 8,
-    "train.eval_every": 4,
-}
+RELIABLE = {"model.max_len": 16, "model.dropout_rate": 0.1, "train.steps": 8, "train.eval_every": 4}
 
 
 def tiny_config(**overrides):

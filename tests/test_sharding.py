@@ -11,20 +11,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import load_config, make_qkv
+from helpers import ROOT, load_config, make_qkv
 from jax.sharding import NamedSharding, PartitionSpec
 
 import kit
 from kit import sharding, training
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(autouse=True)
-def standard_promotion():
-    # optax's Adam mixes weak and strong types (see test_train.py).
-    with jax.numpy_dtype_promotion("standard"):
-        yield
+# optax's Adam is not strict-promotion clean: see tests/conftest.py.
+pytestmark = pytest.mark.usefixtures("standard_promotion")
 
 
 # Four heads and d_ff 64 so that a model axis of 2 or 4 divides them.

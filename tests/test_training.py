@@ -14,13 +14,8 @@ from helpers import load_config, slow_beyond
 
 from kit import checkpoint, metrics, tasks, training
 
-
-@pytest.fixture(autouse=True)
-def standard_promotion():
-    # optax's Adam bias correction (decay ** int count) is not strict-promotion clean;
-    # kit's own model code is checked under strict promotion in test_decode.py.
-    with jax.numpy_dtype_promotion("standard"):
-        yield
+# optax's Adam is not strict-promotion clean: see tests/conftest.py.
+pytestmark = pytest.mark.usefixtures("standard_promotion")
 
 
 SMOKE = [

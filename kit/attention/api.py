@@ -24,7 +24,7 @@ import numbers
 import jax
 import jax.numpy as jnp
 
-from kit.attention.chunked import chunked_from_inputs
+from kit.attention.chunked import BlockSizes, chunked_from_inputs
 from kit.attention.core import xla_attention
 from kit.attention.inputs import Inputs, check_inputs
 
@@ -318,11 +318,5 @@ def chunked_attention(
         key_value_seq_lengths=key_value_seq_lengths,
         local_window_size=local_window_size,
     )
-    return chunked_from_inputs(
-        x,
-        block_q=block_q,
-        block_k=block_k,
-        backward_block_q=backward_block_q,
-        backward_block_k=backward_block_k,
-        units_per_step=units_per_step,
-    )
+    sizes = BlockSizes(block_q, block_k, backward_block_q, backward_block_k, units_per_step)
+    return chunked_from_inputs(x, sizes)

@@ -97,7 +97,16 @@ def position_major(x: Array, T: int) -> Array:
     return swap01(x.reshape(K, T, -1)).reshape(T, -1, H)
 
 
-def pair_live(cfg, t: Array, s: Array, q_len, kv_len) -> Array:
+def block_live(cfg, t0, num_t, s0, num_s, q_len, kv_len, *, keys_first=False) -> Array:
+    """bool `[num_t, num_s]`, or `[num_s, num_t]` with `keys_first`: may query
+    t0 + a attend to key s0 + b? The one rule for both passes and both layouts."""
+    t, s = positions(t0, num_t), positions(s0, num_s)
+    if keys_first:
+        return _pair_live(cfg, t[None, :], s[:, None], q_len, kv_len)
+    return _pair_live(cfg, t[:, None], s[None, :], q_len, kv_len)
+
+
+def _pair_live(cfg, t: Array, s: Array, q_len, kv_len) -> Array:
     """bool: may query position t attend to key position s (broadcasting)?"""
     live = (t < q_len) & (s < kv_len)
     if cfg.is_causal:

@@ -27,9 +27,9 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -129,15 +129,28 @@ def _per_head_group(x: Array | None, K: int, G: int, T: int, S: int) -> Array | 
     return _pad_axis(_pad_axis(x, 3, T, broadcast=True), 4, S, broadcast=True)
 
 
-def chunked_from_inputs(
-    x: Inputs,
-    *,
-    block_q: int | None = None,
-    block_k: int | None = None,
-    backward_block_q: int | None = None,
-    backward_block_k: int | None = None,
-    units_per_step: int | None = None,
-) -> Array:
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """The chunked path's tuning knobs, as `kit.chunked_attention` documents them;
+    None means chosen from the lengths (`default_block_sizes`)."""
+
+    block_q: int | None = None
+    block_k: int | None = None
+    backward_block_q: int | None = None
+    backward_block_k: int | None = None
+    units_per_step: int | None = None
+
+    def check(self) -> None:
+        """Raises ValueError naming the first size that is not a positive int."""
+        for field in dataclasses.fields(self):
+            size = getattr(self, field.name)
+            if size is not None and (
+                not isinstance(size, int) or isinstance(size, bool) or size <= 0
+            ):
+                raise ValueError(f"{field.name}: expected a positive int, got {size!r}")
+
+
+def chunked_from_inputs(x: Inputs, sizes: BlockSizes = BlockSizes()) -> Array:
     """Runs the chunked kernel on checked inputs (`x.value` must be given).
 
     Returns:
@@ -146,26 +159,19 @@ def chunked_from_inputs(
     Raises:
       ValueError: for a non-positive block size or a traced scale, naming it.
     """
+    sizes.check()
+    block_q, block_k = sizes.block_q, sizes.block_k
     query, key, value = x.query, x.key, x.value
     B, T, N = query.shape[:3]
     S, K = key.shape[1], key.shape[2]
     G = N // K
-    for name, size in (
-        ("block_q", block_q),
-        ("block_k", block_k),
-        ("backward_block_q", backward_block_q),
-        ("backward_block_k", backward_block_k),
-    ):
-        if size is not None:
-            _check_block(name, size)
     # Unset backward sizes follow the forward ones where those were given.
     auto_q, auto_k = default_block_sizes(T, S)
     auto_bq, auto_bk = default_block_sizes(T, S, backward=True)
-    bwd_q = backward_block_q or block_q or auto_bq
-    bwd_k = backward_block_k or block_k or auto_bk
+    bwd_q = sizes.backward_block_q or block_q or auto_bq
+    bwd_k = sizes.backward_block_k or block_k or auto_bk
     block_q, block_k = block_q or auto_q, block_k or auto_k
-    units = DEFAULT_UNITS_PER_STEP if units_per_step is None else units_per_step
-    units = _check_block("units_per_step", units)
+    units = sizes.units_per_step or DEFAULT_UNITS_PER_STEP
     scale = x.scale
     if not isinstance(scale, float):
         raise ValueError(
@@ -205,9 +211,3 @@ def chunked_from_inputs(
 
     out = _flash(cfg, q, k, v, bias, mask, q_len, kv_len)[:, :T]  # [B, T, N, H]
     return x.unbatch(out)
-
-
-def _check_block(name: str, size: Any) -> int:
-    if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
-        raise ValueError(f"{name}: expected a positive int, got {size!r}")
-    return size

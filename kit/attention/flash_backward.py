@@ -16,10 +16,9 @@ from jax import lax
 
 from kit.attention.blocks import (
     add_block,
+    block_live,
     example_rows,
     head_major,
-    pair_live,
-    positions,
     slice_block,
     swap01,
 )
@@ -30,9 +29,9 @@ Array = jax.Array
 def _live_t(cfg, i, j, q_len, kv_len, mask_t, rows=None) -> Array:
     """bool `[K|1, rows, bq, G|1]`: `_live` in the backward's transposed (key, query)
     layout, for the first `rows` keys of the block (default all)."""
-    s = positions(j * cfg.block_k, rows or cfg.block_k)[:, None, None]
-    t = positions(i * cfg.block_q, cfg.block_q)[None, :, None]
-    live = pair_live(cfg, t, s, q_len, kv_len)[None]
+    t0, s0, rows = i * cfg.block_q, j * cfg.block_k, rows or cfg.block_k
+    live = block_live(cfg, t0, cfg.block_q, s0, rows, q_len, kv_len, keys_first=True)
+    live = live[None, :, :, None]
     return live if mask_t is None else live & mask_t
 
 

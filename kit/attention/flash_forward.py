@@ -14,11 +14,10 @@ import jax.numpy as jnp
 from jax import lax
 
 from kit.attention.blocks import (
+    block_live,
     example_rows,
     head_major,
-    pair_live,
     position_major,
-    positions,
     slice_block,
     swap01,
 )
@@ -40,9 +39,8 @@ def _rows(x: Array | None, G: int, bq: int) -> Array | None:
 def _live(cfg, i, j, q_len, kv_len, mask_blk, first=0) -> Array:
     """bool `[K|1, G|1, bq - first, bk]`: which (query, key) pairs of block (i, j)
     may attend, for the block's queries from `first` on (default all)."""
-    t = positions(i * cfg.block_q + first, cfg.block_q - first)[:, None]
-    s = positions(j * cfg.block_k, cfg.block_k)[None, :]
-    live = pair_live(cfg, t, s, q_len, kv_len)[None, None]
+    t0, s0 = i * cfg.block_q + first, j * cfg.block_k
+    live = block_live(cfg, t0, cfg.block_q - first, s0, cfg.block_k, q_len, kv_len)[None, None]
     return live if mask_blk is None else live & mask_blk
 
 

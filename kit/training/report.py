@@ -12,10 +12,18 @@ import sys
 import time
 from typing import Any, TextIO
 
+from absl import logging
 from rich.console import Console as RichConsole
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 STYLES = ("bar", "lines", "quiet", "off")
+
+
+def quiet_library_logs(verbosity: int) -> None:
+    """Below verbosity 1, absl, orbax and jax log warnings and errors only (their INFO
+    lines would bury a command's own output); from 1 on, absl's level stands."""
+    if verbosity < 1:
+        logging.set_verbosity(logging.WARNING)
 
 
 def _format_metrics(values: dict[str, Any]) -> str:

@@ -5,7 +5,8 @@
 The decoder sees the source only through cross-attention, so it must learn to
 attend to source position i when writing output position i.
 Measured on the 2-core CPU development machine: 100% exact match on 1,000 held-out
-sequences after 400 steps, 35.1 s for the whole command.
+sequences after 400 steps, 17.0 s for the whole command
+(2026-11-30).
 """
 
 from kit import training

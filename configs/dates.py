@@ -6,7 +6,8 @@
 An encoder-decoder whose cross-attention has to reorder: the year comes first
 in the output but last in most inputs. Held-out dates are never trained on.
 Measured on the 2-core CPU development machine: 100% exact match on 2,000 held-out
-dates after 1,000 steps, 133.0 s for the whole command.
+dates after 1,000 steps, 48.0 s for the whole command
+(2026-11-30).
 """
 
 from kit import training

@@ -4,7 +4,8 @@
 
 An encoder-only transformer predicts the reversed symbol at every position.
 Measured on the 2-core CPU development machine: 100% exact match on 1,000 held-out
-sequences after 400 steps, 13.3 s for the whole command.
+sequences after 400 steps, 6.7 s for the whole command
+(2026-11-30).
 """
 
 from kit import training

@@ -5,7 +5,8 @@
 The decoder writes the symbols in ascending order, attending to the source to
 find the next one.
 Measured on the 2-core CPU development machine: 99.9% exact match on 1,000 held-out
-sequences after 1,000 steps, 49.9 s for the whole command.
+sequences after 1,000 steps, 25.0 s for the whole command
+(2026-11-30).
 """
 
 from kit import training

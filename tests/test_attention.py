@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kit
+from kit.positional import apply_rope
 
 
 def numpy_mask(B, N, T, S, mask=None, is_causal=False, q_len=None, kv_len=None, window=None):
@@ -290,6 +291,30 @@ def test_multi_head_attention_matches_composition_with_jax_nn():
     expected = jnp.einsum("btnh,nhd->btd", out, params["out"]["kernel"])
     expected = expected + params["out"]["bias"][None, None]
     chex.assert_trees_all_close(y, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_multi_head_attention_process_heads_hook_and_weights_from_one_pass():
+    """RoPE through the hook equals projecting, rotating and attending by hand; the
+    weights returned with the output are attention_weights of the processed heads."""
+    params = kit.init_attention_params(jax.random.key(0), 32, 4, num_kv_heads=2)
+    x = normal(jax.random.key(1), (2, 7, 32))
+    lengths = jnp.array([7, 4], jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(7, dtype=jnp.int32) + 3, (2, 7))
+
+    def rope(q, k, v):
+        return apply_rope(q, positions), apply_rope(k, positions), v
+
+    options = dict(is_causal=True, key_value_seq_lengths=lengths)
+    y, weights = kit.multi_head_attention(
+        params, x, return_weights=True, process_heads=rope, **options
+    )
+    q, k, v = rope(*kit.project_qkv(params, x))
+    out = kit.dot_product_attention(q, k, v, **options)
+    expected = kit.project_output(out, params["out"]["kernel"], params["out"]["bias"])
+    chex.assert_trees_all_close(y, expected, atol=1e-5, rtol=1e-5)
+    chex.assert_trees_all_close(weights, kit.attention_weights(q, k, **options), atol=1e-6)
+    alone = kit.multi_head_attention(params, x, process_heads=rope, **options)
+    chex.assert_trees_all_close(alone, y, atol=1e-5, rtol=1e-5)
 
 
 # ---------------------------------------------------------------- properties

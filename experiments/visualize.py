@@ -1,17 +1,21 @@
-"""Show what a trained model attends to on a text of your own.
+"""Show what a trained model attends to: on a text of your own, or on a held-out image.
 
     python experiments/visualize.py --workdir=runs/dates --text="3rd of March 2021"
     python experiments/visualize.py --workdir=runs/pronoun \\
         --text="Mark told Sam that he was leaving."
+    python experiments/visualize.py --workdir=runs/digits --image=0
 
-Loads config.json and the latest checkpoint of the workdir, runs the model on
-the text (greedy decoding where it decodes), writes workdir/attention/<set>.png
-per attention set and workdir/attention/index.html (offline; open it in any
-browser), and prints the prediction and the files. For a model that labels
-positions (the pronoun probe), it also prints, per layer and head, the attention
-from each labelled position to every token, and the head where the predicted
-antecedent gets the most. Library logs (absl, orbax, jax) appear only with
---verbosity=1 or higher; a bad flag value ends in one line naming it.
+Loads config.json and the latest checkpoint of the workdir. With --text it runs
+the model on the text (greedy decoding where it decodes), writes
+workdir/attention/<set>.png per attention set and workdir/attention/index.html
+(offline; open it in any browser), and prints the prediction and the files. For
+a model that labels positions (the pronoun probe), it also prints, per layer and
+head, the attention from each labelled position to every token, and the head
+where the predicted antecedent gets the most. With --image (a Vision
+Transformer), it draws the held-out image under every layer and head's
+attention from the class token and under the attention rollout. Library logs
+(absl, orbax, jax) appear only with --verbosity=1 or higher; a bad flag value
+ends in one line naming it.
 """
 
 import os
@@ -24,28 +28,38 @@ from kit import probe, training
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A training workdir (config.json + checkpoints/).")
 flags.DEFINE_string("text", None, "The input text.")
+flags.DEFINE_integer("image", None, "Index of a held-out image (Vision Transformer).")
 flags.DEFINE_string("out", None, "Output folder (default: <workdir>/attention).")
-flags.mark_flags_as_required(["workdir", "text"])
+flags.mark_flags_as_required(["workdir"])
 
 
 def main(_):
     out = FLAGS.out or os.path.join(FLAGS.workdir, "attention")
     training.report.quiet_library_logs(FLAGS.verbosity)
+    if (FLAGS.text is None) == (FLAGS.image is None):
+        sys.exit("error: text: give exactly one of --text and --image")
     if os.path.exists(out) and not os.path.isdir(out):
         sys.exit(f"error: out: {out} exists and is not a folder; use another --out")
     try:
         _, setup, state = training.load_checkpoint(FLAGS.workdir)
-        reading = probe.read_attention(
-            setup.task, setup.trainer.graphdef, state["params"], FLAGS.text
-        )
+        graphdef, params = setup.trainer.graphdef, state["params"]
+        if FLAGS.image is not None:
+            reading = probe.read_image(setup.task, graphdef, params, FLAGS.image)
+        else:
+            reading = probe.read_attention(setup.task, graphdef, params, FLAGS.text)
     except ValueError as error:
         sys.exit(f"error: {error}")
-    print(f"input:      {FLAGS.text}")
-    print(f"prediction: {reading.prediction}")
-    if reading.labels is not None:
-        for antecedent in probe.antecedent_attention(reading):
-            print(probe.format_antecedent(antecedent))
-    for path in probe.write_views(reading, out):
+    if FLAGS.image is not None:
+        print(f"image {reading.index}: label {reading.label}, prediction {reading.prediction}")
+        paths = probe.write_image_views(reading, out)
+    else:
+        print(f"input:      {FLAGS.text}")
+        print(f"prediction: {reading.prediction}")
+        if reading.labels is not None:
+            for antecedent in probe.antecedent_attention(reading):
+                print(probe.format_antecedent(antecedent))
+        paths = probe.write_views(reading, out)
+    for path in paths:
         print(f"wrote {path}")
 
 

@@ -1,5 +1,8 @@
 """Run a trained toy model on one text and collect what its attention did.
 
+For a Vision Transformer, `read_image` runs one held-out image and
+`write_image_views` draws where its class token looks (kit.viz_patches).
+
 `read_attention` decodes the text with the model (greedily where it decodes) and
 returns the prediction with every attention map as `[L, N, T, S]` and the tokens
 on both sides; `write_views` draws them (kit.viz) as PNGs and one offline HTML
@@ -18,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kit import decode, tasks, viz
+from kit import decode, tasks, viz, viz_patches
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,3 +208,75 @@ def format_antecedent(a: Antecedent) -> str:
         f"head {head}: {a.weights[layer, head, a.key]:.3f}"
     )
     return "\n".join(lines)
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageReading:
+    """A Vision Transformer's output on one held-out image and its attention.
+
+    Attributes:
+      index: the image's index in the task's held-out split.
+      image: `[H, W]` pixels.
+      label: the true class; prediction: the model's.
+      weights: self-attention `[L, N, T, T]`, token 0 the class token.
+      patch_size: the model's patch side in pixels.
+    """
+
+    index: int
+    image: np.ndarray
+    label: str
+    prediction: str
+    weights: np.ndarray
+    patch_size: int
+
+
+def read_image(task: tasks.Task, graphdef: Any, params: Any, index: int) -> ImageReading:
+    """Runs the Vision Transformer `nnx.merge(graphdef, params)` on held-out image `index`.
+
+    Raises:
+      ValueError: naming `image` for an index outside the held-out split or a model
+        that has no class token over image patches (not a vision_transformer).
+    """
+    model = nnx.merge(graphdef, params)
+    if model.cfg.kind != "vision_transformer":
+        raise ValueError(
+            f"image: class-token maps need a vision_transformer with a class token, but "
+            f"this workdir holds a {model.cfg.kind} model of task {task.name!r}; use --text"
+        )
+    data = tasks.eval_set(task, 0, 0)
+    count = len(data["labels"])
+    if not isinstance(index, int) or not 0 <= index < count:
+        raise ValueError(
+            f"image: expected an index in [0, {count}) of the held-out split, got {index!r}"
+        )
+    image = data["images"][index]
+    logits, aux = jax.jit(lambda p, x: _call(graphdef, p, x))(params, jnp.asarray(image[None]))
+    return ImageReading(
+        index=index,
+        image=image,
+        label=task.vocab[int(data["labels"][index])],
+        prediction=task.vocab[int(jnp.argmax(logits[0]))],
+        weights=np.asarray(aux["encoder"][:, 0], np.float32),
+        patch_size=model.cfg.patch_size,
+    )
+
+
+def write_image_views(reading: ImageReading, directory: str) -> list[str]:
+    """`image_<index>.png` (every layer and head, and the rollout) and `index.html` under
+    `directory`; returns the paths."""
+    os.makedirs(directory, exist_ok=True)
+    title = (
+        f"held-out image {reading.index}: label {reading.label}, prediction {reading.prediction}"
+    )
+    png = os.path.join(directory, f"image_{reading.index}.png")
+    figure = viz_patches.plot_patch_attention(
+        reading.image, reading.weights, reading.patch_size, title=title, path=png
+    )
+    page = os.path.join(directory, "index.html")
+    caption = (
+        "Attention from the class token to each patch, per layer and head, laid over "
+        "the image; the last column is the attention rollout over all layers."
+    )
+    with open(page, "w", encoding="utf-8") as f:
+        f.write(viz_patches.patch_attention_html(figure, title=title, caption=caption))
+    return [png, page]

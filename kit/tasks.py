@@ -1,4 +1,5 @@
-"""Generated, deterministic tasks: copy, reverse, sort, date translation, pronoun probe.
+"""Deterministic tasks: copy, reverse, sort, date translation, pronoun probe (generated)
+and handwritten digits (shipped with scikit-learn, see kit.digits).
 
 A training batch is a pure function of (seed, step), so resuming needs no data
 state. Held-out sets come from another seed stream; for dates they also use
@@ -17,6 +18,8 @@ import re
 import zlib
 
 import numpy as np
+
+from kit import digits
 
 PAD, BOS, EOS, SEP = 0, 1, 2, 3
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<sep>")
@@ -55,6 +58,8 @@ class Task:
     length: int = 0
     num_symbols: int = 0
     words: bool = False  # tokens are words and punctuation, not characters
+    image_size: int = 0  # an image task: square images of this side, one class each
+    augment: bool = False  # image tasks: one-pixel shifts of the training images
 
     @property
     def vocab_size(self) -> int:
@@ -91,11 +96,12 @@ class Task:
         return (" " if self.words else "").join(self.tokens(ids))
 
 
-def make_task(name: str, *, length: int = 16, num_symbols: int = 10) -> Task:
-    """The task called `name` ("copy", "reverse", "sort", "dates", "pronoun").
+def make_task(name: str, *, length: int = 16, num_symbols: int = 10, augment: bool = True) -> Task:
+    """The task called `name` ("copy", "reverse", "sort", "dates", "pronoun", "digits").
 
-    `length` and `num_symbols` shape the symbol tasks; they are checked for every
-    task, so an invalid value never passes unnoticed.
+    `length` and `num_symbols` shape the symbol tasks, `augment` the digits'
+    training images; they are checked for every task, so an invalid value never
+    passes unnoticed.
 
     Raises:
       ValueError: for an unknown name or a bad length / symbol count.
@@ -106,13 +112,21 @@ def make_task(name: str, *, length: int = 16, num_symbols: int = 10) -> Task:
         raise ValueError(
             f"task.num_symbols: expected an int in [2, {len(SYMBOLS)}], got {num_symbols!r}"
         )
+    if not isinstance(augment, bool):
+        raise ValueError(f"task.augment: expected a bool, got {augment!r}")
+    if name == "digits":
+        digits.load()  # fails here, naming the extra, without scikit-learn
+        size = digits.IMAGE_SIZE
+        return Task(
+            "digits", digits.CLASSES, size * size, 1, False, image_size=size, augment=augment
+        )
     if name == "dates":
         return Task("dates", SPECIALS + tuple(DATE_CHARS), 32, 10, aligned=False)
     if name == "pronoun":
         return Task("pronoun", PRONOUN_VOCAB, PRONOUN_LEN, PRONOUN_LEN, aligned=True, words=True)
     if name not in ("copy", "reverse", "sort"):
         raise ValueError(
-            f"task.name: expected one of copy, reverse, sort, dates, pronoun, got {name!r}"
+            f"task.name: expected one of copy, reverse, sort, dates, pronoun, digits, got {name!r}"
         )
     vocab = SPECIALS + tuple(SYMBOLS[:num_symbols])
     return Task(name, vocab, length, length, True, length=length, num_symbols=num_symbols)
@@ -283,12 +297,18 @@ def _pack(task: Task, sources, targets) -> dict[str, np.ndarray]:
 
 
 def train_batch(task: Task, seed: int, step: int, batch_size: int) -> dict[str, np.ndarray]:
-    """Training batch `step`: src `[B, Ls]`, src_lengths `[B]`, tgt `[B, Lt]`, tgt_lengths."""
+    """Training batch `step`: src `[B, Ls]`, src_lengths `[B]`, tgt `[B, Lt]`, tgt_lengths
+    (an image task: images `[B, H, W]`, labels `[B]`)."""
+    if task.image_size:
+        return digits.train_batch(seed, step, batch_size, augment=task.augment)
     rng = np.random.default_rng([seed, step])
     return _pack(task, *_examples(task, rng, batch_size, held_out=False))
 
 
 def eval_set(task: Task, seed: int, size: int) -> dict[str, np.ndarray]:
-    """A held-out set from its own seed stream (and, for dates, held-out dates only)."""
+    """A held-out set from its own seed stream (and, for dates, held-out dates only);
+    for an image task, its whole fixed held-out split (`size` does not apply)."""
+    if task.image_size:
+        return digits.eval_set()
     rng = np.random.default_rng([seed + EVAL_STREAM, 0])
     return _pack(task, *_examples(task, rng, size, held_out=True))

@@ -388,6 +388,7 @@ INVALID = {
     "model.max_len": 2,
     "model.dropout_rate": 1.0,
     "model.positions": "none",
+    "model.patch_size": 0,
     "train.steps": 0,
     "train.batch_size": -1,
     "train.learning_rate": float("nan"),
@@ -404,7 +405,7 @@ INVALID = {
     "mesh.model": 0,
 }
 # A bool field has no invalid value of its type; ml_collections refuses other types.
-BOOL_FIELDS = ("train.skip_nonfinite",)
+BOOL_FIELDS = ("train.skip_nonfinite", "task.augment")
 
 
 def _leaves(config, prefix=""):
@@ -418,8 +419,10 @@ def _leaves(config, prefix=""):
 def test_config_sweep_covers_every_field():
     assert set(_leaves(training.default_config())) == set(INVALID) | set(BOOL_FIELDS)
     config = training.default_config()
-    with pytest.raises(TypeError):
-        config.train.skip_nonfinite = "yes"
+    for field in BOOL_FIELDS:
+        section, name = field.split(".")
+        with pytest.raises(TypeError):
+            setattr(config[section], name, "yes")
 
 
 @pytest.mark.parametrize("field", list(INVALID))

@@ -21,7 +21,7 @@ def default_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.task = ml_collections.ConfigDict(
-        {"name": "copy", "length": 16, "num_symbols": 10, "eval_size": 1000}
+        {"name": "copy", "length": 16, "num_symbols": 10, "eval_size": 1000, "augment": True}
     )
     config.model = ml_collections.ConfigDict(
         {
@@ -35,6 +35,7 @@ def default_config() -> ml_collections.ConfigDict:
             "max_len": 64,
             "dropout_rate": 0.0,
             "positions": "sinusoidal",
+            "patch_size": 2,
         }
     )
     config.train = ml_collections.ConfigDict(
@@ -151,7 +152,15 @@ def model_config(config: ml_collections.ConfigDict, task: tasks.Task) -> models.
         raise ValueError(
             f"config.model.positions: expected one of {models.POSITIONS}, got {m.positions!r}"
         )
-    for name in ("d_model", "num_heads", "num_layers", "num_decoder_layers", "d_ff", "max_len"):
+    for name in (
+        "d_model",
+        "num_heads",
+        "num_layers",
+        "num_decoder_layers",
+        "d_ff",
+        "max_len",
+        "patch_size",
+    ):
         positive_int(config, f"model.{name}")
     if m.d_model % m.num_heads:
         raise ValueError(
@@ -172,6 +181,22 @@ def model_config(config: ml_collections.ConfigDict, task: tasks.Task) -> models.
     if m.positions == "sinusoidal" and m.d_model % 2:
         raise ValueError(
             f"config.model.d_model: sinusoidal positions need it even, got {m.d_model}"
+        )
+    if m.kind == "vision_transformer":
+        if task.image_size % m.patch_size:
+            raise ValueError(
+                f"config.model.patch_size: must divide the image size {task.image_size}, "
+                f"got {m.patch_size}"
+            )
+        if m.positions not in ("learned", "sinusoidal"):
+            raise ValueError(
+                f"config.model.positions: a vision_transformer takes 'learned' or "
+                f"'sinusoidal' (2-D) positions, got {m.positions!r}"
+            )
+    elif task.image_size:
+        raise ValueError(
+            f"config.model.kind: task {task.name!r} is images; use 'vision_transformer', "
+            f"got {m.kind!r}"
         )
     try:
         needed = models.MODELS[m.kind].positions_needed(task)
@@ -194,6 +219,8 @@ def model_config(config: ml_collections.ConfigDict, task: tasks.Task) -> models.
         max_len=m.max_len,
         dropout_rate=float(m.dropout_rate),
         positions=m.positions,
+        patch_size=m.patch_size,
+        image_size=task.image_size,
     )
 
 
@@ -219,7 +246,10 @@ def check_config(config: ml_collections.ConfigDict) -> tuple[tasks.Task, models.
         raise ValueError(f"config.seed: expected an int in [0, 2**31), got {seed!r}")
     try:
         task = tasks.make_task(
-            config.task.name, length=config.task.length, num_symbols=config.task.num_symbols
+            config.task.name,
+            length=config.task.length,
+            num_symbols=config.task.num_symbols,
+            augment=config.task.augment,
         )
     except ValueError as error:  # its messages name task.<field>
         raise ValueError(f"config.{error}") from None

@@ -24,13 +24,15 @@ class NonFiniteError(RuntimeError):
     """Training met a non-finite loss or gradient (train.skip_nonfinite is False)."""
 
 
-def _header(config: ml_collections.ConfigDict, s: Setup, workdir: str, start) -> dict[str, str]:
+def _header(
+    config: ml_collections.ConfigDict, s: Setup, workdir: str, start, held_out: int
+) -> dict[str, str]:
     m = s.mcfg
     layers = f"{m.num_layers}" + (f"+{m.num_decoder_layers}" if m.kind == "encoder_decoder" else "")
     layers += " layer" if layers == "1" else " layers"
     return {
         "devices": s.describe_devices(),
-        "task": f"{s.task.name} (seed {config.seed}, {config.task.eval_size} held out)",
+        "task": f"{s.task.name} (seed {config.seed}, {held_out:,} held out)",
         "model": (
             f"{m.kind}, {layers}, d={m.d_model}, {m.num_heads} heads, "
             f"{m.positions} positions, {s.num_params:,} parameters"
@@ -97,7 +99,6 @@ def train_and_evaluate(
     start = ckpt.latest_step()
     if start is not None:
         state = ckpt.restore(start, state)
-    console.header(_header(config, s, workdir, start))
     writer = metrics.MetricWriter(
         os.path.join(workdir, "metrics.jsonl"), resume_step=start, enabled=lead
     )
@@ -117,6 +118,8 @@ def train_and_evaluate(
         for mb, pad in eval_batches(s.task, s.mcfg.kind, config, s.mesh.shape["data"])
     ]
     schedule = make_schedule(t)
+    held_out = sum(len(mb["targets"]) - pad for mb, pad in batches)
+    console.header(_header(config, s, workdir, start, held_out))
 
     step = int(state["step"])
     result: dict[str, Any] = {}
@@ -143,7 +146,7 @@ def train_and_evaluate(
                 writer.write(step, record)
                 console.log_step(step, t.steps, record)
             if step % t.eval_every == 0 or step == t.steps:
-                result = evaluate(eval_step, state["params"], batches)
+                result = evaluate(eval_step, state["params"], batches, s.mcfg.kind)
                 writer.write(step, result)
                 console.evaluation(step, result)
             if step % t.checkpoint_every == 0 or step == t.steps:
@@ -151,7 +154,7 @@ def train_and_evaluate(
     finally:
         console.stop()
     if not result:  # resumed at the end: evaluate what was restored
-        result = evaluate(eval_step, state["params"], batches)
+        result = evaluate(eval_step, state["params"], batches, s.mcfg.kind)
     ckpt.close()
     return {**result, "step": step, "train_seconds": time.perf_counter() - began}
 

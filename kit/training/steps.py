@@ -139,8 +139,11 @@ def make_optimizer(t: ml_collections.ConfigDict) -> optax.GradientTransformation
     )
 
 
-def evaluate(eval_step, params: Any, batches: list[tuple[dict, int]]) -> dict[str, float]:
-    """eval/loss, eval/token_accuracy and eval/exact_match over the held-out batches."""
+def evaluate(
+    eval_step, params: Any, batches: list[tuple[dict, int]], kind: str
+) -> dict[str, float]:
+    """eval/loss, eval/token_accuracy and eval/exact_match over the held-out batches,
+    and what the model kind adds (`eval_metrics`)."""
     totals: dict[str, float] = {}
     for mb, pad in batches:
         for name, value in eval_step(params, mb).items():
@@ -148,11 +151,13 @@ def evaluate(eval_step, params: Any, batches: list[tuple[dict, int]]) -> dict[st
         # A padding row has no weighted token, so it counted as one exact sequence.
         totals["sequences"] -= pad
         totals["exact"] -= pad
-    return {
-        "eval/loss": totals["loss_sum"] / totals["tokens"],
-        "eval/token_accuracy": totals["correct"] / totals["tokens"],
-        "eval/exact_match": totals["exact"] / totals["sequences"],
-    }
+    return models.MODELS[kind].eval_metrics(
+        {
+            "eval/loss": totals["loss_sum"] / totals["tokens"],
+            "eval/token_accuracy": totals["correct"] / totals["tokens"],
+            "eval/exact_match": totals["exact"] / totals["sequences"],
+        }
+    )
 
 
 def eval_batches(task: tasks.Task, kind: str, config, multiple: int = 1) -> list[tuple[dict, int]]:
@@ -161,12 +166,13 @@ def eval_batches(task: tasks.Task, kind: str, config, multiple: int = 1) -> list
     The batch size is rounded up to a multiple of `multiple` (the mesh's data axis).
     """
     data = tasks.eval_set(task, config.seed, config.task.eval_size)
-    size = min(config.train.eval_batch_size, config.task.eval_size)
+    total = len(next(iter(data.values())))  # eval_size, or an image task's whole split
+    size = min(config.train.eval_batch_size, total)
     size = -(-size // multiple) * multiple
     out = []
-    for start in range(0, config.task.eval_size, size):
+    for start in range(0, total, size):
         mb = model_batch(kind, {k: v[start : start + size] for k, v in data.items()})
-        pad = size - len(mb["src"])
+        pad = size - len(mb["targets"])
         if pad:  # one shape, one compile; padding rows weigh nothing
             mb = {k: np.concatenate([v, np.repeat(v[-1:], pad, axis=0)]) for k, v in mb.items()}
             mb["weights"][-pad:] = False

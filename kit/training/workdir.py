@@ -48,11 +48,13 @@ def _check_compatible(workdir: str, config: ml_collections.ConfigDict) -> None:
         return
     saved = _read_json(path)
     current = json.loads(config.to_json_best_effort())
+    # A key newer than the saved config stands at its default there.
+    defaults = json.loads(default_config().to_json_best_effort())
     diffs = [
-        f"{section}.{key}: saved {saved.get(section, {}).get(key)!r}, now {value!r}"
+        f"{section}.{key}: saved {was!r}, now {value!r}"
         for section in ("task", "model")
         for key, value in current[section].items()
-        if saved.get(section, {}).get(key) != value
+        if (was := saved.get(section, {}).get(key, defaults[section].get(key))) != value
     ]
     if saved.get("seed") != current["seed"]:
         diffs.append(f"seed: saved {saved.get('seed')!r}, now {current['seed']!r}")

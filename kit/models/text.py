@@ -1,48 +1,16 @@
-"""Toy transformers built from kit.nn: encoder-decoder, decoder-only, encoder-only.
-
-Each model's `__call__` returns `(logits, aux)`; with `return_weights=True`,
-`aux` holds per-layer attention weights stacked as `[L, B, N, T, S]` under
-"encoder", "decoder" (self-attention) and "cross".
-
-Each model kind owns how it reads a task: `batch` turns the task's arrays into
-its inputs, targets and loss weights, `positions_needed` says how long its
-inputs get, `teacher_forced` gives logits aligned with the targets and
-`predict` its greedy output. Training reads a kind only through these, so a
-new kind is one class here and one entry in `MODELS`.
-"""
+"""Toy transformers over token sequences: encoder-decoder, decoder-only, encoder-only."""
 
 from __future__ import annotations
-
-import dataclasses
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kit import decode, nn, positional, tasks
+from kit import decode, positional, tasks
+from kit.models.common import ModelConfig, Stack, TaskModel
 
 Array = jax.Array
-
-POSITIONS = ("sinusoidal", "learned", "rope", "alibi")
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    """Hyperparameters of a toy transformer (built from `config.model`)."""
-
-    kind: str
-    vocab_size: int
-    d_model: int = 64
-    num_heads: int = 4
-    num_kv_heads: int | None = None
-    num_layers: int = 2
-    num_decoder_layers: int = 2
-    d_ff: int = 128
-    max_len: int = 64
-    dropout_rate: float = 0.0
-    positions: str = "sinusoidal"
 
 
 class Embedder(nnx.Module):
@@ -73,67 +41,6 @@ class Embedder(nnx.Module):
             # A trace-time constant, not a parameter.
             x = x + positional.sinusoidal(self.max_len, table.shape[1])[positions]
         return x
-
-
-class Stack(nnx.Module):
-    """L transformer blocks and a final LayerNorm."""
-
-    def __init__(self, cfg: ModelConfig, num_layers: int, *, cross: bool, rngs: nnx.Rngs):
-        self.layers = nnx.List(
-            [
-                nn.TransformerBlock(
-                    cfg.d_model,
-                    cfg.num_heads,
-                    cfg.d_ff,
-                    num_kv_heads=cfg.num_kv_heads,
-                    cross_attention=cross,
-                    dropout_rate=cfg.dropout_rate,
-                    rope=cfg.positions == "rope",
-                    rngs=rngs,
-                )
-                for _ in range(num_layers)
-            ]
-        )
-        self.norm = nnx.LayerNorm(cfg.d_model, rngs=rngs)
-        self.alibi = cfg.positions == "alibi"
-        self.num_heads = cfg.num_heads
-
-    def __call__(
-        self,
-        x: Array,
-        *,
-        positions: Array,
-        caches: list[dict[str, Array]] | None = None,
-        dropout_rng: Array | None = None,
-        return_weights: bool = False,
-        **block_kwargs: Any,
-    ) -> tuple[Array, dict[str, Any]]:
-        bias = None
-        if self.alibi:
-            key_length = x.shape[1] if caches is None else caches[0]["key"].shape[1]
-            key_positions = jnp.arange(key_length, dtype=jnp.int32)
-            distance = jnp.abs(positions[:, None, :, None] - key_positions[None, None, None, :])
-            slopes = positional.alibi_slopes(self.num_heads)[None, :, None, None]
-            bias = -slopes * distance.astype(jnp.float32)  # [B, N, T, S]
-        new_caches, weights = [], {"self": [], "cross": []}
-        for i, layer in enumerate(self.layers):
-            x, aux = layer(
-                x,
-                self_bias=bias,
-                positions=positions,
-                cache=None if caches is None else caches[i],
-                dropout_rng=None if dropout_rng is None else jax.random.fold_in(dropout_rng, i),
-                return_weights=return_weights,
-                **block_kwargs,
-            )
-            new_caches.append(aux.get("cache"))
-            for name in weights:
-                if name in aux:
-                    weights[name].append(aux[name])
-        out_aux: dict[str, Any] = {k: jnp.stack(v) for k, v in weights.items() if v}
-        if caches is not None:
-            out_aux["caches"] = new_caches
-        return self.norm(x), out_aux
 
 
 def _positions(tokens: Array, start: Array | int = 0) -> Array:
@@ -171,7 +78,7 @@ def _shifted_targets(batch: dict[str, np.ndarray], start: int) -> dict[str, np.n
     }
 
 
-class EncoderDecoder(nnx.Module):
+class EncoderDecoder(TaskModel):
     """Translation-style model: the decoder reads the source only through cross-attention."""
 
     @staticmethod
@@ -254,7 +161,7 @@ class EncoderDecoder(nnx.Module):
         return logits, aux
 
 
-class DecoderOnly(nnx.Module):
+class DecoderOnly(TaskModel):
     """Causal language model over [source (padded), separator, target]."""
 
     @staticmethod
@@ -325,7 +232,7 @@ class DecoderOnly(nnx.Module):
         return self.head(x), out_aux
 
 
-class EncoderOnly(nnx.Module):
+class EncoderOnly(TaskModel):
     """Bidirectional encoder with a per-position classifier (tasks with aligned targets)."""
 
     @staticmethod
@@ -370,16 +277,3 @@ class EncoderOnly(nnx.Module):
         """src `[B, T]` -> per-position logits `[B, T, V]`, aux."""
         x, aux = _encode(self, src, src_lengths, dropout_rng, return_weights)
         return self.head(x), ({"encoder": aux["self"]} if return_weights else {})
-
-
-MODELS = {
-    "encoder_decoder": EncoderDecoder,
-    "decoder_only": DecoderOnly,
-    "encoder_only": EncoderOnly,
-}
-KINDS = tuple(MODELS)
-
-
-def build(cfg: ModelConfig, rng: Array) -> nnx.Module:
-    """The model of `cfg.kind`, initialized from `rng`."""
-    return MODELS[cfg.kind](cfg, rngs=nnx.Rngs(params=rng))

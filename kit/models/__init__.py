@@ -1,0 +1,47 @@
+"""Toy transformers built from kit.nn, one class per model kind.
+
+Each model's `__call__` returns `(logits, aux)`; with `return_weights=True`,
+`aux` holds per-layer attention weights stacked as `[L, B, N, T, S]` under
+"encoder", "decoder" (self-attention) and "cross".
+
+Each model kind owns how it reads a task: `batch` turns the task's arrays into
+its inputs, targets and loss weights, `positions_needed` says how long its
+inputs get (and refuses a task it cannot read), `teacher_forced` gives logits
+aligned with the targets and `predict` its greedy output. Training reads a kind
+only through these, so a new kind is one class and one entry in `MODELS`.
+"""
+
+from flax import nnx
+
+from kit.models.common import POSITIONS, ModelConfig, Stack, TaskModel
+from kit.models.text import DecoderOnly, Embedder, EncoderDecoder, EncoderOnly
+from kit.models.vision import VisionTransformer
+
+MODELS = {
+    "encoder_decoder": EncoderDecoder,
+    "decoder_only": DecoderOnly,
+    "encoder_only": EncoderOnly,
+    "vision_transformer": VisionTransformer,
+}
+KINDS = tuple(MODELS)
+
+
+def build(cfg: ModelConfig, rng) -> nnx.Module:
+    """The model of `cfg.kind`, initialized from `rng`."""
+    return MODELS[cfg.kind](cfg, rngs=nnx.Rngs(params=rng))
+
+
+__all__ = [
+    "KINDS",
+    "MODELS",
+    "POSITIONS",
+    "DecoderOnly",
+    "Embedder",
+    "EncoderDecoder",
+    "EncoderOnly",
+    "ModelConfig",
+    "Stack",
+    "TaskModel",
+    "VisionTransformer",
+    "build",
+]

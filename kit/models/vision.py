@@ -99,10 +99,7 @@ class VisionTransformer(TaskModel):
     @staticmethod
     def positions_needed(task: tasks.Task) -> int:
         if not task.image_size:
-            raise ValueError(
-                f"model.kind: 'vision_transformer' reads images, but task {task.name!r} "
-                f"is a token sequence task"
-            )
+            raise ValueError(f"model.kind: 'vision_transformer' reads images, not {task.name!r}")
         return 1  # its positions come from the patch grid, not from model.max_len
 
     @staticmethod

@@ -60,7 +60,9 @@ def main(argv):
         sys.exit(f"error: {error}")
     result["command_seconds"] = time.perf_counter() - _START
     if jax.process_index() == 0:
-        held_out = ", ".join(f"{k} {v:.4f}" for k, v in result.items() if k.startswith("eval/"))
+        held_out = ", ".join(
+            f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float) and "/" in k
+        )
         print(
             f"done: step {result['step']}, {held_out}; training {result['train_seconds']:.1f} s, "
             f"whole command {result['command_seconds']:.1f} s"

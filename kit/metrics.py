@@ -1,4 +1,7 @@
-"""Metrics as JSON lines: one object per logged step or evaluation."""
+"""Metrics as JSON lines: one object per logged step or evaluation.
+
+A value is a number, or an object of numbers (e.g. exact match per target length).
+"""
 
 from __future__ import annotations
 
@@ -33,10 +36,19 @@ class MetricWriter:
             return
         line = {"step": int(step)}
         for name, value in metrics.items():
-            value = float(value)
-            line[name] = value if math.isfinite(value) else str(value)
+            line[name] = (
+                {str(k): _number(v) for k, v in value.items()}
+                if isinstance(value, dict)
+                else _number(value)
+            )
         with open(self.path, "a") as f:
             f.write(json.dumps(line) + "\n")
+
+
+def _number(value: Any) -> float | str:
+    """A finite float, or its name ("nan", "inf") for JSON."""
+    value = float(value)
+    return value if math.isfinite(value) else str(value)
 
 
 def read_metrics(path: str) -> list[dict[str, Any]]:

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import itertools
 import re
 import zlib
 
 import numpy as np
 
-from kit import digits
+from kit import digits, scan
 
 PAD, BOS, EOS, SEP = 0, 1, 2, 3
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<sep>")
@@ -60,6 +61,8 @@ class Task:
     words: bool = False  # tokens are words and punctuation, not characters
     image_size: int = 0  # an image task: square images of this side, one class each
     augment: bool = False  # image tasks: one-pixel shifts of the training images
+    data_split: str = ""  # a task with published splits (SCAN): which one
+    by_length: bool = False  # evaluation also reports exact match per target length
 
     @property
     def vocab_size(self) -> int:
@@ -96,12 +99,20 @@ class Task:
         return (" " if self.words else "").join(self.tokens(ids))
 
 
-def make_task(name: str, *, length: int = 16, num_symbols: int = 10, augment: bool = True) -> Task:
-    """The task called `name` ("copy", "reverse", "sort", "dates", "pronoun", "digits").
+def make_task(
+    name: str,
+    *,
+    length: int = 16,
+    num_symbols: int = 10,
+    augment: bool = True,
+    split: str = "simple",
+) -> Task:
+    """The task called `name` ("copy", "reverse", "sort", "dates", "pronoun", "digits",
+    "scan").
 
     `length` and `num_symbols` shape the symbol tasks, `augment` the digits'
-    training images; they are checked for every task, so an invalid value never
-    passes unnoticed.
+    training images and `split` picks SCAN's split; they are checked for every
+    task, so an invalid value never passes unnoticed.
 
     Raises:
       ValueError: for an unknown name or a bad length / symbol count.
@@ -114,6 +125,20 @@ def make_task(name: str, *, length: int = 16, num_symbols: int = 10, augment: bo
         )
     if not isinstance(augment, bool):
         raise ValueError(f"task.augment: expected a bool, got {augment!r}")
+    scan.scan_split(split)  # raises naming task.split, listing the valid ones
+    if name == "scan":
+        vocab = SPECIALS + scan.COMMAND_WORDS + scan.ACTIONS
+        longest = max(len(a.split()) for _, a in scan.scan_pairs())
+        return Task(
+            "scan",
+            vocab,
+            9,
+            longest,
+            False,
+            words=True,
+            data_split=split,
+            by_length=split == "length",
+        )
     if name == "digits":
         digits.load()  # fails here, naming the extra, without scikit-learn
         size = digits.IMAGE_SIZE
@@ -302,13 +327,26 @@ def train_batch(task: Task, seed: int, step: int, batch_size: int) -> dict[str, 
     if task.image_size:
         return digits.train_batch(seed, step, batch_size, augment=task.augment)
     rng = np.random.default_rng([seed, step])
+    if task.data_split:
+        data = _scan_arrays(task, train=True)
+        index = rng.integers(len(data["src"]), size=batch_size)
+        return {k: v[index] for k, v in data.items()}
     return _pack(task, *_examples(task, rng, batch_size, held_out=False))
 
 
 def eval_set(task: Task, seed: int, size: int) -> dict[str, np.ndarray]:
     """A held-out set from its own seed stream (and, for dates, held-out dates only);
-    for an image task, its whole fixed held-out split (`size` does not apply)."""
+    for the digits and SCAN, their whole fixed test split (`size` does not apply)."""
     if task.image_size:
         return digits.eval_set()
+    if task.data_split:
+        return _scan_arrays(task, train=False)
     rng = np.random.default_rng([seed + EVAL_STREAM, 0])
     return _pack(task, *_examples(task, rng, size, held_out=True))
+
+
+@functools.cache
+def _scan_arrays(task: Task, *, train: bool) -> dict[str, np.ndarray]:
+    """A SCAN split's train or test pairs, encoded and packed once."""
+    pairs = scan.scan_split(task.data_split)[0 if train else 1]
+    return _pack(task, [task.encode(c) for c, _ in pairs], [task.encode(a) for _, a in pairs])

@@ -1,6 +1,5 @@
 """Inputs, tolerances, configs and parameter marks shared by the test modules."""
 
-import importlib.util
 import os
 
 import jax
@@ -53,12 +52,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def load_config(name: str, variant: str | None = "tiny", **overrides):
     """configs/<name>.py's get_config(variant), with flattened overrides ("model.kind": ...)."""
-    spec = importlib.util.spec_from_file_location(
-        f"configs_{name}", os.path.join(ROOT, "configs", f"{name}.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(variant)
+    from kit import training
+
+    config = training.from_file(os.path.join(ROOT, "configs", f"{name}.py"), variant)
     config.update_from_flattened_dict(overrides)
     return config
 

@@ -13,7 +13,8 @@ from kit import nn, positional
 
 Array = jax.Array
 
-POSITIONS = ("sinusoidal", "learned", "rope", "alibi")
+# "none": no position information at all (the decoder still has its causal mask).
+POSITIONS = ("sinusoidal", "learned", "rope", "alibi", "none")
 
 
 @dataclasses.dataclass(frozen=True)

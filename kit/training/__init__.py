@@ -5,7 +5,7 @@ metrics, checkpoints, load_checkpoint), report (what a run prints) and loop
 <- loop.
 """
 
-from kit.training.config import check_config, default_config, tiny, variant
+from kit.training.config import check_config, default_config, from_file, tiny, variant
 from kit.training.loop import NonFiniteError, train_and_evaluate
 from kit.training.report import Console
 from kit.training.setup import Setup, setup
@@ -19,6 +19,7 @@ __all__ = [
     "Trainer",
     "check_config",
     "default_config",
+    "from_file",
     "init_model",
     "load_checkpoint",
     "loss_fn",

@@ -8,7 +8,9 @@ written.
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 from typing import Any
 
 import ml_collections
@@ -21,7 +23,14 @@ def default_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.task = ml_collections.ConfigDict(
-        {"name": "copy", "length": 16, "num_symbols": 10, "eval_size": 1000, "augment": True}
+        {
+            "name": "copy",
+            "length": 16,
+            "num_symbols": 10,
+            "eval_size": 1000,
+            "augment": True,
+            "split": "simple",
+        }
     )
     config.model = ml_collections.ConfigDict(
         {
@@ -72,7 +81,7 @@ TINY = {
     "model.num_layers": 1,
     "model.num_decoder_layers": 1,
     "model.d_ff": 32,
-    "model.max_len": 48,
+    "model.max_len": 64,
     "train.steps": 4,
     "train.batch_size": 8,
     "train.warmup_steps": 1,
@@ -105,6 +114,14 @@ def variant(config: ml_collections.ConfigDict, name: str | None) -> ml_collectio
     if name not in VARIANTS:
         raise ValueError(f"config variant: expected one of {VARIANTS} after ':', got {name!r}")
     return tiny(config)
+
+
+def from_file(path: str, variant: str | None = None) -> ml_collections.ConfigDict:
+    """`get_config(variant)` of the config file at `path` (as --config=path:variant)."""
+    spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(variant)
 
 
 def get(config: ml_collections.ConfigDict, path: str) -> Any:
@@ -250,6 +267,7 @@ def check_config(config: ml_collections.ConfigDict) -> tuple[tasks.Task, models.
             length=config.task.length,
             num_symbols=config.task.num_symbols,
             augment=config.task.augment,
+            split=config.task.split,
         )
     except ValueError as error:  # its messages name task.<field>
         raise ValueError(f"config.{error}") from None

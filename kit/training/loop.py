@@ -146,7 +146,13 @@ def train_and_evaluate(
                 writer.write(step, record)
                 console.log_step(step, t.steps, record)
             if step % t.eval_every == 0 or step == t.steps:
-                result = evaluate(eval_step, state["params"], batches, s.mcfg.kind)
+                result = evaluate(
+                    eval_step,
+                    state["params"],
+                    batches,
+                    s.mcfg.kind,
+                    by_length=s.task.by_length,
+                )
                 writer.write(step, result)
                 console.evaluation(step, result)
             if step % t.checkpoint_every == 0 or step == t.steps:
@@ -154,7 +160,9 @@ def train_and_evaluate(
     finally:
         console.stop()
     if not result:  # resumed at the end: evaluate what was restored
-        result = evaluate(eval_step, state["params"], batches, s.mcfg.kind)
+        result = evaluate(
+            eval_step, state["params"], batches, s.mcfg.kind, by_length=s.task.by_length
+        )
     ckpt.close()
     return {**result, "step": step, "train_seconds": time.perf_counter() - began}
 

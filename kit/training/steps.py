@@ -77,7 +77,8 @@ class Trainer:
         }
 
     def eval_step(self, params: Any, mb: dict[str, Array]) -> dict[str, Array]:
-        """Sums over one eval batch: loss, correct tokens, tokens, exact sequences."""
+        """Sums over one eval batch: loss, correct tokens, tokens, exact sequences; and
+        per row, whether it was exact and how many target tokens it weighs."""
         model = nnx.merge(self.graphdef, params)
         logits, _ = model.teacher_forced(mb)
         loss, _ = loss_fn(logits, mb["targets"], mb["weights"])
@@ -85,12 +86,14 @@ class Trainer:
         w = mb["weights"]
         hit = prediction == mb["targets"]
         tokens = jnp.sum(w.astype(jnp.float32))
+        exact_rows = jnp.all(hit | ~w, axis=1)
         return {
             "loss_sum": loss * tokens,
             "correct": jnp.sum((hit & w).astype(jnp.float32)),
             "tokens": tokens,
-            "exact": jnp.sum(jnp.all(hit | ~w, axis=1).astype(jnp.float32)),
+            "exact": jnp.sum(exact_rows.astype(jnp.float32)),
             "sequences": jnp.float32(prediction.shape[0]),
+            "rows": {"exact": exact_rows, "tokens": jnp.sum(w, axis=1, dtype=jnp.int32)},
         }
 
 
@@ -140,24 +143,39 @@ def make_optimizer(t: ml_collections.ConfigDict) -> optax.GradientTransformation
 
 
 def evaluate(
-    eval_step, params: Any, batches: list[tuple[dict, int]], kind: str
-) -> dict[str, float]:
+    eval_step, params: Any, batches: list[tuple[dict, int]], kind: str, *, by_length: bool = False
+) -> dict[str, Any]:
     """eval/loss, eval/token_accuracy and eval/exact_match over the held-out batches,
-    and what the model kind adds (`eval_metrics`)."""
+    and what the model kind adds (`eval_metrics`).
+
+    With `by_length` (tasks whose targets end in EOS), also
+    eval/exact_match_by_length: target length (the tokens weighed, less the end
+    token) -> exact match of the rows of that length.
+    """
     totals: dict[str, float] = {}
+    exact, lengths = [], []
     for mb, pad in batches:
-        for name, value in eval_step(params, mb).items():
+        out = jax.device_get(eval_step(params, mb))
+        rows = out.pop("rows")
+        for name, value in out.items():
             totals[name] = totals.get(name, 0.0) + float(value)
         # A padding row has no weighted token, so it counted as one exact sequence.
         totals["sequences"] -= pad
         totals["exact"] -= pad
-    return models.MODELS[kind].eval_metrics(
-        {
-            "eval/loss": totals["loss_sum"] / totals["tokens"],
-            "eval/token_accuracy": totals["correct"] / totals["tokens"],
-            "eval/exact_match": totals["exact"] / totals["sequences"],
+        keep = len(rows["exact"]) - pad
+        exact.append(rows["exact"][:keep])
+        lengths.append(rows["tokens"][:keep] - 1)
+    result = {
+        "eval/loss": totals["loss_sum"] / totals["tokens"],
+        "eval/token_accuracy": totals["correct"] / totals["tokens"],
+        "eval/exact_match": totals["exact"] / totals["sequences"],
+    }
+    if by_length:
+        exact, lengths = np.concatenate(exact), np.concatenate(lengths)
+        result["eval/exact_match_by_length"] = {
+            str(n): float(np.mean(exact[lengths == n])) for n in np.unique(lengths)
         }
-    )
+    return models.MODELS[kind].eval_metrics(result)
 
 
 def eval_batches(task: tasks.Task, kind: str, config, multiple: int = 1) -> list[tuple[dict, int]]:

@@ -1,0 +1,116 @@
+"""SCAN (Lake & Baroni, 2018): navigation commands to action sequences, from its grammar.
+
+    jump around left twice         -> 8 x (I_TURN_LEFT I_JUMP)
+    walk opposite right thrice after run
+                                   -> I_RUN, then 3 x (I_TURN_RIGHT I_TURN_RIGHT I_WALK)
+
+The grammar generates exactly 20,910 commands; `scan_pairs` enumerates them in
+a fixed order (the grammar's productions, nested loops), and `scan_split`
+rebuilds the published splits from them: nothing is downloaded.
+
+    C -> S and S | S after S | S
+    S -> V twice | V thrice | V
+    V -> D[1] opposite D[2] | D[1] around D[2] | D | U
+    D -> U left | U right | turn left | turn right
+    U -> walk | look | run | jump
+
+References:
+  Lake & Baroni, "Generalization without Systematicity: On the Compositional
+  Skills of Sequence-to-Sequence Recurrent Networks", ICML 2018.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+PRIMITIVES = {"walk": "I_WALK", "look": "I_LOOK", "run": "I_RUN", "jump": "I_JUMP"}
+TURNS = {"left": "I_TURN_LEFT", "right": "I_TURN_RIGHT"}
+COMMAND_WORDS = (
+    *PRIMITIVES,
+    "turn",
+    *TURNS,
+    "opposite",
+    "around",
+    "twice",
+    "thrice",
+    "and",
+    "after",
+)
+ACTIONS = (*PRIMITIVES.values(), *TURNS.values())
+SPLITS = ("simple", "length", "addprim_jump")
+# The length split: train on action sequences of at most this many actions.
+LENGTH_CUTOFF = 22
+SIMPLE_TEST_SIZE = 4182
+SPLIT_SEED = 0
+
+
+def _verbs() -> list[tuple[str, list[str]]]:
+    """V: (command, actions) for every verb phrase, 34 of them."""
+    out = []
+    for u in (*PRIMITIVES, "turn"):
+        act = [] if u == "turn" else [PRIMITIVES[u]]
+        for direction, turn in TURNS.items():
+            out.append((f"{u} opposite {direction}", [turn, turn, *act]))
+            out.append((f"{u} around {direction}", [turn, *act] * 4))
+            out.append((f"{u} {direction}", [turn, *act]))
+    out += [(u, [a]) for u, a in PRIMITIVES.items()]
+    return out
+
+
+def _sentences() -> list[tuple[str, list[str]]]:
+    """S: a verb phrase, twice or thrice: 102."""
+    out = []
+    for command, actions in _verbs():
+        out += [(command, actions), (f"{command} twice", actions * 2)]
+        out.append((f"{command} thrice", actions * 3))
+    return out
+
+
+@functools.cache
+def scan_pairs() -> tuple[tuple[str, str], ...]:
+    """All 20,910 (command, actions) pairs as space-separated words, in a fixed order."""
+    sentences = _sentences()
+    out = [(c, a) for c, a in sentences]
+    for first, first_actions in sentences:
+        for second, second_actions in sentences:
+            out.append((f"{first} and {second}", first_actions + second_actions))
+            out.append((f"{first} after {second}", second_actions + first_actions))
+    return tuple((command, " ".join(actions)) for command, actions in out)
+
+
+@functools.cache
+def scan_split(name: str) -> tuple[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]]:
+    """(train, test) pairs of a published split.
+
+    - "simple": a random 80/20 split with the published sizes, 16,728 / 4,182
+      (a fixed seed; the published file's own draw is not reproduced).
+    - "length": train on action sequences of at most 22 actions (16,990), test on
+      the longer ones, 24 to 48 actions (3,920).
+    - "addprim_jump": train on the 13,203 commands without "jump" and on the lone
+      command "jump", repeated 1,467 times as in the published train file
+      (14,670 in all); test on every other command with "jump" (7,706).
+
+    Raises:
+      ValueError: naming `task.split` for an unknown split.
+    """
+    if name not in SPLITS:
+        raise ValueError(f"task.split: expected one of {SPLITS}, got {name!r}")
+    pairs = scan_pairs()
+    if name == "simple":
+        order = np.random.default_rng(SPLIT_SEED).permutation(len(pairs))
+        test = set(order[:SIMPLE_TEST_SIZE].tolist())
+        return _partition(pairs, lambda i, _: i not in test)
+    if name == "length":
+        return _partition(pairs, lambda _, pair: len(pair[1].split()) <= LENGTH_CUTOFF)
+    train, test = _partition(pairs, lambda _, pair: "jump" not in pair[0].split())
+    jump = next(pair for pair in test if pair[0] == "jump")
+    test = tuple(pair for pair in test if pair is not jump)
+    return train + (jump,) * 1467, test
+
+
+def _partition(pairs, in_train) -> tuple[tuple, tuple]:
+    train = tuple(pair for i, pair in enumerate(pairs) if in_train(i, pair))
+    test = tuple(pair for i, pair in enumerate(pairs) if not in_train(i, pair))
+    return train, test

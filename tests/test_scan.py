@@ -1,0 +1,110 @@
+"""SCAN from its grammar: hand-checked translations, the published split sizes, a smoke run."""
+
+import os
+
+import numpy as np
+import pytest
+from helpers import load_config
+
+from kit import metrics, scan, tasks, training
+
+pytestmark = pytest.mark.usefixtures("standard_promotion")
+
+L, R = "I_TURN_LEFT", "I_TURN_RIGHT"
+
+# Every construction of the grammar and their nesting, translated by hand.
+HAND = {
+    "jump": ["I_JUMP"],
+    "turn left": [L],
+    "turn right": [R],
+    "walk left": [L, "I_WALK"],
+    "look right": [R, "I_LOOK"],
+    "run opposite left": [L, L, "I_RUN"],
+    "turn opposite right": [R, R],
+    "turn around left": [L] * 4,
+    "jump around right": [R, "I_JUMP"] * 4,
+    "walk twice": ["I_WALK"] * 2,
+    "look thrice": ["I_LOOK"] * 3,
+    "turn left twice": [L, L],
+    "walk and run": ["I_WALK", "I_RUN"],
+    "walk after run": ["I_RUN", "I_WALK"],
+    "jump around left twice": [L, "I_JUMP"] * 8,
+    "walk opposite right thrice after run": ["I_RUN", *[R, R, "I_WALK"] * 3],
+    "turn around right twice and look opposite left thrice": [R] * 8 + [L, L, "I_LOOK"] * 3,
+    "run left thrice after turn opposite right twice": [R, R] * 2 + [L, "I_RUN"] * 3,
+}
+
+
+def test_hand_checked_translations():
+    pairs = dict(scan.scan_pairs())
+    for command, actions in HAND.items():
+        assert pairs[command] == " ".join(actions), command
+
+
+def test_the_grammar_has_20910_distinct_commands():
+    pairs = scan.scan_pairs()
+    assert len(pairs) == len({c for c, _ in pairs}) == 20910
+    assert max(len(c.split()) for c, _ in pairs) == 9
+    assert max(len(a.split()) for _, a in pairs) == 48
+    assert {w for c, _ in pairs for w in c.split()} == set(scan.COMMAND_WORDS)
+
+
+@pytest.mark.parametrize(
+    "name, sizes",
+    [("simple", (16728, 4182)), ("length", (16990, 3920)), ("addprim_jump", (14670, 7706))],
+)
+def test_published_split_sizes(name, sizes):
+    train, test = scan.scan_split(name)
+    assert (len(train), len(test)) == sizes
+    if name != "addprim_jump":  # disjoint commands
+        assert not {c for c, _ in train} & {c for c, _ in test}
+
+
+def test_length_split_boundaries():
+    train, test = scan.scan_split("length")
+    assert max(len(a.split()) for _, a in train) <= 22
+    assert min(len(a.split()) for _, a in test) >= 24
+    assert max(len(a.split()) for _, a in test) == 48
+
+
+def test_addprim_jump_repeats_the_lone_jump_and_tests_every_other_jump():
+    train, test = scan.scan_split("addprim_jump")
+    with_jump = [c for c, _ in train if "jump" in c.split()]
+    assert with_jump == ["jump"] * 1467
+    assert all("jump" in c.split() and c != "jump" for c, _ in test)
+
+
+def test_unknown_split_fails_at_start_naming_the_field():
+    with pytest.raises(
+        ValueError,
+        match=r"config\.task\.split: expected one of \('simple', 'length', 'addprim_jump'\), "
+        r"got 'random'",
+    ):
+        training.check_config(load_config("scan_simple", **{"task.split": "random"}))
+
+
+def test_batches_encode_the_split_and_are_a_pure_function_of_seed_and_step():
+    task = tasks.make_task("scan", split="length")
+    a, b = tasks.train_batch(task, 1, 5, 32), tasks.train_batch(task, 1, 5, 32)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+    train = dict(scan.scan_split("length")[0])
+    for src, n, tgt, m in zip(a["src"], a["src_lengths"], a["tgt"], a["tgt_lengths"], strict=True):
+        command = " ".join(task.tokens(src[:n]))
+        assert train[command] == " ".join(task.tokens(tgt[:m]))
+
+
+def test_tiny_length_run_reports_exact_match_by_length(tiny_run):
+    workdir = tiny_run("scan_length", **{"train.eval_batch_size": 1000})
+    evals = [
+        line
+        for line in metrics.read_metrics(os.path.join(workdir, "metrics.jsonl"))
+        if "eval/exact_match" in line
+    ]
+    assert [line["step"] for line in evals] == [2, 4]
+    by_length = evals[-1]["eval/exact_match_by_length"]
+    test = scan.scan_split("length")[1]
+    assert set(by_length) == {str(len(a.split())) for _, a in test}
+    counts = {n: sum(len(a.split()) == int(n) for _, a in test) for n in by_length}
+    overall = sum(by_length[n] * counts[n] for n in by_length) / len(test)
+    assert overall == pytest.approx(evals[-1]["eval/exact_match"], abs=1e-6)

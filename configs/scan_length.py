@@ -5,6 +5,9 @@
 
 The model of configs/scan_simple.py; evaluation also logs exact match per
 target length (eval/exact_match_by_length in metrics.jsonl).
+
+Measured on the 2-core CPU development machine (2026-11-30): 0.0% exact match on
+the 3,920 held-out commands (79.4% of their tokens), 328 s for the whole command.
 """
 
 import os

@@ -125,7 +125,8 @@ def make_task(
         )
     if not isinstance(augment, bool):
         raise ValueError(f"task.augment: expected a bool, got {augment!r}")
-    scan.scan_split(split)  # raises naming task.split, listing the valid ones
+    if split not in scan.SPLITS:
+        raise ValueError(f"task.split: expected one of {scan.SPLITS}, got {split!r}")
     if name == "scan":
         vocab = SPECIALS + scan.COMMAND_WORDS + scan.ACTIONS
         longest = max(len(a.split()) for _, a in scan.scan_pairs())

@@ -94,6 +94,7 @@ def test_batches_encode_the_split_and_are_a_pure_function_of_seed_and_step():
         assert train[command] == " ".join(task.tokens(tgt[:m]))
 
 
+@pytest.mark.slow  # decodes all 3,920 test commands twice
 def test_tiny_length_run_reports_exact_match_by_length(tiny_run):
     workdir = tiny_run("scan_length", **{"train.eval_batch_size": 1000})
     evals = [

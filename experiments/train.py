@@ -54,9 +54,7 @@ def main(argv):
         )
         console = training.Console("auto" if FLAGS.progress else "quiet")
         result = training.train_and_evaluate(FLAGS.config, FLAGS.workdir, console=console)
-    except ValueError as error:
-        sys.exit(f"error: {error}")
-    except training.NonFiniteError as error:
+    except (ValueError, training.NonFiniteError) as error:
         sys.exit(f"error: {error}")
     result["command_seconds"] = time.perf_counter() - _START
     if jax.process_index() == 0:

@@ -243,7 +243,7 @@ def read_image(task: tasks.Task, graphdef: Any, params: Any, index: int) -> Imag
             f"image: class-token maps need a vision_transformer with a class token, but "
             f"this workdir holds a {model.cfg.kind} model of task {task.name!r}; use --text"
         )
-    data = tasks.eval_set(task, 0, 0)
+    data = tasks.eval_set(task, 0, 0)  # an image task's fixed split: seed and size do not apply
     count = len(data["labels"])
     if not isinstance(index, int) or not 0 <= index < count:
         raise ValueError(

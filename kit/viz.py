@@ -68,7 +68,8 @@ def _check_tokens(tokens: Any, length: int, letter: str, name: str, shape: tuple
     return labels
 
 
-def _check_figure_path(path: str | os.PathLike) -> str:
+def figure_format(path: str | os.PathLike) -> str:
+    """ "png" or "svg" from a figure path's suffix; raises ValueError naming `path`."""
     suffix = os.path.splitext(os.fspath(path))[1].lower()
     if suffix not in _FIGURE_FORMATS:
         raise ValueError(
@@ -126,7 +127,7 @@ def plot_attention(
         raise ValueError(
             f"layer_names: expected L={L} names (weights shape {shape}), given {len(layer_names)}"
         )
-    fmt = None if path is None else _check_figure_path(path)
+    fmt = None if path is None else figure_format(path)
 
     # Each heatmap grows with its token counts, within bounds that keep labels
     # legible; the whole figure is capped so a big model still renders.

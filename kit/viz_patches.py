@@ -91,7 +91,7 @@ def plot_patch_attention(
     if title:
         figure.suptitle(title, fontsize=9)
     if path is not None:
-        figure.savefig(path, format=viz._check_figure_path(path), dpi=120)
+        figure.savefig(path, format=viz.figure_format(path), dpi=120)
     return figure
 
 

@@ -32,7 +32,9 @@ def _fold(rng: Array | None, index: int) -> Array | None:
 
 
 class MultiHeadAttention(nnx.Module):
-    """Multi-head / grouped-query attention over `kit.dot_product_attention`.
+    """Multi-head / grouped-query attention: owns the parameters and calls the
+    functional `kit.multi_head_attention`, with RoPE as its `process_heads` hook.
+    `decode_step` is the separate KV-cache path for incremental decoding.
 
     Parameters: query `[D, N, H]`, key and value `[D, K, H]`, out `[N, H, D]`
     kernels, each with a bias but the key's (see kit.init_attention_params).

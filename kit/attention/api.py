@@ -168,7 +168,7 @@ def dot_product_attention(
         to keys i - left <= j <= i + right.
       implementation: None (the fastest correct path for the shape and
         device), "xla" (materialized logits), "chunked" (memory-efficient,
-        `kit.chunked`), or "cudnn" (GPU only, through jax.nn).
+        `kit.chunked_attention`), or "cudnn" (GPU only, through jax.nn).
       dropout_rate: attention-weight dropout probability, in [0, 1).
       dropout_rng: PRNG key; required when `dropout_rate > 0`. The output is a
         deterministic function of it.

@@ -8,7 +8,7 @@ mask, or wholly beyond the sequence lengths, are skipped by the loop bounds,
 not computed and masked; where the causal structure is the only mask, a block
 on the diagonal computes only its rows that can be live.
 
-Semantics are those of `kit.dot_product_attention` (see `kit.attention`):
+Semantics are those of `kit.dot_product_attention` (see `kit.attention.api`):
 float32 scores and softmax statistics, a finite mask value, and exactly zero
 output with zero gradients for query rows with no live key.
 

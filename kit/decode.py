@@ -29,15 +29,17 @@ def init_caches(cfg: Any, num_layers: int, batch: int, length: int, dtype=jnp.fl
 
 
 def greedy_encoder_decoder(
-    model: Any, src: Array, src_lengths: Array, *, bos: int, length: int
+    model: Any, src: Array, src_lengths: Array, *, bos: int, length: int, **ablation: Any
 ) -> Array:
-    """Greedy decoding: src `[B, S]` -> tokens `[B, length]` (the BOS is not included)."""
-    memory, _ = model.encode(src, src_lengths)
+    """Greedy decoding: src `[B, S]` -> tokens `[B, length]` (the BOS is not included).
+
+    `ablation` (head_mask, head_mask_mode) goes to every model call."""
+    memory, _ = model.encode(src, src_lengths, **ablation)
     caches = init_caches(model.cfg, model.cfg.num_decoder_layers, src.shape[0], length)
 
     def step(carry, t):
         caches, token = carry
-        logits, aux = model.decode(token, memory, src_lengths, caches=caches, start=t)
+        logits, aux = model.decode(token, memory, src_lengths, caches=caches, start=t, **ablation)
         token = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)[:, None]
         return (aux["caches"], token), token[:, 0]
 
@@ -46,17 +48,21 @@ def greedy_encoder_decoder(
     return tokens.T
 
 
-def greedy_decoder_only(model: Any, prompt: Array, prompt_mask: Array, *, length: int) -> Array:
-    """Greedy continuation of prompt `[B, P]` (mask `[B, P]`, False = padding) -> `[B, length]`."""
+def greedy_decoder_only(
+    model: Any, prompt: Array, prompt_mask: Array, *, length: int, **ablation: Any
+) -> Array:
+    """Greedy continuation of prompt `[B, P]` (mask `[B, P]`, False = padding) -> `[B, length]`.
+
+    `ablation` (head_mask, head_mask_mode) goes to every model call."""
     B, P = prompt.shape
     key_mask = jnp.concatenate([prompt_mask, jnp.ones((B, length), bool)], axis=1)
     caches = init_caches(model.cfg, model.cfg.num_layers, B, P + length)
-    logits, aux = model(prompt, key_mask, caches=caches, start=0)
+    logits, aux = model(prompt, key_mask, caches=caches, start=0, **ablation)
     first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
 
     def step(carry, t):
         caches, token = carry
-        logits, aux = model(token[:, None], key_mask, caches=caches, start=P + t)
+        logits, aux = model(token[:, None], key_mask, caches=caches, start=P + t, **ablation)
         nxt = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
         return (aux["caches"], nxt), nxt
 

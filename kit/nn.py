@@ -82,6 +82,8 @@ class MultiHeadAttention(nnx.Module):
         positions: Array | None = None,
         dropout_rng: Array | None = None,
         return_weights: bool = False,
+        head_mask: Array | None = None,
+        head_mask_mode: str = "zero",
     ) -> tuple[Array, dict[str, Any]]:
         """Attends from `x [B, T, D]` to `context [B, S, D]` (default: to `x` itself).
 
@@ -92,12 +94,25 @@ class MultiHeadAttention(nnx.Module):
             `kit.dot_product_attention`.
           positions: int `[B, T]` positions of `x` (for RoPE); defaults to 0..T-1.
           dropout_rng: PRNG key for attention dropout; None disables it.
-          return_weights: also return the attention weights `[B, N, T, S]`.
+          return_weights: also return the attention weights `[B, N, T, S]` and
+            the vectors attention used (see `_inspect`).
+          head_mask: optional `[N]`: 1 keeps a head, 0 ablates it (kit.ablate_heads).
+          head_mask_mode: "zero" or "mean".
 
         Returns:
-          `y [B, T, D]` and an aux dict with "weights" (if asked).
+          `y [B, T, D]` and an aux dict with "weights" and "vectors" (if asked).
         """
         rate = self.dropout_rate if dropout_rng is not None else 0.0
+        rope = self._rope(x, positions) if context is None else None
+        seen: dict[str, Array] = {}
+
+        def process_heads(q, k, v):
+            if rope is not None:
+                q, k, v = rope(q, k, v)
+            if return_weights:  # what attention reads, from this very pass
+                seen.update(query=q, key=k, value=v)
+            return q, k, v
+
         result = attention.multi_head_attention(
             self.params(),
             x,
@@ -105,15 +120,30 @@ class MultiHeadAttention(nnx.Module):
             bias,
             mask,
             return_weights=return_weights,
-            process_heads=self._rope(x, positions) if context is None else None,
+            process_heads=process_heads,
+            head_mask=head_mask,
+            head_mask_mode=head_mask_mode,
             is_causal=is_causal,
             key_value_seq_lengths=key_value_seq_lengths,
             implementation=self.implementation if rate == 0.0 else "xla",
             dropout_rate=rate,
             dropout_rng=dropout_rng,
         )
-        y, weights = result if return_weights else (result, None)
-        return y, ({"weights": weights} if return_weights else {})
+        if not return_weights:
+            return result, {}
+        y, weights = result
+        return y, {"weights": weights, "vectors": self._inspect(seen, bias)}
+
+    def _inspect(self, qkv: dict[str, Array], bias: Array | None) -> dict[str, Array]:
+        """q `[B, T, N, H]`, k and v `[B, S, K, H]` as attention read them (after
+        RoPE), ||f(x_s)|| `[B, N, S]` (kit.head_value_norms) and the additive
+        bias `[B, N, T, S]` if there was one."""
+        out = dict(qkv)
+        out["value_norms"] = attention.head_value_norms(qkv["value"], self.out["kernel"][...])
+        if bias is not None:
+            B, T, N = qkv["query"].shape[:3]
+            out["bias"] = jnp.broadcast_to(bias, (B, N, T, qkv["key"].shape[1]))
+        return out
 
     def decode_step(
         self,
@@ -124,6 +154,8 @@ class MultiHeadAttention(nnx.Module):
         bias: Array | None = None,
         positions: Array | None = None,
         return_weights: bool = False,
+        head_mask: Array | None = None,
+        head_mask_mode: str = "zero",
     ) -> tuple[Array, dict[str, Any]]:
         """Self-attention of new tokens `x [B, T, D]` through a KV cache (no dropout).
 
@@ -131,9 +163,12 @@ class MultiHeadAttention(nnx.Module):
         [B, Smax, K, H], "index": int32 []}`) at `index`, and query t attends to
         cached keys 0..index + t.
 
+        `head_mask` / `head_mask_mode` ablate heads as in `__call__` ("mean":
+        the mean over the batch of this step's outputs).
+
         Returns:
           `y [B, T, D]` and an aux dict with "cache" (the updated cache) and
-          "weights" `[B, N, T, Smax]` (if asked).
+          "weights" `[B, N, T, Smax]` and "vectors" (if asked).
         """
         B, T = x.shape[:2]
         index = cache["index"]
@@ -160,6 +195,9 @@ class MultiHeadAttention(nnx.Module):
         aux: dict[str, Any] = {"cache": {"key": k, "value": v, "index": index + T}}
         if return_weights:
             aux["weights"] = weights
+            aux["vectors"] = self._inspect({"query": q, "key": k, "value": v}, bias)
+        if head_mask is not None:
+            out = attention.ablate_heads(out, head_mask, head_mask_mode)
         y = attention.project_output(out, params["out"]["kernel"], params["out"]["bias"])
         return y, aux
 
@@ -191,10 +229,11 @@ class FeedForward(nnx.Module):
 
 
 class TransformerBlock(nnx.Module):
-    """Pre-LayerNorm block: self-attention, optional cross-attention, feed-forward.
+    """Pre-LayerNorm block: self-attention, optional cross-attention, optional feed-forward.
 
     x = x + Dropout(SelfAttn(LN(x))); x = x + Dropout(CrossAttn(LN(x), memory));
-    x = x + Dropout(FFN(LN(x))).
+    x = x + Dropout(FFN(LN(x))). Without `feed_forward` the block is attention
+    only (as in the induction-head models of Olsson et al., 2022).
     """
 
     def __init__(
@@ -205,6 +244,7 @@ class TransformerBlock(nnx.Module):
         *,
         num_kv_heads: int | None = None,
         cross_attention: bool = False,
+        feed_forward: bool = True,
         dropout_rate: float = 0.0,
         rope: bool = False,
         rngs: nnx.Rngs,
@@ -223,8 +263,12 @@ class TransformerBlock(nnx.Module):
         self.self_attention = mha(rope)
         self.norm_cross = nnx.LayerNorm(d_model, rngs=rngs) if cross_attention else None
         self.cross_attention = mha(False) if cross_attention else None
-        self.norm_ff = nnx.LayerNorm(d_model, rngs=rngs)
-        self.feed_forward = FeedForward(d_model, d_ff, dropout_rate=dropout_rate, rngs=rngs)
+        self.norm_ff = nnx.LayerNorm(d_model, rngs=rngs) if feed_forward else None
+        self.feed_forward = (
+            FeedForward(d_model, d_ff, dropout_rate=dropout_rate, rngs=rngs)
+            if feed_forward
+            else None
+        )
         self.dropout_rate = dropout_rate
 
     def __call__(
@@ -241,9 +285,17 @@ class TransformerBlock(nnx.Module):
         cache: dict[str, Array] | None = None,
         dropout_rng: Array | None = None,
         return_weights: bool = False,
+        head_mask: Array | None = None,
+        cross_head_mask: Array | None = None,
+        head_mask_mode: str = "zero",
     ) -> tuple[Array, dict[str, Any]]:
-        """Returns `x [B, T, D]` and aux ("self", "cross" weights; "cache")."""
+        """Returns `x [B, T, D]` and aux: "self" and "cross" weights and their
+        "self_vectors" / "cross_vectors" (if asked); "cache" when decoding.
+
+        `head_mask` / `cross_head_mask` `[N]` ablate heads of the self- and
+        cross-attention (kit.ablate_heads, in `head_mask_mode`)."""
         aux: dict[str, Any] = {}
+        ablation = {"head_mask": head_mask, "head_mask_mode": head_mask_mode}
         if cache is None:
             h, self_aux = self.self_attention(
                 self.norm_self(x),
@@ -254,6 +306,7 @@ class TransformerBlock(nnx.Module):
                 positions=positions,
                 dropout_rng=_fold(dropout_rng, 0),
                 return_weights=return_weights,
+                **ablation,
             )
         else:  # decoding: the KV cache path (lengths are in the cache's mask)
             h, self_aux = self.self_attention.decode_step(
@@ -263,12 +316,14 @@ class TransformerBlock(nnx.Module):
                 bias=self_bias,
                 positions=positions,
                 return_weights=return_weights,
+                **ablation,
             )
         x = x + dropout(h, self.dropout_rate, _fold(dropout_rng, 1))
         if "cache" in self_aux:
             aux["cache"] = self_aux["cache"]
         if return_weights:
             aux["self"] = self_aux["weights"]
+            aux["self_vectors"] = self_aux["vectors"]
         if self.cross_attention is not None:
             h, cross_aux = self.cross_attention(
                 self.norm_cross(x),
@@ -276,9 +331,14 @@ class TransformerBlock(nnx.Module):
                 key_value_seq_lengths=memory_lengths,
                 dropout_rng=_fold(dropout_rng, 2),
                 return_weights=return_weights,
+                head_mask=cross_head_mask,
+                head_mask_mode=head_mask_mode,
             )
             x = x + dropout(h, self.dropout_rate, _fold(dropout_rng, 3))
             if return_weights:
                 aux["cross"] = cross_aux["weights"]
+                aux["cross_vectors"] = cross_aux["vectors"]
+        if self.feed_forward is None:
+            return x, aux
         h = self.feed_forward(self.norm_ff(x), dropout_rng=_fold(dropout_rng, 4))
         return x + dropout(h, self.dropout_rate, _fold(dropout_rng, 5)), aux

@@ -22,6 +22,71 @@ Array = jax.Array
 # process_heads(q [B, T, N, H], k [B, S, K, H], v [B, S, K, H]) -> (q, k, v)
 ProcessHeads = Callable[[Array, Array, Array], tuple[Array, Array, Array]]
 
+HEAD_MASK_MODES = ("zero", "mean")
+
+
+def check_head_mask(head_mask: Any, shape: tuple[int, ...], name: str = "head_mask") -> Array:
+    """`head_mask` as an array of `shape` (1 keeps a head, 0 ablates it), bool or float.
+
+    Raises:
+      ValueError: naming `name` for another shape or an integer / other dtype.
+    """
+    mask = jnp.asarray(head_mask)
+    if mask.shape != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {mask.shape}")
+    if mask.dtype != jnp.bool_ and not jnp.issubdtype(mask.dtype, jnp.floating):
+        raise ValueError(
+            f"{name}: expected bool or float values (1 keeps a head, 0 ablates it), "
+            f"got dtype {mask.dtype}"
+        )
+    return mask
+
+
+def ablate_heads(out: Array, head_mask: Array, mode: str = "zero") -> Array:
+    """Scales or replaces each head's attention output before the output projection.
+
+    With m = head_mask[n] (1 keeps head n, 0 ablates it; values between blend):
+      "zero": out[..., n, :] * m
+      "mean": out[..., n, :] * m + (1 - m) * mean over the batch of out[:, ..., n, :]
+    (the mean is taken per position). A mask of ones returns `out` unchanged,
+    bit for bit. The output projection's bias is untouched: an ablated head
+    contributes nothing, the layer's bias still does.
+
+    Args:
+      out: per-head outputs `[B, T, N, H]`.
+      head_mask: `[N]`, bool or float.
+      mode: "zero" or "mean".
+
+    Raises:
+      ValueError: for an unknown mode or a mask of another shape or dtype.
+    """
+    if mode not in HEAD_MASK_MODES:
+        raise ValueError(f"head_mask_mode: expected one of {HEAD_MASK_MODES}, got {mode!r}")
+    m = check_head_mask(head_mask, (out.shape[-2],)).astype(out.dtype)[:, None]
+    if mode == "zero":
+        return out * m
+    mean = jnp.mean(out, axis=0, keepdims=True)
+    return out * m + (1 - m) * mean
+
+
+def head_value_norms(value: Array, out_kernel: Array) -> Array:
+    """||f(x_s)|| per query head: the value vector through the head's slice of the
+    output projection (Kobayashi et al., 2020), without the shared output bias.
+
+    f_n(x_s) = value[s, n // (N / K)] @ out_kernel[n]
+
+    Args:
+      value: `[B, S, K, H]` (after the value projection and its bias).
+      out_kernel: `[N, H, D]`.
+
+    Returns:
+      `[B, N, S]`.
+    """
+    N = out_kernel.shape[0]
+    v = jnp.repeat(value, N // value.shape[2], axis=2)  # [B, S, N, H]
+    f = jnp.einsum("bsnh,nhd->bnsd", v, out_kernel)
+    return jnp.sqrt(jnp.sum(jnp.square(f.astype(jnp.float32)), axis=-1))
+
 
 def project_heads(x: Array, kernel: Array, bias: Array | None = None) -> Array:
     """Projects model vectors to heads: `[B, T, D] x [D, N, H] -> [B, T, N, H]`.
@@ -180,11 +245,14 @@ def multi_head_attention(
     *,
     return_weights: bool = False,
     process_heads: ProcessHeads | None = None,
+    head_mask: Array | None = None,
+    head_mask_mode: str = "zero",
     **attention_kwargs: Any,
 ) -> Array | tuple[Array, Array]:
     """Multi-head (or grouped-query) attention over a params pytree.
 
-    y = project_output(dot_product_attention(process_heads(project_qkv(params, x, context))))
+    y = project_output(ablate_heads(dot_product_attention(process_heads(
+        project_qkv(params, x, context)))))
 
     Args:
       params: as made by `init_attention_params`.
@@ -197,6 +265,9 @@ def multi_head_attention(
       process_heads: optional `(q [B, T, N, H], k [B, S, K, H], v) -> (q, k, v)`
         applied to the projected heads before attention, e.g. rotary position
         embeddings (`kit.positional.apply_rope`).
+      head_mask: optional `[N]`, 1 keeps a head and 0 ablates it (see
+        `ablate_heads`); an array, so changing it does not recompile.
+      head_mask_mode: "zero" or "mean" (see `ablate_heads`).
       **attention_kwargs: keyword options of `dot_product_attention`
         (is_causal, lengths, window, scale, dropout, implementation).
 
@@ -217,6 +288,8 @@ def multi_head_attention(
     run = {n: attention_kwargs.pop(n) for n in _RUN_OPTIONS if n in attention_kwargs}
     inputs = check_inputs(q, k, v, bias, mask, **attention_kwargs)
     out, weights = attend(inputs, return_weights=return_weights, **run)
+    if head_mask is not None:
+        out = ablate_heads(out, head_mask, head_mask_mode)
     y = project_output(out, params["out"]["kernel"], params["out"].get("bias"))
     return (y, weights) if return_weights else y
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from kit import nn, positional
+from kit.attention.projections import check_head_mask
 
 Array = jax.Array
 
@@ -34,16 +35,72 @@ class ModelConfig:
     positions: str = "sinusoidal"
     patch_size: int = 2  # vision_transformer: p x p pixels per token
     image_size: int = 0  # vision_transformer: the task's image side
+    feed_forward: bool = True  # False: attention-only blocks
 
 
 class TaskModel(nnx.Module):
     """A model kind as training reads it. Each kind defines `batch(task arrays)`,
-    `positions_needed(task)`, `teacher_forced(mb, *, dropout_rng, return_weights)`
-    and `predict(mb)`; `eval_metrics` may add names to the held-out metrics."""
+    `positions_needed(task)`, `teacher_forced(mb, *, dropout_rng, return_weights,
+    head_mask, head_mask_mode)` and `predict(mb, *, head_mask, head_mask_mode)`;
+    `eval_metrics` may add names to the held-out metrics.
+
+    `ATTENTION_SETS` names each attention set as the viewer and `head_mask` do
+    ("encoder", "decoder", "cross") -> (the Stack attribute, "self" or "cross").
+    """
+
+    ATTENTION_SETS: ClassVar[dict[str, tuple[str, str]]] = {}
 
     @staticmethod
     def eval_metrics(result: dict[str, float]) -> dict[str, float]:
         return result
+
+    def attention_shapes(self) -> dict[str, tuple[int, int]]:
+        """Attention set -> (layers L, heads N): the shape of its `head_mask`."""
+        return {
+            name: (len(getattr(self, stack).layers), self.cfg.num_heads)
+            for name, (stack, _) in self.ATTENTION_SETS.items()
+        }
+
+    def stack_head_masks(self, head_mask: Any, stack: str) -> dict[str, Array | None]:
+        """The `head_mask` / `cross_head_mask` `[L, N]` keywords of Stack `stack`.
+
+        `head_mask` maps attention sets to `[L, N]` arrays (1 keeps a head, 0
+        ablates it); a set left out is not ablated.
+
+        Raises:
+          ValueError: naming `head_mask` for an unknown set, a shape other than
+            `[L, N]` or a dtype other than bool or float.
+        """
+        out: dict[str, Array | None] = {"head_mask": None, "cross_head_mask": None}
+        if head_mask is None:
+            return out
+        shapes = self.attention_shapes()
+        if not isinstance(head_mask, dict):
+            raise ValueError(
+                f"head_mask: expected a dict {{attention set: [L, N] array}} over "
+                f"{sorted(shapes)}, got {type(head_mask).__name__}"
+            )
+        unknown = sorted(set(head_mask) - set(shapes))
+        if unknown:
+            raise ValueError(
+                f"head_mask: unknown attention set(s) {unknown}; this {self.cfg.kind} model "
+                f"has {sorted(shapes)}"
+            )
+        for name, mask in head_mask.items():
+            where, kind = self.ATTENTION_SETS[name]
+            if where == stack:
+                key = "head_mask" if kind == "self" else "cross_head_mask"
+                out[key] = check_head_mask(mask, shapes[name], f"head_mask[{name!r}]")
+        return out
+
+    def attention_aux(self, stacks: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """Stack aux by attribute -> the model's aux: weights `[L, B, N, T, S]` per
+        set and "vectors" (per set: query, key, value, value_norms, bias)."""
+        aux: dict[str, Any] = {"vectors": {}}
+        for name, (stack, kind) in self.ATTENTION_SETS.items():
+            aux[name] = stacks[stack][kind]
+            aux["vectors"][name] = stacks[stack][f"{kind}_vectors"]
+        return aux
 
 
 class Stack(nnx.Module):
@@ -58,6 +115,7 @@ class Stack(nnx.Module):
                     cfg.d_ff,
                     num_kv_heads=cfg.num_kv_heads,
                     cross_attention=cross,
+                    feed_forward=cfg.feed_forward,
                     dropout_rate=cfg.dropout_rate,
                     rope=cfg.positions == "rope",
                     rngs=rngs,
@@ -77,8 +135,15 @@ class Stack(nnx.Module):
         caches: list[dict[str, Array]] | None = None,
         dropout_rng: Array | None = None,
         return_weights: bool = False,
+        head_mask: Array | None = None,
+        cross_head_mask: Array | None = None,
         **block_kwargs: Any,
     ) -> tuple[Array, dict[str, Any]]:
+        """`head_mask` / `cross_head_mask` `[L, N]`: row l ablates heads of layer l.
+
+        Returns x and aux: "self" / "cross" weights `[L, B, N, T, S]` and
+        "self_vectors" / "cross_vectors" (each entry stacked over layers) if
+        asked; "caches" when decoding."""
         bias = None
         if self.alibi:
             key_length = x.shape[1] if caches is None else caches[0]["key"].shape[1]
@@ -86,7 +151,8 @@ class Stack(nnx.Module):
             distance = jnp.abs(positions[:, None, :, None] - key_positions[None, None, None, :])
             slopes = positional.alibi_slopes(self.num_heads)[None, :, None, None]
             bias = -slopes * distance.astype(jnp.float32)  # [B, N, T, S]
-        new_caches, weights = [], {"self": [], "cross": []}
+        names = ("self", "cross", "self_vectors", "cross_vectors")
+        new_caches, per_layer = [], {name: [] for name in names}
         for i, layer in enumerate(self.layers):
             x, aux = layer(
                 x,
@@ -95,13 +161,19 @@ class Stack(nnx.Module):
                 cache=None if caches is None else caches[i],
                 dropout_rng=None if dropout_rng is None else jax.random.fold_in(dropout_rng, i),
                 return_weights=return_weights,
+                head_mask=None if head_mask is None else head_mask[i],
+                cross_head_mask=None if cross_head_mask is None else cross_head_mask[i],
                 **block_kwargs,
             )
             new_caches.append(aux.get("cache"))
-            for name in weights:
+            for name in names:
                 if name in aux:
-                    weights[name].append(aux[name])
-        out_aux: dict[str, Any] = {k: jnp.stack(v) for k, v in weights.items() if v}
+                    per_layer[name].append(aux[name])
+        out_aux: dict[str, Any] = {
+            k: jax.tree.map(lambda *layers: jnp.stack(layers), *v)
+            for k, v in per_layer.items()
+            if v
+        }
         if caches is not None:
             out_aux["caches"] = new_caches
         return self.norm(x), out_aux

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -48,7 +50,7 @@ def _positions(tokens: Array, start: Array | int = 0) -> Array:
     return jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
 
 
-def _encode(model, src, src_lengths, dropout_rng, return_weights):
+def _encode(model, src, src_lengths, dropout_rng, return_weights, head_mask, head_mask_mode):
     """The bidirectional encoder stack of `model` over src `[B, S]` -> `[B, S, D]`, aux."""
     positions = _positions(src)
     return model.encoder(
@@ -57,6 +59,8 @@ def _encode(model, src, src_lengths, dropout_rng, return_weights):
         lengths=src_lengths,
         dropout_rng=dropout_rng,
         return_weights=return_weights,
+        head_mask_mode=head_mask_mode,
+        **model.stack_head_masks(head_mask, "encoder"),
     )
 
 
@@ -81,6 +85,12 @@ def _shifted_targets(batch: dict[str, np.ndarray], start: int) -> dict[str, np.n
 class EncoderDecoder(TaskModel):
     """Translation-style model: the decoder reads the source only through cross-attention."""
 
+    ATTENTION_SETS: ClassVar[dict[str, tuple[str, str]]] = {
+        "encoder": ("encoder", "self"),
+        "decoder": ("decoder", "self"),
+        "cross": ("decoder", "cross"),
+    }
+
     @staticmethod
     def batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Task arrays -> src, src_lengths, tgt_in ([BOS, tgt]), targets ([tgt, EOS]), weights."""
@@ -90,20 +100,27 @@ class EncoderDecoder(TaskModel):
     def positions_needed(task: tasks.Task) -> int:
         return max(task.src_len, task.tgt_len + 1)
 
-    def teacher_forced(self, mb, *, dropout_rng=None, return_weights=False):
-        """Logits `[B, T, V]` aligned with mb["targets"], and aux."""
+    def teacher_forced(self, mb, *, dropout_rng=None, return_weights=False, **ablation):
+        """Logits `[B, T, V]` aligned with mb["targets"], and aux. `ablation`:
+        head_mask (set -> `[L, N]`) and head_mask_mode, as in `__call__`."""
         return self(
             mb["src"],
             mb["src_lengths"],
             mb["tgt_in"],
             dropout_rng=dropout_rng,
             return_weights=return_weights,
+            **ablation,
         )
 
-    def predict(self, mb) -> Array:
-        """Greedy predictions `[B, T]` aligned with mb["targets"]."""
+    def predict(self, mb, **ablation) -> Array:
+        """Greedy predictions `[B, T]` aligned with mb["targets"] (heads ablated as asked)."""
         return decode.greedy_encoder_decoder(
-            self, mb["src"], mb["src_lengths"], bos=tasks.BOS, length=mb["targets"].shape[1]
+            self,
+            mb["src"],
+            mb["src_lengths"],
+            bos=tasks.BOS,
+            length=mb["targets"].shape[1],
+            **ablation,
         )
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -113,9 +130,20 @@ class EncoderDecoder(TaskModel):
         self.decoder = Stack(cfg, cfg.num_decoder_layers, cross=True, rngs=rngs)
         self.head = nnx.Linear(cfg.d_model, cfg.vocab_size, rngs=rngs)
 
-    def encode(self, src, src_lengths, *, dropout_rng=None, return_weights=False):
+    def encode(
+        self,
+        src,
+        src_lengths,
+        *,
+        dropout_rng=None,
+        return_weights=False,
+        head_mask=None,
+        head_mask_mode="zero",
+    ):
         """src `[B, S]`, src_lengths `[B]` -> memory `[B, S, D]`, aux."""
-        return _encode(self, src, src_lengths, dropout_rng, return_weights)
+        return _encode(
+            self, src, src_lengths, dropout_rng, return_weights, head_mask, head_mask_mode
+        )
 
     def decode(
         self,
@@ -127,6 +155,8 @@ class EncoderDecoder(TaskModel):
         start=0,
         dropout_rng=None,
         return_weights=False,
+        head_mask=None,
+        head_mask_mode="zero",
     ):
         """tgt_in `[B, T]` (from position `start`) -> logits `[B, T, V]`, aux."""
         positions = _positions(tgt_in, start)
@@ -139,30 +169,50 @@ class EncoderDecoder(TaskModel):
             caches=caches,
             dropout_rng=dropout_rng,
             return_weights=return_weights,
+            head_mask_mode=head_mask_mode,
+            **self.stack_head_masks(head_mask, "decoder"),
         )
         return self.head(x), aux
 
-    def __call__(self, src, src_lengths, tgt_in, *, dropout_rng=None, return_weights=False):
-        """Teacher-forced logits `[B, T, V]` for tgt_in `[B, T]`, and aux."""
+    def __call__(
+        self,
+        src,
+        src_lengths,
+        tgt_in,
+        *,
+        dropout_rng=None,
+        return_weights=False,
+        head_mask=None,
+        head_mask_mode="zero",
+    ):
+        """Teacher-forced logits `[B, T, V]` for tgt_in `[B, T]`, and aux.
+
+        With `return_weights`, aux holds the weights `[L, B, N, T, S]` of
+        "encoder", "decoder" and "cross", and their "vectors". `head_mask`
+        maps any of those sets to `[L, N]` (1 keeps a head, 0 ablates it; see
+        kit.ablate_heads for `head_mask_mode` "zero" and "mean")."""
         enc_rng, dec_rng = (None, None) if dropout_rng is None else jax.random.split(dropout_rng)
+        ablation = {"head_mask": head_mask, "head_mask_mode": head_mask_mode}
         memory, enc_aux = self.encode(
-            src, src_lengths, dropout_rng=enc_rng, return_weights=return_weights
+            src, src_lengths, dropout_rng=enc_rng, return_weights=return_weights, **ablation
         )
         logits, dec_aux = self.decode(
-            tgt_in, memory, src_lengths, dropout_rng=dec_rng, return_weights=return_weights
+            tgt_in,
+            memory,
+            src_lengths,
+            dropout_rng=dec_rng,
+            return_weights=return_weights,
+            **ablation,
         )
-        aux = {}
-        if return_weights:
-            aux = {
-                "encoder": enc_aux["self"],
-                "decoder": dec_aux["self"],
-                "cross": dec_aux["cross"],
-            }
-        return logits, aux
+        if not return_weights:
+            return logits, {}
+        return logits, self.attention_aux({"encoder": enc_aux, "decoder": dec_aux})
 
 
 class DecoderOnly(TaskModel):
     """Causal language model over [source (padded), separator, target]."""
+
+    ATTENTION_SETS: ClassVar[dict[str, tuple[str, str]]] = {"decoder": ("decoder", "self")}
 
     @staticmethod
     def batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -179,20 +229,24 @@ class DecoderOnly(TaskModel):
     def positions_needed(task: tasks.Task) -> int:
         return task.src_len + task.tgt_len + 1
 
-    def teacher_forced(self, mb, *, dropout_rng=None, return_weights=False):
+    def teacher_forced(self, mb, *, dropout_rng=None, return_weights=False, **ablation):
         """Logits of the target positions `[B, T, V]` aligned with mb["targets"], and aux."""
         tokens = jnp.concatenate([mb["src"], mb["tgt_in"]], axis=1)
         logits, aux = self(
-            tokens, mb["key_mask"], dropout_rng=dropout_rng, return_weights=return_weights
+            tokens,
+            mb["key_mask"],
+            dropout_rng=dropout_rng,
+            return_weights=return_weights,
+            **ablation,
         )
         return logits[:, mb["src"].shape[1] :], aux
 
-    def predict(self, mb) -> Array:
+    def predict(self, mb, **ablation) -> Array:
         """Greedy continuation `[B, T]` of [src, SEP], aligned with mb["targets"]."""
         Ls = mb["src"].shape[1]
         prompt = jnp.concatenate([mb["src"], mb["tgt_in"][:, :1]], axis=1)
         return decode.greedy_decoder_only(
-            self, prompt, mb["key_mask"][:, : Ls + 1], length=mb["targets"].shape[1]
+            self, prompt, mb["key_mask"][:, : Ls + 1], length=mb["targets"].shape[1], **ablation
         )
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -210,11 +264,14 @@ class DecoderOnly(TaskModel):
         start=0,
         dropout_rng=None,
         return_weights=False,
+        head_mask=None,
+        head_mask_mode="zero",
     ):
         """tokens `[B, T]`, key_mask bool `[B, S]` (False = padding) -> logits `[B, T, V]`, aux.
 
         Without caches S = T and attention is causal; with caches, S is the
         cache length and `tokens` sit at positions start..start + T - 1.
+        `head_mask` {"decoder": `[L, N]`} ablates heads (kit.ablate_heads).
         """
         positions = _positions(tokens, start)
         x, aux = self.decoder(
@@ -225,8 +282,10 @@ class DecoderOnly(TaskModel):
             caches=caches,
             dropout_rng=dropout_rng,
             return_weights=return_weights,
+            head_mask_mode=head_mask_mode,
+            **self.stack_head_masks(head_mask, "decoder"),
         )
-        out_aux = {"decoder": aux["self"]} if return_weights else {}
+        out_aux = self.attention_aux({"decoder": aux}) if return_weights else {}
         if caches is not None:
             out_aux["caches"] = aux["caches"]
         return self.head(x), out_aux
@@ -234,6 +293,8 @@ class DecoderOnly(TaskModel):
 
 class EncoderOnly(TaskModel):
     """Bidirectional encoder with a per-position classifier (tasks with aligned targets)."""
+
+    ATTENTION_SETS: ClassVar[dict[str, tuple[str, str]]] = {"encoder": ("encoder", "self")}
 
     @staticmethod
     def batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -256,15 +317,19 @@ class EncoderOnly(TaskModel):
             )
         return task.src_len
 
-    def teacher_forced(self, mb, *, dropout_rng=None, return_weights=False):
+    def teacher_forced(self, mb, *, dropout_rng=None, return_weights=False, **ablation):
         """Per-position logits `[B, T, V]` and aux."""
         return self(
-            mb["src"], mb["src_lengths"], dropout_rng=dropout_rng, return_weights=return_weights
+            mb["src"],
+            mb["src_lengths"],
+            dropout_rng=dropout_rng,
+            return_weights=return_weights,
+            **ablation,
         )
 
-    def predict(self, mb) -> Array:
+    def predict(self, mb, **ablation) -> Array:
         """Argmax per position `[B, T]`."""
-        logits, _ = self(mb["src"], mb["src_lengths"])
+        logits, _ = self(mb["src"], mb["src_lengths"], **ablation)
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -273,7 +338,19 @@ class EncoderOnly(TaskModel):
         self.encoder = Stack(cfg, cfg.num_layers, cross=False, rngs=rngs)
         self.head = nnx.Linear(cfg.d_model, cfg.vocab_size, rngs=rngs)
 
-    def __call__(self, src, src_lengths, *, dropout_rng=None, return_weights=False):
-        """src `[B, T]` -> per-position logits `[B, T, V]`, aux."""
-        x, aux = _encode(self, src, src_lengths, dropout_rng, return_weights)
-        return self.head(x), ({"encoder": aux["self"]} if return_weights else {})
+    def __call__(
+        self,
+        src,
+        src_lengths,
+        *,
+        dropout_rng=None,
+        return_weights=False,
+        head_mask=None,
+        head_mask_mode="zero",
+    ):
+        """src `[B, T]` -> per-position logits `[B, T, V]`, aux. `head_mask`
+        {"encoder": `[L, N]`} ablates heads (kit.ablate_heads)."""
+        x, aux = _encode(
+            self, src, src_lengths, dropout_rng, return_weights, head_mask, head_mask_mode
+        )
+        return self.head(x), (self.attention_aux({"encoder": aux}) if return_weights else {})

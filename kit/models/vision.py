@@ -12,6 +12,8 @@ References:
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -52,6 +54,8 @@ def sinusoidal_2d(grid: int, dim: int) -> Array:
 class VisionTransformer(TaskModel):
     """Classifies an image from its class token (positions "learned" or "sinusoidal", 2-D)."""
 
+    ATTENTION_SETS: ClassVar[dict[str, tuple[str, str]]] = {"encoder": ("encoder", "self")}
+
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         grid = cfg.image_size // cfg.patch_size
@@ -67,7 +71,15 @@ class VisionTransformer(TaskModel):
         self.encoder = Stack(cfg, cfg.num_layers, cross=False, rngs=rngs)
         self.head = nnx.Linear(cfg.d_model, cfg.vocab_size, rngs=rngs)
 
-    def __call__(self, images: Array, *, dropout_rng=None, return_weights=False):
+    def __call__(
+        self,
+        images: Array,
+        *,
+        dropout_rng=None,
+        return_weights=False,
+        head_mask=None,
+        head_mask_mode="zero",
+    ):
         """images `[B, H, W]` -> class logits `[B, C]` and aux ("encoder": `[L, B, N, T, T]`
         with T = 1 + number of patches, if asked)."""
         x = self.patch_embed(patchify(images, self.cfg.patch_size))  # [B, P, D]
@@ -81,10 +93,15 @@ class VisionTransformer(TaskModel):
             x = x + jnp.concatenate([jnp.zeros((1, D), fixed.dtype), fixed])[None]
         positions = jnp.broadcast_to(jnp.arange(1 + P, dtype=jnp.int32), (B, 1 + P))
         x, aux = self.encoder(
-            x, positions=positions, dropout_rng=dropout_rng, return_weights=return_weights
+            x,
+            positions=positions,
+            dropout_rng=dropout_rng,
+            return_weights=return_weights,
+            head_mask_mode=head_mask_mode,
+            **self.stack_head_masks(head_mask, "encoder"),
         )
         logits = self.head(x[:, CLASS_TOKEN])
-        return logits, ({"encoder": aux["self"]} if return_weights else {})
+        return logits, (self.attention_aux({"encoder": aux}) if return_weights else {})
 
     @staticmethod
     def batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -107,12 +124,14 @@ class VisionTransformer(TaskModel):
         """A class per image: exact match is the accuracy, logged as eval/accuracy."""
         return {**result, "eval/accuracy": result["eval/exact_match"]}
 
-    def teacher_forced(self, mb, *, dropout_rng=None, return_weights=False):
+    def teacher_forced(self, mb, *, dropout_rng=None, return_weights=False, **ablation):
         """Logits `[B, 1, C]` aligned with mb["targets"], and aux."""
-        logits, aux = self(mb["images"], dropout_rng=dropout_rng, return_weights=return_weights)
+        logits, aux = self(
+            mb["images"], dropout_rng=dropout_rng, return_weights=return_weights, **ablation
+        )
         return logits[:, None], aux
 
-    def predict(self, mb) -> Array:
+    def predict(self, mb, **ablation) -> Array:
         """The most likely class `[B, 1]`."""
-        logits, _ = self(mb["images"])
+        logits, _ = self(mb["images"], **ablation)
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)[:, None]

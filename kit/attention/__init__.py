@@ -28,6 +28,8 @@ from kit.attention.masks import (
     padding_mask,
 )
 from kit.attention.projections import (
+    ablate_heads,
+    head_value_norms,
     init_attention_params,
     multi_head_attention,
     project_heads,
@@ -37,12 +39,14 @@ from kit.attention.projections import (
 
 __all__ = [
     "MASK_VALUE",
+    "ablate_heads",
     "attention_logits",
     "attention_weights",
     "causal_mask",
     "chunked_attention",
     "combine_masks",
     "dot_product_attention",
+    "head_value_norms",
     "init_attention_params",
     "local_window_mask",
     "masked_softmax",

@@ -62,7 +62,8 @@ def ablate_heads(out: Array, head_mask: Array, mode: str = "zero") -> Array:
     """
     if mode not in HEAD_MASK_MODES:
         raise ValueError(f"head_mask_mode: expected one of {HEAD_MASK_MODES}, got {mode!r}")
-    m = check_head_mask(head_mask, (out.shape[-2],)).astype(out.dtype)[:, None]
+    m = check_head_mask(head_mask, (out.shape[-2],)).astype(out.dtype)
+    m = m.reshape((1,) * (out.ndim - 2) + (m.shape[0], 1))  # [1, ..., N, 1]
     if mode == "zero":
         return out * m
     mean = jnp.mean(out, axis=0, keepdims=True)

@@ -3,12 +3,18 @@
     python experiments/visualize.py --workdir=runs/dates --text="3rd of March 2021"
     python experiments/visualize.py --workdir=runs/pronoun \\
         --text="Mark told Sam that he was leaving."
+    python experiments/visualize.py --workdir=runs/pronoun \
+        --text="Mark told Sam that he was leaving." --compare="Mark told Anna that he was leaving."
     python experiments/visualize.py --workdir=runs/digits --image=0
 
 Loads config.json and the latest checkpoint of the workdir. With --text it runs
 the model on the text (greedy decoding where it decodes), writes
-workdir/attention/<set>.png per attention set and workdir/attention/index.html
-(offline; open it in any browser), and prints the prediction and the files. For
+workdir/attention/<set>.png per attention set and the offline pages (open them
+in any browser; each has the head, model and neuron views): index.html opens in
+the head view, model.html in the model view, neuron.html in the neuron view; it
+prints the prediction and the files. With --compare="another text" of as many
+tokens, it also reads that text and writes compare.html (the diff view: how
+every head's attention and the prediction change) and compare_<set>.png. For
 a model that labels positions (the pronoun probe), it also prints, per layer and
 head, the attention from each labelled position to every token, and the head
 where the predicted antecedent gets the most. With --image (a Vision
@@ -28,6 +34,9 @@ from kit import probe, training
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A training workdir (config.json + checkpoints/).")
 flags.DEFINE_string("text", None, "The input text.")
+flags.DEFINE_string(
+    "compare", None, "With --text: a second text of as many tokens, for the diff view."
+)
 flags.DEFINE_integer("image", None, "Index of a held-out image (Vision Transformer).")
 flags.DEFINE_string("out", None, "Output folder (default: <workdir>/attention).")
 flags.mark_flags_as_required(["workdir"])
@@ -38,6 +47,8 @@ def main(_):
     training.report.quiet_library_logs(FLAGS.verbosity)
     if (FLAGS.text is None) == (FLAGS.image is None):
         sys.exit("error: text: give exactly one of --text and --image")
+    if FLAGS.compare is not None and FLAGS.text is None:
+        sys.exit("error: compare: needs --text, the text to compare with")
     if os.path.exists(out) and not os.path.isdir(out):
         sys.exit(f"error: out: {out} exists and is not a folder; use another --out")
     try:
@@ -45,10 +56,15 @@ def main(_):
         graphdef, params = setup.trainer.graphdef, state["params"]
         if FLAGS.image is not None:
             reading = probe.read_image(setup.task, graphdef, params, FLAGS.image)
+        elif FLAGS.compare is not None:
+            comparison = probe.compare(setup.task, graphdef, params, FLAGS.text, FLAGS.compare)
+            reading = comparison.a
         else:
             reading = probe.read_attention(setup.task, graphdef, params, FLAGS.text)
     except ValueError as error:
-        sys.exit(f"error: {error}")
+        # compare() names its texts text_a and text_b; here they are the flags.
+        message = str(error).replace("text_a:", "text:", 1).replace("text_b:", "compare:", 1)
+        sys.exit(f"error: {message}")
     if FLAGS.image is not None:
         print(f"image {reading.index}: label {reading.label}, prediction {reading.prediction}")
         paths = probe.write_image_views(reading, out)
@@ -59,6 +75,10 @@ def main(_):
             for antecedent in probe.antecedent_attention(reading):
                 print(probe.format_antecedent(antecedent))
         paths = probe.write_views(reading, out)
+        if FLAGS.compare is not None:
+            print(f"compare:    {FLAGS.compare}")
+            print(f"prediction: {comparison.b.prediction}")
+            paths += probe.write_comparison(comparison, out)
     for path in paths:
         print(f"wrote {path}")
 

@@ -4,10 +4,12 @@ For a Vision Transformer, `read_image` runs one held-out image and
 `write_image_views` draws where its class token looks (kit.viz_patches).
 
 `read_attention` decodes the text with the model (greedily where it decodes) and
-returns the prediction with every attention map as `[L, N, T, S]` and the tokens
-on both sides; `write_views` draws them (kit.viz) as PNGs and one offline HTML
-page; `antecedent_attention` reads the pronoun probe: how much each layer and
-head attends from a labelled position (the pronoun) to the name it predicted.
+returns the prediction with every attention map as `[L, N, T, S]`, the tokens
+on both sides and the vectors the attention used (for the neuron view);
+`write_views` draws them (kit.viz) as PNGs and offline HTML pages (kit.views);
+`compare` reads two texts of the same length and gives every head's change;
+`antecedent_attention` reads the pronoun probe: how much each layer and head
+attends from a labelled position (the pronoun) to the name it predicted.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kit import decode, tasks, viz, viz_patches
+from kit import decode, tasks, views, viz, viz_patches
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +36,13 @@ class Reading:
       labels: the predicted token at every input position (encoder-only models),
         else None.
       attention: set name ("encoder", "decoder", "cross") -> {"weights":
-        `[L, N, T, S]` numpy, "query_tokens": T labels, "key_tokens": S labels}.
+        `[L, N, T, S]` numpy, "query_tokens": T labels, "key_tokens": S labels,
+        "causal": bool}, and, from models that return them, the vectors the
+        attention used: "query_vectors" `[L, N, T, H]` (after RoPE),
+        "key_vectors" and "value_vectors" `[L, N, S, H]` (key/value heads
+        repeated to the N query heads: head n reads kv head n // (N / K)),
+        "value_norms" `[L, N, S]` and, with ALiBi, "bias" `[L, N, T, S]` (the
+        fields `kit.viz.attention_html` reads).
     """
 
     text: str
@@ -69,7 +77,7 @@ def read_attention(task: tasks.Task, graphdef: Any, params: Any, text: str) -> R
     if kind == "encoder_only":
         logits, aux = jax.jit(lambda p, s, n: _call(graphdef, p, s, n))(params, src, lengths)
         labels = [task.vocab[i] for i in np.asarray(jnp.argmax(logits[0], axis=-1))]
-        attention = {"encoder": _set(aux["encoder"], words, words)}
+        attention = {"encoder": _set(aux, "encoder", words, words)}
         joiner = " " if task.words else ""
         return Reading(text, joiner.join(labels), labels, attention)
 
@@ -88,9 +96,9 @@ def read_attention(task: tasks.Task, graphdef: Any, params: Any, text: str) -> R
         produced = [*(task.vocab[i] for i in out_ids), "<eos>"]
         read = ["<bos>", *(task.vocab[i] for i in out_ids)]
         attention = {
-            "encoder": _set(aux["encoder"], words, words),
-            "decoder": _set(aux["decoder"], produced, read),
-            "cross": _set(aux["cross"], produced, words),
+            "encoder": _set(aux, "encoder", words, words),
+            "decoder": _set(aux, "decoder", produced, read),
+            "cross": _set(aux, "cross", produced, words),
         }
         return Reading(text, task.decode(out_ids), None, attention)
 
@@ -106,7 +114,7 @@ def read_attention(task: tasks.Task, graphdef: Any, params: Any, text: str) -> R
     read = [*words, "<sep>", *(task.vocab[i] for i in out_ids)]
     # Position i predicts token i + 1; the last one predicts EOS.
     produced = [*read[1:], "<eos>"]
-    attention = {"decoder": _set(aux["decoder"], produced, read)}
+    attention = {"decoder": _set(aux, "decoder", produced, read)}
     return Reading(text, task.decode(out_ids), None, attention)
 
 
@@ -119,17 +127,44 @@ def _until_eos(ids) -> list[int]:
     return ids[: ids.index(tasks.EOS)] if tasks.EOS in ids else ids
 
 
-def _set(weights, query_tokens, key_tokens) -> dict[str, Any]:
-    """`[L, 1, N, T, S]` -> one example's set for kit.viz."""
-    return {
-        "weights": np.asarray(weights[:, 0], np.float32),
+def _set(aux, name, query_tokens, key_tokens) -> dict[str, Any]:
+    """One example's set `name` of the model's aux (batch of 1) for kit.viz.
+
+    The "decoder" set is the causal self-attention; a probe's single example has
+    no padding, so no other key is masked.
+    """
+    entry = {
+        "weights": np.asarray(aux[name][:, 0], np.float32),  # [L, N, T, S]
         "query_tokens": list(query_tokens),
         "key_tokens": list(key_tokens),
+        "causal": name == "decoder",
     }
+    vectors = aux.get("vectors", {}).get(name)
+    if vectors is None:
+        return entry
+    first = {k: np.asarray(v[:, 0], np.float32) for k, v in vectors.items()}
+    query = first["query"].transpose(0, 2, 1, 3)  # [L, T, N, H] -> [L, N, T, H]
+    N = query.shape[1]
+
+    def per_query_head(x):  # [L, S, K, H] -> [L, N, S, H]: head n reads kv head n // (N / K)
+        x = x.transpose(0, 2, 1, 3)
+        return np.repeat(x, N // x.shape[1], axis=1)
+
+    entry.update(
+        query_vectors=query,
+        key_vectors=per_query_head(first["key"]),
+        value_vectors=per_query_head(first["value"]),
+        value_norms=first["value_norms"],  # [L, N, S]
+    )
+    if "bias" in first:
+        entry["bias"] = first["bias"]  # [L, N, T, S]
+    return entry
 
 
 def write_views(reading: Reading, directory: str) -> list[str]:
-    """`<set>.png` per attention set and `index.html` under `directory`; returns the paths."""
+    """Under `directory`: `<set>.png` per attention set, `index.html` (opens in the head
+    view), `model.html` (the model view) and, when the sets hold vectors,
+    `neuron.html` (the neuron view); returns the paths. Each page has all views."""
     os.makedirs(directory, exist_ok=True)
     paths = []
     for name, entry in reading.attention.items():
@@ -142,10 +177,107 @@ def write_views(reading: Reading, directory: str) -> list[str]:
             path=path,
         )
         paths.append(path)
-    path = os.path.join(directory, "index.html")
-    viz.write_attention_html(
-        path, [{"name": reading.text, "attention": reading.attention}], title=reading.text
-    )
+    pages = {"index.html": views.head_view(reading), "model.html": views.model_view(reading)}
+    with_vectors = [n for n, e in reading.attention.items() if "query_vectors" in e]
+    if with_vectors:
+        pages["neuron.html"] = views.neuron_view(reading, set_name=with_vectors[0])
+    for file, view in pages.items():
+        path = os.path.join(directory, file)
+        view.save(path)
+        paths.append(path)
+    return paths
+
+
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+    """A model's readings of two texts of equal token count and how its attention changed.
+
+    Shows itself in notebooks as the diff view (`kit.views.diff_view`).
+
+    Attributes:
+      a, b: the readings of text_a and text_b; their predictions are
+        `a.prediction` and `b.prediction`.
+      differences: set name -> b's weights minus a's `[L, N, T, S]` (float32),
+        for every set of equal shape in both (a decoder's sets drop out when the
+        two predictions differ in length).
+    """
+
+    a: Reading
+    b: Reading
+    differences: dict[str, np.ndarray]
+
+    def view(self) -> views.View:
+        """The diff view page: every layer x head on a diverging scale, both predictions."""
+        return views.diff_view(self.a, self.b, set_name=next(iter(self.differences)))
+
+    def _repr_html_(self) -> str:
+        return self.view()._repr_html_()
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Writes the diff view page (.html)."""
+        self.view().save(path)
+
+    def save_figure(self, path: str | os.PathLike, **kwargs: Any):
+        """b - a as heatmaps centred on 0 (PNG or SVG); kwargs as `kit.views.View.save_figure`
+        (set_name, layer, head)."""
+        return self.view().save_figure(path, **kwargs)
+
+
+def compare(task: tasks.Task, graphdef: Any, params: Any, text_a: str, text_b: str) -> Comparison:
+    """Reads `text_a` and `text_b` (e.g. one name swapped for another) with the same model.
+
+    Returns:
+      A `Comparison`: both readings (and predictions) and, per attention set
+      of equal shape in both, b's weights minus a's `[L, N, T, S]`.
+
+    Raises:
+      ValueError: naming `text_a` or `text_b` as `read_attention` does, or
+        `text_b` when its token count differs from text_a's (the positions
+        would not align) or no set aligns (a decoder-only model whose two
+        predictions differ in length).
+    """
+
+    def read(text: str, name: str) -> Reading:
+        try:
+            return read_attention(task, graphdef, params, text)
+        except ValueError as error:  # read_attention names "text"; say which one
+            message = str(error)
+            raise ValueError(
+                name + message[4:] if message.startswith("text") else message
+            ) from None
+
+    a, b = read(text_a, "text_a"), read(text_b, "text_b")
+    count_a, count_b = len(task.encode(text_a)), len(task.encode(text_b))
+    if count_a != count_b:
+        raise ValueError(
+            f"text_b: {count_b} tokens where text_a has {count_a}; the texts must have "
+            "the same number of tokens so that positions align"
+        )
+    differences = {
+        name: b.attention[name]["weights"] - entry["weights"]
+        for name, entry in a.attention.items()
+        if entry["weights"].shape == b.attention[name]["weights"].shape
+    }
+    if not differences:  # a decoder-only model's one set spans input and output
+        raise ValueError(
+            f"text_b: its prediction {b.prediction!r} has another length than text_a's "
+            f"{a.prediction!r}, so no attention set aligns"
+        )
+    return Comparison(a, b, differences)
+
+
+def write_comparison(comparison: Comparison, directory: str) -> list[str]:
+    """`compare.html` (the diff view) and `compare_<set>.png` (b - a, every layer x head)
+    under `directory`; returns the paths."""
+    os.makedirs(directory, exist_ok=True)
+    view = comparison.view()
+    paths = []
+    for name in comparison.differences:
+        path = os.path.join(directory, f"compare_{name}.png")
+        view.save_figure(path, set_name=name)
+        paths.append(path)
+    path = os.path.join(directory, "compare.html")
+    view.save(path)
     return [*paths, path]
 
 

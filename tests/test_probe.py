@@ -110,5 +110,6 @@ def test_trained_model_loads_onto_one_device_and_reads_the_probe(tiny_run, tmp_p
     )
     assert reading.labels is not None and len(reading.labels) == len(setup.task.split(PRONOUN_TEXT))
     paths = probe.write_views(reading, str(tmp_path / "views"))
-    assert [os.path.basename(p) for p in paths] == ["encoder.png", "index.html"]
+    names = ["encoder.png", "index.html", "model.html", "neuron.html"]
+    assert [os.path.basename(p) for p in paths] == names
     assert all(os.path.getsize(p) > 1000 for p in paths)

@@ -413,5 +413,5 @@ def test_viewer_examples_sets_and_escaped_tokens(open_page):
     assert page.locator("#set").input_value() == "1"  # the set is kept across examples
     assert page.locator("#layer option").count() == 2
     assert page.locator(".token.query").all_text_contents() == ["</script><b>", "x", "y"]
-    assert page.locator("#view b, #weights b").count() == 0
+    assert page.locator("#lines-view b, #weights b").count() == 0
     assert lines(page) == expected_lines(examples[2]["attention"]["self"]["weights"][0], [0, 1])

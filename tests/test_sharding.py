@@ -89,10 +89,12 @@ def test_state_is_sharded_as_documented():
     assert adam.count.spec == PartitionSpec()
 
 
-def _sharded_attention(implementation):
+def _sharded_attention(implementation, *, grad=False, K=4):
     mesh = sharding.make_mesh(2, 4)
-    q, k, v = make_qkv(B=4, T=32, S=32, N=8, K=4, H=16)
+    q, k, v = make_qkv(B=4, T=32, S=32, N=8, K=K, H=16)
     heads = NamedSharding(mesh, PartitionSpec("data", None, "model", None))
+    # Key/value heads go on "model" where it divides them, else they are replicated.
+    kv_heads = heads if K % 4 == 0 else NamedSharding(mesh, PartitionSpec("data"))
     lengths = jnp.array([32, 20, 7, 32], jnp.int32)
 
     def f(q, k, v, lengths):
@@ -100,10 +102,19 @@ def _sharded_attention(implementation):
             q, k, v, is_causal=True, key_value_seq_lengths=lengths, implementation=implementation
         )
 
+    if grad:
+        attention = f
+
+        def f(q, k, v, lengths):
+            def loss(q, k, v):
+                return jnp.sum(jnp.sin(attention(q, k, v, lengths)))
+
+            return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
     args = (q, k, v, lengths)
-    in_shardings = (heads, heads, heads, NamedSharding(mesh, PartitionSpec("data")))
-    sharded = jax.jit(f, in_shardings=in_shardings, out_shardings=heads)
-    np.testing.assert_allclose(sharded(*args), jax.jit(f)(*args), rtol=1e-6, atol=1e-6)
+    in_shardings = (heads, kv_heads, kv_heads, NamedSharding(mesh, PartitionSpec("data")))
+    sharded = jax.jit(f, in_shardings=in_shardings)
+    chex.assert_trees_all_close(sharded(*args), jax.jit(f)(*args), rtol=1e-5, atol=1e-6)
     return sharded.lower(*args).compile().as_text()
 
 
@@ -116,9 +127,18 @@ def test_attention_runs_sharded_without_communication(optimized):
     assert [c for c in COLLECTIVES if c in hlo] == []
 
 
-def test_chunked_attention_runs_sharded(optimized):
-    """Correct when sharded; its (example, head) unit loop gathers across devices (see README)."""
-    _sharded_attention("chunked")
+@pytest.mark.parametrize("grad", [False, True], ids=["fwd", "fwd+bwd"])
+def test_chunked_attention_runs_sharded_without_communication(optimized, grad):
+    """The chunked kernel runs per device on its own examples and heads (custom_partitioning)."""
+    hlo = _sharded_attention("chunked", grad=grad)
+    assert [c for c in COLLECTIVES if c in hlo] == []
+
+
+def test_chunked_attention_gathers_heads_that_do_not_split(optimized):
+    """K = 2 key/value heads on a model axis of 4: still correct; query heads are gathered
+    (the documented fallback), the batch stays split."""
+    hlo = _sharded_attention("chunked", grad=True, K=2)
+    assert [c for c in COLLECTIVES if c in hlo] == ["all-gather"]
 
 
 @pytest.mark.parametrize(

@@ -64,7 +64,8 @@ def _kv_range(cfg, i, q_len, kv_len) -> tuple[Array, Array, Array]:
 
 
 def example_forward(cfg, b, q, k, v, bias, mask, q_len, kv_len):
-    """Returns example b's out `[Tp, N, H]` (q's dtype) and lse `[K, Tp * G]` (float32).
+    """Returns example b's out `[Tp, N, H]` (q's dtype) and lse `[K, Tp * G]` (float32,
+    MASK_VALUE for rows with no live key).
 
     Each query block's G heads are flattened into bq * G rows, so that a block
     is one `[bq * G, H] x [H, bk]` product per key/value head and the softmax
@@ -152,7 +153,10 @@ def example_forward(cfg, b, q, k, v, bias, mask, q_len, kv_len):
         has_live = l > 0
         safe_l = jnp.where(has_live, l, 1.0)
         out = position_major((acc / safe_l[..., None]).astype(q.dtype), bq)  # [bq, N, H]
-        return None, (out, jnp.where(has_live, m + jnp.log(safe_l), 0.0))
+        # A row with no live key gets lse = MASK_VALUE: merged with other partial
+        # results by log-sum-exp (ring attention) it weighs nothing, and the
+        # backward, whose blocks mask such a row wholly, reads exp(-inf - lse) = 0.
+        return None, (out, jnp.where(has_live, m + jnp.log(safe_l), MASK_VALUE))
 
     _, (out, lse) = lax.scan(q_block, None, jnp.arange(cfg.num_q_blocks, dtype=jnp.int32))
     # [nq, bq, N, H] -> [Tp, N, H]; [nq, K, bq * G] -> [K, Tp * G]

@@ -415,3 +415,409 @@ def test_viewer_examples_sets_and_escaped_tokens(open_page):
     assert page.locator(".token.query").all_text_contents() == ["</script><b>", "x", "y"]
     assert page.locator("#lines-view b, #weights b").count() == 0
     assert lines(page) == expected_lines(examples[2]["attention"]["self"]["weights"][0], [0, 1])
+
+
+# --------------------------------------------------------------------------
+# The neuron, model, pinned and diff views: data made in numpy.
+
+
+def vector_set(L=2, N=3, T=5, S=5, H=4, *, causal=False, bias=False, seed=0):
+    """A set with float32 q, k, v (and bias) and the weights numpy computes from them."""
+    rng = np.random.default_rng(seed)
+    q = rng.normal(size=(L, N, T, H)).astype(np.float32)
+    k = rng.normal(size=(L, N, S, H)).astype(np.float32)
+    v = rng.normal(size=(L, N, S, H)).astype(np.float32)
+    entry = {
+        "query_tokens": tokens(T, "q"),
+        "key_tokens": tokens(S, "k") if S != T or not causal else tokens(T, "q"),
+        "query_vectors": q,
+        "key_vectors": k,
+        "value_vectors": v,
+        "causal": causal,
+        "value_norms": np.linalg.norm(v, axis=-1) * np.arange(1, S + 1),  # [L, N, S]
+    }
+    if bias:
+        entry["bias"] = rng.normal(size=(L, N, T, S)).astype(np.float32)
+    entry["weights"] = numpy_attention(entry)[0]
+    return entry
+
+
+def numpy_attention(entry):
+    """Weights [L, N, T, S] and outputs [L, N, T, H] from a set's vectors, in float64."""
+    q, k, v = (entry[f] for f in ("query_vectors", "key_vectors", "value_vectors"))
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    logits = np.einsum("lnth,lnsh->lnts", q, k) / np.sqrt(q.shape[-1])
+    logits = logits + np.asarray(entry.get("bias", 0.0), np.float64)
+    if entry["causal"]:
+        logits = np.where(np.tril(np.ones(logits.shape[-2:], bool)), logits, -np.inf)
+    e = np.exp(logits - logits.max(-1, keepdims=True))
+    w = e / e.sum(-1, keepdims=True)
+    return w, np.einsum("lnts,lnsh->lnth", w, v)
+
+
+def test_attention_html_embeds_vectors_at_full_precision():
+    entry = vector_set(causal=True, bias=True)
+    page = viz.attention_html([{"attention": {"decoder": entry}, "prediction": "p"}])
+    (got,) = embedded_data(page)["examples"][0]["sets"]
+    for field in ("query_vectors", "key_vectors", "value_vectors", "bias", "value_norms"):
+        # float32 -> float64 -> JSON -> float64 is exact.
+        np.testing.assert_array_equal(np.asarray(got[field]), np.asarray(entry[field], np.float64))
+    assert got["causal"] is True
+    assert embedded_data(page)["examples"][0]["prediction"] == "p"
+    assert embedded_data(page)["start"] == {
+        "view": "head", "set": 0, "layer": 0, "head": None, "query": 0
+    }  # fmt: skip
+    plain = embedded_data(viz.attention_html(make_examples("self", batch=1)))
+    assert "query_vectors" not in plain["examples"][0]["sets"][0]
+    assert "compare" not in plain
+
+
+def _with(**fields):
+    def edit(entry):
+        entry.update(fields)
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (_with(query_vectors=np.ones((2, 3, 4, 4))), r"set 's': query_vectors: expected shape "
+         r"\[2, 3, 5, H\], given \(2, 3, 4, 4\)"),
+        (_with(key_vectors=np.ones((2, 3, 5, 3))), r"key_vectors: expected head dim H=4"),
+        (_with(value_vectors=np.full((2, 3, 5, 4), np.inf)), r"value_vectors: expected finite"),
+        (lambda e: e.pop("value_vectors"), r"value_vectors: missing; the neuron view needs"),
+        (_with(bias=np.ones((2, 3, 5, 4))), r"bias: expected shape \[2, 3, 5, 5\]"),
+        (_with(causal="yes"), r"causal: expected True or False, given 'yes'"),
+        (_with(value_norms=-np.ones((2, 3, 5))), r"value_norms: expected norms >= 0"),
+        (_with(value_norms=np.ones((2, 3, 4))), r"value_norms: expected shape \[2, 3, 5\]"),
+    ],
+)  # fmt: skip
+def test_attention_html_rejects_bad_vectors(edit, match):
+    entry = vector_set()
+    edit(entry)
+    with pytest.raises(ValueError, match=match):
+        viz.attention_html([{"attention": {"s": entry}}])
+
+
+def test_attention_html_rejects_bias_without_vectors_and_causal_cross():
+    entry = make_examples("cross", batch=1)[0]["attention"]["cross"]
+    with pytest.raises(ValueError, match=r"bias: given without query_vectors"):
+        viz.attention_html([{"attention": {"x": {**entry, "bias": np.zeros((2, 3, 4, 6))}}}])
+    with pytest.raises(
+        ValueError, match=r"causal: needs self-attention with T = S, given T=4, S=6"
+    ):
+        viz.attention_html([{"attention": {"x": {**entry, "causal": True}}}])
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"view": "graph"}, r"view: expected one of head, model, neuron, diff, given 'graph'"),
+        ({"layer": 2}, r"layer: expected a layer .* index in \[0, 2\), given 2"),
+        ({"layer": 1.0}, r"layer: expected an integer index"),
+        ({"head": 3}, r"head: expected a head \(N=3\) index in \[0, 3\), given 3"),
+        ({"query": -1}, r"query: expected a query token index in \[0, 4\), given -1"),
+        ({"set_name": "nope"}, r"set_name: expected one of \['self'\]"),
+        ({"view": "neuron"}, r"view: 'neuron' needs the set's query_vectors"),
+        ({"view": "diff"}, r"view: 'diff' needs compare=\(a, b\)"),
+        ({"compare": (0, 0)}, r"compare: expected two different examples"),
+        ({"compare": (0, 3)}, r"compare: expected a example index in \[0, 3\), given 3"),
+        ({"compare": 1}, r"compare: expected two example indices"),
+    ],
+)
+def test_attention_html_rejects_bad_start(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        viz.attention_html(make_examples("self"), **kwargs)
+
+
+def test_attention_html_compare_needs_an_aligned_set():
+    examples = make_examples("self", batch=2)
+    examples[1]["attention"]["self"] = make_examples("self", batch=1, T=5)[0]["attention"]["self"]
+    with pytest.raises(ValueError, match=r"compare: examples 0 and 1 share no attention set of"):
+        viz.attention_html(examples, compare=(0, 1))
+
+
+def test_plot_attention_diverging_scale_is_centred_on_zero():
+    diff = softmax_weights((2, 3, 3), seed=1) - softmax_weights((2, 3, 3), seed=2)
+    fig = viz.plot_attention(diff, list("abc"), list("abc"), diverging=True)
+    image = fig.axes[0].images[0]
+    m = np.abs(diff).max()
+    assert (image.norm.vmin, image.norm.vmax) == (-m, m)
+    assert image.get_cmap().name == "RdBu_r"
+    np.testing.assert_array_equal(image.get_array(), diff[0])
+    assert fig.axes[-1].get_ylabel() == "difference in attention weight"
+
+
+def neuron_readout(page):
+    """Per key row: masked, q⊙k, q·k, scaled, logit, softmax; and the output vector."""
+    rows = page.eval_on_selector_all(
+        "#neuron-table tr.neuron-key",
+        "rows => rows.map(r => ({...r.dataset}))",
+    )
+    out = json.loads(page.get_attribute("#neuron-output", "data-values"))
+    q = json.loads(page.get_attribute("#neuron-table .query-vector", "data-values"))
+    return rows, np.asarray(out), np.asarray(q)
+
+
+@pytest.mark.browser
+@pytest.mark.parametrize(
+    "shape, causal, bias",
+    [((2, 3, 5, 5, 4), True, True), ((1, 2, 3, 6, 8), False, False)],  # decoder-like, cross
+)
+def test_neuron_view_numbers_equal_numpy(open_page, shape, causal, bias):
+    L, N, T, S, H = shape
+    entry = vector_set(L, N, T, S, H, causal=causal, bias=bias)
+    weights, outputs = numpy_attention(entry)
+    q, k = (np.asarray(entry[f], np.float64) for f in ("query_vectors", "key_vectors"))
+    page = open_page(
+        viz.attention_html([{"attention": {"s": entry}}], view="neuron", layer=L - 1, head=1)
+    )
+    assert page.locator("#neuron-view").is_visible() and page.locator("#head-view").is_hidden()
+    for layer, head, query in [(L - 1, 1, 0), (L - 1, 1, T - 1), (0, 0, T // 2)]:
+        page.select_option("#layer", str(layer))
+        page.select_option("#neuron-head", str(head))
+        page.select_option("#neuron-query", str(query))
+        table = page.locator("#neuron-table")
+        assert (table.get_attribute("data-layer"), table.get_attribute("data-head")) == (
+            str(layer),
+            str(head),
+        )
+        rows, out, qv = neuron_readout(page)
+        np.testing.assert_array_equal(qv, q[layer, head, query])
+        product = q[layer, head, query] * k[layer, head]  # [S, H]
+        dot = product.sum(-1)
+        scaled = dot / np.sqrt(H)
+        logit = scaled + (entry["bias"][layer, head, query] if bias else 0.0)
+        masked = np.arange(S) > query if causal else np.zeros(S, bool)
+        assert [r["masked"] == "true" for r in rows] == masked.tolist()
+        got = {f: np.array([float(r[f]) for r in rows]) for f in ("dot", "scaled", "logit")}
+        np.testing.assert_allclose([json.loads(r["product"]) for r in rows], product, rtol=1e-12)
+        np.testing.assert_allclose(got["dot"], dot, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(got["scaled"], scaled, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(got["logit"], logit, rtol=1e-9, atol=1e-12)
+        softmax = np.array([float(r["weight"]) for r in rows])
+        np.testing.assert_allclose(softmax, weights[layer, head, query], rtol=1e-9, atol=1e-15)
+        assert softmax[masked].tolist() == [0.0] * int(masked.sum())
+        np.testing.assert_allclose(out, outputs[layer, head, query], rtol=1e-9, atol=1e-12)
+        shown = page.locator("#neuron-table tr.neuron-key td.model").all_text_contents()
+        assert shown == [f"{w:.4f}" for w in np.round(weights[layer, head, query], 4)]
+
+
+@pytest.mark.browser
+def test_neuron_view_equals_the_models_weights(open_page):
+    """A real model's reading (grouped-query heads, ALiBi bias): the page's softmax from
+    the model's q and k equals the weights the model returned."""
+    import jax
+    from helpers import load_config
+
+    from kit import probe, training
+
+    overrides = {"model.num_layers": 2, "model.num_kv_heads": 1, "model.positions": "alibi"}
+    with jax.numpy_dtype_promotion("standard"):
+        s = training.setup(load_config("pronoun", **overrides))
+        graphdef, params = training.init_model(s.mcfg, jax.random.key(0, impl="rbg"))
+        reading = probe.read_attention(s.task, graphdef, params, "Mark told Sam that he was leaving.")
+    entry = reading.attention["encoder"]
+    assert "bias" in entry and entry["key_vectors"].shape[1] == 2  # N=2 from K=1
+    page = open_page(viz.attention_html([{"attention": reading.attention}], view="neuron"))
+    for layer, head, query in [(0, 0, 4), (1, 1, 0)]:
+        page.select_option("#layer", str(layer))
+        page.select_option("#neuron-head", str(head))
+        page.select_option("#neuron-query", str(query))
+        rows, _, _ = neuron_readout(page)
+        softmax = np.array([float(r["weight"]) for r in rows])
+        np.testing.assert_allclose(softmax, entry["weights"][layer, head, query], rtol=1e-5)
+
+
+def thumb_pixels(page, selector, cells):
+    """RGB at the centre of each (t, s) cell of a heatmap canvas with cells["S"] columns."""
+    return page.eval_on_selector(
+        selector,
+        """(c, cells) => {
+          const ctx = c.getContext('2d');
+          const size = c.width / cells.S;
+          return cells.at.map(([t, s]) =>
+            [...ctx.getImageData((s + 0.5) * size, (t + 0.5) * size, 1, 1).data.slice(0, 3)]);
+        }""",
+        cells,
+    )
+
+
+@pytest.mark.browser
+def test_model_view_thumbnails_and_click_opens_the_head(open_page):
+    (example,) = make_examples("cross", batch=1, L=2, N=3, T=4, S=6)
+    w = example["attention"]["cross"]["weights"]
+    page = open_page(viz.attention_html([example], view="model"))
+    assert page.locator("#model-view").is_visible() and page.locator("#layer-label").is_hidden()
+    assert page.locator("canvas.thumb").count() == 2 * 3
+    # Thumbnail cells fade from white to the head's colour with the weight.
+    blue = np.array([31, 119, 180])  # head 0's colour
+    at = [[t, s] for t in range(4) for s in range(6)]
+    got = thumb_pixels(page, 'canvas.thumb[data-layer="1"][data-head="0"]', {"S": 6, "at": at})
+    want = np.round(255 - (255 - blue) * np.round(w[1, 0], 4).reshape(-1, 1))
+    np.testing.assert_allclose(got, want, atol=1)
+
+    page.click('canvas.thumb[data-layer="1"][data-head="2"]')
+    assert page.locator("#view").input_value() == "head"
+    assert page.locator("#head-view").is_visible() and page.locator("#model-view").is_hidden()
+    assert page.locator("#layer").input_value() == "1"
+    checked = page.eval_on_selector_all(".head-toggle", "bs => bs.map(b => b.checked)")
+    assert checked == [False, False, True]
+    assert lines(page) == expected_lines(w[1], heads=[2])
+
+
+def strongest_reference(weights, share):
+    """The fewest largest weights (ties: lower index first) whose sum reaches share x total."""
+    w = np.asarray(weights, np.float64)
+    w = w / w.sum()
+    order = [i for i in np.argsort(-w, kind="stable") if w[i] > 0]
+    cumulative = np.cumsum(w[order])
+    count = int(np.searchsorted(cumulative, share * cumulative[-1])) + 1
+    return sorted(order[:count])
+
+
+@pytest.mark.browser
+def test_pinned_token_from_and_to_with_a_threshold(open_page):
+    (example,) = make_examples("cross", batch=1, L=1, N=3, T=4, S=7)
+    w = np.round(example["attention"]["cross"]["weights"][0], 4)  # [N, T, S] as embedded
+    page = open_page(viz.attention_html([example]))
+
+    def set_threshold(share):
+        page.eval_on_selector(
+            "#threshold",
+            "(e, v) => { e.value = v; e.dispatchEvent(new Event('input')); }",
+            str(share),
+        )
+
+    page.click('.token.query[data-index="2"]')
+    for share in (1.0, 0.8, 0.5):
+        set_threshold(share)
+        want = sorted(
+            (n, 2, s, float(w[n, 2, s]))
+            for n in range(3)
+            for s in strongest_reference(w[n, 2], share)
+        )
+        assert lines(page) == want, share
+    assert page.locator("#threshold-value").text_content() == "0.50"
+    page.hover('.token.key[data-index="0"]')  # hovering leaves the pinned token alone
+    assert {t for _, t, _, _ in lines(page)} == {2}
+    assert page.locator("#weights-table").get_attribute("data-kind") == "query"
+
+    page.click('.token.key[data-index="5"]')  # attention *to* key 5, normalized by its sum
+    for share in (0.6, 0.9):
+        set_threshold(share)
+        want = sorted(
+            (n, t, 5, float(w[n, t, 5]))
+            for n in range(3)
+            for t in strongest_reference(w[n, :, 5], share)
+        )
+        assert lines(page) == want, share
+    page.locator('.head-toggle[data-head="1"]').uncheck()
+    assert {n for n, _, _, _ in lines(page)} == {0, 2}
+
+    page.click('.token.key[data-index="5"]')  # released: every line again
+    set_threshold(1.0)
+    assert lines(page) == expected_lines(w, heads=[0, 2])
+
+
+@pytest.mark.browser
+def test_value_weighted_lines(open_page):
+    entry = vector_set(L=1, N=2, T=4, S=4, causal=True)
+    w, norms = np.round(entry["weights"][0], 4), entry["value_norms"][0]  # [N, T, S], [N, S]
+    page = open_page(viz.attention_html([{"attention": {"s": entry}}]))
+    page.check("#value-weighted")
+    weighted = w * norms[:, None, :]
+    weighted = weighted / weighted.sum(-1, keepdims=True)
+    got = lines(page)
+    want = expected_lines(weighted, heads=[0, 1])
+    assert [g[:3] for g in got] == [x[:3] for x in expected_lines(weighted, [0, 1])]
+    np.testing.assert_allclose([g[3] for g in got], [x[3] for x in want], atol=6e-5)
+    page.uncheck("#value-weighted")
+    assert lines(page) == expected_lines(w, heads=[0, 1])
+
+
+@pytest.mark.browser
+def test_diff_view_diverging_scale(open_page):
+    examples = make_examples("self", batch=2, L=2, N=2, T=4)
+    a = examples[0]["attention"]["self"]
+    b = examples[1]["attention"]["self"]
+    b["weights"] = a["weights"].copy()
+    b["weights"][1, 0] = np.eye(4)  # only layer 1, head 0 changes
+    b["query_tokens"] = b["key_tokens"] = ["q0_0", "Anna", "q0_2", "q0_3"]
+    examples[0]["prediction"], examples[1]["prediction"] = "Mark", "Anna"
+    page = open_page(viz.attention_html(examples, view="diff", compare=(0, 1)))
+    assert page.locator("#diff-view").is_visible()
+    assert page.locator(".diff-prediction").all_text_contents() == [
+        "a: ex0 → Mark",
+        "b: ex1 → Anna",
+    ]
+    assert page.locator("canvas.diff-cell").count() == 4
+    diff = np.round(b["weights"], 4) - np.round(a["weights"], 4)
+    for l, n in np.ndindex(2, 2):
+        got = json.loads(
+            page.get_attribute(
+                f'canvas.diff-cell[data-layer="{l}"][data-head="{n}"]', "data-values"
+            )
+        )
+        np.testing.assert_allclose(got, diff[l, n], atol=1e-12)
+    limit = float(page.get_attribute("#diff-colorbar", "data-limit"))
+    assert limit == pytest.approx(np.abs(diff).max(), abs=1e-12)
+    at = [[t, s] for t in range(4) for s in range(4)]
+    changed = np.array(
+        thumb_pixels(page, 'canvas.diff-cell[data-layer="1"][data-head="0"]', {"S": 4, "at": at})
+    )
+    d = diff[1, 0].reshape(-1)
+    clear = np.abs(d) > 0.1 * limit  # fainter ones may round to white
+    red, blue = changed[clear & (d > 0)], changed[clear & (d < 0)]
+    assert len(red) and len(blue)
+    assert (red[:, 0] > red[:, 2]).all() and (blue[:, 2] > blue[:, 0]).all()
+    strongest = changed[np.argmax(np.abs(d))]
+    assert strongest.tolist() == ([178, 24, 43] if d[np.argmax(np.abs(d))] > 0 else [33, 102, 172])
+    same = thumb_pixels(page, 'canvas.diff-cell[data-layer="0"][data-head="1"]', {"S": 4, "at": at})
+    assert np.all(np.array(same) == 255)  # no change: white
+    cell = 'canvas.diff-cell[data-layer="1"][data-head="0"]'
+    size = int(page.get_attribute(cell, "data-cell"))
+    page.hover(cell, position={"x": 2, "y": 2})
+    readout = page.locator("#diff-readout").text_content()
+    assert readout.startswith("layer 1, head 0: q0_0 → q0_0: ")
+    assert f"b − a {diff[1, 0, 0, 0]:.4f}" in readout
+    page.hover(cell, position={"x": 2 + 2 * size, "y": 2 + size})  # query 1, key 2
+    readout = page.locator("#diff-readout").text_content()
+    assert readout.startswith("layer 1, head 0: q0_1→Anna → q0_2: ")
+    assert f"b − a {diff[1, 0, 1, 2]:.4f}" in readout
+
+
+@pytest.mark.browser
+def test_two_views_on_one_page_do_not_clash(open_page):
+    from kit import views
+
+    first = views.head_view(make_examples("self", batch=1, L=2, N=3, T=4), title="first")
+    second = views.model_view(make_examples("cross", batch=1, L=1, N=2, T=3, S=5), title="second")
+    host = (
+        '<!DOCTYPE html><html><head><meta charset="utf-8"></head><body>'
+        f'<div style="display:flex"><div style="flex:1">{first._repr_html_()}</div>'
+        f'<div style="flex:1">{second._repr_html_()}</div></div></body></html>'
+    )
+    page = open_page(host)
+    one, two = page.frame_locator("iframe >> nth=0"), page.frame_locator("iframe >> nth=1")
+    assert one.locator("#title").text_content() == "first"
+    assert two.locator("#title").text_content() == "second"
+    assert one.locator("line.attn").count() > 0 and one.locator("canvas.thumb").count() == 0
+    assert two.locator("canvas.thumb").count() == 2 and two.locator("#model-view").is_visible()
+
+    one.locator("#layer").select_option("1")
+    one.locator('.head-toggle[data-head="0"]').uncheck()
+    assert two.locator("#view").input_value() == "model"
+    assert two.locator(".head-toggle").count() == 2
+    two.locator('canvas.thumb[data-head="1"]').click()  # opens head 1 in the second view only
+    assert two.locator("#view").input_value() == "head"
+    assert one.locator("#layer").input_value() == "1"
+    assert one.locator('.head-toggle[data-head="0"]').is_checked() is False
+    assert one.locator('.head-toggle[data-head="1"]').is_checked()
+    w = make_examples("cross", batch=1, L=1, N=2, T=3, S=5)[0]["attention"]["cross"]["weights"]
+    two_lines = two.locator("line.attn").evaluate_all(
+        "els => els.map(e => [e.dataset.head, e.dataset.query, e.dataset.key, e.dataset.weight])"
+    )
+    got = sorted((int(n), int(t), int(s), float(x)) for n, t, s, x in two_lines)
+    assert got == expected_lines(w[0], heads=[1])

@@ -63,7 +63,7 @@ def main(_):
             reading = probe.read_attention(setup.task, graphdef, params, FLAGS.text)
     except ValueError as error:
         # compare() names its texts text_a and text_b; here they are the flags.
-        message = str(error).replace("text_a:", "text:", 1).replace("text_b:", "compare:", 1)
+        message = str(error).replace("text_b", "compare").replace("text_a", "text")
         sys.exit(f"error: {message}")
     if FLAGS.image is not None:
         print(f"image {reading.index}: label {reading.label}, prediction {reading.prediction}")

@@ -113,3 +113,120 @@ def test_trained_model_loads_onto_one_device_and_reads_the_probe(tiny_run, tmp_p
     names = ["encoder.png", "index.html", "model.html", "neuron.html"]
     assert [os.path.basename(p) for p in paths] == names
     assert all(os.path.getsize(p) > 1000 for p in paths)
+
+
+def recomputed_weights(entry):
+    """softmax(q·k / sqrt(H) + bias) over the keys each query sees, in numpy float64."""
+    q, k = (np.asarray(entry[f], np.float64) for f in ("query_vectors", "key_vectors"))
+    logits = np.einsum("lnth,lnsh->lnts", q, k) / np.sqrt(q.shape[-1])
+    logits = logits + np.asarray(entry.get("bias", 0.0), np.float64)
+    if entry["causal"]:
+        logits = np.where(np.tril(np.ones(logits.shape[-2:], bool)), logits, -np.inf)
+    e = np.exp(logits - logits.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+@pytest.mark.parametrize(
+    "task_name, kind, positions, text",
+    [
+        ("pronoun", "encoder_only", "alibi", PRONOUN_TEXT),
+        pytest.param(
+            "dates", "encoder_decoder", "alibi", "3rd of March 2021", marks=pytest.mark.slow
+        ),
+        pytest.param("dates", "decoder_only", "rope", "3rd of March 2021", marks=pytest.mark.slow),
+    ],
+)
+def test_read_attention_vectors_reproduce_the_weights(task_name, kind, positions, text):
+    overrides = {"model.num_kv_heads": 1, "model.positions": positions}
+    s = training.setup(load_config(task_name, **{"model.kind": kind, **overrides}))
+    graphdef, params = training.init_model(s.mcfg, jax.random.key(0, impl="rbg"))
+    reading = probe.read_attention(s.task, graphdef, params, text)
+    for name, entry in reading.attention.items():
+        L, N, T, S = entry["weights"].shape
+        H = entry["query_vectors"].shape[-1]
+        assert entry["query_vectors"].shape == (L, N, T, H)
+        assert entry["key_vectors"].shape == entry["value_vectors"].shape == (L, N, S, H)
+        assert entry["value_norms"].shape == (L, N, S) and (entry["value_norms"] > 0).all()
+        assert entry["causal"] == (name == "decoder")
+        assert ("bias" in entry) == (positions == "alibi" and name != "cross")
+        # K=1: every query head reads the one key/value head.
+        np.testing.assert_array_equal(entry["key_vectors"][:, 0], entry["key_vectors"][:, 1])
+        np.testing.assert_allclose(recomputed_weights(entry), entry["weights"], atol=2e-6)
+
+
+NAME_SWAPPED = "Mark told Anna that he was leaving."
+
+
+def test_compare_on_a_trained_model(tiny_run, tmp_path):
+    _, setup, state = training.load_checkpoint(tiny_run("pronoun"))
+    args = (setup.task, setup.trainer.graphdef, state["params"])
+    comparison = probe.compare(*args, PRONOUN_TEXT, NAME_SWAPPED)
+    a, b = comparison.a, comparison.b
+    assert (a.text, b.text) == (PRONOUN_TEXT, NAME_SWAPPED)
+    for reading in (a, b):  # each the same as reading the text alone
+        alone = probe.read_attention(*args, reading.text)
+        assert reading.prediction == alone.prediction
+        np.testing.assert_array_equal(
+            reading.attention["encoder"]["weights"], alone.attention["encoder"]["weights"]
+        )
+    (diff,) = comparison.differences.values()
+    np.testing.assert_array_equal(
+        diff, b.attention["encoder"]["weights"] - a.attention["encoder"]["weights"]
+    )
+    assert np.abs(diff).max() > 1e-3
+    np.testing.assert_allclose(diff.sum(-1), 0.0, atol=1e-5)  # rows of both sum to 1
+    # Layer 0 reads the embeddings, so only token 2 ("Sam" -> "Anna") has another query
+    # and key: for every other query, the weights over the other keys keep their ratios.
+    others = [i for i in range(diff.shape[-1]) if i != 2]
+    wa, wb = (r.attention["encoder"]["weights"][0][:, others][:, :, others] for r in (a, b))
+    np.testing.assert_allclose(
+        wa / wa.sum(-1, keepdims=True), wb / wb.sum(-1, keepdims=True), rtol=1e-4
+    )
+    assert "srcdoc" in comparison._repr_html_()
+    paths = probe.write_comparison(comparison, str(tmp_path))
+    assert [os.path.basename(p) for p in paths] == ["compare_encoder.png", "compare.html"]
+    with open(paths[-1], encoding="utf-8") as f:
+        page = f.read()
+    assert '"compare": {"a": 0, "b": 1}' in page and NAME_SWAPPED in page
+    fig = comparison.save_figure(tmp_path / "head.svg", layer=0, head=1)
+    np.testing.assert_allclose(fig.axes[0].images[0].get_array(), diff[0, 1])
+
+
+def test_compare_errors_name_the_text():
+    task, graphdef, params = untrained("pronoun", "encoder_only")
+    with pytest.raises(ValueError, match=r"text_b: 9 tokens where text_a has 8; .* same number"):
+        probe.compare(
+            task, graphdef, params, PRONOUN_TEXT, "Mark told Sam that he was was leaving."
+        )
+    with pytest.raises(ValueError, match=r"text_a: words \['Zed'\] are not in the pronoun"):
+        probe.compare(task, graphdef, params, "Zed told Sam that he was leaving.", PRONOUN_TEXT)
+    with pytest.raises(ValueError, match=r"text_b: 16 tokens, more than the 11"):
+        probe.compare(task, graphdef, params, PRONOUN_TEXT, " ".join(["Mark"] * 16))
+
+
+@pytest.mark.slow
+def test_visualize_compare_writes_the_diff_view(tiny_run, tmp_path):
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    def run(*flags):
+        command = [sys.executable, os.path.join(ROOT, "experiments", "visualize.py"), *flags]
+        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+        return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+
+    workdir, out = tiny_run("pronoun"), str(tmp_path / "views")
+    done = run(f"--workdir={workdir}", f"--out={out}", f"--text={PRONOUN_TEXT}",
+               f"--compare={NAME_SWAPPED}")  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    for name in ("index.html", "model.html", "neuron.html", "compare.html", "compare_encoder.png"):
+        assert os.path.join(out, name) in done.stdout
+        assert os.path.getsize(os.path.join(out, name)) > 1000
+    assert f"compare:    {NAME_SWAPPED}" in done.stdout
+    bad = run(f"--workdir={workdir}", f"--out={out}", f"--text={PRONOUN_TEXT}", "--compare=Mark")
+    assert bad.returncode != 0
+    assert bad.stderr.strip().splitlines() == [
+        "error: compare: 1 tokens where text has 8; the texts must have the same number "
+        "of tokens so that positions align"
+    ]

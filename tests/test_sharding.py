@@ -134,6 +134,7 @@ def test_chunked_attention_runs_sharded_without_communication(optimized, grad):
     assert [c for c in COLLECTIVES if c in hlo] == []
 
 
+@pytest.mark.slow
 def test_chunked_attention_gathers_heads_that_do_not_split(optimized):
     """K = 2 key/value heads on a model axis of 4: still correct; query heads are gathered
     (the documented fallback), the batch stays split."""

@@ -14,6 +14,8 @@ Modules, whose imports run one way (masks <- inputs <- {core, chunked} <- api
 - `blocks`, `flash_forward`, `flash_backward`, `chunked`: the memory-efficient
   (flash-style) path with its own VJP;
 - `api`: `dot_product_attention`, `attention_weights`, `chunked_attention`;
+- `ring`: `ring_attention`, the sequence split over a mesh axis, on the
+  chunked kernel;
 - `projections`: Q/K/V and output projections, `init_attention_params`,
   functional `multi_head_attention`.
 """
@@ -36,6 +38,7 @@ from kit.attention.projections import (
     project_output,
     project_qkv,
 )
+from kit.attention.ring import ring_attention
 
 __all__ = [
     "MASK_VALUE",
@@ -55,5 +58,6 @@ __all__ = [
     "project_heads",
     "project_output",
     "project_qkv",
+    "ring_attention",
     "single_head_attention",
 ]

@@ -42,6 +42,11 @@ class BlockConfig:
     # The backward pass's (block_q, block_k); the padded lengths are multiples of both.
     backward_blocks: tuple[int, int]
 
+    @property
+    def padded_lengths(self) -> tuple[int, int]:
+        """(Tp, Sp): the query and key lengths padded to whole blocks."""
+        return self.num_q_blocks * self.block_q, self.num_k_blocks * self.block_k
+
     def for_backward(self) -> BlockConfig:
         bq, bk = self.backward_blocks
         return dataclasses.replace(

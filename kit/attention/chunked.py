@@ -60,20 +60,23 @@ Array = jax.Array
 # examples) is closed over, not copied per example.
 
 
-def _map_examples(cfg, fn, B, K, bias, mask):
-    """lax.map of `fn(b, example_bias, example_mask)` over the example indices b."""
+def _map_examples(cfg, fn, B, K, bias, mask, *per_example):
+    """lax.map of `fn(b, example_bias, example_mask, *example_rows)` over the
+    example indices b, where example_rows are the rows b of `per_example`."""
     shared = [None if x is None or x.shape[0] != 1 else x[0] for x in (bias, mask)]
     mapped = [None if x is None or x.shape[0] == 1 else x for x in (bias, mask)]
 
     def call(example):
-        b, example_bias, example_mask = example
+        b, example_bias, example_mask, *rows = example
         example_bias = shared[0] if example_bias is None else example_bias
         example_mask = shared[1] if example_mask is None else example_mask
-        return fn(b, example_bias, example_mask)
+        return fn(b, example_bias, example_mask, *rows)
 
     examples = max(1, cfg.units_per_step // K)
     indices = jnp.arange(B, dtype=jnp.int32)
-    return lax.map(call, (indices, *mapped), batch_size=examples if examples > 1 else None)
+    return lax.map(
+        call, (indices, *mapped, *per_example), batch_size=examples if examples > 1 else None
+    )
 
 
 def forward_all(cfg, q, k, v, bias, mask, q_len, kv_len):
@@ -86,18 +89,23 @@ def forward_all(cfg, q, k, v, bias, mask, q_len, kv_len):
     return _map_examples(cfg, example, q.shape[0], k.shape[2], bias, mask)
 
 
-def backward_all(cfg, q, k, v, bias, mask, q_len, kv_len, out, lse, d_out):
+def backward_all(cfg, q, k, v, bias, mask, q_len, kv_len, out, lse, d_out, dq_t=None):
     """The kernel's backward over all (local) examples, `cfg` being the forward's.
 
     Returns:
-      dq, dk, dv in the dtypes and shapes of q, k, v, and dbias in those of
-      bias (summed over the examples where bias broadcasts) or None.
+      dq, dk, dv in the shapes and dtypes of q, k, v, and dbias in the shape
+      and dtype of bias (summed over the examples where bias broadcasts) or
+      None. Given `dq_t` (float32 `[B, K, H, Tp * G]`), dq, dk and dv are
+      returned in float32 and dq as dq^T added to `dq_t`, for a caller that
+      sums the gradients of several key blocks (`dq_from_transposed` turns
+      the sum into dq).
     """
     bcfg = cfg.for_backward()
+    summing = dq_t is not None
 
-    def example(b, bias, mask):
+    def example(b, bias, mask, dq_t):
         return example_backward(
-            bcfg, b, q, k, v, bias, mask, q_len[b], kv_len[b], lse, delta, d_out
+            bcfg, b, q, k, v, bias, mask, q_len[b], kv_len[b], lse, delta, d_out, dq_t
         )
 
     # delta_t = sum_h dO_th O_th = sum_s P_ts dP_ts, the softmax backward's row term.
@@ -106,18 +114,25 @@ def backward_all(cfg, q, k, v, bias, mask, q_len, kv_len, out, lse, d_out):
     G = N // K
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [B, Tp, N]
     delta = jnp.swapaxes(delta.reshape(B, Tp, K, G), 1, 2).reshape(B, K, -1)
-    dq, dk, dv, dbias = _map_examples(cfg, example, B, K, bias, mask)
-    # [B, K, H, Tp * G] -> [B, Tp, K, G, H] (with no size-1 G axis: see swap01)
-    if G == 1:
-        dq = jnp.transpose(dq, (0, 3, 1, 2))
-    else:
-        dq = jnp.transpose(dq.reshape(B, K, -1, Tp, G), (0, 3, 1, 4, 2))
-    dq = dq.reshape(q.shape)
+    dq, dk, dv, dbias = _map_examples(cfg, example, B, K, bias, mask, dq_t)
     if dbias is not None:
         if bias.shape[0] == 1:
             dbias = jnp.sum(dbias, axis=0, keepdims=True)
         dbias = dbias.astype(bias.dtype)
+    if summing:
+        return dq, dk, dv, dbias
+    dq = dq_from_transposed(dq, q.shape)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dbias
+
+
+def dq_from_transposed(dq_t: Array, shape: tuple[int, ...]) -> Array:
+    """dq^T `[B, K, H, Tp * G]` -> dq `[B, Tp, N, H]` (`shape`)."""
+    B, Tp, N, _ = shape
+    K = dq_t.shape[1]
+    # [B, K, H, Tp * G] -> [B, Tp, K, G, H] (with no size-1 G axis: see swap01)
+    if N == K:
+        return jnp.transpose(dq_t, (0, 3, 1, 2))
+    return jnp.transpose(dq_t.reshape(B, K, -1, Tp, N // K), (0, 3, 1, 4, 2)).reshape(shape)
 
 
 # Under jit on a mesh, the two passes are split over the devices by the batch
@@ -254,7 +269,7 @@ def _flash_bwd(cfg, res, d_out):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def _pad_axis(x: Array | None, axis: int, size: int, *, broadcast: bool = False) -> Array | None:
+def pad_axis(x: Array | None, axis: int, size: int, *, broadcast: bool = False) -> Array | None:
     """Zero-pads `axis` to `size`; with `broadcast`, a size-1 (broadcast) axis stays 1."""
     if x is None or x.shape[axis] == size or (broadcast and x.shape[axis] == 1):
         return x
@@ -269,7 +284,7 @@ def _per_head_group(x: Array | None, K: int, G: int, T: int, S: int) -> Array | 
         return None
     b, n = x.shape[:2]
     x = x[:, None] if n == 1 else x.reshape(b, K, G, *x.shape[2:])
-    return _pad_axis(_pad_axis(x, 3, T, broadcast=True), 4, S, broadcast=True)
+    return pad_axis(pad_axis(x, 3, T, broadcast=True), 4, S, broadcast=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -293,6 +308,51 @@ class BlockSizes:
                 raise ValueError(f"{field.name}: expected a positive int, got {size!r}")
 
 
+def block_config(
+    T: int,
+    S: int,
+    scale: float | Array,
+    is_causal: bool,
+    window: tuple[int, int] | None,
+    unmasked: bool,
+    sizes: BlockSizes = BlockSizes(),
+) -> BlockConfig:
+    """The kernel's static configuration for T queries and S keys, from the
+    given block sizes (others chosen from the lengths); `unmasked`: no mask,
+    lengths or window, only the causal structure (if any).
+
+    Raises:
+      ValueError: for a non-positive block size or a traced scale, naming it.
+    """
+    sizes.check()
+    if not isinstance(scale, float):
+        raise ValueError(
+            f"scale: the chunked path needs a Python number, got a {type(scale).__name__}"
+        )
+    block_q, block_k = sizes.block_q, sizes.block_k
+    # Unset backward sizes follow the forward ones where those were given.
+    auto_q, auto_k = default_block_sizes(T, S)
+    auto_bq, auto_bk = default_block_sizes(T, S, backward=True)
+    bwd_q = sizes.backward_block_q or block_q or auto_bq
+    bwd_k = sizes.backward_block_k or block_k or auto_bk
+    block_q, block_k = block_q or auto_q, block_k or auto_k
+    # Padded lengths: multiples of the forward and the backward block sizes.
+    step_q, step_k = math.lcm(block_q, bwd_q), math.lcm(block_k, bwd_k)
+    Tp, Sp = -(-T // step_q) * step_q, -(-S // step_k) * step_k
+    return BlockConfig(
+        scale,
+        is_causal,
+        window,
+        block_q,
+        block_k,
+        Tp // block_q,
+        Sp // block_k,
+        unmasked and (Tp, Sp) == (T, S),
+        sizes.units_per_step or DEFAULT_UNITS_PER_STEP,
+        (bwd_q, bwd_k),
+    )
+
+
 def chunked_from_inputs(x: Inputs, sizes: BlockSizes = BlockSizes()) -> Array:
     """Runs the chunked kernel on checked inputs (`x.value` must be given).
 
@@ -302,46 +362,16 @@ def chunked_from_inputs(x: Inputs, sizes: BlockSizes = BlockSizes()) -> Array:
     Raises:
       ValueError: for a non-positive block size or a traced scale, naming it.
     """
-    sizes.check()
-    block_q, block_k = sizes.block_q, sizes.block_k
     query, key, value = x.query, x.key, x.value
     B, T, N = query.shape[:3]
     S, K = key.shape[1], key.shape[2]
     G = N // K
-    # Unset backward sizes follow the forward ones where those were given.
-    auto_q, auto_k = default_block_sizes(T, S)
-    auto_bq, auto_bk = default_block_sizes(T, S, backward=True)
-    bwd_q = sizes.backward_block_q or block_q or auto_bq
-    bwd_k = sizes.backward_block_k or block_k or auto_bk
-    block_q, block_k = block_q or auto_q, block_k or auto_k
-    units = sizes.units_per_step or DEFAULT_UNITS_PER_STEP
-    scale = x.scale
-    if not isinstance(scale, float):
-        raise ValueError(
-            f"scale: the chunked path needs a Python number, got a {type(scale).__name__}"
-        )
-    # Padded lengths: multiples of the forward and the backward block sizes.
-    step_q, step_k = math.lcm(block_q, bwd_q), math.lcm(block_k, bwd_k)
-    Tp, Sp = -(-T // step_q) * step_q, -(-S // step_k) * step_k
-    num_q, num_k = Tp // block_q, Sp // block_k
-    structural_only = (
-        x.mask is None and not x.lengths_given and x.window is None and (Tp, Sp) == (T, S)
-    )
-    cfg = BlockConfig(
-        scale,
-        x.is_causal,
-        x.window,
-        block_q,
-        block_k,
-        num_q,
-        num_k,
-        structural_only,
-        units,
-        (bwd_q, bwd_k),
-    )
+    unmasked = x.mask is None and not x.lengths_given and x.window is None
+    cfg = block_config(T, S, x.scale, x.is_causal, x.window, unmasked, sizes)
+    Tp, Sp = cfg.padded_lengths
 
-    q = _pad_axis(query, 1, Tp)
-    k, v = _pad_axis(key, 1, Sp), _pad_axis(value, 1, Sp)
+    q = pad_axis(query, 1, Tp)
+    k, v = pad_axis(key, 1, Sp), pad_axis(value, 1, Sp)
     bias = _per_head_group(x.bias, K, G, Tp, Sp)
     mask = _per_head_group(x.mask, K, G, Tp, Sp)
     # Padding rows and columns are dead through the lengths, which always exist here.

@@ -54,7 +54,7 @@ def _q_range(cfg, j, q_len, kv_len) -> tuple[Array, Array, Array]:
     return lo, hi, hi
 
 
-def example_backward(cfg, b, q, k, v, bias, mask, q_len, kv_len, lse, delta, d_out):
+def example_backward(cfg, b, q, k, v, bias, mask, q_len, kv_len, lse, delta, d_out, dq_t=None):
     """Returns example b's dq^T `[K, H, Tp * G]`, dk and dv `[Sp, K, H]` in float32
     and dbias `[K|1, G|1, Tp|1, Sp|1]` (or None); lse and delta are `[B, K, Tp * G]`.
 
@@ -63,7 +63,9 @@ def example_backward(cfg, b, q, k, v, bias, mask, q_len, kv_len, lse, delta, d_o
     plain or right-transposed matmul, and dq is accumulated as dq^T
     `[K, H, Tp * G]`. In the `[K, bq * G, bk]` layout two of the five products
     (dv and dk) contract the query axis of P and dS, and XLA copies each block
-    into a transpose first.
+    into a transpose first. With `dq_t`, dq^T is added to it (a caller summing
+    the gradients of several key blocks, as ring attention does, keeps one
+    accumulator and no per-block copy).
     """
     _, Tp, N, H = q.shape
     K = k.shape[2]
@@ -161,7 +163,7 @@ def example_backward(cfg, b, q, k, v, bias, mask, q_len, kv_len, lse, delta, d_o
         return (dq_t, dbias), (swap01(dk), swap01(dv))  # [bk, K, H]
 
     carry = (
-        jnp.zeros((K, H, Tp * G), jnp.float32),
+        jnp.zeros((K, H, Tp * G), jnp.float32) if dq_t is None else dq_t,
         None if bias is None else jnp.zeros(bias.shape, jnp.float32),
     )
     (dq_t, dbias), (dk, dv) = lax.scan(

@@ -617,7 +617,9 @@ def test_neuron_view_equals_the_models_weights(open_page):
     with jax.numpy_dtype_promotion("standard"):
         s = training.setup(load_config("pronoun", **overrides))
         graphdef, params = training.init_model(s.mcfg, jax.random.key(0, impl="rbg"))
-        reading = probe.read_attention(s.task, graphdef, params, "Mark told Sam that he was leaving.")
+        reading = probe.read_attention(
+            s.task, graphdef, params, "Mark told Sam that he was leaving."
+        )
     entry = reading.attention["encoder"]
     assert "bias" in entry and entry["key_vectors"].shape[1] == 2  # N=2 from K=1
     page = open_page(viz.attention_html([{"attention": reading.attention}], view="neuron"))

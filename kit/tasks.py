@@ -16,6 +16,7 @@ import datetime
 import functools
 import itertools
 import re
+import typing
 import zlib
 
 import numpy as np
@@ -47,6 +48,25 @@ FIRST_DATE = datetime.date(1950, 1, 1).toordinal()
 LAST_DATE = datetime.date(2049, 12, 31).toordinal()
 
 
+class LossSpan(typing.NamedTuple):
+    """Target positions [start, stop) of a row whose target has L tokens (before EOS):
+    start = start_fraction * L + start_offset, stop likewise."""
+
+    name: str
+    start_fraction: float
+    start_offset: int
+    stop_fraction: float
+    stop_offset: int
+
+    def mask(self, lengths: np.ndarray, width: int) -> np.ndarray:
+        """bool `[B, width]`: the span of each row, given its target length `[B]`."""
+        lengths = np.asarray(lengths)[:, None]
+        start = np.floor(self.start_fraction * lengths).astype(int) + self.start_offset
+        stop = np.floor(self.stop_fraction * lengths).astype(int) + self.stop_offset
+        positions = np.arange(width)[None, :]
+        return (positions >= start) & (positions < stop)
+
+
 @dataclasses.dataclass(frozen=True)
 class Task:
     """A sequence-to-sequence task over a fixed vocabulary."""
@@ -63,6 +83,10 @@ class Task:
     augment: bool = False  # image tasks: one-pixel shifts of the training images
     data_split: str = ""  # a task with published splits (SCAN): which one
     by_length: bool = False  # evaluation also reports exact match per target length
+    # eval/loss_<name> over parts of each row's target, e.g. induction's "first", "repeat"
+    loss_spans: tuple[LossSpan, ...] = ()
+    # what head ablation (experiments/heads.py) measures by default
+    metric: str = "eval/exact_match"
 
     @property
     def vocab_size(self) -> int:
@@ -108,7 +132,7 @@ def make_task(
     split: str = "simple",
 ) -> Task:
     """The task called `name` ("copy", "reverse", "sort", "dates", "pronoun", "digits",
-    "scan").
+    "scan", "induction").
 
     `length` and `num_symbols` shape the symbol tasks, `augment` the digits'
     training images and `split` picks SCAN's split; they are checked for every
@@ -150,9 +174,24 @@ def make_task(
         return Task("dates", SPECIALS + tuple(DATE_CHARS), 32, 10, aligned=False)
     if name == "pronoun":
         return Task("pronoun", PRONOUN_VOCAB, PRONOUN_LEN, PRONOUN_LEN, aligned=True, words=True)
+    if name == "induction":
+        return Task(
+            "induction",
+            SPECIALS + tuple(SYMBOLS[:num_symbols]),
+            0,
+            2 * length,
+            False,
+            length=length,
+            num_symbols=num_symbols,
+            # Of a row [a, a] with L = 2h tokens: the first half, and the second half
+            # after its first token (which nothing before it predicts).
+            loss_spans=(LossSpan("first", 0.0, 0, 0.5, 0), LossSpan("repeat", 0.5, 1, 1.0, 0)),
+            metric="eval/loss_repeat",
+        )
     if name not in ("copy", "reverse", "sort"):
         raise ValueError(
-            f"task.name: expected one of copy, reverse, sort, dates, pronoun, digits, got {name!r}"
+            "task.name: expected one of copy, reverse, sort, dates, pronoun, digits, scan, "
+            f"induction, got {name!r}"
         )
     vocab = SPECIALS + tuple(SYMBOLS[:num_symbols])
     return Task(name, vocab, length, length, True, length=length, num_symbols=num_symbols)
@@ -298,6 +337,11 @@ def _examples(task: Task, rng: np.random.Generator, n: int, held_out: bool):
         pairs = _sample_pronouns(rng, n, held_out)
         return [[index[w] for w in s] for s, _ in pairs], [[index[w] for w in t] for _, t in pairs]
     src = rng.integers(len(SPECIALS), task.vocab_size, size=(n, task.length))
+    if task.name == "induction":
+        # No source: the target is a random half of h symbols, then the same half again,
+        # with h drawn from [length / 2, length] so that no fixed offset finds the copy.
+        halves = rng.integers((task.length + 1) // 2, task.length + 1, size=n)
+        return [[] for _ in range(n)], [np.tile(s[:h], 2) for s, h in zip(src, halves, strict=True)]
     if task.name == "copy":
         tgt = src
     elif task.name == "reverse":

@@ -45,6 +45,8 @@ def default_config() -> ml_collections.ConfigDict:
             "dropout_rate": 0.0,
             "positions": "sinusoidal",
             "patch_size": 2,
+            # False: attention-only blocks (no feed-forward), as in configs/induction.py
+            "feed_forward": True,
         }
     )
     config.train = ml_collections.ConfigDict(
@@ -191,6 +193,8 @@ def model_config(config: ml_collections.ConfigDict, task: tasks.Task) -> models.
             f"{m.num_heads}, got {kv!r}"
         )
     number(config, "model.dropout_rate", 0.0, 1.0)
+    if not isinstance(m.feed_forward, bool):
+        raise ValueError(f"config.model.feed_forward: expected a bool, got {m.feed_forward!r}")
     if m.positions == "rope" and (m.d_model // m.num_heads) % 2:
         raise ValueError(
             "config.model.positions: 'rope' needs an even head dim d_model / num_heads"
@@ -238,6 +242,7 @@ def model_config(config: ml_collections.ConfigDict, task: tasks.Task) -> models.
         positions=m.positions,
         patch_size=m.patch_size,
         image_size=task.image_size,
+        feed_forward=m.feed_forward,
     )
 
 

@@ -152,6 +152,7 @@ def train_and_evaluate(
                     batches,
                     s.mcfg.kind,
                     by_length=s.task.by_length,
+                    loss_spans=s.task.loss_spans,
                 )
                 writer.write(step, result)
                 console.evaluation(step, result)
@@ -161,7 +162,12 @@ def train_and_evaluate(
         console.stop()
     if not result:  # resumed at the end: evaluate what was restored
         result = evaluate(
-            eval_step, state["params"], batches, s.mcfg.kind, by_length=s.task.by_length
+            eval_step,
+            state["params"],
+            batches,
+            s.mcfg.kind,
+            by_length=s.task.by_length,
+            loss_spans=s.task.loss_spans,
         )
     ckpt.close()
     return {**result, "step": step, "train_seconds": time.perf_counter() - began}

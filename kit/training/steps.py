@@ -28,11 +28,15 @@ def model_batch(kind: str, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray
     return models.MODELS[kind].batch(batch)
 
 
+def token_losses(logits: Array, targets: Array, label_smoothing: float = 0.0) -> Array:
+    """Cross-entropy (optionally label-smoothed) per target token `[B, T]`."""
+    labels = optax.smooth_labels(jax.nn.one_hot(targets, logits.shape[-1]), label_smoothing)
+    return optax.softmax_cross_entropy(logits.astype(jnp.float32), labels)
+
+
 def loss_fn(logits: Array, targets: Array, weights: Array, label_smoothing: float = 0.0):
     """Weighted mean cross-entropy (optionally label-smoothed) and token accuracy."""
-    vocab = logits.shape[-1]
-    labels = optax.smooth_labels(jax.nn.one_hot(targets, vocab), label_smoothing)
-    losses = optax.softmax_cross_entropy(logits.astype(jnp.float32), labels)
+    losses = token_losses(logits, targets, label_smoothing)
     w = weights.astype(jnp.float32)
     total = jnp.maximum(jnp.sum(w), 1.0)
     correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
@@ -76,24 +80,34 @@ class Trainer:
             "skipped": opt_state.total_notfinite,
         }
 
-    def eval_step(self, params: Any, mb: dict[str, Array]) -> dict[str, Array]:
-        """Sums over one eval batch: loss, correct tokens, tokens, exact sequences; and
-        per row, whether it was exact and how many target tokens it weighs."""
+    def eval_step(
+        self, params: Any, mb: dict[str, Array], head_mask: Any = None, head_mask_mode="zero"
+    ) -> dict[str, Array]:
+        """Sums over one eval batch: loss, correct tokens, tokens, exact sequences; per
+        row, whether it was exact, how many target tokens it weighs and its loss per
+        target token (0 where unweighted). `head_mask` (set -> `[L, N]`) ablates heads in
+        both the teacher-forced and the predicting pass."""
         model = nnx.merge(self.graphdef, params)
-        logits, _ = model.teacher_forced(mb)
-        loss, _ = loss_fn(logits, mb["targets"], mb["weights"])
-        prediction = model.predict(mb)
+        ablation = {"head_mask": head_mask, "head_mask_mode": head_mask_mode}
+        logits, _ = model.teacher_forced(mb, **ablation)
         w = mb["weights"]
+        wf = w.astype(jnp.float32)
+        losses = token_losses(logits, mb["targets"]) * wf
+        prediction = model.predict(mb, **ablation)
         hit = prediction == mb["targets"]
-        tokens = jnp.sum(w.astype(jnp.float32))
+        tokens = jnp.sum(wf)
         exact_rows = jnp.all(hit | ~w, axis=1)
         return {
-            "loss_sum": loss * tokens,
+            "loss_sum": jnp.sum(losses),
             "correct": jnp.sum((hit & w).astype(jnp.float32)),
             "tokens": tokens,
             "exact": jnp.sum(exact_rows.astype(jnp.float32)),
             "sequences": jnp.float32(prediction.shape[0]),
-            "rows": {"exact": exact_rows, "tokens": jnp.sum(w, axis=1, dtype=jnp.int32)},
+            "rows": {
+                "exact": exact_rows,
+                "tokens": jnp.sum(w, axis=1, dtype=jnp.int32),
+                "losses": losses,
+            },
         }
 
 
@@ -143,19 +157,28 @@ def make_optimizer(t: ml_collections.ConfigDict) -> optax.GradientTransformation
 
 
 def evaluate(
-    eval_step, params: Any, batches: list[tuple[dict, int]], kind: str, *, by_length: bool = False
+    eval_step,
+    params: Any,
+    batches: list[tuple[dict, int]],
+    kind: str,
+    *,
+    by_length: bool = False,
+    loss_spans: tuple[tasks.LossSpan, ...] = (),
+    **eval_kwargs: Any,
 ) -> dict[str, Any]:
     """eval/loss, eval/token_accuracy and eval/exact_match over the held-out batches,
     and what the model kind adds (`eval_metrics`).
 
     With `by_length` (tasks whose targets end in EOS), also
     eval/exact_match_by_length: target length (the tokens weighed, less the end
-    token) -> exact match of the rows of that length.
+    token) -> exact match of the rows of that length. Each of `loss_spans`
+    (kit.tasks.LossSpan) adds eval/loss_<name>, the mean loss over that part of
+    every row's target. `eval_kwargs` go to `eval_step` (e.g. head_mask).
     """
     totals: dict[str, float] = {}
-    exact, lengths = [], []
+    exact, lengths, losses = [], [], []
     for mb, pad in batches:
-        out = jax.device_get(eval_step(params, mb))
+        out = jax.device_get(eval_step(params, mb, **eval_kwargs))
         rows = out.pop("rows")
         for name, value in out.items():
             totals[name] = totals.get(name, 0.0) + float(value)
@@ -165,13 +188,20 @@ def evaluate(
         keep = len(rows["exact"]) - pad
         exact.append(rows["exact"][:keep])
         lengths.append(rows["tokens"][:keep] - 1)
+        losses.append(rows["losses"][:keep])
     result = {
         "eval/loss": totals["loss_sum"] / totals["tokens"],
         "eval/token_accuracy": totals["correct"] / totals["tokens"],
         "eval/exact_match": totals["exact"] / totals["sequences"],
     }
+    lengths = np.concatenate(lengths)
+    if loss_spans:
+        losses = np.concatenate(losses)
+        for span in loss_spans:
+            mask = span.mask(lengths, losses.shape[1])
+            result[f"eval/loss_{span.name}"] = float(losses[mask].mean()) if mask.any() else 0.0
     if by_length:
-        exact, lengths = np.concatenate(exact), np.concatenate(lengths)
+        exact = np.concatenate(exact)
         result["eval/exact_match_by_length"] = {
             str(n): float(np.mean(exact[lengths == n])) for n in np.unique(lengths)
         }

@@ -3,10 +3,11 @@
     python experiments/train.py --config=configs/induction.py --workdir=runs/induction
     python experiments/heads.py --workdir=runs/induction
 
-Each sequence is a random first half of 16 symbols out of 32, then the same half
-again. The first half cannot be predicted; the second can, from its first token
-on, by an induction head: attend to the token after the earlier copy of the
-current token, and copy it. Evaluation logs eval/loss_first (next-token loss over
+Each sequence is a random half of h symbols out of 32, h drawn from 8..16 so that
+no fixed offset finds the copy, then the same half again. The first half cannot
+be predicted; the second can, after its first token, by an induction head:
+attend to the token after the earlier copy of the current token (which a
+previous-token head in layer 0 marks), and copy it. Evaluation logs eval/loss_first (next-token loss over
 the first half) and eval/loss_repeat (over the second half, after its first
 token).
 """
@@ -20,7 +21,5 @@ def get_config(variant: str | None = None):
     config.model.update(
         kind="decoder_only", num_layers=2, num_heads=4, feed_forward=False, positions="rope"
     )
-    config.train.update(
-        steps=600, learning_rate=1e-3, log_every=25, eval_every=25, checkpoint_every=600
-    )
+    config.train.update(steps=1500, log_every=50, eval_every=50, checkpoint_every=1500)
     return training.variant(config, variant)

@@ -49,11 +49,23 @@ def test_train_command_is_quiet_and_informative(tmp_path):
     assert lines[-2].startswith("done: step 4, eval/loss")
     summary = json.loads(lines[-1])
     assert summary["step"] == 4 and 0.0 <= summary["eval/exact_match"] <= 1.0
+    # Where the seconds went: the phases in order, and together nearly all of the total.
+    timing = summary["timing"]
+    phases = ["imports", "start", "setup", "init", "compile", "first_step", "train", "eval"]
+    assert list(timing) == [*phases, "checkpoint", "other", "total"]
+    assert all(timing[name] > 0 for name in phases) and timing["checkpoint"] >= 0
+    assert 0 <= timing["other"] < 0.05 * timing["total"], timing
+    assert sum(timing.values()) - timing["total"] == pytest.approx(timing["total"], abs=1e-3)
+    assert lines[-2].endswith(f"whole command {timing['total']:.1f} s")
+    assert set(summary["compile_seconds"]) == {"init", "train_step", "eval_step", "learning_rate"}
 
     # The same command resumes; with --verbosity=1 the library logs are shown.
     again = run("train.py", config, f"--workdir={workdir}", "--verbosity=1")
     assert again.returncode == 0, again.stderr[-3000:]
     assert "start:   resumed from step 4" in again.stdout
+    # Nothing left to train: the restored model is evaluated, the train step never compiled.
+    resumed_timing = json.loads(again.stdout.splitlines()[-1])["timing"]
+    assert "compile" not in resumed_timing and resumed_timing["eval"] > 0
     assert LOG_LINE.search(again.stderr)
 
     # visualize.py on the trained model: views written, the prediction printed.

@@ -2,26 +2,49 @@
 
 Data batches are a pure function of (seed, step), so a run resumed from a
 checkpoint ends with exactly the parameters of an uninterrupted run.
+
+Start-up is arranged around compile time, which dominates short runs: the
+train and eval steps are traced on the calling thread and compiled by XLA on
+background threads (XLA releases the GIL), while the calling thread
+initializes the parameters; the result reports where the seconds went
+("timing").
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
+from flax import nnx
 
-from kit import checkpoint, metrics, sharding, tasks
+from kit import checkpoint, metrics, models, sharding, tasks
 from kit.training.report import Console
-from kit.training.setup import Setup, rngs, setup
-from kit.training.steps import eval_batches, evaluate, init_model, make_schedule, model_batch
+from kit.training.setup import Setup, setup
+from kit.training.steps import eval_batches, evaluate, make_schedule, model_batch
 from kit.training.workdir import check_workdir, write_config
 
 
 class NonFiniteError(RuntimeError):
     """Training met a non-finite loss or gradient (train.skip_nonfinite is False)."""
+
+
+class Clock:
+    """Wall seconds of a run by phase; `lap(phase)` books the time since the last lap."""
+
+    def __init__(self, began: float | None = None):
+        self._last = time.perf_counter() if began is None else began
+        self.seconds: dict[str, float] = {}
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self._last
+        self._last = now
 
 
 def _header(
@@ -44,6 +67,36 @@ def _header(
         "workdir": os.path.abspath(workdir),
         "start": "fresh" if start is None else f"resumed from step {start}",
     }
+
+
+def _abstract(tree: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs of `tree`'s arrays, placed as `shardings` says."""
+    return jax.tree.map(
+        lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), tree, shardings
+    )
+
+
+# XLA options for a CPU program that runs once (the initialization): LLVM's
+# optimizations take more time than they save. They halve its compile time (1.0 to
+# 0.6 CPU seconds for configs/reverse.py); the values may differ from an optimized
+# build's by one float32 ulp.
+_RUN_ONCE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def _fresh_state(s: Setup, seed: int) -> jax.stages.Lowered:
+    """The traced program of a fresh train state and the dropout key, in one compile.
+
+    The parameters are `init_model(s.mcfg, init_rng)`'s (to within one ulp under
+    _RUN_ONCE), where (init_rng, dropout_rng) = split(key(seed, impl="rbg")): RBG
+    keys compile several times faster than threefry on CPU.
+    """
+
+    def init():
+        init_rng, dropout_rng = jax.random.split(jax.random.key(seed, impl="rbg"))
+        params = nnx.split(models.build(s.mcfg, init_rng))[1]
+        return s.trainer.init_state(params), dropout_rng
+
+    return jax.jit(init, out_shardings=(s.state_shardings, s.replicated)).lower()
 
 
 def train_and_evaluate(
@@ -72,7 +125,15 @@ def train_and_evaluate(
       console: where to report (kit.training.report.Console).
 
     Returns:
-      The final evaluation metrics with "step" and "train_seconds".
+      The final evaluation metrics with "step", "train_seconds" (from the first
+      training step on) and "timing": wall seconds by phase, which add up to
+      the time spent in this call. "setup": config checks, model shapes and
+      workdir; "init": tracing the steps, the parameters and a restored
+      checkpoint; "compile": waiting for the train step's compile after that;
+      "first_step": running it; "train": the other steps with their logging;
+      "eval": evaluations (the first waits for the eval step's compile if it
+      is still running); "checkpoint": saving and closing checkpoints.
+      "compile_seconds" holds how long each compile took on its own thread.
 
     Raises:
       ValueError: for an invalid config (naming the field) or a workdir that is
@@ -81,6 +142,7 @@ def train_and_evaluate(
       NonFiniteError: for a non-finite loss or gradient, unless
         train.skip_nonfinite.
     """
+    clock = Clock()
     s = setup(config, devices)
     check_workdir(workdir, config)
     lead = jax.process_index() == 0
@@ -90,97 +152,176 @@ def train_and_evaluate(
         write_config(workdir, config)
     else:
         os.makedirs(workdir, exist_ok=True)
-
     t = config.train
-    init_rng, dropout_rng = rngs(config.seed, s.replicated)
-    _, params = init_model(s.mcfg, init_rng, s.state_shardings["params"])
-    state = jax.jit(s.trainer.init_state, out_shardings=s.state_shardings)(params)
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints)
     start = ckpt.latest_step()
-    if start is not None:
-        state = ckpt.restore(start, state)
-    writer = metrics.MetricWriter(
-        os.path.join(workdir, "metrics.jsonl"), resume_step=start, enabled=lead
-    )
-    train_step = jax.jit(
-        s.trainer.train_step,
-        in_shardings=(s.state_shardings, s.batch_sharding, s.replicated),
-        out_shardings=(s.state_shardings, s.replicated),
-        donate_argnums=0,
-    )
-    eval_step = jax.jit(
-        s.trainer.eval_step,
-        in_shardings=(s.state_shardings["params"], s.batch_sharding),
-        out_shardings=s.replicated,
-    )
-    batches = [
-        (sharding.put_batch(mb, s.batch_sharding), pad)
-        for mb, pad in eval_batches(s.task, s.mcfg.kind, config, s.mesh.shape["data"])
-    ]
-    schedule = make_schedule(t)
-    held_out = sum(len(mb["targets"]) - pad for mb, pad in batches)
-    console.header(_header(config, s, workdir, start, held_out))
+    step = 0 if start is None else start
+    clock.lap("setup")
 
-    step = int(state["step"])
-    result: dict[str, Any] = {}
-    began = time.perf_counter()
-    console.start(s.task.name, t.steps, step)
+    compiled: dict[str, concurrent.futures.Future] = {}
+    compile_seconds: dict[str, float] = {}
+
+    def compile_in_background(name: str, lowered: jax.stages.Lowered, options=None) -> None:
+        def run():
+            began = time.perf_counter()
+            out = lowered.compile(options)
+            compile_seconds[name] = time.perf_counter() - began
+            return out
+
+        compiled[name] = pool.submit(run)
+
+    # Tracing (Python) runs here, compiling (XLA, without the GIL) on two threads: the
+    # initialization first, so that it compiles while the train step is traced.
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="compile")
     try:
-        unchecked: list[tuple[int, dict]] = []  # read at the next log/eval/save, not every step
-        while step < t.steps:
-            mb = model_batch(
+        run_once = _RUN_ONCE if s.mesh.devices.flat[0].platform == "cpu" else None
+        compile_in_background("init", _fresh_state(s, config.seed), run_once)
+        rng_shape = jax.eval_shape(lambda: jax.random.key(0, impl="rbg"))
+        abstract_state = _abstract(s.abstract_state, s.state_shardings)
+        batch = None
+        if step < t.steps:
+            batch = model_batch(
                 s.mcfg.kind, tasks.train_batch(s.task, config.seed, step, t.batch_size)
             )
-            state, m = train_step(state, sharding.put_batch(mb, s.batch_sharding), dropout_rng)
-            step += 1
-            if not t.skip_nonfinite:
-                unchecked.append((step, m))
-            if step == t.steps or any(
-                step % every == 0 for every in (t.log_every, t.eval_every, t.checkpoint_every)
-            ):
-                _stop_if_nonfinite(unchecked, ckpt)
-                unchecked = []
-            if step % t.log_every == 0 or step == t.steps:
-                record = {name: float(value) for name, value in m.items() if name != "finite"}
-                record["learning_rate"] = float(schedule(step - 1))
-                writer.write(step, record)
-                console.log_step(step, t.steps, record)
-            if step % t.eval_every == 0 or step == t.steps:
-                result = evaluate(
-                    eval_step,
-                    state["params"],
-                    batches,
-                    s.mcfg.kind,
-                    by_length=s.task.by_length,
-                    loss_spans=s.task.loss_spans,
-                )
-                writer.write(step, result)
-                console.evaluation(step, result)
-            if step % t.checkpoint_every == 0 or step == t.steps:
-                ckpt.save(step, state)
-    finally:
-        console.stop()
-    if not result:  # resumed at the end: evaluate what was restored
-        result = evaluate(
-            eval_step,
-            state["params"],
-            batches,
-            s.mcfg.kind,
-            by_length=s.task.by_length,
-            loss_spans=s.task.loss_spans,
+            train_step = jax.jit(
+                s.trainer.train_step,
+                in_shardings=(s.state_shardings, s.batch_sharding, s.replicated),
+                out_shardings=(s.state_shardings, s.replicated),
+                donate_argnums=0,
+            )
+            compile_in_background(
+                "train_step",
+                train_step.lower(
+                    abstract_state,
+                    _abstract(batch, {name: s.batch_sharding for name in batch}),
+                    jax.ShapeDtypeStruct(rng_shape.shape, rng_shape.dtype, sharding=s.replicated),
+                ),
+            )
+            # Evaluated op by op, the schedule would compile a dozen small programs at the
+            # first log step (0.3 s).
+            compile_in_background(
+                "learning_rate",
+                jax.jit(make_schedule(t)).lower(jax.ShapeDtypeStruct((), jnp.int32)),
+            )
+        host_batches = eval_batches(s.task, s.mcfg.kind, config, s.mesh.shape["data"])
+        eval_step = jax.jit(
+            s.trainer.eval_step,
+            in_shardings=(s.state_shardings["params"], s.batch_sharding),
+            out_shardings=s.replicated,
         )
+        mb = host_batches[0][0]
+        compile_in_background(
+            "eval_step",
+            eval_step.lower(
+                abstract_state["params"], _abstract(mb, {name: s.batch_sharding for name in mb})
+            ),
+        )
+        if start is None:  # a resumed run imports orbax on this thread, to restore
+            pool.submit(checkpoint.import_orbax)
+        init = compiled["init"].result()
+        state, dropout_rng = init()
+        if start is not None:
+            state = ckpt.restore(start, state)
+        writer = metrics.MetricWriter(
+            os.path.join(workdir, "metrics.jsonl"), resume_step=start, enabled=lead
+        )
+        batches = [(sharding.put_batch(mb, s.batch_sharding), pad) for mb, pad in host_batches]
+        held_out = sum(len(mb["targets"]) - pad for mb, pad in host_batches)
+        console.header(_header(config, s, workdir, start, held_out))
+        jax.block_until_ready(state)
+        clock.lap("init")
+
+        result: dict[str, Any] = {}
+        console.start(s.task.name, t.steps, step)
+        try:
+            if batch is not None:
+                run_train_step = compiled["train_step"].result()
+                clock.lap("compile")
+            began = time.perf_counter()
+            unchecked: list[tuple[int, dict]] = []  # read at the next log/eval/save
+            while step < t.steps:
+                if batch is None:
+                    batch = model_batch(
+                        s.mcfg.kind, tasks.train_batch(s.task, config.seed, step, t.batch_size)
+                    )
+                state, m = run_train_step(
+                    state, sharding.put_batch(batch, s.batch_sharding), dropout_rng
+                )
+                batch = None
+                step += 1
+                if "first_step" not in clock.seconds:
+                    jax.block_until_ready(m)
+                    clock.lap("first_step")
+                if not t.skip_nonfinite:
+                    unchecked.append((step, m))
+                log, save = step % t.log_every == 0, step % t.checkpoint_every == 0
+                evaluate_now = step % t.eval_every == 0 or step == t.steps
+                if step == t.steps or log or evaluate_now or save:
+                    _stop_if_nonfinite(unchecked, ckpt)
+                    unchecked = []
+                if log or step == t.steps:
+                    record = {
+                        name: float(value)
+                        for name, value in jax.device_get(m).items()
+                        if name != "finite"
+                    }
+                    learning_rate = compiled["learning_rate"].result()
+                    record["learning_rate"] = float(learning_rate(np.int32(step - 1)))
+                    writer.write(step, record)
+                    console.log_step(step, t.steps, record)
+                if evaluate_now:
+                    jax.block_until_ready(state)
+                    clock.lap("train")
+                    result = evaluate(
+                        compiled["eval_step"].result(),
+                        state["params"],
+                        batches,
+                        s.mcfg.kind,
+                        by_length=s.task.by_length,
+                    )
+                    writer.write(step, result)
+                    console.evaluation(step, result)
+                    clock.lap("eval")
+                if save or step == t.steps:
+                    jax.block_until_ready(state)
+                    clock.lap("train")
+                    ckpt.save(step, state)
+                    clock.lap("checkpoint")
+            train_seconds = time.perf_counter() - began
+        finally:
+            console.stop()
+        if not result:  # resumed at the end: evaluate what was restored
+            result = evaluate(
+                compiled["eval_step"].result(),
+                state["params"],
+                batches,
+                s.mcfg.kind,
+                by_length=s.task.by_length,
+            )
+            clock.lap("eval")
+    finally:
+        pool.shutdown(cancel_futures=True)
     ckpt.close()
-    return {**result, "step": step, "train_seconds": time.perf_counter() - began}
+    clock.lap("checkpoint")
+    return {
+        **result,
+        "step": step,
+        "train_seconds": train_seconds,
+        "timing": clock.seconds,
+        "compile_seconds": compile_seconds,
+    }
 
 
 def _stop_if_nonfinite(steps: list[tuple[int, dict]], ckpt: checkpoint.Checkpointer) -> None:
     """Raises NonFiniteError naming the first step whose loss or gradients were not finite.
 
     That step's update was skipped (make_optimizer), and no checkpoint was saved
-    after it, so the latest checkpoint holds finite parameters.
+    after it, so the latest checkpoint holds finite parameters. The flags of all
+    `steps` come to the host in one transfer.
     """
-    for step, m in steps:
-        if not bool(m["finite"]):
+    flags = jax.device_get([m["finite"] for _, m in steps])
+    for (step, m), finite in zip(steps, flags, strict=True):
+        if not finite:
             last = ckpt.latest_step()
             ckpt.close()
             raise NonFiniteError(

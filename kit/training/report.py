@@ -3,7 +3,8 @@
 Library code never prints on its own: `train_and_evaluate` reports through a
 `Console`, whose style the caller picks. "bar" draws a rich progress bar (for
 a terminal), "lines" prints a plain line per log step (for CI logs and pipes),
-"quiet" only the header and the evaluations, "off" nothing.
+"quiet" only the header and the evaluations, "off" nothing. rich is imported
+only for the bar.
 """
 
 from __future__ import annotations
@@ -13,8 +14,6 @@ import time
 from typing import Any, TextIO
 
 from absl import logging
-from rich.console import Console as RichConsole
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 STYLES = ("bar", "lines", "quiet", "off")
 
@@ -48,8 +47,7 @@ class Console:
             raise ValueError(f"style: expected 'auto' or one of {STYLES}, got {style!r}")
         self.style = style
         self.stream = stream
-        self._rich = RichConsole(file=stream, highlight=False)
-        self._bar: Progress | None = None
+        self._bar = None
         self._job = None
         self._window = (time.perf_counter(), 0)
 
@@ -71,6 +69,9 @@ class Console:
         self._window = (time.perf_counter(), completed)
         if self.style != "bar":
             return
+        from rich.console import Console as RichConsole
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
         columns = (
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -81,7 +82,7 @@ class Console:
             ),
             TimeRemainingColumn(),
         )
-        self._bar = Progress(*columns, console=self._rich)
+        self._bar = Progress(*columns, console=RichConsole(file=self.stream, highlight=False))
         self._bar.start()
         self._job = self._bar.add_task(
             name, total=total, completed=completed, loss=float("nan"), acc=0.0, rate="-"

@@ -16,8 +16,6 @@ from kit import models, sharding, tasks
 from kit.training.config import check_config
 from kit.training.steps import Trainer, make_optimizer
 
-Array = jax.Array
-
 
 def make_mesh(config: ml_collections.ConfigDict, mcfg: models.ModelConfig, devices=None):
     """The device mesh of `config.mesh`, checked against the devices, batch and heads.
@@ -104,14 +102,3 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Setup:
         replicated=sharding.replicated(mesh),
         available_devices=len(jax.devices() if devices is None else devices),
     )
-
-
-def rngs(seed: int, replicated) -> tuple[Array, Array]:
-    """(init, dropout) keys, replicated over the mesh.
-
-    RBG keys compile several times faster than threefry on CPU (seconds at start-up).
-    """
-    return jax.jit(
-        lambda: tuple(jax.random.split(jax.random.key(seed, impl="rbg"))),
-        out_shardings=(replicated, replicated),
-    )()

@@ -51,15 +51,30 @@ def _check_options(implementation, dropout_rate, dropout_rng) -> None:
 
 
 def _choose_implementation(implementation: str | None, x: Inputs, dropout_rate: float) -> str:
-    """Resolves `implementation=None` and rejects paths that cannot serve the call."""
+    """Resolves `implementation=None` and rejects paths that cannot serve the call.
+
+    None picks cuDNN (through jax.nn) only where it both runs and keeps the kit's
+    contract: on a GPU, in bfloat16 or float16, without dropout, mask, window or
+    bias (jax.nn turns a mask into a bias and takes only a full `[B, N, T, S]`
+    one), without `query_seq_lengths` or `key_value_seq_lengths` (they can leave
+    a row with no live key, which must return zero; cuDNN's output there is not
+    specified), and with a head dim its flash kernel takes (a multiple of 8, at
+    most 128). A causal mask alone never empties a row. Otherwise chunked for
+    long inputs, else xla.
+    """
     on_gpu = jax.default_backend() == "gpu"
     if implementation is None:
+        head_dim = x.query.shape[-1]
         cudnn_fits = (
             on_gpu
             and x.query.dtype in (jnp.bfloat16, jnp.float16)
             and dropout_rate == 0.0
             and x.mask is None
             and x.window is None
+            and x.bias is None
+            and not x.lengths_given
+            and head_dim % 8 == 0
+            and head_dim <= 128
         )
         if cudnn_fits:
             return "cudnn"

@@ -146,6 +146,8 @@ def _inputs(case: str, dtype: str):
     cotangent = jax.random.normal(rc, q.shape, jnp.float32).astype(dtype)
     options = {name: jnp.asarray(x) if isinstance(x, np.ndarray) else x for name, x in spec.items()}
     bias, mask = options.pop("bias", None), options.pop("mask", None)
+    if bias is not None:  # in the inputs' dtype, as jax.nn's cuDNN path takes it
+        bias = bias.astype(dtype)
     weights = kit.attention_weights(q, k, bias, mask, **options)  # [B, N, T, S]
     live = jnp.transpose(jnp.sum(weights.astype(jnp.float32), axis=-1) > 0, (0, 2, 1))[..., None]
     return q, k, v, {"bias": bias, "mask": mask, **options}, cotangent, live

@@ -7,9 +7,11 @@ Each sequence is a random half of h symbols out of 32, h drawn from 8..16 so tha
 no fixed offset finds the copy, then the same half again. The first half cannot
 be predicted; the second can, after its first token, by an induction head:
 attend to the token after the earlier copy of the current token (which a
-previous-token head in layer 0 marks), and copy it. Evaluation logs eval/loss_first (next-token loss over
-the first half) and eval/loss_repeat (over the second half, after its first
-token).
+previous-token head in layer 0 marks), and copy it. Evaluation logs
+eval/loss_first (next-token loss over the first half) and eval/loss_repeat (over
+the second half, after its first token). Measured on the 2-core CPU development
+machine: eval/loss_repeat 0.063 against eval/loss_first 3.554 after 1,500 steps,
+50.6 s for the whole command (2026-11-30); docs/interpretability.md.
 """
 
 from kit import training

@@ -24,6 +24,7 @@ def _load_script():
 check = _load_script()
 
 
+@pytest.mark.slow  # the slow command test below runs every case; this one is its short form
 def test_none_matches_xla_and_zeroes_rows_without_keys():
     # The fast set: a short case (None takes xla on CPU) and the long one (chunked),
     # both with grouped heads and rows that see no key.

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import slow_beyond
 
 from kit import decode, interp, models
 from kit.attention.projections import ablate_heads
@@ -200,19 +201,24 @@ def ones(model):
     return {n: jnp.ones(s, jnp.float32) for n, s in model.attention_shapes().items()}
 
 
-@pytest.mark.parametrize("mode", ["zero", "mean"])
-def test_mask_of_ones_is_bit_for_bit(mode):
-    model = build("encoder_decoder")
+@pytest.mark.parametrize(
+    "kind, mode",
+    slow_beyond(
+        [("encoder_only", "zero"), ("encoder_only", "mean"), ("encoder_decoder", "zero")],
+        [("encoder_only", "zero"), ("encoder_only", "mean")],
+        several=True,
+    ),
+)
+def test_mask_of_ones_is_bit_for_bit(kind, mode):
+    model = build(kind)
     src, lengths = batch()
-    tgt = src[:, :5]
-    plain, _ = model(src, lengths, tgt)
-    masked, _ = model(src, lengths, tgt, head_mask=ones(model), head_mask_mode=mode)
+    args = (src, lengths) if kind == "encoder_only" else (src, lengths, src[:, :5])
+    plain, _ = model(*args)
+    masked, _ = model(*args, head_mask=ones(model), head_mask_mode=mode)
     np.testing.assert_array_equal(np.asarray(plain), np.asarray(masked))
     graphdef, params = nnx.split(model)
-    run = jax.jit(
-        lambda p, m: nnx.merge(graphdef, p)(src, lengths, tgt, head_mask=m, head_mask_mode=mode)[0]
-    )
-    plain_jit = jax.jit(lambda p: nnx.merge(graphdef, p)(src, lengths, tgt)[0])
+    run = jax.jit(lambda p, m: nnx.merge(graphdef, p)(*args, head_mask=m, head_mask_mode=mode)[0])
+    plain_jit = jax.jit(lambda p: nnx.merge(graphdef, p)(*args)[0])
     np.testing.assert_array_equal(
         np.asarray(plain_jit(params)), np.asarray(run(params, ones(model)))
     )
@@ -264,7 +270,7 @@ def test_ablate_heads_by_hand():
     np.testing.assert_allclose(mean, out * m[:, None] + (1 - m[:, None]) * out.mean(0))
 
 
-@pytest.mark.parametrize("kind", ["decoder_only", "encoder_decoder"])
+@pytest.mark.parametrize("kind", slow_beyond(["decoder_only", "encoder_decoder"], ["decoder_only"]))
 def test_kv_cache_path_ablates_like_the_teacher_forced_path(kind):
     """Greedy decoding through the KV cache with a head ablated gives the tokens that
     the teacher-forced pass with the same mask predicts at every step."""
@@ -326,6 +332,7 @@ def test_bad_head_masks(head_mask, match):
         model(src, lengths, head_mask=ones(model), head_mask_mode="random")
 
 
+@pytest.mark.slow  # tests/test_probe.py checks the fast case: vectors reproduce the weights
 def test_vectors_reproduce_the_weights_and_the_value_norms():
     """aux["vectors"] holds what attention used: softmax(q k / sqrt(H)) from them equals
     the returned weights, and the value norms equal ||v W_O|| by hand."""

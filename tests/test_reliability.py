@@ -168,12 +168,17 @@ def _stress_inputs(case, dtype):
     return q, k, v, options, jnp.asarray(mask)
 
 
-@pytest.mark.parametrize("implementation", ["xla", "chunked"])
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 @pytest.mark.parametrize(
-    "case",
+    "case, dtype, implementation",
     slow_beyond(
-        ["logits_300", "masked_rows", "long_rows", "huge_scale", "tiny_scale"], ["masked_rows"]
+        [
+            (case, dtype, implementation)
+            for case in ("logits_300", "masked_rows", "long_rows", "huge_scale", "tiny_scale")
+            for dtype in (jnp.bfloat16, jnp.float16)
+            for implementation in ("xla", "chunked")
+        ],
+        [("masked_rows", jnp.bfloat16, "chunked")],
+        several=True,
     ),
 )
 def test_low_precision_under_stress_is_finite_and_matches_float32(case, dtype, implementation):
@@ -406,7 +411,7 @@ INVALID = {
     "mesh.model": 0,
 }
 # A bool field has no invalid value of its type; ml_collections refuses other types.
-BOOL_FIELDS = ("train.skip_nonfinite", "task.augment")
+BOOL_FIELDS = ("train.skip_nonfinite", "task.augment", "model.feed_forward")
 
 
 def _leaves(config, prefix=""):

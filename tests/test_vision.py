@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import load_config
+from helpers import load_config, slow_beyond
 
 from kit import digits, metrics, models, probe, tasks, training, viz_patches
 from kit.models.vision import patchify
@@ -69,7 +69,7 @@ def test_patchify_hand_made_image():
         patchify(image, 3)
 
 
-@pytest.mark.parametrize("positions", ["sinusoidal", "learned"])
+@pytest.mark.parametrize("positions", slow_beyond(["sinusoidal", "learned"], ["learned"]))
 def test_class_token_attention_rows_sum_to_one(positions):
     config = load_config("digits", **{"model.positions": positions, "model.num_layers": 2})
     s = training.setup(config)

@@ -119,3 +119,12 @@ def test_heads_command_errors_write_nothing(tiny_run, tmp_path):
     assert bad.returncode != 0
     assert bad.stderr.strip().splitlines()[-1].startswith("error: metric: expected one of")
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_a_training_run_logs_both_span_losses(tiny_run):
+    with open(os.path.join(tiny_run("induction"), "metrics.jsonl")) as f:
+        evals = [r for r in map(json.loads, f) if "eval/loss" in r]
+    assert evals and all(
+        r["eval/loss_first"] > 0.0 and r["eval/loss_repeat"] > 0.0 for r in evals
+    ), evals

@@ -228,6 +228,18 @@ def train_and_evaluate(
             os.path.join(workdir, "metrics.jsonl"), resume_step=start, enabled=lead
         )
         batches = [(sharding.put_batch(mb, s.batch_sharding), pad) for mb, pad in host_batches]
+
+        def evaluate_held_out(params):
+            """The held-out metrics of `params` (kit.training.steps.evaluate)."""
+            return evaluate(
+                compiled["eval_step"].result(),
+                params,
+                batches,
+                s.mcfg.kind,
+                by_length=s.task.by_length,
+                loss_spans=s.task.loss_spans,
+            )
+
         held_out = sum(len(mb["targets"]) - pad for mb, pad in host_batches)
         console.header(_header(config, s, workdir, start, held_out))
         jax.block_until_ready(state)
@@ -274,13 +286,7 @@ def train_and_evaluate(
                 if evaluate_now:
                     jax.block_until_ready(state)
                     clock.lap("train")
-                    result = evaluate(
-                        compiled["eval_step"].result(),
-                        state["params"],
-                        batches,
-                        s.mcfg.kind,
-                        by_length=s.task.by_length,
-                    )
+                    result = evaluate_held_out(state["params"])
                     writer.write(step, result)
                     console.evaluation(step, result)
                     clock.lap("eval")
@@ -293,13 +299,7 @@ def train_and_evaluate(
         finally:
             console.stop()
         if not result:  # resumed at the end: evaluate what was restored
-            result = evaluate(
-                compiled["eval_step"].result(),
-                state["params"],
-                batches,
-                s.mcfg.kind,
-                by_length=s.task.by_length,
-            )
+            result = evaluate_held_out(state["params"])
             clock.lap("eval")
     finally:
         pool.shutdown(cancel_futures=True)

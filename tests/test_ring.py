@@ -94,9 +94,10 @@ def _compiled_bytes(fn, *specs):
 
 @pytest.mark.slow
 def test_ring_memory_per_device_is_a_fraction_of_one_device(optimized):
-    """At T = 16,384 on 8 devices, forward+backward, per device: 0.29 of the single-device
-    chunked program measured (it would be 1/8 if each device held only its own blocks; it
-    also holds the blocks in flight, their float32 gradient accumulators and loop copies)."""
+    """At T = 16,384 on 8 devices, forward+backward, per device: at most a quarter of the
+    single-device chunked program (0.246 measured; it would be 1/8 if each device held
+    only its own blocks; it also holds the blocks in flight, their float32 gradient
+    accumulators, loop copies and the kernel's block scratch)."""
     spec = jax.ShapeDtypeStruct((1, 16384, 8, 64), jnp.float32)
     mesh = ring_mesh()
 
@@ -117,7 +118,7 @@ def test_ring_memory_per_device_is_a_fraction_of_one_device(optimized):
     one = _compiled_bytes(
         fwd_bwd(lambda q, k, v: kit.chunked_attention(q, k, v, is_causal=True)), spec, spec, spec
     )
-    assert ring < 0.3 * one, (ring / 2**20, one / 2**20)
+    assert ring <= 0.25 * one, (ring / 2**20, one / 2**20)
     # Memory grows linearly with T / P (block scratch is a constant part): doubling T at
     # most doubles it.
     half = jax.ShapeDtypeStruct((1, 8192, 8, 64), jnp.float32)

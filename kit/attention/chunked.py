@@ -89,16 +89,32 @@ def forward_all(cfg, q, k, v, bias, mask, q_len, kv_len):
     return _map_examples(cfg, example, q.shape[0], k.shape[2], bias, mask)
 
 
-def backward_all(cfg, q, k, v, bias, mask, q_len, kv_len, out, lse, d_out, dq_t=None):
+def backward_all(cfg, q, k, v, bias, mask, q_len, kv_len, out, lse, d_out):
     """The kernel's backward over all (local) examples, `cfg` being the forward's.
 
     Returns:
       dq, dk, dv in the shapes and dtypes of q, k, v, and dbias in the shape
-      and dtype of bias (summed over the examples where bias broadcasts) or
-      None. Given `dq_t` (float32 `[B, K, H, Tp * G]`), dq, dk and dv are
-      returned in float32 and dq as dq^T added to `dq_t`, for a caller that
-      sums the gradients of several key blocks (`dq_from_transposed` turns
-      the sum into dq).
+      and dtype of bias (summed over the examples where bias broadcasts) or None.
+    """
+    delta = row_delta(out, d_out, k.shape[2])
+    return backward_from_delta(cfg, q, k, v, bias, mask, q_len, kv_len, delta, lse, d_out)
+
+
+def row_delta(out: Array, d_out: Array, K: int) -> Array:
+    """delta_t = sum_h dO_th O_th = sum_s P_ts dP_ts, the softmax backward's row term:
+    float32 `[B, K, Tp * G]` (lse's layout) from out and d_out `[B, Tp, N, H]`."""
+    B, Tp, N, _ = out.shape
+    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [B, Tp, N]
+    return jnp.swapaxes(delta.reshape(B, Tp, K, N // K), 1, 2).reshape(B, K, -1)
+
+
+def backward_from_delta(cfg, q, k, v, bias, mask, q_len, kv_len, delta, lse, d_out, dq_t=None):
+    """`backward_all` given delta (`row_delta`) instead of out.
+
+    Given `dq_t` (float32 `[B, K, H, Tp * G]`), dq, dk and dv are returned in
+    float32 and dq as dq^T added to `dq_t`, for a caller that sums the
+    gradients of several key blocks (`dq_from_transposed` turns the sum into
+    dq); such a caller computes delta once, and keeps no out for it.
     """
     bcfg = cfg.for_backward()
     summing = dq_t is not None
@@ -108,13 +124,7 @@ def backward_all(cfg, q, k, v, bias, mask, q_len, kv_len, out, lse, d_out, dq_t=
             bcfg, b, q, k, v, bias, mask, q_len[b], kv_len[b], lse, delta, d_out, dq_t
         )
 
-    # delta_t = sum_h dO_th O_th = sum_s P_ts dP_ts, the softmax backward's row term.
-    B, Tp, N, _ = q.shape
-    K = k.shape[2]
-    G = N // K
-    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [B, Tp, N]
-    delta = jnp.swapaxes(delta.reshape(B, Tp, K, G), 1, 2).reshape(B, K, -1)
-    dq, dk, dv, dbias = _map_examples(cfg, example, B, K, bias, mask, dq_t)
+    dq, dk, dv, dbias = _map_examples(cfg, example, q.shape[0], k.shape[2], bias, mask, dq_t)
     if dbias is not None:
         if bias.shape[0] == 1:
             dbias = jnp.sum(dbias, axis=0, keepdims=True)

@@ -42,13 +42,15 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from kit.attention.blocks import BlockConfig
+from kit.attention.blocks import BlockConfig, default_block_sizes
 from kit.attention.chunked import (
-    backward_all,
+    BlockSizes,
+    backward_from_delta,
     block_config,
     dq_from_transposed,
     forward_all,
     pad_axis,
+    row_delta,
 )
 from kit.attention.inputs import check_inputs
 from kit.attention.masks import MASK_VALUE
@@ -126,22 +128,23 @@ def _ring_forward(ring: _Ring, q, k, v, kv_len):
 
     out = jnp.zeros(q.shape, jnp.float32)
     lse = jnp.full((B, K, Tp * (N // K)), MASK_VALUE, jnp.float32)
-    _, _, out, lse = lax.fori_loop(0, ring.size, step, (k, v, out, lse))
-    return out.astype(q.dtype), lse
+    k, v, out, lse = lax.fori_loop(0, ring.size, step, (k, v, out, lse))
+    return out.astype(q.dtype), lse, k, v
 
 
 def _ring_backward(ring: _Ring, q, k, v, kv_len, out, lse, d_out):
     B, Tp, N, H = q.shape
     K = k.shape[2]
     q_len = jnp.full((B,), ring.query_length, jnp.int32)
+    delta = row_delta(out, d_out, K)  # once: out is not kept through the ring
 
     def step(r, carry):
         k, v, dk, dv, dq_t = carry
 
         def compute(src, cfg):
             lengths = ring.key_lengths(kv_len, src)
-            dq_b, dk_b, dv_b, _ = backward_all(
-                cfg, q, k, v, None, None, q_len, lengths, out, lse, d_out, dq_t
+            dq_b, dk_b, dv_b, _ = backward_from_delta(
+                cfg, q, k, v, None, None, q_len, lengths, delta, lse, d_out, dq_t
             )
             return dq_b, dk + dk_b, dv + dv_b
 
@@ -163,7 +166,7 @@ def _ring(ring, q, k, v, kv_len):
 
 
 def _ring_fwd(ring, q, k, v, kv_len):
-    out, lse = _ring_forward(ring, q, k, v, kv_len)
+    out, lse, k, v = _ring_forward(ring, q, k, v, kv_len)
     return out, (q, k, v, kv_len, out, lse)
 
 
@@ -253,8 +256,15 @@ def ring_attention(
         )
     lengths_given = x.key_value_seq_lengths is not None
     local = (T // P, S // P)
-    full = block_config(*local, x.scale, False, None, not lengths_given)
-    diagonal = block_config(*local, x.scale, True, None, not lengths_given) if x.is_causal else None
+    # Half the one-device backward key block (256 instead of 512): the backward's
+    # score-sized scratch is a ring device's largest buffer besides its blocks, and
+    # halving it takes the per-device memory at T = 16,384 on 8 devices from 0.28
+    # to 0.25 of one device's program (docs/benchmarks.md).
+    sizes = BlockSizes(backward_block_k=min(256, default_block_sizes(*local, backward=True)[1]))
+    full = block_config(*local, x.scale, False, None, not lengths_given, sizes)
+    diagonal = (
+        block_config(*local, x.scale, True, None, not lengths_given, sizes) if x.is_causal else None
+    )
     ring = _Ring(axis_name, P, full, diagonal, *local)
     Tp, Sp = full.padded_lengths
     kv_len = jnp.full((B,), S, jnp.int32)

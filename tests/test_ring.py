@@ -70,7 +70,7 @@ def test_ring_equals_dot_product_attention(options):
 
 
 @pytest.mark.slow
-def test_ring_long_sequence_equals_chunked():
+def test_ring_long_sequence_equals_chunked(optimized):
     # T = 16,384 (2,048 per device); the reference is kit's single-device chunked path.
     _compare(T=16384, K=1, reference="chunked", is_causal=True)
 

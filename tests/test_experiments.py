@@ -16,7 +16,13 @@ LOG_LINE = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d|orbax|xla_bridge|absl", re.M
 
 
 def run(script, *args, env=None):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", **(env or {}))
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS="",
+        JAX_DISABLE_MOST_OPTIMIZATIONS="true",
+        **(env or {}),
+    )
     command = [sys.executable, os.path.join(ROOT, "experiments", script), *args]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
 

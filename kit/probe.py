@@ -42,7 +42,7 @@ class Reading:
         "key_vectors" and "value_vectors" `[L, N, S, H]` (key/value heads
         repeated to the N query heads: head n reads kv head n // (N / K)),
         "value_norms" `[L, N, S]` and, with ALiBi, "bias" `[L, N, T, S]` (the
-        fields `kit.viz.attention_html` reads).
+        fields `kit.viewer.attention_html` reads).
     """
 
     text: str

@@ -1,6 +1,6 @@
 """Attention views for notebooks: inline in Jupyter and Colab, saved as HTML, PNG or SVG.
 
-A `View` holds one offline viewer page (`kit.viz.attention_html`) and the
+A `View` holds one offline viewer page (`kit.viewer.attention_html`) and the
 attention it shows. In a notebook its `_repr_html_` puts the page in an
 `<iframe srcdoc="...">`: the page keeps its own ids, CSS and JavaScript, so
 several views on one notebook page cannot clash, and nothing is loaded from the
@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from kit import viz
+from kit import viewer, viz
 
 
 def _examples(source: Any, name: str) -> list[Mapping[str, Any]]:
@@ -50,14 +50,14 @@ class View:
     """One attention page, shown inline in notebooks and exported as HTML or figures.
 
     Args:
-      examples: a list of example dicts as `kit.viz.attention_html` takes them.
+      examples: a list of example dicts as `kit.viewer.attention_html` takes them.
       title, view, set_name, layer, head, query, compare: as in
-        `kit.viz.attention_html` (what the page shows first).
+        `kit.viewer.attention_html` (what the page shows first).
       height: the inline frame's height in pixels; by default from the token
         and layer counts.
 
     Raises:
-      ValueError: as `kit.viz.attention_html` does, naming the argument; or
+      ValueError: as `kit.viewer.attention_html` does, naming the argument; or
         naming `height` if it is not a positive integer.
     """
 
@@ -74,7 +74,7 @@ class View:
         compare: Sequence[int] | None = None,
         height: int | None = None,
     ):
-        self.page = viz.attention_html(
+        self.page = viewer.attention_html(
             examples,
             title=title,
             view=view,

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kit import viz
+from kit import viewer, viz
 
 
 def softmax_weights(shape, seed=0):
@@ -122,7 +122,7 @@ def embedded_data(page):
 @pytest.mark.parametrize("kind", ["self", "cross"])
 def test_attention_html_is_self_contained(kind):
     examples = make_examples(kind)
-    page = viz.attention_html(examples, title="dates")
+    page = viewer.attention_html(examples, title="dates")
     lowered = page.lower()
     for reference in ("http://", "https://", "//cdn", "<script src", "<link", "@import", "url("):
         assert reference not in lowered
@@ -152,7 +152,7 @@ def test_attention_html_escapes_token_text_and_title(tmp_path):
             }
         }
     ]
-    page = viz.attention_html(examples, title="<i>t</i>")
+    page = viewer.attention_html(examples, title="<i>t</i>")
     assert evil not in page
     assert "<b>" not in page and "<i>" not in page
     assert "&lt;i&gt;t&lt;/i&gt;" in page
@@ -160,7 +160,7 @@ def test_attention_html_escapes_token_text_and_title(tmp_path):
     assert data["examples"][0]["name"] == "example 0"
     assert data["examples"][0]["sets"][0]["query_tokens"] == [evil, "x"]
     path = tmp_path / "a.html"
-    viz.write_attention_html(path, examples, title="<i>t</i>")
+    viewer.write_attention_html(path, examples, title="<i>t</i>")
     assert path.read_text(encoding="utf-8") == page
 
 
@@ -195,15 +195,15 @@ def test_attention_html_rejects_bad_examples(edit, match):
     examples = make_examples("cross")
     edit(examples)
     with pytest.raises(ValueError, match=match):
-        viz.attention_html(examples)
+        viewer.attention_html(examples)
 
 
 _ASSETS = ("viewer.html", "viewer.css", "viewer.js")
 
 
 def test_attention_html_inlines_the_asset_files():
-    page = viz.attention_html(make_examples("self", batch=1))
-    assets = Path(viz.__file__).parent / "assets"
+    page = viewer.attention_html(make_examples("self", batch=1))
+    assets = Path(viewer.__file__).parent / "assets"
     for name in ("viewer.css", "viewer.js"):
         text = (assets / name).read_text(encoding="utf-8")
         assert text.strip() and text.strip() in page
@@ -369,7 +369,7 @@ def test_viewer_heads_layers_and_hover(open_page):
     (example,) = make_examples("self", batch=1, L=2, N=3, T=5)
     entry = example["attention"]["self"]
     w, toks = entry["weights"], entry["query_tokens"]
-    page = open_page(viz.attention_html([example]))
+    page = open_page(viewer.attention_html([example]))
     assert page.locator("#example-label").is_hidden()  # one example: no picker
     assert lines(page) == expected_lines(w[0], heads=[0, 1, 2])
 
@@ -403,7 +403,7 @@ def test_viewer_examples_sets_and_escaped_tokens(open_page):
             "query_tokens": ["</script><b>", "x", "y"],
             "key_tokens": ["</script><b>", "x", "y"],
         }
-    page = open_page(viz.attention_html(examples))
+    page = open_page(viewer.attention_html(examples))
     assert page.locator("#example option").all_text_contents() == ["ex0", "ex1", "ex2"]
     assert page.locator("#set option").all_text_contents() == ["cross", "self"]
     assert page.locator(".token.key").count() == 5
@@ -457,7 +457,7 @@ def numpy_attention(entry):
 
 def test_attention_html_embeds_vectors_at_full_precision():
     entry = vector_set(causal=True, bias=True)
-    page = viz.attention_html([{"attention": {"decoder": entry}, "prediction": "p"}])
+    page = viewer.attention_html([{"attention": {"decoder": entry}, "prediction": "p"}])
     (got,) = embedded_data(page)["examples"][0]["sets"]
     for field in ("query_vectors", "key_vectors", "value_vectors", "bias", "value_norms"):
         # float32 -> float64 -> JSON -> float64 is exact.
@@ -467,7 +467,7 @@ def test_attention_html_embeds_vectors_at_full_precision():
     assert embedded_data(page)["start"] == {
         "view": "head", "set": 0, "layer": 0, "head": None, "query": 0
     }  # fmt: skip
-    plain = embedded_data(viz.attention_html(make_examples("self", batch=1)))
+    plain = embedded_data(viewer.attention_html(make_examples("self", batch=1)))
     assert "query_vectors" not in plain["examples"][0]["sets"][0]
     assert "compare" not in plain
 
@@ -497,17 +497,17 @@ def test_attention_html_rejects_bad_vectors(edit, match):
     entry = vector_set()
     edit(entry)
     with pytest.raises(ValueError, match=match):
-        viz.attention_html([{"attention": {"s": entry}}])
+        viewer.attention_html([{"attention": {"s": entry}}])
 
 
 def test_attention_html_rejects_bias_without_vectors_and_causal_cross():
     entry = make_examples("cross", batch=1)[0]["attention"]["cross"]
     with pytest.raises(ValueError, match=r"bias: given without query_vectors"):
-        viz.attention_html([{"attention": {"x": {**entry, "bias": np.zeros((2, 3, 4, 6))}}}])
+        viewer.attention_html([{"attention": {"x": {**entry, "bias": np.zeros((2, 3, 4, 6))}}}])
     with pytest.raises(
         ValueError, match=r"causal: needs self-attention with T = S, given T=4, S=6"
     ):
-        viz.attention_html([{"attention": {"x": {**entry, "causal": True}}}])
+        viewer.attention_html([{"attention": {"x": {**entry, "causal": True}}}])
 
 
 @pytest.mark.parametrize(
@@ -528,14 +528,14 @@ def test_attention_html_rejects_bias_without_vectors_and_causal_cross():
 )
 def test_attention_html_rejects_bad_start(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        viz.attention_html(make_examples("self"), **kwargs)
+        viewer.attention_html(make_examples("self"), **kwargs)
 
 
 def test_attention_html_compare_needs_an_aligned_set():
     examples = make_examples("self", batch=2)
     examples[1]["attention"]["self"] = make_examples("self", batch=1, T=5)[0]["attention"]["self"]
     with pytest.raises(ValueError, match=r"compare: examples 0 and 1 share no attention set of"):
-        viz.attention_html(examples, compare=(0, 1))
+        viewer.attention_html(examples, compare=(0, 1))
 
 
 def test_plot_attention_diverging_scale_is_centred_on_zero():
@@ -571,7 +571,7 @@ def test_neuron_view_numbers_equal_numpy(open_page, shape, causal, bias):
     weights, outputs = numpy_attention(entry)
     q, k = (np.asarray(entry[f], np.float64) for f in ("query_vectors", "key_vectors"))
     page = open_page(
-        viz.attention_html([{"attention": {"s": entry}}], view="neuron", layer=L - 1, head=1)
+        viewer.attention_html([{"attention": {"s": entry}}], view="neuron", layer=L - 1, head=1)
     )
     assert page.locator("#neuron-view").is_visible() and page.locator("#head-view").is_hidden()
     for layer, head, query in [(L - 1, 1, 0), (L - 1, 1, T - 1), (0, 0, T // 2)]:
@@ -622,7 +622,7 @@ def test_neuron_view_equals_the_models_weights(open_page):
         )
     entry = reading.attention["encoder"]
     assert "bias" in entry and entry["key_vectors"].shape[1] == 2  # N=2 from K=1
-    page = open_page(viz.attention_html([{"attention": reading.attention}], view="neuron"))
+    page = open_page(viewer.attention_html([{"attention": reading.attention}], view="neuron"))
     for layer, head, query in [(0, 0, 4), (1, 1, 0)]:
         page.select_option("#layer", str(layer))
         page.select_option("#neuron-head", str(head))
@@ -650,7 +650,7 @@ def thumb_pixels(page, selector, cells):
 def test_model_view_thumbnails_and_click_opens_the_head(open_page):
     (example,) = make_examples("cross", batch=1, L=2, N=3, T=4, S=6)
     w = example["attention"]["cross"]["weights"]
-    page = open_page(viz.attention_html([example], view="model"))
+    page = open_page(viewer.attention_html([example], view="model"))
     assert page.locator("#model-view").is_visible() and page.locator("#layer-label").is_hidden()
     assert page.locator("canvas.thumb").count() == 2 * 3
     # Thumbnail cells fade from white to the head's colour with the weight.
@@ -683,7 +683,7 @@ def strongest_reference(weights, share):
 def test_pinned_token_from_and_to_with_a_threshold(open_page):
     (example,) = make_examples("cross", batch=1, L=1, N=3, T=4, S=7)
     w = np.round(example["attention"]["cross"]["weights"][0], 4)  # [N, T, S] as embedded
-    page = open_page(viz.attention_html([example]))
+    page = open_page(viewer.attention_html([example]))
 
     def set_threshold(share):
         page.eval_on_selector(
@@ -727,7 +727,7 @@ def test_pinned_token_from_and_to_with_a_threshold(open_page):
 def test_value_weighted_lines(open_page):
     entry = vector_set(L=1, N=2, T=4, S=4, causal=True)
     w, norms = np.round(entry["weights"][0], 4), entry["value_norms"][0]  # [N, T, S], [N, S]
-    page = open_page(viz.attention_html([{"attention": {"s": entry}}]))
+    page = open_page(viewer.attention_html([{"attention": {"s": entry}}]))
     page.check("#value-weighted")
     weighted = w * norms[:, None, :]
     weighted = weighted / weighted.sum(-1, keepdims=True)
@@ -748,7 +748,7 @@ def test_diff_view_diverging_scale(open_page):
     b["weights"][1, 0] = np.eye(4)  # only layer 1, head 0 changes
     b["query_tokens"] = b["key_tokens"] = ["q0_0", "Anna", "q0_2", "q0_3"]
     examples[0]["prediction"], examples[1]["prediction"] = "Mark", "Anna"
-    page = open_page(viz.attention_html(examples, view="diff", compare=(0, 1)))
+    page = open_page(viewer.attention_html(examples, view="diff", compare=(0, 1)))
     assert page.locator("#diff-view").is_visible()
     assert page.locator(".diff-prediction").all_text_contents() == [
         "a: ex0 → Mark",

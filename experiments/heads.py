@@ -58,13 +58,14 @@ def pattern_scores(model, kind, mb, count):
     mb = {k: v[:count] for k, v in mb.items()}
     _, aux = jax.jit(lambda b: model.teacher_forced(b, return_weights=True))(mb)
     out = {}
+    tokens = {} if kind == "vision_transformer" else set_tokens(kind, mb)
     for name in model.ATTENTION_SETS:
         weights = interp.batch_first(aux[name])
         if kind == "vision_transformer":  # patches have no ids: each is its own token
             query = np.broadcast_to(np.arange(weights.shape[-1]), (len(weights), weights.shape[-1]))
             key = None
         else:
-            query, key = set_tokens(kind, mb)[name]
+            query, key = tokens[name]
         scores = interp.head_scores(weights, query, key, ignore=[tasks.PAD])
         out[name] = {k: _nan_to_none(v) for k, v in scores.items()}
     return out, aux, mb

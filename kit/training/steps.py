@@ -134,9 +134,6 @@ def make_schedule(t: ml_collections.ConfigDict) -> optax.Schedule:
 
 
 # optax.apply_if_finite applies a non-finite update after this many in a row; never, here.
-
-
-# optax.apply_if_finite applies a non-finite update after this many in a row; never, here.
 _NEVER = 2**30
 
 

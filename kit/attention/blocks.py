@@ -122,13 +122,21 @@ def _pair_live(cfg, t: Array, s: Array, q_len, kv_len) -> Array:
     return live
 
 
+def stat_dtype(dtype) -> jnp.dtype:
+    """The dtype of scores, softmax statistics and accumulators for inputs of `dtype`:
+    float32, or float64 for float64 inputs (with x64 on), as jax.nn promotes them."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def positions(start: Array, size: int) -> Array:
     return start + jnp.arange(size, dtype=jnp.int32)
 
 
 def example_rows(x: Array, b: Array, start: Array, size: int) -> Array:
     """`x[b, start:start + size]`: one block of positions of example b, read in place."""
-    index = (b, start) + (0,) * (x.ndim - 2)
+    # Every index int32: with x64 on, a Python 0 would be int64, which dynamic_slice
+    # refuses beside the int32 ones.
+    index = (b, start) + (jnp.int32(0),) * (x.ndim - 2)
     return lax.dynamic_slice(x, index, (1, size, *x.shape[2:]))[0]
 
 

@@ -46,7 +46,12 @@ from jax.custom_batching import custom_vmap
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec
 
-from kit.attention.blocks import DEFAULT_UNITS_PER_STEP, BlockConfig, default_block_sizes
+from kit.attention.blocks import (
+    DEFAULT_UNITS_PER_STEP,
+    BlockConfig,
+    default_block_sizes,
+    stat_dtype,
+)
 from kit.attention.flash_backward import example_backward
 from kit.attention.flash_forward import example_forward
 from kit.attention.inputs import Inputs
@@ -104,7 +109,8 @@ def row_delta(out: Array, d_out: Array, K: int) -> Array:
     """delta_t = sum_h dO_th O_th = sum_s P_ts dP_ts, the softmax backward's row term:
     float32 `[B, K, Tp * G]` (lse's layout) from out and d_out `[B, Tp, N, H]`."""
     B, Tp, N, _ = out.shape
-    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [B, Tp, N]
+    stat = stat_dtype(out.dtype)
+    delta = jnp.sum(d_out.astype(stat) * out.astype(stat), axis=-1)  # [B, Tp, N]
     return jnp.swapaxes(delta.reshape(B, Tp, K, N // K), 1, 2).reshape(B, K, -1)
 
 

@@ -24,7 +24,8 @@ Array = jax.Array
 
 
 def masked_softmax(logits: Array, mask: Array | None = None) -> Array:
-    """Softmax over the last axis in float32 in which masked entries get weight 0.
+    """Softmax over the last axis in float32 (float64 for float64 logits) in which
+    masked entries get weight 0.
 
     A row with no live entry returns all zeros (not the uniform distribution),
     and its gradient is zero and finite.
@@ -34,9 +35,9 @@ def masked_softmax(logits: Array, mask: Array | None = None) -> Array:
       mask: bool, broadcastable to `logits` with the same rank, or None.
 
     Returns:
-      float32 weights, same shape as `logits`.
+      float32 (or float64) weights, same shape as `logits`.
     """
-    logits = logits.astype(jnp.float32)
+    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
     if mask is None:
         return jax.nn.softmax(logits, axis=-1)
     return _masked_softmax(logits, mask)
@@ -66,7 +67,7 @@ def _masked_softmax_jvp(primals, tangents):
 def attention_logits(
     query: Array, key: Array, bias: Array | None = None, *, scale: float | Array
 ) -> Array:
-    """float32 logits of one head: `scale * q k^T + bias`.
+    """float32 logits of one head (float64 for float64 input): `scale * q k^T + bias`.
 
     Args:
       query: `[T, H]`.
@@ -75,14 +76,15 @@ def attention_logits(
       scale: multiplies the dot products.
 
     Returns:
-      float32 `[T, S]`.
+      float32 (or float64) `[T, S]`.
     """
+    stat = jnp.promote_types(query.dtype, jnp.float32)
     logits = jnp.einsum(
-        "th,sh->ts", query, key, preferred_element_type=jnp.float32
+        "th,sh->ts", query, key, preferred_element_type=stat
     )  # [T, H] x [S, H] -> [T, S]
-    logits = logits * jnp.asarray(scale, jnp.float32)
+    logits = logits * jnp.asarray(scale, stat)
     if bias is not None:
-        logits = logits + bias.astype(jnp.float32)
+        logits = logits + bias.astype(stat)
     return logits
 
 

@@ -20,6 +20,7 @@ from kit.attention.blocks import (
     example_rows,
     head_major,
     slice_block,
+    stat_dtype,
     swap01,
 )
 
@@ -55,7 +56,7 @@ def _q_range(cfg, j, q_len, kv_len) -> tuple[Array, Array, Array]:
 
 
 def example_backward(cfg, b, q, k, v, bias, mask, q_len, kv_len, lse, delta, d_out, dq_t=None):
-    """Returns example b's dq^T `[K, H, Tp * G]`, dk and dv `[Sp, K, H]` in float32
+    """Returns example b's dq^T `[K, H, Tp * G]`, dk and dv `[Sp, K, H]` in `stat_dtype`
     and dbias `[K|1, G|1, Tp|1, Sp|1]` (or None); lse and delta are `[B, K, Tp * G]`.
 
     The backward works in the transposed layout: block scores are
@@ -71,7 +72,8 @@ def example_backward(cfg, b, q, k, v, bias, mask, q_len, kv_len, lse, delta, d_o
     K = k.shape[2]
     G = N // K
     bq, bk = cfg.block_q, cfg.block_k
-    scale = jnp.float32(cfg.scale)
+    stat = stat_dtype(q.dtype)
+    scale = jnp.asarray(cfg.scale, stat)
 
     def transposed(x):  # [K|1, G|1, bq|1, bk|1] -> [K|1, bk|1, bq|1, G|1]
         return None if x is None else jnp.transpose(x, (0, 3, 2, 1))
@@ -93,18 +95,20 @@ def example_backward(cfg, b, q, k, v, bias, mask, q_len, kv_len, lse, delta, d_o
             q_blk = head_major(example_rows(q, b, i * bq, bq), K)
             do_blk = head_major(example_rows(d_out, b, i * bq, bq), K)
             lse_blk, delta_blk = (  # [B, K, Tp * G] -> [K, 1, bq, G]
-                lax.dynamic_slice(x, (b, 0, i * bq * G), (1, K, bq * G)).reshape(K, 1, bq, G)
+                lax.dynamic_slice(x, (b, jnp.int32(0), i * bq * G), (1, K, bq * G)).reshape(
+                    K, 1, bq, G
+                )
                 for x in (lse, delta)
             )
             s = (
                 jnp.einsum(  # [K, rows, H] x [K, bq * G, H] -> [K, rows, bq * G]
-                    "ush,uch->usc", k_rows, q_blk, preferred_element_type=jnp.float32
+                    "ush,uch->usc", k_rows, q_blk, preferred_element_type=stat
                 ).reshape(K, rows, bq, G)
                 * scale
             )
             bias_blk = transposed(slice_block(bias_j, i * bq, bq, axis=2))
             if bias_blk is not None:
-                s = s + bias_blk[:, :rows].astype(jnp.float32)
+                s = s + bias_blk[:, :rows].astype(stat)
             if masked:  # exp(-inf - lse) is exactly 0: one pass for the mask and the exp
                 mask_blk = transposed(slice_block(mask_j, i * bq, bq, axis=2))
                 live = _live_t(cfg, i, j, q_len, kv_len, mask_blk, rows)
@@ -114,24 +118,24 @@ def example_backward(cfg, b, q, k, v, bias, mask, q_len, kv_len, lse, delta, d_o
                 "usc,uch->ush",
                 p.reshape(K, rows, bq * G).astype(d_out.dtype),
                 do_blk,
-                preferred_element_type=jnp.float32,
+                preferred_element_type=stat,
             )
             dp = jnp.einsum(  # [K, rows, H] x [K, bq * G, H] -> [K, rows, bq * G]
-                "ush,uch->usc", v_rows, do_blk, preferred_element_type=jnp.float32
+                "ush,uch->usc", v_rows, do_blk, preferred_element_type=stat
             ).reshape(K, rows, bq, G)
             ds = p * (dp - delta_blk)  # gradient of the (biased) logits, [K, rows, bq, G]
             # The scale is applied to the float32 products, not to ds in the input dtype,
             # where a tiny scale would underflow it (float16) and a huge one overflow it.
             ds_low = ds.reshape(K, rows, bq * G).astype(q.dtype)
             dk_rows = scale * jnp.einsum(  # [K, rows, bq * G] x [K, bq * G, H] -> [K, rows, H]
-                "usc,uch->ush", ds_low, q_blk, preferred_element_type=jnp.float32
+                "usc,uch->ush", ds_low, q_blk, preferred_element_type=stat
             )
             # XLA may fold k^T's transpose into this product, and XLA:CPU's dot for
             # a transposed operand has no bfloat16 x bfloat16 -> float32. Products of
             # two bfloat16 or float16 numbers are exact in float32, so the operands
             # are taken in float32 here with the same result.
             dq_blk = scale * jnp.einsum(  # [K, H, rows] x [K, rows, bq * G] -> [K, H, bq * G]
-                "uhs,usc->uhc", k_rows_t.astype(jnp.float32), ds_low.astype(jnp.float32)
+                "uhs,usc->uhc", k_rows_t.astype(stat), ds_low.astype(stat)
             )
             if rows == bk:
                 dk, dv = dk + dk_rows, dv + dv_rows
@@ -143,7 +147,7 @@ def example_backward(cfg, b, q, k, v, bias, mask, q_len, kv_len, lse, delta, d_o
             return dk, dv, dq_t, dbias
 
         lo, full, hi = _q_range(cfg, j, q_len, kv_len)
-        zeros = jnp.zeros((K, bk, H), jnp.float32)
+        zeros = jnp.zeros((K, bk, H), stat)
         inner = (zeros, zeros, *carry)
         if cfg.structural_only and cfg.is_causal and bk % bq == 0:
             # On the causal diagonal, query block lo + r sees only the first
@@ -163,8 +167,8 @@ def example_backward(cfg, b, q, k, v, bias, mask, q_len, kv_len, lse, delta, d_o
         return (dq_t, dbias), (swap01(dk), swap01(dv))  # [bk, K, H]
 
     carry = (
-        jnp.zeros((K, H, Tp * G), jnp.float32) if dq_t is None else dq_t,
-        None if bias is None else jnp.zeros(bias.shape, jnp.float32),
+        jnp.zeros((K, H, Tp * G), stat) if dq_t is None else dq_t,
+        None if bias is None else jnp.zeros(bias.shape, stat),
     )
     (dq_t, dbias), (dk, dv) = lax.scan(
         kv_block, carry, jnp.arange(cfg.num_k_blocks, dtype=jnp.int32)

@@ -19,6 +19,7 @@ from kit.attention.blocks import (
     head_major,
     position_major,
     slice_block,
+    stat_dtype,
     swap01,
 )
 from kit.attention.masks import MASK_VALUE
@@ -64,7 +65,7 @@ def _kv_range(cfg, i, q_len, kv_len) -> tuple[Array, Array, Array]:
 
 
 def example_forward(cfg, b, q, k, v, bias, mask, q_len, kv_len):
-    """Returns example b's out `[Tp, N, H]` (q's dtype) and lse `[K, Tp * G]` (float32,
+    """Returns example b's out `[Tp, N, H]` (q's dtype) and lse `[K, Tp * G]` (`stat_dtype`,
     MASK_VALUE for rows with no live key).
 
     Each query block's G heads are flattened into bq * G rows, so that a block
@@ -77,11 +78,12 @@ def example_forward(cfg, b, q, k, v, bias, mask, q_len, kv_len):
     K = k.shape[2]
     G = N // K
     bq, bk = cfg.block_q, cfg.block_k
-    scale = jnp.float32(cfg.scale)
+    stat = stat_dtype(q.dtype)
+    scale = jnp.asarray(cfg.scale, stat)
 
     # In float32 the scale goes into the query block (one pass per query block):
     # scaling each score block instead makes XLA keep a scaled copy for the row max.
-    fold_scale = q.dtype == jnp.float32
+    fold_scale = q.dtype == stat
 
     def q_block(_, i):
         q_blk = head_major(example_rows(q, b, i * bq, bq), K)
@@ -106,13 +108,13 @@ def example_forward(cfg, b, q, k, v, bias, mask, q_len, kv_len):
             k_blk = swap01(example_rows(k, b, j * bk, bk))  # [K, bk, H]
             v_blk = swap01(example_rows(v, b, j * bk, bk))
             s = jnp.einsum(  # [K, rows * G, H] x [K, bk, H] -> [K, rows * G, bk]
-                "uch,ush->ucs", part(q_blk), k_blk, preferred_element_type=jnp.float32
+                "uch,ush->ucs", part(q_blk), k_blk, preferred_element_type=stat
             )
             if not fold_scale:
                 s = scale * s
             bias_blk = _rows(from_first(slice_block(bias_i, j * bk, bk, axis=3)), G, rows)
             if bias_blk is not None:
-                s = s + bias_blk.astype(jnp.float32)
+                s = s + bias_blk.astype(stat)
             if masked:
                 mask_blk = from_first(slice_block(mask_i, j * bk, bk, axis=3))
                 live = _live(cfg, i, j, q_len, kv_len, mask_blk, first)
@@ -121,7 +123,7 @@ def example_forward(cfg, b, q, k, v, bias, mask, q_len, kv_len):
             p = jnp.exp(s - m_new[..., None])
             correction = jnp.exp(m - m_new)
             pv = jnp.einsum(  # [K, rows * G, bk] x [K, bk, H] -> [K, rows * G, H]
-                "ucs,ush->uch", p.astype(v.dtype), v_blk, preferred_element_type=jnp.float32
+                "ucs,ush->uch", p.astype(v.dtype), v_blk, preferred_element_type=stat
             )
             l = l * correction + jnp.sum(p, axis=-1)
             new = (m_new, l, acc * correction[..., None] + pv)
@@ -132,9 +134,9 @@ def example_forward(cfg, b, q, k, v, bias, mask, q_len, kv_len):
 
         lo, full, hi = _kv_range(cfg, i, q_len, kv_len)
         carry = (
-            jnp.full((K, bq * G), MASK_VALUE, jnp.float32),
-            jnp.zeros((K, bq * G), jnp.float32),
-            jnp.zeros((K, bq * G, H), jnp.float32),
+            jnp.full((K, bq * G), MASK_VALUE, stat),
+            jnp.zeros((K, bq * G), stat),
+            jnp.zeros((K, bq * G, H), stat),
         )
         carry = lax.fori_loop(lo, full, functools.partial(kv_step, masked=False), carry)
         if cfg.structural_only and cfg.is_causal and bq % bk == 0 and bk > 1:

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from kit.attention.blocks import BlockConfig, default_block_sizes
+from kit.attention.blocks import BlockConfig, default_block_sizes, stat_dtype
 from kit.attention.chunked import (
     BlockSizes,
     backward_from_delta,
@@ -110,6 +110,7 @@ def _ring_forward(ring: _Ring, q, k, v, kv_len):
     B, Tp, N, _ = q.shape
     K = k.shape[2]
     q_len = jnp.full((B,), ring.query_length, jnp.int32)
+    stat = stat_dtype(q.dtype)
 
     def step(r, carry):
         k, v, out, lse = carry
@@ -120,14 +121,14 @@ def _ring_forward(ring: _Ring, q, k, v, kv_len):
             )
             new = jnp.logaddexp(lse, lse_b)
             w_a, w_b = (jnp.exp(_by_row(x - new, N // K))[..., None] for x in (lse, lse_b))
-            return w_a * out + w_b * out_b.astype(jnp.float32), new
+            return w_a * out + w_b * out_b.astype(stat), new
 
         out, lse = _run(ring, r, compute, lambda: (out, lse))
         k, v = ring.permute((k, v))
         return k, v, out, lse
 
-    out = jnp.zeros(q.shape, jnp.float32)
-    lse = jnp.full((B, K, Tp * (N // K)), MASK_VALUE, jnp.float32)
+    out = jnp.zeros(q.shape, stat)
+    lse = jnp.full((B, K, Tp * (N // K)), MASK_VALUE, stat)
     k, v, out, lse = lax.fori_loop(0, ring.size, step, (k, v, out, lse))
     return out.astype(q.dtype), lse, k, v
 
@@ -153,8 +154,9 @@ def _ring_backward(ring: _Ring, q, k, v, kv_len, out, lse, d_out):
         k, v, dk, dv = ring.permute((k, v, dk, dv))
         return k, v, dk, dv, dq_t
 
-    zeros_kv = jnp.zeros(k.shape, jnp.float32)
-    dq_t = jnp.zeros((B, K, H, Tp * (N // K)), jnp.float32)  # dq^T, as the kernel sums it
+    stat = stat_dtype(q.dtype)
+    zeros_kv = jnp.zeros(k.shape, stat)
+    dq_t = jnp.zeros((B, K, H, Tp * (N // K)), stat)  # dq^T, as the kernel sums it
     _, _, dk, dv, dq_t = lax.fori_loop(0, ring.size, step, (k, v, zeros_kv, zeros_kv, dq_t))
     dq = dq_from_transposed(dq_t, q.shape)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)

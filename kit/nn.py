@@ -187,7 +187,7 @@ class MultiHeadAttention(nnx.Module):
         key_positions = jnp.arange(k.shape[1], dtype=jnp.int32)
         cache_mask = key_positions[None, None, None, :] <= positions[:, None, :, None]
         mask = cache_mask if mask is None else mask & cache_mask
-        out, weights = attend(
+        out, weights, _ = attend(
             check_inputs(q, k, v, bias, mask),
             implementation=self.implementation,
             return_weights=return_weights,

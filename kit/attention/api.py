@@ -23,6 +23,7 @@ import numbers
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kit.attention.chunked import BlockSizes, chunked_from_inputs
 from kit.attention.core import xla_attention
@@ -104,16 +105,18 @@ def attend(
     dropout_rate: float = 0.0,
     dropout_rng: Array | None = None,
     return_weights: bool = False,
-) -> tuple[Array, Array | None]:
-    """Attention over checked inputs: the output, and the weights when asked.
+    return_residual: bool = False,
+) -> tuple[Array, Array | None, Array | None]:
+    """Attention over checked inputs: the output, and the weights and residual when asked.
 
     With `return_weights` the materialized path runs once and gives both (the
     weights are `[B, N, T, S]` anyway); otherwise the path is chosen as
     `dot_product_attention` documents.
 
     Returns:
-      out `[B, T, N, H]` and weights `[B, N, T, S]` or None (without the
-      batch axis for unbatched input).
+      out `[B, T, N, H]`, weights `[B, N, T, S]` or None, and the residual
+      `[B, T, N]` (as `dot_product_attention` documents it) or None; without
+      the batch axis for unbatched input.
 
     Raises:
       ValueError: for an unknown implementation, a dropout rate outside [0, 1)
@@ -122,10 +125,14 @@ def attend(
     _check_options(implementation, dropout_rate, dropout_rng)
     implementation = _choose_implementation(implementation, x, dropout_rate)
     if return_weights or implementation == "xla":
-        out, weights = xla_attention(x, dropout_rate=dropout_rate, dropout_rng=dropout_rng)
-        return x.unbatch(out), (x.unbatch(weights) if return_weights else None)
+        out, weights, lse = xla_attention(
+            x, dropout_rate=dropout_rate, dropout_rng=dropout_rng, return_residual=return_residual
+        )
+        weights = x.unbatch(weights) if return_weights else None
+        return x.unbatch(out), weights, None if lse is None else x.unbatch(lse)
     if implementation == "chunked":
-        return chunked_from_inputs(x), None
+        out, lse = chunked_from_inputs(x, return_residual=return_residual)
+        return out, None, lse
     out = jax.nn.dot_product_attention(
         x.query,
         x.key,
@@ -138,8 +145,24 @@ def attend(
         key_value_seq_lengths=x.key_value_seq_lengths,
         local_window_size=x.window,
         implementation="cudnn",
+        return_residual=return_residual,
     )
-    return x.unbatch(out), None
+    if not return_residual:
+        return x.unbatch(out), None, None
+    out, lse = out
+    lse = _dead_rows_to_minus_inf(lse, x)
+    return x.unbatch(out), None, x.unbatch(lse)
+
+
+def _dead_rows_to_minus_inf(lse: Array, x: Inputs) -> Array:
+    """jax.nn's residual `[B, T, N]` with the kit's -inf where a row has no live
+    key; only lengths can empty a row on the cuDNN path."""
+    B, T, _ = lse.shape
+    S = x.key.shape[1]
+    q_len = x.query_seq_lengths if x.query_seq_lengths is not None else jnp.full((B,), T)
+    kv_len = x.key_value_seq_lengths if x.key_value_seq_lengths is not None else jnp.full((B,), S)
+    live = (jnp.arange(T)[None, :] < q_len[:, None]) & (kv_len[:, None] > 0)
+    return jnp.where(live[:, :, None], lse, -jnp.inf)
 
 
 def dot_product_attention(
@@ -157,7 +180,8 @@ def dot_product_attention(
     implementation: str | None = None,
     dropout_rate: float = 0.0,
     dropout_rng: Array | None = None,
-) -> Array:
+    return_residual: bool = False,
+) -> Array | tuple[Array, Array]:
     """Scaled dot-product attention; a drop-in for `jax.nn.dot_product_attention`.
 
     out = softmax(scale * Q K^T + bias, masked) V per head, with the softmax in
@@ -187,9 +211,17 @@ def dot_product_attention(
       dropout_rate: attention-weight dropout probability, in [0, 1).
       dropout_rng: PRNG key; required when `dropout_rate > 0`. The output is a
         deterministic function of it.
+      return_residual: also return the residual, as jax.nn does: the
+        log-sum-exp of each query row's logits, log sum_s exp(scale q.k_s +
+        bias), over its live keys. Like jax.nn's, it carries no gradient (a
+        cotangent sent into it contributes nothing). A row with no live key
+        gets -inf, the log of an empty sum, so that merging partial results by
+        log-sum-exp weighs it exactly zero (jax.nn gives the mask value plus
+        log S there, which depends on S and is -inf in float16 anyway).
 
     Returns:
-      `[B, T, N, H]` (or `[T, N, H]`), dtype of `query`.
+      `[B, T, N, H]` (or `[T, N, H]`), dtype of `query`; with `return_residual`,
+      `(out, residual)`, residual `[B, T, N]` (or `[T, N]`) in that dtype.
 
     Raises:
       ValueError: at trace time, naming the argument, for a wrong rank, shape,
@@ -212,13 +244,16 @@ def dot_product_attention(
         key_value_seq_lengths=key_value_seq_lengths,
         local_window_size=local_window_size,
     )
-    out, _ = attend(
+    if not isinstance(return_residual, (bool, np.bool_)):
+        raise ValueError(f"return_residual: expected a bool, got {return_residual!r}")
+    out, _, residual = attend(
         x,
         implementation=implementation,
         dropout_rate=dropout_rate,
         dropout_rng=dropout_rng,
+        return_residual=bool(return_residual),
     )
-    return out
+    return (out, residual) if return_residual else out
 
 
 def attention_weights(
@@ -262,7 +297,7 @@ def attention_weights(
         key_value_seq_lengths=key_value_seq_lengths,
         local_window_size=local_window_size,
     )
-    _, weights = xla_attention(x)
+    _, weights, _ = xla_attention(x)
     return x.unbatch(weights)
 
 
@@ -334,4 +369,4 @@ def chunked_attention(
         local_window_size=local_window_size,
     )
     sizes = BlockSizes(block_q, block_k, backward_block_q, backward_block_k, units_per_step)
-    return chunked_from_inputs(x, sizes)
+    return chunked_from_inputs(x, sizes)[0]

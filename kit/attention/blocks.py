@@ -128,6 +128,23 @@ def stat_dtype(dtype) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
+def varying_like(x, *refs):
+    """`x` (a pytree) typed as varying over every manual mesh axis that one of `refs`
+    varies over. Inside a user's `jax.shard_map`, the inputs vary over its axes while a
+    loop carry made by `jnp.zeros` does not, and a loop refuses a carry whose type
+    changes; outside one there is nothing to do."""
+    axes = set()
+    for ref in refs:
+        if ref is not None:
+            axes |= jax.typeof(ref).manual_axis_type.varying
+
+    def cast(leaf):
+        missing = axes - jax.typeof(leaf).manual_axis_type.varying
+        return lax.pcast(leaf, tuple(sorted(missing)), to="varying") if missing else leaf
+
+    return jax.tree.map(cast, x) if axes else x
+
+
 def positions(start: Array, size: int) -> Array:
     return start + jnp.arange(size, dtype=jnp.int32)
 

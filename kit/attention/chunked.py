@@ -44,7 +44,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.custom_batching import custom_vmap
 from jax.experimental.custom_partitioning import custom_partitioning
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from kit.attention.blocks import (
     DEFAULT_UNITS_PER_STEP,
@@ -55,6 +55,7 @@ from kit.attention.blocks import (
 from kit.attention.flash_backward import example_backward
 from kit.attention.flash_forward import example_forward
 from kit.attention.inputs import Inputs
+from kit.attention.masks import MASK_VALUE
 
 Array = jax.Array
 
@@ -191,11 +192,15 @@ def _sharding_rule(cfg, present, backward, mesh, operand_types, result_types):
     return rule, {"need_replication_factors": tuple(f for f in factors if f in replicated)}
 
 
-def _split_axes(mesh, q, k):
+def _split_axes(mesh, q, k, q_spec=None, k_spec=None):
     """The mesh axes to split the batch and the heads over: the batch's from
     query (or key), the heads' from query (or key) where they divide both
-    query's N and key's K heads; else the heads stay whole."""
-    q_spec, k_spec = (tuple(x.sharding.spec) + (None,) * 4 for x in (q, k))
+    query's N and key's K heads; else the heads stay whole. The specs are
+    q's and k's shardings' unless given."""
+    q_spec, k_spec = (
+        tuple(x.sharding.spec if spec is None else spec) + (None,) * 4
+        for x, spec in ((q, q_spec), (k, k_spec))
+    )
 
     def size(axes):
         return math.prod(mesh.shape[a] for a in (axes if isinstance(axes, tuple) else (axes,)))
@@ -267,17 +272,67 @@ _forward = _partitioned(forward_all, backward=False)
 _backward = _partitioned(backward_all, backward=True)
 
 
+def _explicit_axes(*arrays) -> set[str]:
+    """The Explicit mesh axes (JAX's default since 0.9) that shard any of `arrays`."""
+    axes = set()
+    for x in arrays:
+        if x is None:
+            continue
+        sharding = jax.typeof(x).sharding
+        explicit = {
+            name
+            for name, kind in zip(sharding.mesh.axis_names, sharding.mesh.axis_types, strict=True)
+            if kind == AxisType.Explicit
+        }
+        for entry in sharding.spec:
+            names = entry if isinstance(entry, tuple) else (entry,)
+            axes |= explicit.intersection(n for n in names if n is not None)
+    return axes
+
+
+def _split_explicit(run, q, k, v, bias, mask, q_len, kv_len):
+    """`run(q, k, v, bias, mask, q_len, kv_len) -> (out, lse)` on each device's
+    examples and heads, for inputs sharded over Explicit mesh axes.
+
+    On such axes the sharding is part of each array's type, so it is known at
+    trace time and `jax.shard_map` splits the work directly (custom_partitioning
+    serves the Auto axes, whose shardings are chosen after tracing). The batch
+    and heads keep their split as `_split_axes` chooses it; anything else
+    sharded (a sequence or head-dim axis) is gathered first, as on Auto meshes.
+    """
+    mesh = jax.typeof(q).sharding.mesh
+    batch, heads = _split_axes(mesh, q, k, jax.typeof(q).sharding.spec, jax.typeof(k).sharding.spec)
+
+    def extra(x):  # bias or mask [B|1, K|1, G|1, Tp|1, Sp|1]: split where not broadcast
+        if x is None:
+            return None
+        return PartitionSpec(batch if x.shape[0] != 1 else None, heads if x.shape[1] != 1 else None)
+
+    qs, lengths = PartitionSpec(batch, None, heads), PartitionSpec(batch)
+    specs = (qs, qs, qs, extra(bias), extra(mask), lengths, lengths)
+    args = [
+        None if x is None else jax.sharding.reshard(x, spec)
+        for x, spec in zip((q, k, v, bias, mask, q_len, kv_len), specs, strict=True)
+    ]
+    split = jax.shard_map(
+        run, mesh=mesh, in_specs=specs, out_specs=(qs, PartitionSpec(batch, heads))
+    )
+    return split(*args)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _flash(cfg, q, k, v, bias, mask, q_len, kv_len):
+    """out `[B, Tp, N, H]` and lse `[B, K, Tp * G]`; lse carries no gradient."""
     return _flash_fwd(cfg, q, k, v, bias, mask, q_len, kv_len)[0]
 
 
 def _flash_fwd(cfg, q, k, v, bias, mask, q_len, kv_len):
     out, lse = _forward(cfg, q, k, v, bias, mask, q_len, kv_len)
-    return out, (q, k, v, bias, mask, q_len, kv_len, out, lse)
+    return (out, lse), (q, k, v, bias, mask, q_len, kv_len, out, lse)
 
 
-def _flash_bwd(cfg, res, d_out):
+def _flash_bwd(cfg, res, cotangents):
+    d_out, _ = cotangents  # lse's cotangent is dropped, as jax.nn drops its residual's
     dq, dk, dv, dbias = _backward(cfg, *res, d_out)
     return dq, dk, dv, dbias, None, None, None
 
@@ -369,11 +424,15 @@ def block_config(
     )
 
 
-def chunked_from_inputs(x: Inputs, sizes: BlockSizes = BlockSizes()) -> Array:
+def chunked_from_inputs(
+    x: Inputs, sizes: BlockSizes = BlockSizes(), *, return_residual: bool = False
+) -> tuple[Array, Array | None]:
     """Runs the chunked kernel on checked inputs (`x.value` must be given).
 
     Returns:
-      `[B, T, N, H]` (or `[T, N, H]` for unbatched input).
+      out `[B, T, N, H]` and, with `return_residual`, the log-sum-exp of each
+      row `[B, T, N]` in the inputs' dtype (-inf for rows with no live key, no
+      gradient), else None; without the batch axis for unbatched input.
 
     Raises:
       ValueError: for a non-positive block size or a traced scale, naming it.
@@ -398,5 +457,15 @@ def chunked_from_inputs(x: Inputs, sizes: BlockSizes = BlockSizes()) -> Array:
     if x.key_value_seq_lengths is not None:
         kv_len = jnp.minimum(x.key_value_seq_lengths, S)
 
-    out = _flash(cfg, q, k, v, bias, mask, q_len, kv_len)[:, :T]  # [B, T, N, H]
-    return x.unbatch(out)
+    args = (q, k, v, bias, mask, q_len, kv_len)
+    if _explicit_axes(*args):
+        out, lse = _split_explicit(functools.partial(_flash, cfg), *args)
+    else:
+        out, lse = _flash(cfg, *args)
+    out = x.unbatch(out[:, :T])  # [B, T, N, H]
+    if not return_residual:
+        return out, None
+    # [B, K, Tp * G] -> [B, Tp, K, G] -> [B, T, N]; the kernel's MASK_VALUE rows -> -inf
+    lse = jnp.swapaxes(lse.reshape(B, K, Tp, G), 1, 2).reshape(B, Tp, N)[:, :T]
+    lse = jnp.where(lse == MASK_VALUE, -jnp.inf, lax.stop_gradient(lse))
+    return out, x.unbatch(lse.astype(query.dtype))

@@ -64,6 +64,24 @@ def _masked_softmax_jvp(primals, tangents):
     return weights, weights * (d_logits - jnp.sum(d_logits * weights, axis=-1, keepdims=True))
 
 
+def masked_logsumexp(logits: Array, mask: Array | None = None) -> Array:
+    """log sum_s exp(logits_s) over the live entries of the last axis, with no gradient.
+
+    A row with no live entry gets -inf: the log of an empty sum, so that merging
+    partial results by log-sum-exp gives such a row exactly zero weight.
+
+    Args:
+      logits: float32 (or float64) `[..., S]`.
+      mask: bool, broadcastable to `logits` with the same rank, or None.
+
+    Returns:
+      `[...]` in the dtype of `logits`.
+    """
+    if mask is not None:
+        logits = jnp.where(mask, logits, -jnp.inf)
+    return jax.lax.stop_gradient(jax.nn.logsumexp(logits, axis=-1))
+
+
 def attention_logits(
     query: Array, key: Array, bias: Array | None = None, *, scale: float | Array
 ) -> Array:
@@ -162,9 +180,12 @@ def map_heads(
 
     Query head n uses key/value head n // G. bias and mask are `[B|1, N|1, T|1, S|1]`.
 
+    `head_fn` returns `(out, extra)`, where `extra` is the weights `[T, S]` or a
+    pytree of per-head arrays `[T, ...]`.
+
     Returns:
-      out `[B, T, N, H]` (None if `head_fn` returns None for it) and weights
-      `[B, N, T, S]`.
+      out `[B, T, N, H]` (None if `head_fn` returns None for it) and `extra`
+      with each leaf `[B, N, T, ...]` (the weights `[B, N, T, S]`).
     """
     B, T, N, H = query.shape
     K = key.shape[2]
@@ -205,26 +226,37 @@ def map_heads(
         query, key, value, b, m, rngs
     )  # -> out [B, T, K, G, H], weights [B, K, G, T, S]
     out = None if out is None else out.reshape(B, T, N, H)
-    return out, weights.reshape(B, N, T, weights.shape[-1])
+    return out, jax.tree.map(lambda w: w.reshape(B, N, *w.shape[3:]), weights)
 
 
 def xla_attention(
-    x: Inputs, *, dropout_rate: float = 0.0, dropout_rng: Array | None = None
-) -> tuple[Array | None, Array]:
+    x: Inputs,
+    *,
+    dropout_rate: float = 0.0,
+    dropout_rng: Array | None = None,
+    return_residual: bool = False,
+) -> tuple[Array | None, Array, Array | None]:
     """Materialized attention over checked inputs: output and weights from one pass.
 
     Returns:
-      out `[B, T, N, H]` (None when `x.value` is None) and the pre-dropout
-      weights `[B, N, T, S]`, in the inputs' dtype.
+      out `[B, T, N, H]` (None when `x.value` is None), the pre-dropout
+      weights `[B, N, T, S]`, in the inputs' dtype, and with `return_residual`
+      the log-sum-exp of each row's logits `[B, T, N]` (`masked_logsumexp`, in
+      the inputs' dtype), else None.
     """
 
     def head_fn(q, k, v, b, m, r):
+        logits = attention_logits(q, k, b, scale=x.scale)
+        lse = masked_logsumexp(logits, m) if return_residual else None
         if x.value is None:
-            return None, masked_softmax(attention_logits(q, k, b, scale=x.scale), m)
-        return single_head_attention(
+            return None, (masked_softmax(logits, m), lse)
+        out, weights = single_head_attention(
             q, k, v, b, m, scale=x.scale, dropout_rate=dropout_rate, dropout_rng=r
         )
+        return out, (weights, lse)
 
     rng = dropout_rng if dropout_rate > 0.0 else None
-    out, weights = map_heads(head_fn, x.query, x.key, x.value, x.bias, x.full_mask(), rng)
-    return out, weights.astype(x.query.dtype)
+    out, (weights, lse) = map_heads(head_fn, x.query, x.key, x.value, x.bias, x.full_mask(), rng)
+    if lse is not None:
+        lse = jnp.swapaxes(lse, 1, 2).astype(x.query.dtype)  # [B, N, T] -> [B, T, N]
+    return out, weights.astype(x.query.dtype), lse

@@ -22,6 +22,7 @@ from kit.attention.blocks import (
     slice_block,
     stat_dtype,
     swap01,
+    varying_like,
 )
 
 Array = jax.Array
@@ -147,7 +148,7 @@ def example_backward(cfg, b, q, k, v, bias, mask, q_len, kv_len, lse, delta, d_o
             return dk, dv, dq_t, dbias
 
         lo, full, hi = _q_range(cfg, j, q_len, kv_len)
-        zeros = jnp.zeros((K, bk, H), stat)
+        zeros = varying_like(jnp.zeros((K, bk, H), stat), q, k, v, d_out, bias, mask, q_len, kv_len)
         inner = (zeros, zeros, *carry)
         if cfg.structural_only and cfg.is_causal and bk % bq == 0:
             # On the causal diagonal, query block lo + r sees only the first
@@ -170,6 +171,7 @@ def example_backward(cfg, b, q, k, v, bias, mask, q_len, kv_len, lse, delta, d_o
         jnp.zeros((K, H, Tp * G), stat) if dq_t is None else dq_t,
         None if bias is None else jnp.zeros(bias.shape, stat),
     )
+    carry = varying_like(carry, q, k, v, d_out, lse, delta, bias, mask, q_len, kv_len)
     (dq_t, dbias), (dk, dv) = lax.scan(
         kv_block, carry, jnp.arange(cfg.num_k_blocks, dtype=jnp.int32)
     )

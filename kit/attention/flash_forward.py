@@ -21,6 +21,7 @@ from kit.attention.blocks import (
     slice_block,
     stat_dtype,
     swap01,
+    varying_like,
 )
 from kit.attention.masks import MASK_VALUE
 
@@ -138,6 +139,7 @@ def example_forward(cfg, b, q, k, v, bias, mask, q_len, kv_len):
             jnp.zeros((K, bq * G), stat),
             jnp.zeros((K, bq * G, H), stat),
         )
+        carry = varying_like(carry, q, k, v, bias, mask, q_len, kv_len)
         carry = lax.fori_loop(lo, full, functools.partial(kv_step, masked=False), carry)
         if cfg.structural_only and cfg.is_causal and bq % bk == 0 and bk > 1:
             # On the causal diagonal, key block full + r is seen only by the

@@ -288,7 +288,7 @@ def multi_head_attention(
         q, k, v = process_heads(q, k, v)
     run = {n: attention_kwargs.pop(n) for n in _RUN_OPTIONS if n in attention_kwargs}
     inputs = check_inputs(q, k, v, bias, mask, **attention_kwargs)
-    out, weights = attend(inputs, return_weights=return_weights, **run)
+    out, weights, _ = attend(inputs, return_weights=return_weights, **run)
     if head_mask is not None:
         out = ablate_heads(out, head_mask, head_mask_mode)
     y = project_output(out, params["out"]["kernel"], params["out"].get("bias"))

@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.custom_batching import custom_vmap
+from jax.custom_derivatives import SymbolicZero
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
@@ -54,7 +55,9 @@ from kit.attention.blocks import (
 )
 from kit.attention.flash_backward import example_backward
 from kit.attention.flash_forward import example_forward
+from kit.attention.flash_tangent import example_tangent
 from kit.attention.inputs import Inputs
+from kit.attention.linear import linear_call
 from kit.attention.masks import MASK_VALUE
 
 Array = jax.Array
@@ -66,17 +69,20 @@ Array = jax.Array
 # examples) is closed over, not copied per example.
 
 
-def _map_examples(cfg, fn, B, K, bias, mask, *per_example):
-    """lax.map of `fn(b, example_bias, example_mask, *example_rows)` over the
-    example indices b, where example_rows are the rows b of `per_example`."""
-    shared = [None if x is None or x.shape[0] != 1 else x[0] for x in (bias, mask)]
-    mapped = [None if x is None or x.shape[0] == 1 else x for x in (bias, mask)]
+def _map_examples(cfg, fn, B, K, pairwise, *per_example):
+    """lax.map of `fn(b, *example_pairwise, *example_rows)` over the example
+    indices b: `pairwise` are bias-like arrays `[B|1, ...]` (bias, mask), each
+    given as its example b or, where it broadcasts, whole; example_rows are the
+    rows b of `per_example`."""
+    n = len(pairwise)
+    shared = [None if x is None or x.shape[0] != 1 else x[0] for x in pairwise]
+    mapped = [None if x is None or x.shape[0] == 1 else x for x in pairwise]
 
     def call(example):
-        b, example_bias, example_mask, *rows = example
-        example_bias = shared[0] if example_bias is None else example_bias
-        example_mask = shared[1] if example_mask is None else example_mask
-        return fn(b, example_bias, example_mask, *rows)
+        b, *rest = example
+        own, rows = rest[:n], rest[n:]
+        given = [s if x is None else x for s, x in zip(shared, own, strict=True)]
+        return fn(b, *given, *rows)
 
     examples = max(1, cfg.units_per_step // K)
     indices = jnp.arange(B, dtype=jnp.int32)
@@ -92,7 +98,19 @@ def forward_all(cfg, q, k, v, bias, mask, q_len, kv_len):
     def example(b, bias, mask):
         return example_forward(cfg, b, q, k, v, bias, mask, q_len[b], kv_len[b])
 
-    return _map_examples(cfg, example, q.shape[0], k.shape[2], bias, mask)
+    return _map_examples(cfg, example, q.shape[0], k.shape[2], (bias, mask))
+
+
+def tangent_all(cfg, q, k, v, bias, mask, q_len, kv_len, out, lse, dq, dk, dv, dbias):
+    """The kernel's tangent over all (local) examples: d_out `[B, Tp, N, H]` along
+    (dq, dk, dv, dbias) (`flash_tangent`; dbias None without a bias)."""
+
+    def example(b, bias, mask, dbias):
+        return example_tangent(
+            cfg, b, q, k, v, bias, mask, q_len[b], kv_len[b], out, lse, dq, dk, dv, dbias
+        )
+
+    return _map_examples(cfg, example, q.shape[0], k.shape[2], (bias, mask, dbias))
 
 
 def backward_all(cfg, q, k, v, bias, mask, q_len, kv_len, out, lse, d_out):
@@ -131,7 +149,7 @@ def backward_from_delta(cfg, q, k, v, bias, mask, q_len, kv_len, delta, lse, d_o
             bcfg, b, q, k, v, bias, mask, q_len[b], kv_len[b], lse, delta, d_out, dq_t
         )
 
-    dq, dk, dv, dbias = _map_examples(cfg, example, q.shape[0], k.shape[2], bias, mask, dq_t)
+    dq, dk, dv, dbias = _map_examples(cfg, example, q.shape[0], k.shape[2], (bias, mask), dq_t)
     if dbias is not None:
         if bias.shape[0] == 1:
             dbias = jnp.sum(dbias, axis=0, keepdims=True)
@@ -320,24 +338,81 @@ def _split_explicit(run, q, k, v, bias, mask, q_len, kv_len):
     return split(*args)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+# Derivatives. One custom JVP serves forward and reverse mode: its tangent is the
+# blockwise `tangent_all`, paired by `linear_call` with its transpose, the blockwise
+# backward, so that jax.grad runs the hand-written backward (saving q, k, v, out and
+# lse, O(T)) and jax.jvp the tangent kernel. Derivatives of the backward itself
+# (second order) are not written; they raise an error that names the remedy.
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _flash(cfg, q, k, v, bias, mask, q_len, kv_len):
-    """out `[B, Tp, N, H]` and lse `[B, K, Tp * G]`; lse carries no gradient."""
-    return _flash_fwd(cfg, q, k, v, bias, mask, q_len, kv_len)[0]
+    """out `[B, Tp, N, H]` and lse `[B, K, Tp * G]`; lse carries no derivative."""
+    return _forward(cfg, q, k, v, bias, mask, q_len, kv_len)
 
 
-def _flash_fwd(cfg, q, k, v, bias, mask, q_len, kv_len):
+def _flash_jvp(cfg, primals, tangents):
+    q, k, v, bias, mask, q_len, kv_len = _first_order_only(primals)
     out, lse = _forward(cfg, q, k, v, bias, mask, q_len, kv_len)
-    return (out, lse), (q, k, v, bias, mask, q_len, kv_len, out, lse)
+    # Only the tangents that are not symbolic zeros (inputs held constant) are
+    # linear arguments: the transpose must be able to give each a cotangent.
+    given = tuple(
+        x is not None and not isinstance(t, SymbolicZero)
+        for x, t in zip((q, k, v, bias), tangents[:4], strict=True)
+    )
+    linear = tuple(t for t, g in zip(tangents[:4], given, strict=True) if g)
+    # lse is a statistic with no derivative, as jax.nn's residual
+    d_lse = jnp.zeros_like(lse)
+    if not linear:
+        return (out, lse), (jnp.zeros_like(out), d_lse)
+    residuals = (q, k, v, bias, mask, q_len, kv_len, out, lse)
+    (d_out,) = linear_call(
+        functools.partial(_tangent, cfg, given),
+        functools.partial(_transpose, cfg, given),
+        residuals,
+        linear,
+    )
+    return (out, lse), (d_out, d_lse)
 
 
-def _flash_bwd(cfg, res, cotangents):
-    d_out, _ = cotangents  # lse's cotangent is dropped, as jax.nn drops its residual's
-    dq, dk, dv, dbias = _backward(cfg, *res, d_out)
-    return dq, dk, dv, dbias, None, None, None
+_flash.defjvp(_flash_jvp, symbolic_zeros=True)
 
 
-_flash.defvjp(_flash_fwd, _flash_bwd)
+def _tangent(cfg, given, residuals, linear):
+    """d_out along the given tangents of (q, k, v, bias); the others are zero."""
+    linear = iter(linear)
+    q, k, v, bias = residuals[:4]
+    dq, dk, dv, dbias = (
+        next(linear) if g else (None if x is None else jnp.zeros_like(x))
+        for x, g in zip((q, k, v, bias), given, strict=True)
+    )
+    return (tangent_all(cfg, *residuals, dq, dk, dv, dbias),)
+
+
+def _transpose(cfg, given, residuals, cotangents):
+    """The backward: cotangents of the given tangents of (q, k, v, bias) from d_out's."""
+    (d_out,) = cotangents
+    grads = _backward(cfg, *residuals, d_out)
+    return tuple(d for d, g in zip(grads, given, strict=True) if g)
+
+
+_SECOND_ORDER = (
+    "implementation: the 'chunked' path (which implementation=None picks on CPU from "
+    "T x S >= 512 x 512) computes first derivatives only (jax.grad, jax.vjp, jax.jvp, "
+    "jax.linearize); a second derivative (a gradient of a gradient, jax.hessian, a "
+    "Hessian-vector product) needs implementation='xla', which materializes the "
+    "[T, S] weights"
+)
+
+
+@jax.custom_jvp
+def _first_order_only(primals):
+    return primals
+
+
+@_first_order_only.defjvp
+def _first_order_only_jvp(primals, tangents):
+    raise ValueError(_SECOND_ORDER)
 
 
 def pad_axis(x: Array | None, axis: int, size: int, *, broadcast: bool = False) -> Array | None:

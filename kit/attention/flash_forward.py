@@ -28,7 +28,7 @@ from kit.attention.masks import MASK_VALUE
 Array = jax.Array
 
 
-def _rows(x: Array | None, G: int, bq: int) -> Array | None:
+def block_rows(x: Array | None, G: int, bq: int) -> Array | None:
     """`[K|1, G|1, bq|1, bk|1]` -> `[K|1, bq * G|1, bk|1]`: the forward's flattened rows."""
     if x is None:
         return None
@@ -38,7 +38,7 @@ def _rows(x: Array | None, G: int, bq: int) -> Array | None:
     return jnp.broadcast_to(x, (x.shape[0], bq, G, x.shape[3])).reshape(x.shape[0], bq * G, -1)
 
 
-def _live(cfg, i, j, q_len, kv_len, mask_blk, first=0) -> Array:
+def live_pairs(cfg, i, j, q_len, kv_len, mask_blk, first=0) -> Array:
     """bool `[K|1, G|1, bq - first, bk]`: which (query, key) pairs of block (i, j)
     may attend, for the block's queries from `first` on (default all)."""
     t0, s0 = i * cfg.block_q + first, j * cfg.block_k
@@ -46,7 +46,7 @@ def _live(cfg, i, j, q_len, kv_len, mask_blk, first=0) -> Array:
     return live if mask_blk is None else live & mask_blk
 
 
-def _kv_range(cfg, i, q_len, kv_len) -> tuple[Array, Array, Array]:
+def kv_range(cfg, i, q_len, kv_len) -> tuple[Array, Array, Array]:
     """Key blocks for query block i: [lo, full) need no mask, [full, hi) do."""
     first_t = i * cfg.block_q
     last_t = first_t + cfg.block_q - 1
@@ -113,13 +113,13 @@ def example_forward(cfg, b, q, k, v, bias, mask, q_len, kv_len):
             )
             if not fold_scale:
                 s = scale * s
-            bias_blk = _rows(from_first(slice_block(bias_i, j * bk, bk, axis=3)), G, rows)
+            bias_blk = block_rows(from_first(slice_block(bias_i, j * bk, bk, axis=3)), G, rows)
             if bias_blk is not None:
                 s = s + bias_blk.astype(stat)
             if masked:
                 mask_blk = from_first(slice_block(mask_i, j * bk, bk, axis=3))
-                live = _live(cfg, i, j, q_len, kv_len, mask_blk, first)
-                s = jnp.where(_rows(live, G, rows), s, -jnp.inf)
+                live = live_pairs(cfg, i, j, q_len, kv_len, mask_blk, first)
+                s = jnp.where(block_rows(live, G, rows), s, -jnp.inf)
             m_new = jnp.maximum(m, jnp.max(s, axis=-1))
             p = jnp.exp(s - m_new[..., None])
             correction = jnp.exp(m - m_new)
@@ -133,7 +133,7 @@ def example_forward(cfg, b, q, k, v, bias, mask, q_len, kv_len):
             # Write the rows back into the [K, bq * G, ...] carry.
             return tuple(x.at[:, first * G :].set(y) for x, y in zip(carry, new, strict=True))
 
-        lo, full, hi = _kv_range(cfg, i, q_len, kv_len)
+        lo, full, hi = kv_range(cfg, i, q_len, kv_len)
         carry = (
             jnp.full((K, bq * G), MASK_VALUE, stat),
             jnp.zeros((K, bq * G), stat),

@@ -51,6 +51,11 @@ def _check_options(implementation, dropout_rate, dropout_rng) -> None:
         raise ValueError(f"dropout_rng: required when dropout_rate > 0 (got {dropout_rate})")
 
 
+def _check_bool(name: str, value) -> None:
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name}: expected a bool, got {value!r}")
+
+
 def _choose_implementation(implementation: str | None, x: Inputs, dropout_rate: float) -> str:
     """Resolves `implementation=None` and rejects paths that cannot serve the call.
 
@@ -244,8 +249,7 @@ def dot_product_attention(
         key_value_seq_lengths=key_value_seq_lengths,
         local_window_size=local_window_size,
     )
-    if not isinstance(return_residual, (bool, np.bool_)):
-        raise ValueError(f"return_residual: expected a bool, got {return_residual!r}")
+    _check_bool("return_residual", return_residual)
     out, _, residual = attend(
         x,
         implementation=implementation,
@@ -318,7 +322,8 @@ def chunked_attention(
     backward_block_q: int | None = None,
     backward_block_k: int | None = None,
     units_per_step: int | None = None,
-) -> Array:
+    return_residual: bool = False,
+) -> Array | tuple[Array, Array]:
     """Memory-efficient attention; `kit.dot_product_attention(..., implementation="chunked")`.
 
     out = softmax(scale * Q K^T + bias, masked) V, computed block by block
@@ -344,9 +349,12 @@ def chunked_attention(
       units_per_step: about how many (example, key/value head) pairs each
         loop step processes together (default 8): a step takes
         max(1, units_per_step // K) whole examples.
+      return_residual: also return the row log-sum-exp, as
+        `kit.dot_product_attention` documents it.
 
     Returns:
-      `[B, T, N, H]` (or `[T, N, H]`), dtype of `query`.
+      `[B, T, N, H]` (or `[T, N, H]`), dtype of `query`; with
+      `return_residual`, `(out, residual)`.
 
     Raises:
       ValueError: for every input `kit.dot_product_attention` rejects, a
@@ -369,4 +377,6 @@ def chunked_attention(
         local_window_size=local_window_size,
     )
     sizes = BlockSizes(block_q, block_k, backward_block_q, backward_block_k, units_per_step)
-    return chunked_from_inputs(x, sizes)[0]
+    _check_bool("return_residual", return_residual)
+    out, residual = chunked_from_inputs(x, sizes, return_residual=bool(return_residual))
+    return (out, residual) if return_residual else out

@@ -122,12 +122,6 @@ def _pair_live(cfg, t: Array, s: Array, q_len, kv_len) -> Array:
     return live
 
 
-def stat_dtype(dtype) -> jnp.dtype:
-    """The dtype of scores, softmax statistics and accumulators for inputs of `dtype`:
-    float32, or float64 for float64 inputs (with x64 on), as jax.nn promotes them."""
-    return jnp.promote_types(dtype, jnp.float32)
-
-
 def varying_like(x, *refs):
     """`x` (a pytree) typed as varying over every manual mesh axis that one of `refs`
     varies over. Inside a user's `jax.shard_map`, the inputs vary over its axes while a

@@ -45,20 +45,19 @@ from jax import lax
 from jax.custom_batching import custom_vmap
 from jax.custom_derivatives import SymbolicZero
 from jax.experimental.custom_partitioning import custom_partitioning
-from jax.sharding import AxisType, NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 
 from kit.attention.blocks import (
     DEFAULT_UNITS_PER_STEP,
     BlockConfig,
     default_block_sizes,
-    stat_dtype,
 )
 from kit.attention.flash_backward import example_backward
 from kit.attention.flash_forward import example_forward
 from kit.attention.flash_tangent import example_tangent
-from kit.attention.inputs import Inputs
+from kit.attention.inputs import Inputs, explicit_axes
 from kit.attention.linear import linear_call
-from kit.attention.masks import MASK_VALUE
+from kit.attention.masks import MASK_VALUE, stat_dtype
 
 Array = jax.Array
 
@@ -290,24 +289,6 @@ _forward = _partitioned(forward_all, backward=False)
 _backward = _partitioned(backward_all, backward=True)
 
 
-def _explicit_axes(*arrays) -> set[str]:
-    """The Explicit mesh axes (JAX's default since 0.9) that shard any of `arrays`."""
-    axes = set()
-    for x in arrays:
-        if x is None:
-            continue
-        sharding = jax.typeof(x).sharding
-        explicit = {
-            name
-            for name, kind in zip(sharding.mesh.axis_names, sharding.mesh.axis_types, strict=True)
-            if kind == AxisType.Explicit
-        }
-        for entry in sharding.spec:
-            names = entry if isinstance(entry, tuple) else (entry,)
-            axes |= explicit.intersection(n for n in names if n is not None)
-    return axes
-
-
 def _split_explicit(run, q, k, v, bias, mask, q_len, kv_len):
     """`run(q, k, v, bias, mask, q_len, kv_len) -> (out, lse)` on each device's
     examples and heads, for inputs sharded over Explicit mesh axes.
@@ -533,7 +514,7 @@ def chunked_from_inputs(
         kv_len = jnp.minimum(x.key_value_seq_lengths, S)
 
     args = (q, k, v, bias, mask, q_len, kv_len)
-    if _explicit_axes(*args):
+    if explicit_axes(*args):
         out, lse = _split_explicit(functools.partial(_flash, cfg), *args)
     else:
         out, lse = _flash(cfg, *args)

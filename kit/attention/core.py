@@ -17,8 +17,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from kit.attention.inputs import Inputs
-from kit.attention.masks import MASK_VALUE
+from kit.attention.inputs import Inputs, keep_split
+from kit.attention.masks import MASK_VALUE, stat_dtype
 
 Array = jax.Array
 
@@ -37,7 +37,7 @@ def masked_softmax(logits: Array, mask: Array | None = None) -> Array:
     Returns:
       float32 (or float64) weights, same shape as `logits`.
     """
-    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+    logits = logits.astype(stat_dtype(logits.dtype))
     if mask is None:
         return jax.nn.softmax(logits, axis=-1)
     return _masked_softmax(logits, mask)
@@ -96,7 +96,7 @@ def attention_logits(
     Returns:
       float32 (or float64) `[T, S]`.
     """
-    stat = jnp.promote_types(query.dtype, jnp.float32)
+    stat = stat_dtype(query.dtype)
     logits = jnp.einsum(
         "th,sh->ts", query, key, preferred_element_type=stat
     )  # [T, H] x [S, H] -> [T, S]
@@ -256,7 +256,9 @@ def xla_attention(
         return out, (weights, lse)
 
     rng = dropout_rng if dropout_rate > 0.0 else None
-    out, (weights, lse) = map_heads(head_fn, x.query, x.key, x.value, x.bias, x.full_mask(), rng)
+    query, key, value = (keep_split(a, (0, 2)) for a in (x.query, x.key, x.value))
+    bias, mask = (keep_split(a, (0, 1)) for a in (x.bias, x.full_mask()))
+    out, (weights, lse) = map_heads(head_fn, query, key, value, bias, mask, rng)
     if lse is not None:
         lse = jnp.swapaxes(lse, 1, 2).astype(x.query.dtype)  # [B, N, T] -> [B, T, N]
     return out, weights.astype(x.query.dtype), lse

@@ -20,10 +20,10 @@ from kit.attention.blocks import (
     example_rows,
     head_major,
     slice_block,
-    stat_dtype,
     swap01,
     varying_like,
 )
+from kit.attention.masks import stat_dtype
 
 Array = jax.Array
 

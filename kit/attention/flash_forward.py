@@ -19,11 +19,10 @@ from kit.attention.blocks import (
     head_major,
     position_major,
     slice_block,
-    stat_dtype,
     swap01,
     varying_like,
 )
-from kit.attention.masks import MASK_VALUE
+from kit.attention.masks import MASK_VALUE, stat_dtype
 
 Array = jax.Array
 

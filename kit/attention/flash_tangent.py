@@ -25,11 +25,11 @@ from kit.attention.blocks import (
     head_major,
     position_major,
     slice_block,
-    stat_dtype,
     swap01,
     varying_like,
 )
 from kit.attention.flash_forward import block_rows, kv_range, live_pairs
+from kit.attention.masks import stat_dtype
 
 Array = jax.Array
 

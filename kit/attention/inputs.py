@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import AxisType, PartitionSpec
 
 from kit.attention.masks import (
     causal_mask,
@@ -77,6 +78,38 @@ class Inputs:
     def unbatch(self, x: Array) -> Array:
         """Drops the batch axis that `check_inputs` added to unbatched input."""
         return x[0] if self.unbatched else x
+
+
+def explicit_axes(*arrays) -> set[str]:
+    """The Explicit mesh axes (JAX's default since 0.9) that shard any of `arrays`."""
+    axes = set()
+    for x in arrays:
+        if x is None:
+            continue
+        sharding = jax.typeof(x).sharding
+        explicit = {
+            name
+            for name, kind in zip(sharding.mesh.axis_names, sharding.mesh.axis_types, strict=True)
+            if kind == AxisType.Explicit
+        }
+        for entry in sharding.spec:
+            names = entry if isinstance(entry, tuple) else (entry,)
+            axes |= explicit.intersection(n for n in names if n is not None)
+    return axes
+
+
+def keep_split(x: Array | None, dims: tuple[int, ...]) -> Array | None:
+    """`x` gathered along every dim but `dims` where an Explicit mesh axis splits it.
+
+    Attention needs every key for each query, so on Explicit meshes (where the
+    sharding is part of the type and an op refuses what it cannot split) a
+    sequence or head-dim split is undone first; the batch and heads keep theirs.
+    """
+    if x is None or not explicit_axes(x):
+        return x
+    spec = tuple(jax.typeof(x).sharding.spec) + (None,) * x.ndim
+    kept = PartitionSpec(*(spec[d] if d in dims else None for d in range(x.ndim)))
+    return jax.sharding.reshard(x, kept)
 
 
 def check_rank(name: str, x: Any, ranks: Sequence[int], layout: str) -> None:

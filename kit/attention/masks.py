@@ -14,6 +14,14 @@ import numpy as np
 
 Array = jax.Array
 
+
+def stat_dtype(dtype) -> np.dtype:
+    """The dtype of scores, softmax statistics and accumulators for inputs of `dtype`:
+    float64 for float64 inputs (with x64 on), else float32. (jax.nn computes
+    float64 scores too, though it then softmaxes them in float32.)"""
+    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
+
+
 # -0.7 * float32 max, as in jax.nn: finite, and exp(mask - max) underflows to 0.
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from kit.attention.blocks import BlockConfig, default_block_sizes, stat_dtype
+from kit.attention.blocks import BlockConfig, default_block_sizes
 from kit.attention.chunked import (
     BlockSizes,
     backward_from_delta,
@@ -53,7 +53,7 @@ from kit.attention.chunked import (
     row_delta,
 )
 from kit.attention.inputs import check_inputs
-from kit.attention.masks import MASK_VALUE
+from kit.attention.masks import MASK_VALUE, stat_dtype
 
 Array = jax.Array
 

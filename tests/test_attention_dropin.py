@@ -66,7 +66,7 @@ def test_residual_equals_jax_nn_with_its_layout_and_no_gradient(path, unbatched)
     _close(grads, vjp((cotangents[0], jnp.zeros_like(cotangents[1]))), 0.0)
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", slow_beyond(PATHS, ["chunked"]))
 def test_residual_is_the_row_logsumexp_and_minus_inf_without_keys(path):
     q, k, v = make_qkv(B=B, T=T, S=S, N=N, K=K)
     bias = normal(jax.random.key(7), (1, N, T, S))
@@ -98,7 +98,7 @@ def test_residual_option_is_checked():
     "path, dtype",
     slow_beyond(
         [(p, d) for p in PATHS for d in ("float32", "float64")],
-        [("chunked", "float32"), ("chunked", "float64")],
+        [("chunked", "float64")],
         several=True,
     ),
 )
@@ -156,7 +156,8 @@ def test_explicit_mesh_batch_and_heads_split_without_collectives(path, optimized
     _close(ours, ref, 1e-4)
 
 
-@pytest.mark.parametrize("path", slow_beyond(PATHS, ["chunked"]))
+@pytest.mark.slow
+@pytest.mark.parametrize("path", PATHS)
 def test_explicit_mesh_sequence_split_is_gathered(path):
     mesh = jax.make_mesh((4,), ("seq",), axis_types=(AxisType.Explicit,))
     q, k, v = make_qkv(B=B, T=40, S=40, N=N, K=K)
@@ -166,7 +167,7 @@ def test_explicit_mesh_sequence_split_is_gathered(path):
     _close(out, _attention(path, is_causal=True)(q, k, v))
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", slow_beyond(PATHS, ["chunked"]))
 def test_inside_a_users_shard_map(path):
     mesh = jax.make_mesh((4,), ("b",), axis_types=(AxisType.Explicit,))
     q, k, v = make_qkv(B=4, T=T, S=S, N=N, K=K)

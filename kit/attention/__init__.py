@@ -12,7 +12,7 @@ Modules, whose imports run one way (masks <- inputs <- {core, chunked} <- api
 - `core`: float32 masked softmax, the single-head core and its vmap over heads
   and batch (the materialized "xla" path);
 - `blocks`, `flash_forward`, `flash_backward`, `chunked`: the memory-efficient
-  (flash-style) path with its own VJP;
+  (flash-style) path with its own derivatives (a blockwise JVP and backward);
 - `api`: `dot_product_attention`, `attention_weights`, `chunked_attention`;
 - `ring`: `ring_attention`, the sequence split over a mesh axis, on the
   chunked kernel;

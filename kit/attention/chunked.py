@@ -1,4 +1,4 @@
-"""Memory-efficient (flash-style) attention in pure JAX, with its own VJP.
+"""Memory-efficient (flash-style) attention in pure JAX, with its own derivatives.
 
 Queries and keys/values are processed in blocks with an online softmax
 (running max m and sum l), so no `[T, S]` array is ever formed; the backward
@@ -9,8 +9,9 @@ not computed and masked; where the causal structure is the only mask, a block
 on the diagonal computes only its rows that can be live.
 
 Semantics are those of `kit.dot_product_attention` (see `kit.attention.api`):
-float32 scores and softmax statistics, a finite mask value, and exactly zero
-output with zero gradients for query rows with no live key.
+float32 scores and softmax statistics (float64 for float64 inputs), a finite
+mask value, and exactly zero output with zero gradients for query rows with no
+live key.
 
 The kernel works on one example at a time (`lax.map` over the example
 indices), with all its K key/value heads, each with G = N // K query heads,
@@ -25,7 +26,9 @@ the shardings XLA's propagation chose), so batch- and head-sharded inputs need
 no communication. Heads are split only where the same mesh axes divide both
 query's N and key's K heads; otherwise they are gathered (one all-gather) and
 only the batch is split. A bias or mask broadcast over a split axis gets its
-gradient summed over the devices (one all-reduce).
+gradient summed over the devices (one all-reduce). On Explicit mesh axes,
+where the sharding is in the types, a `shard_map` over the same split does
+this instead; the tangent kernel (forward mode) is not partitioned.
 
 References:
   Rabe & Staats, "Self-attention Does Not Need O(n^2) Memory", 2021.

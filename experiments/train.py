@@ -12,7 +12,10 @@ with "timing": the command's wall seconds by phase (imports, setup, init,
 compile, first_step, train, eval, checkpoint, other) and their "total".
 Library logs (absl, orbax, jax) appear only with --verbosity=1 or higher.
 Rerunning the same command with the same workdir resumes from its latest
-checkpoint.
+checkpoint. Ctrl-C (SIGINT) or SIGTERM stops at the next step boundary, saves a
+checkpoint of that step and prints one line, exiting with 130 or 143; a second
+Ctrl-C stops at once, keeping the previous checkpoint. A second run on a workdir
+in use fails at start-up, naming the process that holds it.
 
 Several processes (hosts) run the same command, each with its --process_id
 (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID; or --distributed
@@ -66,7 +69,11 @@ def main(argv):
         console = training.Console("auto" if FLAGS.progress else "quiet")
         began = time.perf_counter()
         result = training.train_and_evaluate(FLAGS.config, FLAGS.workdir, console=console)
-    except (ValueError, training.NonFiniteError) as error:
+    except training.Interrupted as stop:
+        if jax.process_index() == 0:
+            print(stop)
+        _exit_now(stop.exit_code)
+    except (ValueError, training.NonFiniteError, training.WriteError) as error:
         sys.exit(f"error: {error}")
     total = time.perf_counter() - _START
     # "start": reading the flags and the config file, jax.distributed, the console.
@@ -94,14 +101,14 @@ def _rounded(value):
     return value
 
 
-def _exit_now() -> None:
+def _exit_now(code: int = 0) -> None:
     """Ends the process after its exit handlers (jax.distributed's shutdown, log
     flushing), skipping the interpreter's teardown of every loaded module: with
     jax, flax and orbax loaded that took 0.3 s of a 5 s run (docs/benchmarks.md)."""
     atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(code)
 
 
 if __name__ == "__main__":

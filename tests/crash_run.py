@@ -1,13 +1,17 @@
-"""experiments/train.py that SIGKILLs itself at a chosen point (used by test_reliability.py).
+"""experiments/train.py that signals itself at chosen points (used by test_reliability.py).
 
-    python tests/crash_run.py POINT:STEP [train.py flags ...]
+    python tests/crash_run.py POINT:STEP[:SIGNAL][,POINT:STEP[:SIGNAL] ...] [train.py flags ...]
 
-POINT is one of
+SIGNAL is KILL (the default), INT or TERM; the process sends it to itself, so it
+arrives at exactly that point. POINT is one of
+  init        while the programs compile and the state initializes (STEP unused);
   batch       before training step STEP starts (between checkpoints);
+  eval        in the middle of the evaluation at step STEP;
+  in_save     as the checkpoint of STEP starts to be saved;
   save        while saving the checkpoint of STEP: its files are written, the
               rename that commits them has not happened;
   after_save  right after the checkpoint of STEP is complete;
-  metrics     in the middle of writing the metrics line of STEP;
+  metrics     in the middle of writing the metrics line of STEP (KILL only);
   none        never (an uninterrupted run).
 """
 
@@ -17,58 +21,69 @@ import signal
 import sys
 
 from kit import checkpoint, metrics, tasks
-
-
-def die():
-    os.kill(os.getpid(), signal.SIGKILL)
+from kit.training import loop
 
 
 def main():
-    point, at = sys.argv[1].split(":")
-    at = int(at)
-    if point == "batch":
-        real_batch = tasks.train_batch
+    faults = {}
+    for spec in sys.argv[1].split(","):
+        point, at, *name = spec.split(":")
+        signum = getattr(signal, "SIG" + (name[0] if name else "KILL"))
+        faults.setdefault(point, []).append((int(at), signum))
 
-        def train_batch(task, seed, step, batch_size):
-            if step == at - 1:  # the batch of 1-based step `at`
-                die()
-            return real_batch(task, seed, step, batch_size)
+    def fire(point, step):
+        for at, signum in faults.get(point, []):
+            if at == step or point == "init":
+                os.kill(os.getpid(), signum)
 
-        tasks.train_batch = train_batch
-    elif point == "save":
+    points = {"init", "batch", "eval", "in_save", "save", "after_save", "metrics", "none"}
+    unknown = set(faults) - points
+    if unknown:
+        raise SystemExit(f"unknown fault point(s) {sorted(unknown)}")
+    real_batch, real_evaluate = tasks.train_batch, loop.evaluate
+    real_save, real_fresh = checkpoint.Checkpointer.save, loop._fresh_state
+    real_write = metrics.MetricWriter.write
+    current = [0]  # the training step under way (1-based)
+
+    def train_batch(task, seed, step, batch_size):
+        current[0] = step + 1
+        fire("batch", step + 1)
+        return real_batch(task, seed, step, batch_size)
+
+    def evaluate(*args, **kwargs):
+        fire("eval", current[0])
+        return real_evaluate(*args, **kwargs)
+
+    def save(self, step, state):
+        fire("in_save", step)
+        real_save(self, step, state)
+        fire("after_save", step)
+
+    def fresh_state(*args):
+        fire("init", 0)
+        return real_fresh(*args)
+
+    def write(self, step, values):
+        if any(at == step for at, _ in faults.get("metrics", [])) and "loss" in values:
+            with open(self.path, "a") as f:
+                f.write(f'{{"step": {step}, "accur')
+                f.flush()
+            fire("metrics", step)
+        real_write(self, step, values)
+
+    tasks.train_batch, loop.evaluate, loop._fresh_state = train_batch, evaluate, fresh_state
+    checkpoint.Checkpointer.save, metrics.MetricWriter.write = save, write
+    if "save" in faults:
         from orbax.checkpoint._src.path import atomicity
 
         real_rename = atomicity.async_path.rename
 
         async def rename(src, dst):
-            if os.path.basename(str(dst)) == str(at):
-                die()
+            name = os.path.basename(str(dst))
+            fire("save", int(name) if name.isdigit() else -1)
             return await real_rename(src, dst)
 
         atomicity.async_path.rename = rename
-    elif point == "after_save":
-        real_save = checkpoint.Checkpointer.save
-
-        def save(self, step, state):
-            real_save(self, step, state)
-            if step == at:
-                die()
-
-        checkpoint.Checkpointer.save = save
-    elif point == "metrics":
-        real_write = metrics.MetricWriter.write
-
-        def write(self, step, values):
-            if step == at and "loss" in values:
-                with open(self.path, "a") as f:
-                    f.write(f'{{"step": {step}, "accur')
-                    f.flush()
-                die()
-            real_write(self, step, values)
-
-        metrics.MetricWriter.write = write
-    elif point != "none":
-        raise SystemExit(f"unknown kill point {point!r}")
     here = os.path.dirname(os.path.abspath(__file__))
     script = os.path.join(os.path.dirname(here), "experiments", "train.py")
     sys.argv = [script, *sys.argv[2:]]

@@ -2,6 +2,7 @@
 determinism, no unpickling, a property sweep of bad inputs, a sweep of config fields."""
 
 import contextlib
+import errno
 import os
 import pickle
 import re
@@ -20,6 +21,7 @@ from hypothesis import strategies as st
 
 import kit
 from kit import checkpoint, metrics, training
+from kit.training import stopping
 
 # optax's Adam is not strict-promotion clean: see tests/conftest.py.
 pytestmark = pytest.mark.usefixtures("standard_promotion")
@@ -70,13 +72,33 @@ def temporary_folders(workdir):
     return [name for name in os.listdir(folder) if not name.isdigit()]
 
 
-@pytest.mark.slow
-def test_killed_runs_resume_to_the_uninterrupted_result_bit_for_bit(tmp_path):
-    """SIGKILL at 4 points in one workdir, the same command rerun each time."""
-    cache = str(tmp_path / "cache")
-    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """(workdir, cache): the uninterrupted run that the resumed ones must equal."""
+    cache = str(tmp_path_factory.mktemp("cache"))
+    straight = str(tmp_path_factory.mktemp("straight"))
     done = crash_run("none:0", straight, cache)
     assert done.returncode == 0, done.stderr[-3000:]
+    return straight, cache
+
+
+def assert_same_run(straight, resumed):
+    """Metrics byte for byte and the final checkpoint bit for bit."""
+    assert read_bytes(os.path.join(straight, "metrics.jsonl")) == read_bytes(
+        os.path.join(resumed, "metrics.jsonl")
+    )
+    _, _, a = training.load_checkpoint(straight)
+    _, _, b = training.load_checkpoint(resumed)
+    assert int(a["step"]) == int(b["step"]) == 8
+    chex.assert_trees_all_equal(jax.device_get(a), jax.device_get(b))
+
+
+@pytest.mark.slow
+def test_killed_runs_resume_to_the_uninterrupted_result_bit_for_bit(tmp_path, straight_run):
+    """SIGKILL at 4 points in one workdir, the same command rerun each time (each rerun
+    also shows that a killed run leaves no lock behind)."""
+    straight, cache = straight_run
+    resumed = str(tmp_path / "resumed")
 
     def latest():
         return checkpoint.Checkpointer(os.path.join(resumed, "checkpoints")).latest_step()
@@ -103,13 +125,157 @@ def test_killed_runs_resume_to_the_uninterrupted_result_bit_for_bit(tmp_path):
     assert latest() == 8
     done = crash_run("none:0", resumed, cache)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_run(straight, resumed)
 
+
+# ---------------------------------------------------------------- Ctrl-C, SIGTERM, lock, disk
+
+
+@pytest.mark.slow
+def test_signals_stop_at_a_step_save_and_resume_bit_for_bit(tmp_path, straight_run):
+    """SIGINT and SIGTERM at 5 points in one workdir (checkpoints every 2 steps,
+    evaluations every 4), the same command rerun each time. (A run fetches its first
+    batch while it compiles, so a signal there counts as one during start-up.)"""
+    straight, cache = straight_run
+    resumed = str(tmp_path / "resumed")
+    steps = [
+        # (faults, exit status, the line printed, latest checkpoint after)
+        ("batch:3:INT", 130, "interrupted at step 3 (SIGINT): checkpoint saved", 3),
+        ("eval:4:TERM", 143, "interrupted at step 4 (SIGTERM): checkpoint saved", 4),
+        # a second Ctrl-C during a save: abandoned at once, checkpoint 4 kept
+        (
+            "batch:6:INT,in_save:6:INT",
+            130,
+            "interrupted at step 6 (SIGINT): second SIGINT during the save: abandoned; "
+            "latest checkpoint step 4",
+            4,
+        ),
+        ("init:0:TERM", 143, "interrupted at step 4 (SIGTERM): checkpoint saved", 4),
+        ("in_save:6:INT", 130, "interrupted at step 6 (SIGINT): checkpoint saved", 6),
+    ]
+    for faults, status, line, latest in steps:
+        stopped = crash_run(faults, resumed, cache)
+        assert stopped.returncode == status, (faults, stopped.stderr[-3000:])
+        assert stopped.stdout.strip().splitlines()[-1] == line + "; run the same command to resume"
+        assert "Traceback" not in stopped.stderr, stopped.stderr[-3000:]
+        ckpt = checkpoint.Checkpointer(os.path.join(resumed, "checkpoints"))
+        assert ckpt.latest_step() == latest, faults
+    done = crash_run("none:0", resumed, cache)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_run(straight, resumed)
+
+
+@pytest.mark.slow
+def test_ctrl_c_from_outside_and_a_second_run_on_a_locked_workdir(tmp_path):
+    """As a user does it: train.py in a terminal-like subprocess with the default
+    SIGINT disposition; a second run on its workdir is refused; then Ctrl-C."""
+    workdir, cache = str(tmp_path / "run"), str(tmp_path / "cache")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", JAX_COMPILATION_CACHE_DIR=cache)
+    command = [
+        sys.executable,
+        os.path.join(ROOT, "experiments", "train.py"),
+        f"--config={os.path.join(ROOT, 'configs', 'copy.py')}:tiny",
+        "--config.train.steps=100000",
+        "--config.train.log_every=1",
+        f"--workdir={workdir}",
+    ]
+    first = subprocess.Popen(
+        command,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        for line in first.stdout:  # wait until it trains
+            if line.startswith("step "):
+                break
+        second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        assert second.returncode == 1
+        assert second.stderr.strip().splitlines()[-1] == (
+            f"error: workdir: {workdir} is in use by another run (process {first.pid}); "
+            "wait for it to finish or use another --workdir"
+        )
+        first.send_signal(signal.SIGINT)
+        out, err = first.communicate(timeout=120)
+    finally:
+        first.kill()
+    assert first.returncode == 130, err[-3000:]
+    last = out.strip().splitlines()[-1]
+    assert re.fullmatch(
+        r"interrupted at step (\d+) \(SIGINT\): checkpoint saved; run the same command to resume",
+        last,
+    ), last
+    assert "Traceback" not in err, err[-3000:]
+    step = int(re.search(r"step (\d+)", last).group(1))
+    assert checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")).latest_step() == step
+
+
+def test_lock_is_released_by_a_killed_holder_and_names_a_live_one(tmp_path):
+    workdir = str(tmp_path / "run")
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from kit.training import stopping\n"
+            "with stopping.lock_workdir(sys.argv[1]):\n"
+            "    print('held', flush=True); time.sleep(600)",
+            workdir,
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        held = rf"in use by another run \(process {holder.pid}\)"
+        with pytest.raises(ValueError, match=held), stopping.lock_workdir(workdir):
+            pass
+    finally:
+        holder.kill()  # SIGKILL: no exit handler runs
+        holder.wait()
+    with stopping.lock_workdir(workdir):  # the system released it with the process
+        pass
+
+
+@pytest.mark.slow
+def test_a_full_disk_stops_in_one_line_and_the_rerun_resumes(tmp_path, monkeypatch):
+    config = tiny_config()
+    workdir = str(tmp_path / "run")
+    real_save, real_write = checkpoint.Checkpointer.save, metrics.MetricWriter.write
+
+    def full_disk(path):
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+
+    def save(self, step, state):
+        if step == 4:
+            raise full_disk(self.directory)
+        real_save(self, step, state)
+
+    monkeypatch.setattr(checkpoint.Checkpointer, "save", save)
+    with pytest.raises(training.WriteError, match=r"checkpoint: step 4 could not be written"):
+        run(config, workdir)
+    assert checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")).latest_step() == 2
+    monkeypatch.setattr(checkpoint.Checkpointer, "save", real_save)
+
+    def write(self, step, values):
+        if step == 6 and "loss" in values:
+            raise full_disk(self.path)
+        real_write(self, step, values)
+
+    monkeypatch.setattr(metrics.MetricWriter, "write", write)
+    with pytest.raises(training.WriteError, match=r"metrics: step 6 could not be written to"):
+        run(config, workdir)
+    assert max(line["step"] for line in kit_metrics(workdir)) == 5  # written before 6
+    monkeypatch.setattr(metrics.MetricWriter, "write", real_write)
+    run(config, workdir)
+    straight = str(tmp_path / "straight")
+    run(config, straight)
     assert read_bytes(os.path.join(straight, "metrics.jsonl")) == read_bytes(
-        os.path.join(resumed, "metrics.jsonl")
+        os.path.join(workdir, "metrics.jsonl")
     )
     _, _, a = training.load_checkpoint(straight)
-    _, _, b = training.load_checkpoint(resumed)
-    assert int(a["step"]) == int(b["step"]) == 8
+    _, _, b = training.load_checkpoint(workdir)
     chex.assert_trees_all_equal(jax.device_get(a), jax.device_get(b))
 
 

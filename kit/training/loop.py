@@ -27,6 +27,7 @@ from kit import checkpoint, metrics, models, sharding, tasks
 from kit.training.report import Console
 from kit.training.setup import Setup, setup
 from kit.training.steps import eval_batches, evaluate, make_schedule, model_batch
+from kit.training.stopping import Interrupted, StopSignals, WriteError, lock_workdir
 from kit.training.workdir import check_workdir, write_config
 
 
@@ -137,12 +138,21 @@ def train_and_evaluate(
       is still running); "checkpoint": saving and closing checkpoints.
       "compile_seconds" holds how long each compile took on its own thread.
 
+    Stopping: on SIGINT (Ctrl-C) or SIGTERM the run stops at the next step
+    boundary (after that step's logging, evaluation and save), saves a
+    checkpoint of that step unless it has one, and raises Interrupted; a second
+    signal abandons at once, leaving the previous complete checkpoint. The
+    workdir is locked for the run (process 0 holds `workdir/.lock`).
+
     Raises:
-      ValueError: for an invalid config (naming the field) or a workdir that is
-        not a folder or holds a checkpoint of an incompatible config; nothing
-        is written then.
+      ValueError: for an invalid config (naming the field), a workdir that is
+        not a folder, holds a checkpoint of an incompatible config, or is in
+        use by another run; nothing is written then.
       NonFiniteError: for a non-finite loss or gradient, unless
         train.skip_nonfinite.
+      Interrupted: on SIGINT or SIGTERM, as above (`exit_code` 130 or 143).
+      WriteError: when a checkpoint or a metrics line cannot be written, naming
+        the path; what was written before stays readable.
     """
     clock = Clock()
     s = setup(config, devices)
@@ -150,6 +160,13 @@ def train_and_evaluate(
     lead = jax.process_index() == 0
     if console is None or not lead:
         console = Console("auto" if progress and lead else "off")
+    with lock_workdir(workdir, enabled=lead), StopSignals() as signals:
+        return _train(config, workdir, s, clock, console, signals, lead)
+
+
+def _train(config, workdir, s: Setup, clock: Clock, console: Console, signals, lead: bool):
+    """train_and_evaluate once its config and workdir are checked and the workdir is
+    locked; `signals` (StopSignals) says when to stop."""
     if lead:
         write_config(workdir, config)
     else:
@@ -158,6 +175,7 @@ def train_and_evaluate(
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints)
     start = ckpt.latest_step()
     step = 0 if start is None else start
+    saved = start  # the latest complete checkpoint
     clock.lap("setup")
 
     compiled: dict[str, concurrent.futures.Future] = {}
@@ -254,6 +272,13 @@ def train_and_evaluate(
             began = time.perf_counter()
             unchecked: list[tuple[int, dict]] = []  # read at the next log/eval/save
             while step < t.steps:
+                if (signum := signals.agreed()) is not None:  # a step boundary
+                    _stop_if_nonfinite(unchecked, ckpt)
+                    if saved != step and step > 0:
+                        _save(ckpt, step, state, saved)
+                        saved = step
+                    ckpt.close()
+                    raise Interrupted(signum, step, saved)
                 if batch is None:
                     batch = model_batch(
                         s.mcfg.kind, tasks.train_batch(s.task, config.seed, step, t.batch_size)
@@ -281,21 +306,28 @@ def train_and_evaluate(
                     }
                     learning_rate = compiled["learning_rate"].result()
                     record["learning_rate"] = float(learning_rate(np.int32(step - 1)))
-                    writer.write(step, record)
+                    _write(writer, step, record)
                     console.log_step(step, t.steps, record)
                 if evaluate_now:
                     jax.block_until_ready(state)
                     clock.lap("train")
                     result = evaluate_held_out(state["params"])
-                    writer.write(step, result)
+                    _write(writer, step, result)
                     console.evaluation(step, result)
                     clock.lap("eval")
                 if save or step == t.steps:
                     jax.block_until_ready(state)
                     clock.lap("train")
-                    ckpt.save(step, state)
+                    _save(ckpt, step, state, saved)
+                    saved = step
                     clock.lap("checkpoint")
             train_seconds = time.perf_counter() - began
+        except KeyboardInterrupt:
+            if signals.requested is None:  # not one of ours: a handler someone else set
+                raise
+            # A second signal: stop at once, keeping what is complete (a cut save is
+            # an uncommitted temporary folder, removed when the workdir is next opened).
+            raise Interrupted(signals.requested, step, saved, abandoned=True) from None
         finally:
             console.stop()
         if not result:  # resumed at the end: evaluate what was restored
@@ -312,6 +344,31 @@ def train_and_evaluate(
         "timing": clock.seconds,
         "compile_seconds": compile_seconds,
     }
+
+
+def _save(ckpt: checkpoint.Checkpointer, step: int, state, saved: int | None) -> None:
+    """Saves the checkpoint of `step`, or raises WriteError naming the folder."""
+    try:
+        ckpt.save(step, state)
+    except Exception as error:  # a full disk, a lost mount: any failure to write
+        kept = "none" if saved is None else f"step {saved}"
+        raise WriteError(
+            f"checkpoint: step {step} could not be written under {ckpt.directory} "
+            f"({type(error).__name__}: {error}); the latest complete checkpoint ({kept}) "
+            f"is intact: free space and run the same command to resume"
+        ) from error
+
+
+def _write(writer: metrics.MetricWriter, step: int, values: dict) -> None:
+    """Appends a metrics line, or raises WriteError naming the file."""
+    try:
+        writer.write(step, values)
+    except OSError as error:
+        raise WriteError(
+            f"metrics: step {step} could not be written to {writer.path} ({error}); the "
+            f"lines before it and the latest complete checkpoint are intact: free space "
+            f"and run the same command to resume"
+        ) from error
 
 
 def _stop_if_nonfinite(steps: list[tuple[int, dict]], ckpt: checkpoint.Checkpointer) -> None:

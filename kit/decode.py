@@ -15,11 +15,13 @@ import jax.numpy as jnp
 Array = jax.Array
 
 
-def init_caches(cfg: Any, num_layers: int, batch: int, length: int, dtype=jnp.float32):
+def init_caches(cfg: Any, num_layers: int, batch: int, length: int, dtype=None):
     """Empty caches for `num_layers` layers: `[B, Smax, K, H]` zeros, index 0.
 
-    `cfg` is a `kit.models.ModelConfig` (d_model, num_heads, num_kv_heads).
+    `cfg` is a `kit.models.ModelConfig` (d_model, num_heads, num_kv_heads, dtype:
+    the caches' dtype unless `dtype` is given).
     """
+    dtype = jnp.dtype(cfg.dtype if dtype is None else dtype)
     kv_heads = cfg.num_kv_heads or cfg.num_heads
     shape = (batch, length, kv_heads, cfg.d_model // cfg.num_heads)
     return [

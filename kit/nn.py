@@ -37,7 +37,9 @@ class MultiHeadAttention(nnx.Module):
     `decode_step` is the separate KV-cache path for incremental decoding.
 
     Parameters: query `[D, N, H]`, key and value `[D, K, H]`, out `[N, H, D]`
-    kernels, each with a bias but the key's (see kit.init_attention_params).
+    kernels, each with a bias but the key's (see kit.init_attention_params),
+    stored in float32 and cast to `dtype` for the computation; `x` comes in
+    `dtype` too. The softmax runs in float32 whatever `dtype` (kit.attention).
     """
 
     def __init__(
@@ -50,6 +52,7 @@ class MultiHeadAttention(nnx.Module):
         dropout_rate: float = 0.0,
         rope: bool = False,
         implementation: str | None = None,
+        dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ):
         params = attention.init_attention_params(
@@ -62,11 +65,13 @@ class MultiHeadAttention(nnx.Module):
         self.dropout_rate = dropout_rate
         self.rope = rope
         self.implementation = implementation
+        self.dtype = jnp.dtype(dtype)
 
     def params(self) -> dict[str, dict[str, Array]]:
-        """The parameters as the pytree `kit.multi_head_attention` reads."""
+        """The parameters as the pytree `kit.multi_head_attention` reads, in the
+        computation dtype (they are stored in float32)."""
         return {
-            name: {k: v[...] for k, v in getattr(self, name).items()}
+            name: {k: v[...].astype(self.dtype) for k, v in getattr(self, name).items()}
             for name in ("query", "key", "value", "out")
         }
 
@@ -216,11 +221,19 @@ class MultiHeadAttention(nnx.Module):
 
 
 class FeedForward(nnx.Module):
-    """Position-wise MLP: D -> F (GELU) -> D."""
+    """Position-wise MLP: D -> F (GELU) -> D, computed in `dtype` (float32 parameters)."""
 
-    def __init__(self, d_model: int, d_ff: int, *, dropout_rate: float = 0.0, rngs: nnx.Rngs):
-        self.up = nnx.Linear(d_model, d_ff, rngs=rngs)
-        self.down = nnx.Linear(d_ff, d_model, rngs=rngs)
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        *,
+        dropout_rate: float = 0.0,
+        dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.up = nnx.Linear(d_model, d_ff, dtype=dtype, rngs=rngs)
+        self.down = nnx.Linear(d_ff, d_model, dtype=dtype, rngs=rngs)
         self.dropout_rate = dropout_rate
 
     def __call__(self, x: Array, *, dropout_rng: Array | None = None) -> Array:
@@ -247,6 +260,7 @@ class TransformerBlock(nnx.Module):
         feed_forward: bool = True,
         dropout_rate: float = 0.0,
         rope: bool = False,
+        dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ):
         def mha(use_rope: bool) -> MultiHeadAttention:
@@ -256,16 +270,20 @@ class TransformerBlock(nnx.Module):
                 num_kv_heads=num_kv_heads,
                 dropout_rate=dropout_rate,
                 rope=use_rope,
+                dtype=dtype,
                 rngs=rngs,
             )
 
-        self.norm_self = nnx.LayerNorm(d_model, rngs=rngs)
+        def norm() -> nnx.LayerNorm:  # statistics in float32, output in dtype
+            return nnx.LayerNorm(d_model, dtype=dtype, rngs=rngs)
+
+        self.norm_self = norm()
         self.self_attention = mha(rope)
-        self.norm_cross = nnx.LayerNorm(d_model, rngs=rngs) if cross_attention else None
+        self.norm_cross = norm() if cross_attention else None
         self.cross_attention = mha(False) if cross_attention else None
-        self.norm_ff = nnx.LayerNorm(d_model, rngs=rngs) if feed_forward else None
+        self.norm_ff = norm() if feed_forward else None
         self.feed_forward = (
-            FeedForward(d_model, d_ff, dropout_rate=dropout_rate, rngs=rngs)
+            FeedForward(d_model, d_ff, dropout_rate=dropout_rate, dtype=dtype, rngs=rngs)
             if feed_forward
             else None
         )

@@ -561,6 +561,7 @@ INVALID = {
     "model.dropout_rate": 1.0,
     "model.positions": "relative",
     "model.patch_size": 0,
+    "model.dtype": "float8",
     "train.steps": 0,
     "train.batch_size": -1,
     "train.learning_rate": float("nan"),

@@ -131,3 +131,65 @@ def test_console_styles_and_bad_style():
     assert training.Console("auto", io.StringIO()).style == "lines"  # not a terminal
     with pytest.raises(ValueError, match=r"style: expected 'auto' or one of"):
         training.Console("loud")
+
+
+# ---------------------------------------------------------------- mixed precision
+
+
+@pytest.mark.slow
+def test_bfloat16_computes_in_bfloat16_keeps_float32_state_and_resumes_bit_for_bit(
+    tmp_path, monkeypatch
+):
+    """config.model.dtype="bfloat16": attention reads bfloat16 q/k/v, the parameters and
+    optimizer state (so the checkpoints) are float32, and a run stopped at step 3 and
+    resumed ends bit for bit where an uninterrupted one does."""
+    import signal
+
+    import jax.numpy as jnp
+
+    from kit.attention import projections
+    from kit.training import loop
+
+    config = load_config("copy", **{"model.dtype": "bfloat16", "train.steps": 6})
+    seen = set()
+    real_attend = projections.attend
+
+    def attend(x, **kwargs):  # runs while the steps are traced
+        seen.add((x.query.dtype, x.key.dtype, x.value.dtype))
+        return real_attend(x, **kwargs)
+
+    monkeypatch.setattr(projections, "attend", attend)
+    straight = str(tmp_path / "straight")
+    training.train_and_evaluate(config, straight, progress=False)
+    assert seen == {(jnp.dtype(jnp.bfloat16),) * 3}
+
+    def stop_at_3(self):  # as Ctrl-C before step 4 would
+        return signal.SIGINT if len(training_steps) == 3 else None
+
+    training_steps = []
+    real_batch = tasks.train_batch
+
+    def train_batch(task, seed, step, batch_size):
+        training_steps.append(step)
+        return real_batch(task, seed, step, batch_size)
+
+    resumed = str(tmp_path / "resumed")
+    monkeypatch.setattr(tasks, "train_batch", train_batch)
+    monkeypatch.setattr(loop.StopSignals, "agreed", stop_at_3)
+    with pytest.raises(training.Interrupted, match="interrupted at step 3 "):
+        training.train_and_evaluate(config, resumed, progress=False)
+    monkeypatch.undo()
+    training.train_and_evaluate(config, resumed, progress=False)
+
+    _, _, a = training.load_checkpoint(straight)
+    _, _, b = training.load_checkpoint(resumed)
+    floats = [x.dtype for x in jax.tree.leaves(a) if jnp.issubdtype(x.dtype, jnp.floating)]
+    assert set(floats) == {jnp.dtype(jnp.float32)}
+    chex.assert_trees_all_equal(jax.device_get(a), jax.device_get(b))
+
+
+def test_float16_training_is_refused_saying_why(tmp_path):
+    config = load_config("copy", **{"model.dtype": "float16"})
+    with pytest.raises(ValueError, match=r"^config\.model\.dtype: float16 .* loss scaling"):
+        training.train_and_evaluate(config, str(tmp_path / "run"), progress=False)
+    assert not os.path.exists(tmp_path / "run")

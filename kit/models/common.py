@@ -36,6 +36,9 @@ class ModelConfig:
     patch_size: int = 2  # vision_transformer: p x p pixels per token
     image_size: int = 0  # vision_transformer: the task's image side
     feed_forward: bool = True  # False: attention-only blocks
+    # The computation's dtype; parameters (and so gradients, optimizer state and
+    # checkpoints) stay float32, and the softmax and the loss run in float32.
+    dtype: str = "float32"
 
 
 class TaskModel(nnx.Module):
@@ -118,12 +121,13 @@ class Stack(nnx.Module):
                     feed_forward=cfg.feed_forward,
                     dropout_rate=cfg.dropout_rate,
                     rope=cfg.positions == "rope",
+                    dtype=cfg.dtype,
                     rngs=rngs,
                 )
                 for _ in range(num_layers)
             ]
         )
-        self.norm = nnx.LayerNorm(cfg.d_model, rngs=rngs)
+        self.norm = nnx.LayerNorm(cfg.d_model, dtype=cfg.dtype, rngs=rngs)
         self.alibi = cfg.positions == "alibi"
         self.num_heads = cfg.num_heads
 

@@ -32,16 +32,20 @@ class Embedder(nnx.Module):
         )
         self.sinusoidal = cfg.positions == "sinusoidal"
         self.max_len = cfg.max_len
+        self.dtype = jnp.dtype(cfg.dtype)
 
     def __call__(self, tokens: Array, positions: Array) -> Array:
-        """tokens, positions `[B, T]` -> `[B, T, D]`."""
-        table = self.tokens[...]
-        x = jax.nn.one_hot(tokens, table.shape[0], dtype=table.dtype) @ table
+        """tokens, positions `[B, T]` -> `[B, T, D]` in the computation dtype."""
+        table = self.tokens[...].astype(self.dtype)
+        x = jax.nn.one_hot(tokens, table.shape[0], dtype=self.dtype) @ table
         if self.learned is not None:
-            x = x + jax.nn.one_hot(positions, self.max_len, dtype=table.dtype) @ self.learned[...]
+            learned = self.learned[...].astype(self.dtype)
+            x = x + jax.nn.one_hot(positions, self.max_len, dtype=self.dtype) @ learned
         if self.sinusoidal:
             # A trace-time constant, not a parameter.
-            x = x + positional.sinusoidal(self.max_len, table.shape[1])[positions]
+            x = x + positional.sinusoidal(self.max_len, table.shape[1])[positions].astype(
+                self.dtype
+            )
         return x
 
 
@@ -128,7 +132,7 @@ class EncoderDecoder(TaskModel):
         self.embed = Embedder(cfg, rngs=rngs)
         self.encoder = Stack(cfg, cfg.num_layers, cross=False, rngs=rngs)
         self.decoder = Stack(cfg, cfg.num_decoder_layers, cross=True, rngs=rngs)
-        self.head = nnx.Linear(cfg.d_model, cfg.vocab_size, rngs=rngs)
+        self.head = nnx.Linear(cfg.d_model, cfg.vocab_size, dtype=cfg.dtype, rngs=rngs)
 
     def encode(
         self,
@@ -253,7 +257,7 @@ class DecoderOnly(TaskModel):
         self.cfg = cfg
         self.embed = Embedder(cfg, rngs=rngs)
         self.decoder = Stack(cfg, cfg.num_layers, cross=False, rngs=rngs)
-        self.head = nnx.Linear(cfg.d_model, cfg.vocab_size, rngs=rngs)
+        self.head = nnx.Linear(cfg.d_model, cfg.vocab_size, dtype=cfg.dtype, rngs=rngs)
 
     def __call__(
         self,
@@ -336,7 +340,7 @@ class EncoderOnly(TaskModel):
         self.cfg = cfg
         self.embed = Embedder(cfg, rngs=rngs)
         self.encoder = Stack(cfg, cfg.num_layers, cross=False, rngs=rngs)
-        self.head = nnx.Linear(cfg.d_model, cfg.vocab_size, rngs=rngs)
+        self.head = nnx.Linear(cfg.d_model, cfg.vocab_size, dtype=cfg.dtype, rngs=rngs)
 
     def __call__(
         self,

@@ -60,7 +60,7 @@ class VisionTransformer(TaskModel):
         self.cfg = cfg
         grid = cfg.image_size // cfg.patch_size
         init = nnx.initializers.normal(0.02)
-        self.patch_embed = nnx.Linear(cfg.patch_size**2, cfg.d_model, rngs=rngs)
+        self.patch_embed = nnx.Linear(cfg.patch_size**2, cfg.d_model, dtype=cfg.dtype, rngs=rngs)
         self.class_token = nnx.Param(init(rngs.params(), (cfg.d_model,)))
         self.learned = (
             nnx.Param(init(rngs.params(), (grid * grid + 1, cfg.d_model)))
@@ -69,7 +69,7 @@ class VisionTransformer(TaskModel):
         )
         self.grid = grid
         self.encoder = Stack(cfg, cfg.num_layers, cross=False, rngs=rngs)
-        self.head = nnx.Linear(cfg.d_model, cfg.vocab_size, rngs=rngs)
+        self.head = nnx.Linear(cfg.d_model, cfg.vocab_size, dtype=cfg.dtype, rngs=rngs)
 
     def __call__(
         self,
@@ -84,12 +84,12 @@ class VisionTransformer(TaskModel):
         with T = 1 + number of patches, if asked)."""
         x = self.patch_embed(patchify(images, self.cfg.patch_size))  # [B, P, D]
         B, P, D = x.shape
-        cls = jnp.broadcast_to(self.class_token[...], (B, 1, D))
+        cls = jnp.broadcast_to(self.class_token[...].astype(x.dtype), (B, 1, D))
         x = jnp.concatenate([cls, x], axis=1)  # [B, 1 + P, D]
         if self.learned is not None:
-            x = x + self.learned[...][None]
+            x = x + self.learned[...].astype(x.dtype)[None]
         else:  # a trace-time constant; the class token gets no position
-            fixed = sinusoidal_2d(self.grid, D)
+            fixed = sinusoidal_2d(self.grid, D).astype(x.dtype)
             x = x + jnp.concatenate([jnp.zeros((1, D), fixed.dtype), fixed])[None]
         positions = jnp.broadcast_to(jnp.arange(1 + P, dtype=jnp.int32), (B, 1 + P))
         x, aux = self.encoder(

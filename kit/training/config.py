@@ -47,6 +47,10 @@ def default_config() -> ml_collections.ConfigDict:
             "patch_size": 2,
             # False: attention-only blocks (no feed-forward), as in configs/induction.py
             "feed_forward": True,
+            # The computation's dtype: "float32" or "bfloat16" (mixed precision: the
+            # parameters, optimizer state and checkpoints stay float32; the softmax and
+            # the loss run in float32).
+            "dtype": "float32",
         }
     )
     config.train = ml_collections.ConfigDict(
@@ -162,6 +166,10 @@ def number(
     return float(value)
 
 
+# The computation dtypes a model trains in (config.model.dtype).
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
 def model_config(config: ml_collections.ConfigDict, task: tasks.Task) -> models.ModelConfig:
     """Validates `config.model` against the task and builds the frozen ModelConfig."""
     m = config.model
@@ -193,6 +201,14 @@ def model_config(config: ml_collections.ConfigDict, task: tasks.Task) -> models.
             f"{m.num_heads}, got {kv!r}"
         )
     number(config, "model.dropout_rate", 0.0, 1.0)
+    if m.dtype == "float16":
+        raise ValueError(
+            "config.model.dtype: float16 trains only with loss scaling (its range, up to "
+            "65504, lets gradients overflow and underflow), which the kit does not do; use "
+            "'bfloat16', which has float32's range in the same memory"
+        )
+    if m.dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"config.model.dtype: expected one of {COMPUTE_DTYPES}, got {m.dtype!r}")
     if not isinstance(m.feed_forward, bool):
         raise ValueError(f"config.model.feed_forward: expected a bool, got {m.feed_forward!r}")
     if m.positions == "rope" and (m.d_model // m.num_heads) % 2:
@@ -243,6 +259,7 @@ def model_config(config: ml_collections.ConfigDict, task: tasks.Task) -> models.
         patch_size=m.patch_size,
         image_size=task.image_size,
         feed_forward=m.feed_forward,
+        dtype=m.dtype,
     )
 
 

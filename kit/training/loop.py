@@ -84,6 +84,23 @@ def _abstract(tree: Any, shardings: Any) -> Any:
 _RUN_ONCE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
+def lower_train_step(s: Setup, batch: dict[str, Any]) -> jax.stages.Lowered:
+    """The train step traced for `s`'s placement and `batch`'s shapes (the state
+    donated), ready to compile; `.compile().as_text()` is the program a run executes."""
+    rng = jax.eval_shape(lambda: jax.random.key(0, impl="rbg"))
+    step = jax.jit(
+        s.trainer.train_step,
+        in_shardings=(s.state_shardings, s.batch_sharding, s.replicated),
+        out_shardings=(s.state_shardings, s.replicated),
+        donate_argnums=0,
+    )
+    return step.lower(
+        _abstract(s.abstract_state, s.state_shardings),
+        _abstract(batch, {name: s.batch_sharding for name in batch}),
+        jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=s.replicated),
+    )
+
+
 def _fresh_state(s: Setup, seed: int) -> jax.stages.Lowered:
     """The traced program of a fresh train state and the dropout key, in one compile.
 
@@ -196,27 +213,13 @@ def _train(config, workdir, s: Setup, clock: Clock, console: Console, signals, l
     try:
         run_once = _RUN_ONCE if s.mesh.devices.flat[0].platform == "cpu" else None
         compile_in_background("init", _fresh_state(s, config.seed), run_once)
-        rng_shape = jax.eval_shape(lambda: jax.random.key(0, impl="rbg"))
         abstract_state = _abstract(s.abstract_state, s.state_shardings)
         batch = None
         if step < t.steps:
             batch = model_batch(
                 s.mcfg.kind, tasks.train_batch(s.task, config.seed, step, t.batch_size)
             )
-            train_step = jax.jit(
-                s.trainer.train_step,
-                in_shardings=(s.state_shardings, s.batch_sharding, s.replicated),
-                out_shardings=(s.state_shardings, s.replicated),
-                donate_argnums=0,
-            )
-            compile_in_background(
-                "train_step",
-                train_step.lower(
-                    abstract_state,
-                    _abstract(batch, {name: s.batch_sharding for name in batch}),
-                    jax.ShapeDtypeStruct(rng_shape.shape, rng_shape.dtype, sharding=s.replicated),
-                ),
-            )
+            compile_in_background("train_step", lower_train_step(s, batch))
             # Evaluated op by op, the schedule would compile a dozen small programs at the
             # first log step (0.3 s).
             compile_in_background(

@@ -9,8 +9,10 @@ import dataclasses
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 from flax import nnx
+from jax.sharding import SingleDeviceSharding
 
 from kit import models, sharding, tasks
 from kit.training.config import check_config
@@ -40,6 +42,25 @@ def make_mesh(config: ml_collections.ConfigDict, mcfg: models.ModelConfig, devic
     except ValueError as error:
         raise ValueError(f"config.{error}") from None
     return mesh
+
+
+def _check_backend_runs(dtype: str, mesh) -> None:
+    """Compiles a tiny product in `dtype` for the mesh's backend (float32 always runs).
+
+    Raises:
+      ValueError: naming config.model.dtype, if the backend cannot compile it.
+    """
+    if dtype == "float32":
+        return
+    device = mesh.devices.flat[0]
+    x = jax.ShapeDtypeStruct((8, 8), jnp.dtype(dtype), sharding=SingleDeviceSharding(device))
+    try:
+        jax.jit(lambda a: jnp.tanh(a @ a)).lower(x).compile()
+    except Exception as error:  # what a backend raises for a dtype it lacks varies
+        raise ValueError(
+            f"config.model.dtype: {dtype} does not run on this {device.platform} backend "
+            f"({type(error).__name__}: {str(error)[:200]}); use 'float32'"
+        ) from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +106,7 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Setup:
     """
     task, mcfg = check_config(config)
     mesh = make_mesh(config, mcfg, devices)
+    _check_backend_runs(mcfg.dtype, mesh)
     graphdef, abstract_params = nnx.split(
         nnx.eval_shape(lambda: models.build(mcfg, jax.random.key(0, impl="rbg")))
     )

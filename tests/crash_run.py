@@ -3,7 +3,9 @@
     python tests/crash_run.py POINT:STEP[:SIGNAL][,POINT:STEP[:SIGNAL] ...] [train.py flags ...]
 
 SIGNAL is KILL (the default), INT or TERM; the process sends it to itself, so it
-arrives at exactly that point. POINT is one of
+arrives at exactly that point. SIGINT is handled as in a terminal's foreground
+process (KeyboardInterrupt) even if the parent ignored it, as a shell's background
+jobs do. POINT is one of
   init        while the programs compile and the state initializes (STEP unused);
   batch       before training step STEP starts (between checkpoints);
   eval        in the middle of the evaluation at step STEP;
@@ -25,6 +27,7 @@ from kit.training import loop
 
 
 def main():
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     faults = {}
     for spec in sys.argv[1].split(","):
         point, at, *name = spec.split(":")

@@ -167,13 +167,15 @@ def test_signals_stop_at_a_step_save_and_resume_bit_for_bit(tmp_path, straight_r
 
 @pytest.mark.slow
 def test_ctrl_c_from_outside_and_a_second_run_on_a_locked_workdir(tmp_path):
-    """As a user does it: train.py in a terminal-like subprocess with the default
-    SIGINT disposition; a second run on its workdir is refused; then Ctrl-C."""
+    """As a user does it: train.py (through crash_run.py with no fault, which handles
+    SIGINT as a terminal's foreground process does) while it trains; a second run on
+    its workdir is refused; then Ctrl-C from outside."""
     workdir, cache = str(tmp_path / "run"), str(tmp_path / "cache")
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", JAX_COMPILATION_CACHE_DIR=cache)
     command = [
         sys.executable,
-        os.path.join(ROOT, "experiments", "train.py"),
+        os.path.join(ROOT, "tests", "crash_run.py"),
+        "none:0",
         f"--config={os.path.join(ROOT, 'configs', 'copy.py')}:tiny",
         "--config.train.steps=100000",
         "--config.train.log_every=1",
@@ -185,7 +187,6 @@ def test_ctrl_c_from_outside_and_a_second_run_on_a_locked_workdir(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         for line in first.stdout:  # wait until it trains

@@ -43,17 +43,10 @@ from jax import lax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from kit.attention.blocks import BlockConfig, default_block_sizes
-from kit.attention.chunked import (
-    BlockSizes,
-    backward_from_delta,
-    block_config,
-    dq_from_transposed,
-    forward_all,
-    pad_axis,
-    row_delta,
-)
+from kit.attention.chunked import BlockSizes, block_config, pad_axis
 from kit.attention.inputs import check_inputs
 from kit.attention.masks import MASK_VALUE, stat_dtype
+from kit.attention.passes import backward_from_delta, dq_from_transposed, forward_all, row_delta
 
 Array = jax.Array
 

@@ -170,6 +170,22 @@ def number(
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
+def _check_dtype(dtype: str) -> None:
+    """config.model.dtype: a computation dtype the kit trains in.
+
+    Raises:
+      ValueError: naming config.model.dtype (for float16: why it is refused).
+    """
+    if dtype == "float16":
+        raise ValueError(
+            "config.model.dtype: float16 trains only with loss scaling (its range, up to "
+            "65504, lets gradients overflow and underflow), which the kit does not do; use "
+            "'bfloat16', which has float32's range in the same memory"
+        )
+    if dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"config.model.dtype: expected one of {COMPUTE_DTYPES}, got {dtype!r}")
+
+
 def model_config(config: ml_collections.ConfigDict, task: tasks.Task) -> models.ModelConfig:
     """Validates `config.model` against the task and builds the frozen ModelConfig."""
     m = config.model
@@ -201,14 +217,7 @@ def model_config(config: ml_collections.ConfigDict, task: tasks.Task) -> models.
             f"{m.num_heads}, got {kv!r}"
         )
     number(config, "model.dropout_rate", 0.0, 1.0)
-    if m.dtype == "float16":
-        raise ValueError(
-            "config.model.dtype: float16 trains only with loss scaling (its range, up to "
-            "65504, lets gradients overflow and underflow), which the kit does not do; use "
-            "'bfloat16', which has float32's range in the same memory"
-        )
-    if m.dtype not in COMPUTE_DTYPES:
-        raise ValueError(f"config.model.dtype: expected one of {COMPUTE_DTYPES}, got {m.dtype!r}")
+    _check_dtype(m.dtype)
     if not isinstance(m.feed_forward, bool):
         raise ValueError(f"config.model.feed_forward: expected a bool, got {m.feed_forward!r}")
     if m.positions == "rope" and (m.d_model // m.num_heads) % 2:

@@ -160,14 +160,13 @@ def attend(
 
 
 def _dead_rows_to_minus_inf(lse: Array, x: Inputs) -> Array:
-    """jax.nn's residual `[B, T, N]` with the kit's -inf where a row has no live
-    key; only lengths can empty a row on the cuDNN path."""
-    B, T, _ = lse.shape
-    S = x.key.shape[1]
-    q_len = x.query_seq_lengths if x.query_seq_lengths is not None else jnp.full((B,), T)
-    kv_len = x.key_value_seq_lengths if x.key_value_seq_lengths is not None else jnp.full((B,), S)
-    live = (jnp.arange(T)[None, :] < q_len[:, None]) & (kv_len[:, None] > 0)
-    return jnp.where(live[:, :, None], lse, -jnp.inf)
+    """jax.nn's residual `[B, T, N]` with the kit's -inf where a row has no live key
+    (by the same combined mask every path uses)."""
+    mask = x.full_mask()  # [B|1, N|1, T, S] or None
+    if mask is None:
+        return lse
+    live = jnp.swapaxes(jnp.any(mask, axis=-1), 1, 2)  # [B|1, T, N|1]
+    return jnp.where(live, lse, -jnp.inf)
 
 
 def dot_product_attention(

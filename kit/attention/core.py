@@ -246,10 +246,11 @@ def xla_attention(
     """
 
     def head_fn(q, k, v, b, m, r):
-        logits = attention_logits(q, k, b, scale=x.scale)
-        lse = masked_logsumexp(logits, m) if return_residual else None
+        lse = None
+        if return_residual:  # the same logits as below: XLA computes them once
+            lse = masked_logsumexp(attention_logits(q, k, b, scale=x.scale), m)
         if x.value is None:
-            return None, (masked_softmax(logits, m), lse)
+            return None, (masked_softmax(attention_logits(q, k, b, scale=x.scale), m), lse)
         out, weights = single_head_attention(
             q, k, v, b, m, scale=x.scale, dropout_rate=dropout_rate, dropout_rng=r
         )

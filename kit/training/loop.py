@@ -275,7 +275,10 @@ def _train(config, workdir, s: Setup, clock: Clock, console: Console, signals, l
             began = time.perf_counter()
             unchecked: list[tuple[int, dict]] = []  # read at the next log/eval/save
             while step < t.steps:
-                if (signum := signals.agreed()) is not None:  # a step boundary
+                # At a step boundary; with several processes only at log steps, where
+                # the loop waits for the host anyway (agreeing costs a collective).
+                asked = jax.process_count() == 1 or step % t.log_every == 0
+                if asked and (signum := signals.agreed()) is not None:
                     _stop_if_nonfinite(unchecked, ckpt)
                     if saved != step and step > 0:
                         _save(ckpt, step, state, saved)

@@ -98,9 +98,9 @@ class StopSignals:
         self._previous.clear()
 
     def agreed(self) -> int | None:
-        """The pending request, the same on every process: with several, each
-        stops at the first step boundary at which any of them was signalled
-        (the request, SIGTERM before SIGINT, is gathered from all)."""
+        """The pending request, the same on every process: with several, the
+        request (SIGTERM before SIGINT) is gathered from all, so each stops at
+        the same step; the loop asks at log steps then, not at every step."""
         if jax.process_count() == 1:
             return self.requested
         from jax.experimental import multihost_utils

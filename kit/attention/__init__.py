@@ -21,6 +21,13 @@ Modules, whose imports run one way (masks <- inputs <- {core, chunked} <- api
 """
 
 from kit.attention.api import attention_weights, chunked_attention, dot_product_attention
+from kit.attention.flex import (
+    BlockMask,
+    and_masks,
+    create_block_mask,
+    flex_attention,
+    or_masks,
+)
 from kit.attention.core import attention_logits, masked_softmax, single_head_attention
 from kit.attention.masks import (
     MASK_VALUE,
@@ -42,6 +49,11 @@ from kit.attention.ring import ring_attention
 
 __all__ = [
     "MASK_VALUE",
+    "BlockMask",
+    "and_masks",
+    "create_block_mask",
+    "flex_attention",
+    "or_masks",
     "ablate_heads",
     "attention_logits",
     "attention_weights",

@@ -41,6 +41,8 @@ class BlockConfig:
     units_per_step: int
     # The backward pass's (block_q, block_k); the padded lengths are multiples of both.
     backward_blocks: tuple[int, int]
+    # A score and/or mask function (`kit.attention.programs.Program`), or None.
+    program: object = None
 
     @property
     def padded_lengths(self) -> tuple[int, int]:
@@ -109,6 +111,28 @@ def block_live(cfg, t0, num_t, s0, num_s, q_len, kv_len, *, keys_first=False) ->
     if keys_first:
         return _pair_live(cfg, t[None, :], s[:, None], q_len, kv_len)
     return _pair_live(cfg, t[:, None], s[None, :], q_len, kv_len)
+
+
+def builtin_states(cfg, q_len, kv_len) -> Array:
+    """int8 `[num_q_blocks, num_k_blocks]`: the state (`programs.BLOCK_*`: dead,
+    partial, full) of each block under the causal, window and length masks.
+
+    With the window `(left, right)` (causal: right = 0; none: unbounded), the
+    pairs of a block live without lengths form a band, so a block has a live
+    pair iff the band's key range over its live queries meets its live keys,
+    and is full iff its corners lie inside the band and within the lengths.
+    """
+    big = 2**30
+    left, right = cfg.window if cfg.window is not None else (big, big)
+    if cfg.is_causal:
+        right = min(right, 0)
+    t0 = positions(0, cfg.num_q_blocks)[:, None] * cfg.block_q
+    s0 = positions(0, cfg.num_k_blocks)[None, :] * cfg.block_k
+    t1, s1 = t0 + cfg.block_q - 1, s0 + cfg.block_k - 1
+    t1_live, s1_live = jnp.minimum(t1, q_len - 1), jnp.minimum(s1, kv_len - 1)
+    some = (t0 <= t1_live) & (s0 <= s1_live) & (s0 <= t1_live + right) & (s1_live >= t0 - left)
+    every = (t1 < q_len) & (s1 < kv_len) & (s1 <= t0 + right) & (s0 >= t1 - left)
+    return jnp.where(some, jnp.where(every, 2, 1), 0).astype(jnp.int8)
 
 
 def _pair_live(cfg, t: Array, s: Array, q_len, kv_len) -> Array:

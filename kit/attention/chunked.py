@@ -68,14 +68,21 @@ Array = jax.Array
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
-def _flash(cfg, q, k, v, bias, mask, q_len, kv_len):
-    """out `[B, Tp, N, H]` and lse `[B, K, Tp * G]`; lse carries no derivative."""
-    return partition.forward(cfg, q, k, v, bias, mask, q_len, kv_len)
+def _flash(cfg, q, k, v, bias, mask, q_len, kv_len, prog):
+    """out `[B, Tp, N, H]` and lse `[B, K, Tp * G]`; lse carries no derivative.
+    `prog`: a programmed call's arrays (`program_arrays`) or None."""
+    return _forward(cfg, q, k, v, bias, mask, q_len, kv_len, prog)
+
+
+def _forward(cfg, *args):
+    if args[-1] is None:
+        return partition.forward(cfg, *args[:-1])
+    return passes.forward_all(cfg, *args)
 
 
 def _flash_jvp(cfg, primals, tangents):
-    q, k, v, bias, mask, q_len, kv_len = _first_order_only(primals)
-    out, lse = partition.forward(cfg, q, k, v, bias, mask, q_len, kv_len)
+    q, k, v, bias, mask, q_len, kv_len, prog = _first_order_only(primals)
+    out, lse = _forward(cfg, q, k, v, bias, mask, q_len, kv_len, prog)
     # Only the tangents that are not symbolic zeros (inputs held constant) are
     # linear arguments: the transpose must be able to give each a cotangent.
     given = tuple(
@@ -83,11 +90,22 @@ def _flash_jvp(cfg, primals, tangents):
         for x, t in zip((q, k, v, bias), tangents[:4], strict=True)
     )
     linear = tuple(t for t, g in zip(tangents[:4], given, strict=True) if g)
+    if prog is not None and cfg.program.score is not None:
+        # The score function's floating captures with a tangent are linear too;
+        # the kernel differentiates through just those (`Program.grad`).
+        program = cfg.program
+        cap_tangents = tangents[7][0][: program.num_score]
+        wanted = tuple(
+            g and not isinstance(t, SymbolicZero)
+            for g, t in zip(program.grad, cap_tangents, strict=True)
+        )
+        cfg = dataclasses.replace(cfg, program=dataclasses.replace(program, grad=wanted))
+        linear += tuple(t for t, w in zip(cap_tangents, wanted, strict=True) if w)
     # lse is a statistic with no derivative, as jax.nn's residual
     d_lse = jnp.zeros_like(lse)
     if not linear:
         return (out, lse), (jnp.zeros_like(out), d_lse)
-    residuals = (q, k, v, bias, mask, q_len, kv_len, out, lse)
+    residuals = (q, k, v, bias, mask, q_len, kv_len, out, lse, prog)
     (d_out,) = linear_call(
         functools.partial(_tangent, cfg, given),
         functools.partial(_transpose, cfg, given),
@@ -101,21 +119,29 @@ _flash.defjvp(_flash_jvp, symbolic_zeros=True)
 
 
 def _tangent(cfg, given, residuals, linear):
-    """d_out along the given tangents of (q, k, v, bias); the others are zero."""
+    """d_out along the given tangents of (q, k, v, bias) and of the wanted
+    captures (after them in `linear`); the others are zero."""
     linear = iter(linear)
     q, k, v, bias = residuals[:4]
     dq, dk, dv, dbias = (
         next(linear) if g else (None if x is None else jnp.zeros_like(x))
         for x, g in zip((q, k, v, bias), given, strict=True)
     )
-    return (passes.tangent_all(cfg, *residuals, dq, dk, dv, dbias),)
+    *arrays, prog = residuals
+    d_out = passes.tangent_all(cfg, *arrays, dq, dk, dv, dbias, prog, tuple(linear))
+    return (d_out,)
 
 
 def _transpose(cfg, given, residuals, cotangents):
-    """The backward: cotangents of the given tangents of (q, k, v, bias) from d_out's."""
+    """The backward: cotangents of the given tangents of (q, k, v, bias) and of
+    the wanted captures, from d_out's."""
     (d_out,) = cotangents
-    grads = partition.backward(cfg, *residuals, d_out)
-    return tuple(d for d, g in zip(grads, given, strict=True) if g)
+    *arrays, prog = residuals
+    if prog is None:
+        grads, d_caps = partition.backward(cfg, *arrays, d_out), ()
+    else:
+        *grads, d_caps = passes.backward_all(cfg, *arrays, d_out, prog)
+    return tuple(d for d, g in zip(grads, given, strict=True) if g) + tuple(d_caps)
 
 
 _SECOND_ORDER = (
@@ -221,10 +247,57 @@ def block_config(
     )
 
 
+def _mask_blocks(sizes: BlockSizes, T: int, S: int, mask_block: tuple[int, int]) -> BlockSizes:
+    """Block sizes that are whole multiples of a block mask's (`mask_block`)."""
+    mq, mk = mask_block
+    auto_q, auto_k = default_block_sizes(T, S)
+    auto_bq, auto_bk = default_block_sizes(T, S, backward=True)
+
+    def whole(size, auto, m):
+        return m * max(1, -(-(size or auto) // m))
+
+    return BlockSizes(
+        whole(sizes.block_q, auto_q, mq),
+        whole(sizes.block_k, auto_k, mk),
+        whole(sizes.backward_block_q or sizes.block_q, auto_bq, mq),
+        whole(sizes.backward_block_k or sizes.block_k, auto_bk, mk),
+        sizes.units_per_step,
+    )
+
+
+def program_arrays(cfg, B, N, captures, block_mask) -> tuple:
+    """A programmed call's arrays for the kernel: (captures, block states
+    `[B|1, Tp / mq, Sp / mk]` int8 or None, example indices `[B]`, head indices `[N]`).
+
+    A block mask's states `[B|1, N|1, nq, nk]` become one state per example and
+    block for all heads (the kernel computes all heads of a block together):
+    dead if dead for every head, full if full for every head."""
+    states = None
+    if block_mask is not None:
+        Tp, Sp = cfg.padded_lengths
+        mq, mk = block_mask.block_size
+        hi, lo = jnp.max(block_mask.states, axis=1), jnp.min(block_mask.states, axis=1)
+        states = jnp.where(hi == 0, 0, jnp.where(lo == 2, 2, 1)).astype(jnp.int8)
+        states = pad_axis(pad_axis(states, 1, Tp // mq), 2, Sp // mk)
+    examples = jnp.arange(B, dtype=jnp.int32)
+    return (tuple(captures), states, examples, jnp.arange(N, dtype=jnp.int32))
+
+
 def chunked_from_inputs(
-    x: Inputs, sizes: BlockSizes = BlockSizes(), *, return_residual: bool = False
+    x: Inputs,
+    sizes: BlockSizes = BlockSizes(),
+    *,
+    return_residual: bool = False,
+    program=None,
+    captures: tuple = (),
+    block_mask=None,
 ) -> tuple[Array, Array | None]:
     """Runs the chunked kernel on checked inputs (`x.value` must be given).
+
+    With a `program` (`kit.attention.programs.Program`) and its `captures`, the
+    kernel applies its score and mask functions; with a `block_mask`
+    (`kit.attention.flex.BlockMask`) it visits only the blocks that mask leaves
+    live, and evaluates the mask function only in the partial ones.
 
     Returns:
       out `[B, T, N, H]` and, with `return_residual`, the log-sum-exp of each
@@ -238,8 +311,12 @@ def chunked_from_inputs(
     B, T, N = query.shape[:3]
     S, K = key.shape[1], key.shape[2]
     G = N // K
-    unmasked = x.mask is None and not x.lengths_given and x.window is None
+    masked_program = program is not None and program.mask is not None
+    unmasked = x.mask is None and not x.lengths_given and x.window is None and not masked_program
+    if block_mask is not None:
+        sizes = _mask_blocks(sizes, T, S, block_mask.block_size)
     cfg = block_config(T, S, x.scale, x.is_causal, x.window, unmasked, sizes)
+    cfg = dataclasses.replace(cfg, program=program)
     Tp, Sp = cfg.padded_lengths
 
     q = pad_axis(query, 1, Tp)
@@ -255,10 +332,13 @@ def chunked_from_inputs(
         kv_len = jnp.minimum(x.key_value_seq_lengths, S)
 
     args = (q, k, v, bias, mask, q_len, kv_len)
+    prog = None
+    if program is not None:
+        prog = program_arrays(cfg, B, N, captures, block_mask)
     if explicit_axes(*args):
-        out, lse = partition.explicit_split(functools.partial(_flash, cfg), *args)
+        out, lse = partition.explicit_split(functools.partial(_flash, cfg), *args, prog)
     else:
-        out, lse = _flash(cfg, *args)
+        out, lse = _flash(cfg, *args, prog)
     out = x.unbatch(out[:, :T])  # [B, T, N, H]
     if not return_residual:
         return out, None

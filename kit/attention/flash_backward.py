@@ -24,6 +24,7 @@ from kit.attention.blocks import (
     varying_like,
 )
 from kit.attention.masks import stat_dtype
+from kit.attention.programs import block_call, grad_captures, kernel_lists, with_grad_captures
 
 Array = jax.Array
 
@@ -56,9 +57,13 @@ def _q_range(cfg, j, q_len, kv_len) -> tuple[Array, Array, Array]:
     return lo, hi, hi
 
 
-def example_backward(cfg, b, q, k, v, bias, mask, q_len, kv_len, lse, delta, d_out, dq_t=None):
-    """Returns example b's dq^T `[K, H, Tp * G]`, dk and dv `[Sp, K, H]` in `stat_dtype`
-    and dbias `[K|1, G|1, Tp|1, Sp|1]` (or None); lse and delta are `[B, K, Tp * G]`.
+def example_backward(
+    cfg, b, q, k, v, bias, mask, q_len, kv_len, lse, delta, d_out, dq_t=None, dyn=None
+):
+    """Returns example b's dq^T `[K, H, Tp * G]`, dk and dv `[Sp, K, H]` in `stat_dtype`,
+    dbias `[K|1, G|1, Tp|1, Sp|1]` (or None) and the cotangents of the score
+    function's floating captures (`programs.grad_captures`; () without a program);
+    lse and delta are `[B, K, Tp * G]`.
 
     The backward works in the transposed layout: block scores are
     `[K, bk, bq, G]` (key rows, query columns), so that every product is a
@@ -79,7 +84,24 @@ def example_backward(cfg, b, q, k, v, bias, mask, q_len, kv_len, lse, delta, d_o
     def transposed(x):  # [K|1, G|1, bq|1, bk|1] -> [K|1, bk|1, bq|1, G|1]
         return None if x is None else jnp.transpose(x, (0, 3, 2, 1))
 
-    def kv_block(carry, j):
+    program = cfg.program
+    lists = kernel_lists(cfg, dyn, q_len, kv_len, transpose=True)
+    scored = program is not None and program.score is not None
+    grad_caps = grad_captures(program, dyn.captures) if scored else ()
+
+    def modded(s, live, at, sizes):
+        """The score function on s and its VJP (to the raw scores and the captures)."""
+        if live is not None:  # dead pairs' raw scores are replaced, so that no
+            s = jnp.where(live, s, 0.0)  # derivative there is inf or nan
+
+        def score(s, caps):
+            caps = with_grad_captures(program, dyn.captures, caps)
+            return block_call(program, dyn, "ukqg", at, sizes, s, caps)
+
+        return jax.vjp(score, s, grad_caps)
+
+    def kv_block(carry, xs):
+        j, col_lists = xs
         k_blk = swap01(example_rows(k, b, j * bk, bk))  # [K, bk, H]
         v_blk = swap01(example_rows(v, b, j * bk, bk))
         k_blk_t = jnp.swapaxes(k_blk, 1, 2)  # [K, H, bk], small
@@ -90,7 +112,7 @@ def example_backward(cfg, b, q, k, v, bias, mask, q_len, kv_len, lse, delta, d_o
 
         def q_step(i, inner, masked, rows=bk):
             # Only the block's first `rows` keys may be live (the causal diagonal).
-            dk, dv, dq_t, dbias = inner
+            dk, dv, dq_t, dbias, dcaps = inner
             k_rows, v_rows, k_rows_t = k_blk[:, :rows], v_blk[:, :rows], k_blk_t[..., :rows]
             # [K, bq * G, H]: query columns in (position, head) order.
             q_blk = head_major(example_rows(q, b, i * bq, bq), K)
@@ -110,9 +132,16 @@ def example_backward(cfg, b, q, k, v, bias, mask, q_len, kv_len, lse, delta, d_o
             bias_blk = transposed(slice_block(bias_j, i * bq, bq, axis=2))
             if bias_blk is not None:
                 s = s + bias_blk[:, :rows].astype(stat)
+            at, sizes = {"q": i * bq, "k": j * bk}, {"u": K, "k": rows, "q": bq, "g": G}
+            live = None
             if masked:  # exp(-inf - lse) is exactly 0: one pass for the mask and the exp
                 mask_blk = transposed(slice_block(mask_j, i * bq, bq, axis=2))
                 live = _live_t(cfg, i, j, q_len, kv_len, mask_blk, rows)
+                if program is not None and program.mask is not None:
+                    live = live & block_call(program, dyn, "ukqg", at, sizes)
+            if scored:
+                s, score_vjp = modded(s, live, at, sizes)
+            if live is not None:
                 s = jnp.where(live, s, -jnp.inf)
             p = jnp.exp(s - lse_blk)  # [K, rows, bq, G]
             dv_rows = jnp.einsum(  # [K, rows, bq * G] x [K, bq * G, H] -> [K, rows, H]
@@ -125,6 +154,9 @@ def example_backward(cfg, b, q, k, v, bias, mask, q_len, kv_len, lse, delta, d_o
                 "ush,uch->usc", v_rows, do_blk, preferred_element_type=stat
             ).reshape(K, rows, bq, G)
             ds = p * (dp - delta_blk)  # gradient of the (biased) logits, [K, rows, bq, G]
+            if scored:  # through the score function, to the raw scores and the captures
+                ds, ds_caps = score_vjp(ds)
+                dcaps = tuple(a + d.astype(a.dtype) for a, d in zip(dcaps, ds_caps, strict=True))
             # The scale is applied to the float32 products, not to ds in the input dtype,
             # where a tiny scale would underflow it (float16) and a huge one overflow it.
             ds_low = ds.reshape(K, rows, bq * G).astype(q.dtype)
@@ -145,11 +177,20 @@ def example_backward(cfg, b, q, k, v, bias, mask, q_len, kv_len, lse, delta, d_o
             dq_t = add_block(dq_t, dq_blk, {2: i * bq * G})
             if dbias is not None:
                 dbias = _add_bias_grad(dbias, transposed(ds), i * bq, j * bk)
-            return dk, dv, dq_t, dbias
+            return dk, dv, dq_t, dbias, dcaps
 
         lo, full, hi = _q_range(cfg, j, q_len, kv_len)
         zeros = varying_like(jnp.zeros((K, bk, H), stat), q, k, v, d_out, bias, mask, q_len, kv_len)
         inner = (zeros, zeros, *carry)
+        if col_lists is not None:  # the block mask's lists: partial blocks, then full ones
+            full_idx, n_full, part_idx, n_part = col_lists
+            inner = lax.fori_loop(
+                0, n_part, lambda t, c: q_step(part_idx[t], c, masked=True), inner
+            )
+            dk, dv, *carry = lax.fori_loop(
+                0, n_full, lambda t, c: q_step(full_idx[t], c, masked=False), inner
+            )
+            return tuple(carry), (swap01(dk), swap01(dv))
         if cfg.structural_only and cfg.is_causal and bk % bq == 0:
             # On the causal diagonal, query block lo + r sees only the first
             # (r + 1) * bq keys of this block: those steps compute just those rows.
@@ -162,22 +203,21 @@ def example_backward(cfg, b, q, k, v, bias, mask, q_len, kv_len, lse, delta, d_o
                 )
             lo = jnp.minimum(lo + bk // bq - 1, full)
         inner = lax.fori_loop(lo, full, functools.partial(q_step, masked=True), inner)
-        dk, dv, dq_t, dbias = lax.fori_loop(
-            full, hi, functools.partial(q_step, masked=False), inner
-        )
-        return (dq_t, dbias), (swap01(dk), swap01(dv))  # [bk, K, H]
+        dk, dv, *carry = lax.fori_loop(full, hi, functools.partial(q_step, masked=False), inner)
+        return tuple(carry), (swap01(dk), swap01(dv))  # [bk, K, H]
 
     carry = (
         jnp.zeros((K, H, Tp * G), stat) if dq_t is None else dq_t,
         None if bias is None else jnp.zeros(bias.shape, stat),
+        tuple(jnp.zeros(c.shape, jnp.promote_types(c.dtype, stat)) for c in grad_caps),
     )
     carry = varying_like(carry, q, k, v, d_out, lse, delta, bias, mask, q_len, kv_len)
-    (dq_t, dbias), (dk, dv) = lax.scan(
-        kv_block, carry, jnp.arange(cfg.num_k_blocks, dtype=jnp.int32)
-    )
+    xs = (jnp.arange(cfg.num_k_blocks, dtype=jnp.int32), lists)
+    (dq_t, dbias, dcaps), (dk, dv) = lax.scan(kv_block, carry, xs)
     # dq^T as it is: the caller brings all examples' dq into [B, Tp, N, H] with
     # one transpose (XLA:CPU runs it several times slower fused into the loop's output).
-    return dq_t, dk.reshape(-1, K, H), dv.reshape(-1, K, H), dbias  # [nk, bk, ...] -> [Sp, ...]
+    dk, dv = dk.reshape(-1, K, H), dv.reshape(-1, K, H)  # [nk, bk, ...] -> [Sp, ...]
+    return dq_t, dk, dv, dbias, dcaps
 
 
 def _add_bias_grad(dbias: Array, ds: Array, t0: Array, s0: Array) -> Array:

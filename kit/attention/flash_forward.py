@@ -23,6 +23,7 @@ from kit.attention.blocks import (
     varying_like,
 )
 from kit.attention.masks import MASK_VALUE, stat_dtype
+from kit.attention.programs import block_call, kernel_lists
 
 Array = jax.Array
 
@@ -64,9 +65,14 @@ def kv_range(cfg, i, q_len, kv_len) -> tuple[Array, Array, Array]:
     return lo, lo, hi
 
 
-def example_forward(cfg, b, q, k, v, bias, mask, q_len, kv_len):
+def example_forward(cfg, b, q, k, v, bias, mask, q_len, kv_len, dyn=None):
     """Returns example b's out `[Tp, N, H]` (q's dtype) and lse `[K, Tp * G]` (`stat_dtype`,
     MASK_VALUE for rows with no live key).
+
+    With a program (`cfg.program`, its arrays in `dyn`), the score function is
+    applied to every visited block and the mask function in its partial blocks;
+    with block states the loop visits each query block's full and partial key
+    blocks from their lists (`programs.kernel_lists`), and no dead one.
 
     Each query block's G heads are flattened into bq * G rows, so that a block
     is one `[bq * G, H] x [H, bk]` product per key/value head and the softmax
@@ -85,7 +91,11 @@ def example_forward(cfg, b, q, k, v, bias, mask, q_len, kv_len):
     # scaling each score block instead makes XLA keep a scaled copy for the row max.
     fold_scale = q.dtype == stat
 
-    def q_block(_, i):
+    program = cfg.program
+    lists = kernel_lists(cfg, dyn, q_len, kv_len)
+
+    def q_block(_, xs):
+        i, row_lists = xs
         q_blk = head_major(example_rows(q, b, i * bq, bq), K)
         if fold_scale:
             q_blk = q_blk * scale
@@ -115,10 +125,17 @@ def example_forward(cfg, b, q, k, v, bias, mask, q_len, kv_len):
             bias_blk = block_rows(from_first(slice_block(bias_i, j * bk, bk, axis=3)), G, rows)
             if bias_blk is not None:
                 s = s + bias_blk.astype(stat)
+            at = {"q": i * bq + first, "k": j * bk}
+            sizes = {"u": K, "q": rows, "g": G, "k": bk}
+            if program is not None and program.score is not None:
+                s4 = s.reshape(K, rows, G, bk)
+                s = block_call(program, dyn, "uqgk", at, sizes, s4).reshape(s.shape)
             if masked:
                 mask_blk = from_first(slice_block(mask_i, j * bk, bk, axis=3))
-                live = live_pairs(cfg, i, j, q_len, kv_len, mask_blk, first)
-                s = jnp.where(block_rows(live, G, rows), s, -jnp.inf)
+                live = block_rows(live_pairs(cfg, i, j, q_len, kv_len, mask_blk, first), G, rows)
+                if program is not None and program.mask is not None:
+                    live = live & block_call(program, dyn, "uqgk", at, sizes).reshape(s.shape)
+                s = jnp.where(live, s, -jnp.inf)
             m_new = jnp.maximum(m, jnp.max(s, axis=-1))
             p = jnp.exp(s - m_new[..., None])
             correction = jnp.exp(m - m_new)
@@ -139,6 +156,15 @@ def example_forward(cfg, b, q, k, v, bias, mask, q_len, kv_len):
             jnp.zeros((K, bq * G, H), stat),
         )
         carry = varying_like(carry, q, k, v, bias, mask, q_len, kv_len)
+        if row_lists is not None:
+            full_idx, n_full, part_idx, n_part = row_lists
+            carry = lax.fori_loop(
+                0, n_full, lambda t, c: kv_step(full_idx[t], c, masked=False), carry
+            )
+            m, l, acc = lax.fori_loop(
+                0, n_part, lambda t, c: kv_step(part_idx[t], c, masked=True), carry
+            )
+            return None, finish(m, l, acc)
         carry = lax.fori_loop(lo, full, functools.partial(kv_step, masked=False), carry)
         if cfg.structural_only and cfg.is_causal and bq % bk == 0 and bk > 1:
             # On the causal diagonal, key block full + r is seen only by the
@@ -153,14 +179,18 @@ def example_forward(cfg, b, q, k, v, bias, mask, q_len, kv_len):
             m, l, acc = carry
         else:
             m, l, acc = lax.fori_loop(full, hi, functools.partial(kv_step, masked=True), carry)
+        return None, finish(m, l, acc)
+
+    def finish(m, l, acc):
         has_live = l > 0
         safe_l = jnp.where(has_live, l, 1.0)
         out = position_major((acc / safe_l[..., None]).astype(q.dtype), bq)  # [bq, N, H]
         # A row with no live key gets lse = MASK_VALUE: merged with other partial
         # results by log-sum-exp (ring attention) it weighs nothing, and the
         # backward, whose blocks mask such a row wholly, reads exp(-inf - lse) = 0.
-        return None, (out, jnp.where(has_live, m + jnp.log(safe_l), MASK_VALUE))
+        return out, jnp.where(has_live, m + jnp.log(safe_l), MASK_VALUE)
 
-    _, (out, lse) = lax.scan(q_block, None, jnp.arange(cfg.num_q_blocks, dtype=jnp.int32))
+    xs = (jnp.arange(cfg.num_q_blocks, dtype=jnp.int32), lists)
+    _, (out, lse) = lax.scan(q_block, None, xs)
     # [nq, bq, N, H] -> [Tp, N, H]; [nq, K, bq * G] -> [K, Tp * G]
     return out.reshape(Tp, N, H), swap01(lse).reshape(K, Tp * G)

@@ -30,16 +30,22 @@ from kit.attention.blocks import (
 )
 from kit.attention.flash_forward import block_rows, kv_range, live_pairs
 from kit.attention.masks import stat_dtype
+from kit.attention.programs import block_call, grad_captures, kernel_lists, with_grad_captures
 
 Array = jax.Array
 
 
-def example_tangent(cfg, b, q, k, v, bias, mask, q_len, kv_len, out, lse, dq, dk, dv, dbias):
+def example_tangent(
+    cfg, b, q, k, v, bias, mask, q_len, kv_len, out, lse, dq, dk, dv, dbias, dyn=None, dcaps=()
+):
     """Returns example b's d_out `[Tp, N, H]` (q's dtype): the tangent of its output.
 
     q, out, dq are `[B, Tp, N, H]`; k, v, dk, dv `[B, Sp, K, H]`; lse is the
     forward's `[B, K, Tp * G]`; bias, mask and dbias come per example,
-    `[K|1, G|1, Tp|1, Sp|1]` (dbias None without a bias).
+    `[K|1, G|1, Tp|1, Sp|1]` (dbias None without a bias). With a program
+    (`cfg.program`, its arrays in `dyn`), `dcaps` are the tangents of the score
+    function's floating captures (`programs.grad_captures`), and the score
+    tangent goes through the score function.
     """
     _, Tp, N, H = q.shape
     K = k.shape[2]
@@ -51,7 +57,13 @@ def example_tangent(cfg, b, q, k, v, bias, mask, q_len, kv_len, out, lse, dq, dk
     def product(x, y):  # [K, rows, H] x [K, bk, H] -> [K, rows, bk]
         return jnp.einsum("uch,ush->ucs", x, y, preferred_element_type=stat)
 
-    def q_block(_, i):
+    program = cfg.program
+    lists = kernel_lists(cfg, dyn, q_len, kv_len)
+    scored = program is not None and program.score is not None
+    grad_caps = grad_captures(program, dyn.captures) if scored else ()
+
+    def q_block(_, xs):
+        i, row_lists = xs
         q_blk, dq_blk, out_blk = (
             head_major(example_rows(x, b, i * bq, bq), K) for x in (q, dq, out)
         )  # [K, bq * G, H]
@@ -67,15 +79,29 @@ def example_tangent(cfg, b, q, k, v, bias, mask, q_len, kv_len, out, lse, dq, dk
             bias_blk = block_rows(slice_block(bias_i, j * bk, bk, axis=3), G, bq)
             if bias_blk is not None:
                 s = s + bias_blk.astype(stat)
-            if masked:
-                mask_blk = slice_block(mask_i, j * bk, bk, axis=3)
-                live = live_pairs(cfg, i, j, q_len, kv_len, mask_blk)
-                s = jnp.where(block_rows(live, G, bq), s, -jnp.inf)
-            p = jnp.exp(s - lse_blk[..., None])  # [K, bq * G, bk]; 0 where masked
             ds = scale * (product(dq_blk, k_blk) + product(q_blk, dk_blk))
             dbias_blk = block_rows(slice_block(dbias_i, j * bk, bk, axis=3), G, bq)
             if dbias_blk is not None:
                 ds = ds + dbias_blk.astype(stat)
+            at, sizes = {"q": i * bq, "k": j * bk}, {"u": K, "q": bq, "g": G, "k": bk}
+            live = None
+            if masked:
+                mask_blk = slice_block(mask_i, j * bk, bk, axis=3)
+                live = block_rows(live_pairs(cfg, i, j, q_len, kv_len, mask_blk), G, bq)
+                if program is not None and program.mask is not None:
+                    live = live & block_call(program, dyn, "uqgk", at, sizes).reshape(s.shape)
+            if scored:  # the tangent through the score function (of the scores and captures)
+                raw = s if live is None else jnp.where(live, s, 0.0)
+
+                def score(s, caps):
+                    caps = with_grad_captures(program, dyn.captures, caps)
+                    s4 = s.reshape(K, bq, G, bk)
+                    return block_call(program, dyn, "uqgk", at, sizes, s4, caps).reshape(s.shape)
+
+                s, ds = jax.jvp(score, (raw, grad_caps), (ds, tuple(dcaps)))
+            if live is not None:
+                s = jnp.where(live, s, -jnp.inf)
+            p = jnp.exp(s - lse_blk[..., None])  # [K, bq * G, bk]; 0 where masked
             pds = p * ds
             acc = acc + jnp.einsum(  # [K, bq * G, bk] x [K, bk, H] -> [K, bq * G, H]
                 "ucs,ush->uch", pds, v_blk.astype(stat)
@@ -86,10 +112,20 @@ def example_tangent(cfg, b, q, k, v, bias, mask, q_len, kv_len, out, lse, dq, dk
         lo, full, hi = kv_range(cfg, i, q_len, kv_len)
         carry = (jnp.zeros((K, bq * G, H), stat), jnp.zeros((K, bq * G), stat))
         carry = varying_like(carry, q, k, v, dq, dk, dv, lse, bias, mask, q_len, kv_len)
-        carry = lax.fori_loop(lo, full, functools.partial(kv_step, masked=False), carry)
-        acc, row = lax.fori_loop(full, hi, functools.partial(kv_step, masked=True), carry)
+        if row_lists is not None:
+            full_idx, n_full, part_idx, n_part = row_lists
+            carry = lax.fori_loop(
+                0, n_full, lambda t, c: kv_step(full_idx[t], c, masked=False), carry
+            )
+            acc, row = lax.fori_loop(
+                0, n_part, lambda t, c: kv_step(part_idx[t], c, masked=True), carry
+            )
+        else:
+            carry = lax.fori_loop(lo, full, functools.partial(kv_step, masked=False), carry)
+            acc, row = lax.fori_loop(full, hi, functools.partial(kv_step, masked=True), carry)
         d_out = acc - row[..., None] * out_blk.astype(stat)
         return None, position_major(d_out.astype(q.dtype), bq)  # [bq, N, H]
 
-    _, d_out = lax.scan(q_block, None, jnp.arange(cfg.num_q_blocks, dtype=jnp.int32))
+    xs = (jnp.arange(cfg.num_q_blocks, dtype=jnp.int32), lists)
+    _, d_out = lax.scan(q_block, None, xs)
     return d_out.reshape(Tp, N, H)

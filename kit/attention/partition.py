@@ -95,7 +95,7 @@ def _partition(cfg, present, backward, mesh, arg_shapes, result_shape):
         return mesh, functools.partial(forward_all, cfg), (qs, lse), tuple(args)
 
     def lower(*a):
-        dq, dk, dv, dbias = backward_all(cfg, *a)
+        dq, dk, dv, dbias, _ = backward_all(cfg, *a)
         if dbias is not None:  # summed over the devices where bias is broadcast
             axes = [ax for ax, d in ((batch, 0), (heads, 1)) if ax and bias.shape[d] == 1]
             axes = tuple(n for ax in axes for n in (ax if isinstance(ax, tuple) else (ax,)))
@@ -134,12 +134,16 @@ def _partitioned(fn, backward):
     return call
 
 
+def _backward_arrays(cfg, *args):
+    return backward_all(cfg, *args)[:4]  # no program here: no capture cotangents
+
+
 forward = _partitioned(forward_all, backward=False)
-backward = _partitioned(backward_all, backward=True)
+backward = _partitioned(_backward_arrays, backward=True)
 
 
-def explicit_split(run, q, k, v, bias, mask, q_len, kv_len):
-    """`run(q, k, v, bias, mask, q_len, kv_len) -> (out, lse)` on each device's
+def explicit_split(run, q, k, v, bias, mask, q_len, kv_len, prog=None):
+    """`run(q, k, v, bias, mask, q_len, kv_len, prog) -> (out, lse)` on each device's
     examples and heads, for inputs sharded over Explicit mesh axes.
 
     On such axes the sharding is part of each array's type, so it is known at
@@ -147,21 +151,36 @@ def explicit_split(run, q, k, v, bias, mask, q_len, kv_len):
     serves the Auto axes, whose shardings are chosen after tracing). The batch
     and heads keep their split as `_split_axes` chooses it; anything else
     sharded (a sequence or head-dim axis) is gathered first, as on Auto meshes.
+    A programmed call's arrays (`prog`) are split likewise: the block states and
+    example indices by batch, the head indices by heads, and the captured arrays
+    whole on every device (their gradients summed over the devices).
     """
     mesh = jax.typeof(q).sharding.mesh
     batch, heads = _split_axes(mesh, q, k, jax.typeof(q).sharding.spec, jax.typeof(k).sharding.spec)
 
-    def extra(x):  # bias or mask [B|1, K|1, G|1, Tp|1, Sp|1]: split where not broadcast
+    def extra(x):  # bias, mask or states: split by batch (and heads) where not broadcast
         if x is None:
             return None
-        return PartitionSpec(batch if x.shape[0] != 1 else None, heads if x.shape[1] != 1 else None)
+        spec = [batch if x.shape[0] != 1 else None]
+        if x.ndim == 5:
+            spec.append(heads if x.shape[1] != 1 else None)
+        return PartitionSpec(*spec)
 
     qs, lengths = PartitionSpec(batch, None, heads), PartitionSpec(batch)
     specs = (qs, qs, qs, extra(bias), extra(mask), lengths, lengths)
-    args = [
-        None if x is None else jax.sharding.reshard(x, spec)
-        for x, spec in zip((q, k, v, bias, mask, q_len, kv_len), specs, strict=True)
-    ]
+    args = (q, k, v, bias, mask, q_len, kv_len)
+    if prog is not None:
+        captures, states, _, _ = prog
+        whole = tuple(PartitionSpec() for _ in captures)
+        specs += ((whole, extra(states), lengths, PartitionSpec(heads)),)
+        args += (prog,)
+    else:
+        specs += (None,)
+        args += (None,)
+    args = jax.tree.map(
+        lambda x, spec: None if x is None else jax.sharding.reshard(x, spec), args, specs,
+        is_leaf=lambda x: x is None,
+    )  # fmt: skip
     split = jax.shard_map(
         run, mesh=mesh, in_specs=specs, out_specs=(qs, PartitionSpec(batch, heads))
     )

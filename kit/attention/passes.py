@@ -15,6 +15,7 @@ from kit.attention.flash_backward import example_backward
 from kit.attention.flash_forward import example_forward
 from kit.attention.flash_tangent import example_tangent
 from kit.attention.masks import stat_dtype
+from kit.attention.programs import Dynamic, grad_captures
 
 Array = jax.Array
 
@@ -47,37 +48,62 @@ def _map_examples(cfg, fn, B, K, pairwise, *per_example):
     )
 
 
-def forward_all(cfg, q, k, v, bias, mask, q_len, kv_len):
+def _program_arrays(prog, q):
+    """A programmed call's arrays `(captures, states, examples, heads)` (see
+    `kit.attention.chunked`), or their defaults without a program."""
+    if prog is None:
+        return (), None, jnp.arange(q.shape[0], dtype=jnp.int32), None
+    return prog
+
+
+def _dynamic(prog, states, example, heads) -> Dynamic | None:
+    return None if prog is None else Dynamic(prog[0], states, example, heads)
+
+
+def forward_all(cfg, q, k, v, bias, mask, q_len, kv_len, prog=None):
     """The kernel's forward over all (local) examples: out `[B, Tp, N, H]` and
-    lse `[B, K, Tp * G]` (float32; MASK_VALUE for rows with no live key)."""
+    lse `[B, K, Tp * G]` (float32; MASK_VALUE for rows with no live key).
+    `prog`: a programmed call's arrays (`chunked.program_arrays`) or None."""
+    _, states, examples, heads = _program_arrays(prog, q)
 
-    def example(b, bias, mask):
-        return example_forward(cfg, b, q, k, v, bias, mask, q_len[b], kv_len[b])
+    def example(b, bias, mask, states, index):
+        dyn = _dynamic(prog, states, index, heads)
+        return example_forward(cfg, b, q, k, v, bias, mask, q_len[b], kv_len[b], dyn)
 
-    return _map_examples(cfg, example, q.shape[0], k.shape[2], (bias, mask))
+    return _map_examples(cfg, example, q.shape[0], k.shape[2], (bias, mask, states), examples)
 
 
-def tangent_all(cfg, q, k, v, bias, mask, q_len, kv_len, out, lse, dq, dk, dv, dbias):
+def tangent_all(
+    cfg, q, k, v, bias, mask, q_len, kv_len, out, lse, dq, dk, dv, dbias, prog=None, dcaps=()
+):
     """The kernel's tangent over all (local) examples: d_out `[B, Tp, N, H]` along
-    (dq, dk, dv, dbias) (`flash_tangent`; dbias None without a bias)."""
+    (dq, dk, dv, dbias) and `dcaps`, the tangents of the score function's
+    floating captures (`flash_tangent`; dbias None without a bias)."""
+    _, states, examples, heads = _program_arrays(prog, q)
 
-    def example(b, bias, mask, dbias):
+    def example(b, bias, mask, dbias, states, index):
+        dyn = _dynamic(prog, states, index, heads)
         return example_tangent(
-            cfg, b, q, k, v, bias, mask, q_len[b], kv_len[b], out, lse, dq, dk, dv, dbias
-        )
+            cfg, b, q, k, v, bias, mask, q_len[b], kv_len[b], out, lse, dq, dk, dv, dbias, dyn,
+            dcaps,
+        )  # fmt: skip
 
-    return _map_examples(cfg, example, q.shape[0], k.shape[2], (bias, mask, dbias))
+    pairwise = (bias, mask, dbias, states)
+    return _map_examples(cfg, example, q.shape[0], k.shape[2], pairwise, examples)
 
 
-def backward_all(cfg, q, k, v, bias, mask, q_len, kv_len, out, lse, d_out):
+def backward_all(cfg, q, k, v, bias, mask, q_len, kv_len, out, lse, d_out, prog=None):
     """The kernel's backward over all (local) examples, `cfg` being the forward's.
 
     Returns:
-      dq, dk, dv in the shapes and dtypes of q, k, v, and dbias in the shape
-      and dtype of bias (summed over the examples where bias broadcasts) or None.
+      dq, dk, dv in the shapes and dtypes of q, k, v, dbias in the shape
+      and dtype of bias (summed over the examples where bias broadcasts) or None,
+      and the cotangents of the score function's floating captures (a tuple).
     """
     delta = row_delta(out, d_out, k.shape[2])
-    return backward_from_delta(cfg, q, k, v, bias, mask, q_len, kv_len, delta, lse, d_out)
+    return backward_from_delta(
+        cfg, q, k, v, bias, mask, q_len, kv_len, delta, lse, d_out, prog=prog
+    )
 
 
 def row_delta(out: Array, d_out: Array, K: int) -> Array:
@@ -89,7 +115,9 @@ def row_delta(out: Array, d_out: Array, K: int) -> Array:
     return jnp.swapaxes(delta.reshape(B, Tp, K, N // K), 1, 2).reshape(B, K, -1)
 
 
-def backward_from_delta(cfg, q, k, v, bias, mask, q_len, kv_len, delta, lse, d_out, dq_t=None):
+def backward_from_delta(
+    cfg, q, k, v, bias, mask, q_len, kv_len, delta, lse, d_out, dq_t=None, prog=None
+):
     """`backward_all` given delta (`row_delta`) instead of out.
 
     Given `dq_t` (float32 `[B, K, H, Tp * G]`), dq, dk and dv are returned in
@@ -100,20 +128,29 @@ def backward_from_delta(cfg, q, k, v, bias, mask, q_len, kv_len, delta, lse, d_o
     bcfg = cfg.for_backward()
     summing = dq_t is not None
 
-    def example(b, bias, mask, dq_t):
+    captures, states, examples, heads = _program_arrays(prog, q)
+
+    def example(b, bias, mask, states, index, dq_t):
+        dyn = _dynamic(prog, states, index, heads)
         return example_backward(
-            bcfg, b, q, k, v, bias, mask, q_len[b], kv_len[b], lse, delta, d_out, dq_t
+            bcfg, b, q, k, v, bias, mask, q_len[b], kv_len[b], lse, delta, d_out, dq_t, dyn
         )
 
-    dq, dk, dv, dbias = _map_examples(cfg, example, q.shape[0], k.shape[2], (bias, mask), dq_t)
+    pairwise = (bias, mask, states)
+    dq, dk, dv, dbias, dcaps = _map_examples(
+        cfg, example, q.shape[0], k.shape[2], pairwise, examples, dq_t
+    )
+    if dcaps:
+        caps = grad_captures(cfg.program, captures)
+        dcaps = tuple(jnp.sum(d, axis=0).astype(c.dtype) for d, c in zip(dcaps, caps, strict=True))
     if dbias is not None:
         if bias.shape[0] == 1:
             dbias = jnp.sum(dbias, axis=0, keepdims=True)
         dbias = dbias.astype(bias.dtype)
     if summing:
-        return dq, dk, dv, dbias
+        return dq, dk, dv, dbias, dcaps
     dq = dq_from_transposed(dq, q.shape)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dbias
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dbias, dcaps
 
 
 def dq_from_transposed(dq_t: Array, shape: tuple[int, ...]) -> Array:

@@ -137,7 +137,7 @@ def _ring_backward(ring: _Ring, q, k, v, kv_len, out, lse, d_out):
 
         def compute(src, cfg):
             lengths = ring.key_lengths(kv_len, src)
-            dq_b, dk_b, dv_b, _ = backward_from_delta(
+            dq_b, dk_b, dv_b, *_ = backward_from_delta(
                 cfg, q, k, v, None, None, q_len, lengths, delta, lse, d_out, dq_t
             )
             return dq_b, dk + dk_b, dv + dv_b

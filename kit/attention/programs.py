@@ -1,0 +1,260 @@
+"""Programmable attention's machinery: score and mask functions turned into
+explicit functions of their captured arrays, checked, and evaluated on a grid of
+(example, head, query, key) indices in whatever layout a pass works in.
+
+A score function `score_mod(score, b, h, q_idx, kv_idx) -> score` and a mask
+function `mask_mod(b, h, q_idx, kv_idx) -> bool` are written for scalars, as in
+PyTorch's FlexAttention. They are traced once on scalars (`convert`): that checks
+their arity and what they return, and lifts every array they close over (a slope
+table, segment ids, a traced value of an enclosing jit) into an explicit
+argument, so that the chunked kernel can take the captured arrays as inputs and
+give the floating ones gradients. On a block they are vectorized by nested
+`jax.vmap`s over index vectors (`on_grid`), one per axis of the block, so any
+jnp code that is right for scalars is right for the block, and an index used on
+one axis alone (a per-head slope) is gathered once for that axis, not per pair.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend.core import ClosedJaxpr, jaxpr_as_fun
+
+from kit.attention.blocks import builtin_states
+
+Array = jax.Array
+
+SCORE_ARGS = "(score, b, h, q_idx, kv_idx)"
+MASK_ARGS = "(b, h, q_idx, kv_idx)"
+
+
+def _check_callable(name: str, fn, nargs: int, args: str) -> None:
+    if not callable(fn):
+        raise ValueError(f"{name}: expected a function {args}, got {type(fn).__name__}")
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return  # a builtin or C function: its arity shows when it is traced
+    try:
+        signature.bind(*range(nargs))
+    except TypeError:
+        raise ValueError(
+            f"{name}: expected a function of {nargs} positional arguments {args}, "
+            f"got one with signature {signature}"
+        ) from None
+
+
+def trace(name: str, fn, nargs: int, args: str, score_dtype=None) -> tuple[Callable, tuple]:
+    """`fn` traced on int32 (and `score_dtype`) scalars: an explicit function
+    `run(*scalars, *captures)` and the captured arrays.
+
+    Raises:
+      ValueError: naming `name` for a function of the wrong arity, or one that
+        does not return one scalar (a float for a score function, a bool for a
+        mask function).
+    """
+    _check_callable(name, fn, nargs, args)
+    index = jax.ShapeDtypeStruct((), jnp.int32)
+    scalars = ([jax.ShapeDtypeStruct((), score_dtype)] if score_dtype else []) + [index] * 4
+    try:
+        closed = jax.make_jaxpr(fn)(*scalars)
+    except TypeError as error:
+        raise ValueError(f"{name}: calling it as {args} with scalars failed: {error}") from error
+    outs = closed.out_avals
+    kind = "a float score" if score_dtype else "a bool"
+    if len(outs) != 1 or outs[0].shape != ():
+        shapes = [tuple(o.shape) for o in outs]
+        raise ValueError(f"{name}: must return {kind} scalar, got output shapes {shapes}")
+    dtype = outs[0].dtype
+    if (score_dtype and not jnp.issubdtype(dtype, jnp.floating)) or (
+        not score_dtype and dtype != jnp.bool_
+    ):
+        raise ValueError(f"{name}: must return {kind} scalar, got dtype {dtype}")
+    jaxpr, captures = closed.jaxpr, tuple(closed.consts)
+
+    def run(*scalars_and_captures):
+        n = len(scalars_and_captures) - len(captures)
+        fn = jaxpr_as_fun(ClosedJaxpr(jaxpr, list(scalars_and_captures[n:])))
+        return fn(*scalars_and_captures[:n])[0]
+
+    return run, captures
+
+
+def differentiable(x) -> bool:
+    return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Program:
+    """The static part of a programmed call: the traced functions (hashed by
+    identity, so one jit trace compiles one kernel).
+
+    Attributes:
+      score: `score(s, b, h, q, kv, *score_captures)` or None.
+      mask: `mask(b, h, q, kv, *mask_captures)` or None.
+      num_score: how many of the call's captures are the score function's (they
+        come first); the rest are the mask function's, which get no gradient.
+      grad: per score capture, whether it is floating (has a gradient).
+    """
+
+    score: Callable | None
+    mask: Callable | None
+    num_score: int
+    grad: tuple[bool, ...]
+
+
+def make_program(score_mod, mask_mod, score_dtype) -> tuple[Program | None, tuple]:
+    """The Program and its captures (score's first) for a call; (None, ()) for neither."""
+    if score_mod is None and mask_mod is None:
+        return None, ()
+    score, score_caps = (
+        trace("score_mod", score_mod, 5, SCORE_ARGS, score_dtype)
+        if score_mod is not None
+        else (None, ())
+    )
+    mask, mask_caps = (
+        trace("mask_mod", mask_mod, 4, MASK_ARGS) if mask_mod is not None else (None, ())
+    )
+    grad = tuple(differentiable(c) for c in score_caps)
+    return Program(score, mask, len(score_caps), grad), score_caps + mask_caps
+
+
+class Dynamic(NamedTuple):
+    """A programmed call's arrays as one example's pass sees them.
+
+    Attributes:
+      captures: the score function's then the mask function's captured arrays.
+      states: the block states of this example (`BLOCK_*`) at the block mask's
+        granularity `[nq, nk]`, or None (no block mask).
+      example: the example's index in the whole batch (int32 scalar).
+      heads: the global index of each local query head `[N]`.
+    """
+
+    captures: tuple
+    states: Array | None
+    example: Array
+    heads: Array
+
+
+def on_grid(body: Callable, score: Array | None, vectors: list[Array]) -> Array:
+    """`body(score_scalar, *index_scalars)` on the grid of `vectors` (one per axis
+    of the result, outermost first) by nested vmaps; `score` has the grid's shape."""
+    n = len(vectors)
+    fn = body
+    for level in reversed(range(n)):
+        in_axes = (None if score is None else 0,) + tuple(
+            0 if other == level else None for other in range(n)
+        )
+        fn = jax.vmap(fn, in_axes=in_axes)
+    return fn(score, *vectors)
+
+
+def block_call(
+    program: Program,
+    dyn: Dynamic,
+    layout: str,
+    starts: dict[str, Array],
+    sizes: dict[str, int],
+    score: Array | None = None,
+    score_captures: tuple | None = None,
+) -> Array:
+    """The score function on `score` (or the mask function, if `score` is None) on
+    one block whose axes are named by the letters of `layout`: u (key/value
+    head), g (query head within its group), q (query position), k (key position).
+
+    `starts` gives the first position of the q and k axes, `sizes` every axis's
+    size; query head u * G + g is global head `dyn.heads[u * G + g]`. The score
+    function reads `score_captures` if given (to differentiate through them),
+    else its captures in `dyn`.
+    """
+    G = sizes["g"]
+    vectors = []
+    for axis in layout:
+        start = starts.get(axis, jnp.int32(0))
+        vectors.append(start + jnp.arange(sizes[axis], dtype=jnp.int32))
+    n = program.num_score
+    if score is None:
+        caps = dyn.captures[n:]
+
+        def body(_, *idx):
+            at = dict(zip(layout, idx, strict=True))
+            h = dyn.heads[at["u"] * G + at["g"]]
+            return program.mask(dyn.example, h, at["q"], at["k"], *caps)
+
+        return on_grid(body, None, vectors)
+    caps = dyn.captures[:n] if score_captures is None else score_captures
+
+    def score_body(s, *idx):
+        at = dict(zip(layout, idx, strict=True))
+        h = dyn.heads[at["u"] * G + at["g"]]
+        return program.score(s, dyn.example, h, at["q"], at["k"], *caps).astype(s.dtype)
+
+    return on_grid(score_body, score, vectors)
+
+
+def grad_captures(program: Program, captures: tuple) -> tuple:
+    """The score captures that get gradients (the floating ones)."""
+    return tuple(c for c, g in zip(captures[: program.num_score], program.grad, strict=True) if g)
+
+
+def with_grad_captures(program: Program, captures: tuple, grads: tuple) -> tuple:
+    """The score captures with the floating ones replaced by `grads`, in order."""
+    grads = iter(grads)
+    n = program.num_score
+    return tuple(next(grads) if g else c for c, g in zip(captures[:n], program.grad, strict=True))
+
+
+# Block states, one per (query block, key block): no pair live, some, all.
+BLOCK_DEAD, BLOCK_PARTIAL, BLOCK_FULL = 0, 1, 2
+
+
+def combine_states(*states: Array) -> Array:
+    """The states of the AND of masks: the least of their states."""
+    out = states[0]
+    for s in states[1:]:
+        out = jnp.minimum(out, s)
+    return out
+
+
+def coarsen(states: Array, rows: int, cols: int, axes: tuple[int, int] = (-2, -1)) -> Array:
+    """Block states `[..., nq * rows, nk * cols]` -> `[..., nq, nk]`: a coarse block
+    is dead if all its fine ones are, full if all are, else partial."""
+    *lead, nq, nk = states.shape
+    x = states.reshape(*lead, nq // rows, rows, nk // cols, cols)
+    hi, lo = jnp.max(x, axis=(-3, -1)), jnp.min(x, axis=(-3, -1))
+    return jnp.where(hi == BLOCK_DEAD, BLOCK_DEAD, jnp.where(lo == BLOCK_FULL, BLOCK_FULL, 1)).astype(
+        np.int8
+    )
+
+
+def block_lists(states: Array) -> tuple[Array, Array, Array, Array]:
+    """Per row of block states `[rows, cols]`: the full blocks' column indices (in
+    order, first), their count, and likewise the partial blocks'."""
+    cols = states.shape[-1]
+    index = jnp.arange(cols, dtype=jnp.int32)
+
+    def listed(which):
+        order = jnp.argsort(jnp.where(states == which, index, cols + index), axis=-1)
+        return order.astype(jnp.int32), jnp.sum(states == which, axis=-1, dtype=jnp.int32)
+
+    return (*listed(BLOCK_FULL), *listed(BLOCK_PARTIAL))
+
+
+def kernel_lists(cfg, dyn: Dynamic | None, q_len, kv_len, *, transpose: bool = False):
+    """The block lists (`block_lists`) of one example at the kernel's block sizes
+    (`cfg`), from its block mask's states (`dyn.states`, padded to the kernel's
+    padded lengths) and the causal, window and length masks; one row per query
+    block, or per key block with `transpose`. None without block states."""
+    if dyn is None or dyn.states is None:
+        return None
+    Tp, Sp = cfg.padded_lengths
+    nq, nk = dyn.states.shape
+    rows, cols = cfg.block_q * nq // Tp, cfg.block_k * nk // Sp
+    states = combine_states(coarsen(dyn.states, rows, cols), builtin_states(cfg, q_len, kv_len))
+    return block_lists(states.T if transpose else states)

@@ -21,6 +21,7 @@ Modules, whose imports run one way (masks <- inputs <- {core, chunked} <- api
 """
 
 from kit.attention.api import attention_weights, chunked_attention, dot_product_attention
+from kit.attention import mods
 from kit.attention.flex import (
     BlockMask,
     and_masks,
@@ -65,6 +66,7 @@ __all__ = [
     "init_attention_params",
     "local_window_mask",
     "masked_softmax",
+    "mods",
     "multi_head_attention",
     "padding_mask",
     "project_heads",

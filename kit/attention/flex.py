@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from kit.attention.chunked import chunked_from_inputs
+from kit.attention.chunked import BlockSizes, chunked_from_inputs
 from kit.attention.core import masked_logsumexp, masked_softmax
 from kit.attention.inputs import Inputs, check_inputs
 from kit.attention.masks import stat_dtype
@@ -204,6 +204,7 @@ def flex_attention(
     query_seq_lengths: Array | None = None,
     key_value_seq_lengths: Array | None = None,
     implementation: str | None = None,
+    kernel_options: dict | None = None,
     return_residual: bool = False,
 ):
     """Attention with a score function and a block mask (PyTorch's FlexAttention in JAX).
@@ -225,6 +226,9 @@ def flex_attention(
       implementation: None (chunked from T x S >= 512 x 512, else xla), "xla"
         (materializes the `[B, N, T, S]` scores: the reference) or "chunked"
         (block-sparse, O(T) memory, its own derivatives).
+      kernel_options: the chunked path's block sizes, as `kit.chunked_attention`
+        takes them (block_q, block_k, backward_block_q, backward_block_k,
+        units_per_step); rounded up to whole multiples of the block mask's.
       return_residual: also return the log-sum-exp of each row `[B, T, N]`
         (-inf for rows with no live key; no gradient), as `dot_product_attention`.
 
@@ -256,9 +260,11 @@ def flex_attention(
     if implementation is None:
         big = x.query.shape[1] * x.key.shape[1] >= _CHUNKED_MIN_PAIRS
         implementation = "chunked" if big and isinstance(x.scale, float) else "xla"
+    sizes = _kernel_options(kernel_options)
     if implementation == "chunked":
         out, lse = chunked_from_inputs(
             x,
+            sizes,
             return_residual=return_residual,
             program=program,
             captures=captures,
@@ -267,6 +273,17 @@ def flex_attention(
     else:
         out, lse = _xla(x, program, captures, return_residual)
     return (out, lse) if return_residual else out
+
+
+def _kernel_options(options) -> BlockSizes:
+    if options is None:
+        return BlockSizes()
+    names = [f.name for f in dataclasses.fields(BlockSizes)]
+    if not isinstance(options, dict) or set(options) - set(names):
+        raise ValueError(f"kernel_options: expected a dict with keys from {names}, got {options!r}")
+    sizes = BlockSizes(**options)
+    sizes.check()
+    return sizes
 
 
 def _xla(x: Inputs, program: Program | None, captures: tuple, return_residual: bool):

@@ -297,3 +297,71 @@ def test_bad_inputs_name_the_argument():
         kit.create_block_mask(mods.causal, None, None, 16, 16, block_size=0)
     with pytest.raises(ValueError, match="kernel_options"):
         kit.flex_attention(q, k, v, kernel_options={"block": 8})
+
+
+# --- meshes: Auto and Explicit axes, a user's shard_map ---------------------------------
+
+
+def _collectives(hlo: str) -> list[str]:
+    ops = ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter")
+    return [op for op in ops if op in hlo]
+
+
+def _packed_call(q, k, v, slopes, seg):
+    """Causal documents from per-example segment ids and learned ALiBi slopes."""
+    T = q.shape[1]
+    block_mask = kit.create_block_mask(
+        kit.and_masks(mods.causal, mods.documents(seg)), q.shape[0], None, T, T, block_size=8
+    )
+    return kit.flex_attention(q, k, v, mods.alibi(slopes), block_mask, implementation="chunked",
+                              kernel_options=SMALL_BLOCKS)  # fmt: skip
+
+
+@pytest.mark.parametrize("axis_type", ["Auto", "Explicit"])
+def test_batch_and_head_mesh_splits_without_collectives(axis_type, optimized):
+    """On a ("data", "model") mesh the forward needs no collective; the gradients,
+    the captured slopes' summed over the devices, equal the unsharded ones."""
+    from jax.sharding import AxisType, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    kind = getattr(AxisType, axis_type)
+    mesh = jax.make_mesh((2, 2), ("data", "model"), axis_types=(kind, kind))
+    q, k, v = make_qkv(4, 40, 40, 4, 2, H=8, seed=7)
+    seg = jnp.stack([jnp.arange(40) // d for d in (10, 13, 40, 7)])
+    weights = normal(jax.random.key(8), q.shape)
+
+    def loss(q, k, v, slopes):
+        return jnp.sum(_packed_call(q, k, v, slopes, seg) * weights)
+
+    want = jax.value_and_grad(loss, argnums=(0, 1, 2, 3))(q, k, v, SLOPES)
+    with jax.set_mesh(mesh):
+        split = NamedSharding(mesh, P("data", None, "model", None))
+        args = [jax.device_put(x, split) for x in (q, k, v)] + [SLOPES]
+        forward = jax.jit(lambda q, k, v, s: _packed_call(q, k, v, s, seg))
+        assert _collectives(forward.lower(*args).compile().as_text()) == []
+        got = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))(*args)
+    close(got[0], want[0], 1e-4)
+    for g, w in zip(got[1], want[1], strict=True):
+        close(g, w, 2e-4)
+
+
+def test_inside_a_users_shard_map():
+    from jax.sharding import AxisType, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((4,), ("b",), axis_types=(AxisType.Explicit,))
+    q, k, v = make_qkv(4, 40, 40, 4, 2, H=8, seed=9)
+    seg = jnp.stack([jnp.arange(40) // d for d in (10, 13, 40, 7)])
+
+    def loss(q, k, v, seg):
+        return jnp.sum(jnp.sin(_packed_call(q, k, v, SLOPES, seg)))
+
+    def per_device(q, k, v, seg):
+        return _packed_call(q, k, v, SLOPES, seg), jax.grad(loss, argnums=(0, 1, 2))(q, k, v, seg)
+
+    split = jax.shard_map(per_device, mesh=mesh, in_specs=P("b"), out_specs=P("b"))
+    args = [jax.device_put(x, NamedSharding(mesh, P("b"))) for x in (q, k, v, seg)]
+    out, grads = jax.jit(split)(*args)
+    close(out, _packed_call(q, k, v, SLOPES, seg), 2e-5)
+    for g, w in zip(grads, jax.grad(loss, argnums=(0, 1, 2))(q, k, v, seg), strict=True):
+        close(g, w, 2e-4)

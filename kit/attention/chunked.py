@@ -57,6 +57,7 @@ from kit.attention.blocks import (
 from kit.attention.inputs import Inputs, explicit_axes
 from kit.attention.linear import linear_call
 from kit.attention.masks import MASK_VALUE
+from kit.attention.programs import grad_captures
 
 Array = jax.Array
 
@@ -71,18 +72,12 @@ Array = jax.Array
 def _flash(cfg, q, k, v, bias, mask, q_len, kv_len, prog):
     """out `[B, Tp, N, H]` and lse `[B, K, Tp * G]`; lse carries no derivative.
     `prog`: a programmed call's arrays (`program_arrays`) or None."""
-    return _forward(cfg, q, k, v, bias, mask, q_len, kv_len, prog)
-
-
-def _forward(cfg, *args):
-    if args[-1] is None:
-        return partition.forward(cfg, *args[:-1])
-    return passes.forward_all(cfg, *args)
+    return partition.forward(cfg, q, k, v, bias, mask, q_len, kv_len, prog)
 
 
 def _flash_jvp(cfg, primals, tangents):
     q, k, v, bias, mask, q_len, kv_len, prog = _first_order_only(primals)
-    out, lse = _forward(cfg, q, k, v, bias, mask, q_len, kv_len, prog)
+    out, lse = partition.forward(cfg, q, k, v, bias, mask, q_len, kv_len, prog)
     # Only the tangents that are not symbolic zeros (inputs held constant) are
     # linear arguments: the transpose must be able to give each a cotangent.
     given = tuple(
@@ -138,10 +133,20 @@ def _transpose(cfg, given, residuals, cotangents):
     (d_out,) = cotangents
     *arrays, prog = residuals
     if prog is None:
-        grads, d_caps = partition.backward(cfg, *arrays, d_out), ()
+        grads, d_caps = partition.backward(cfg, *arrays, d_out, prog), ()
     else:
-        *grads, d_caps = passes.backward_all(cfg, *arrays, d_out, prog)
+        *grads, d_caps = partition.backward(cfg, *arrays, d_out, prog)
+        # Inside shard_map a capture the same on every device gets the sum of the
+        # devices' cotangents (each device's covers its own examples and heads).
+        wanted = grad_captures(cfg.program, prog[0])
+        d_caps = tuple(_sum_over_devices(d, c) for d, c in zip(d_caps, wanted, strict=True))
     return tuple(d for d, g in zip(grads, given, strict=True) if g) + tuple(d_caps)
+
+
+def _sum_over_devices(d: Array, like: Array) -> Array:
+    """`d` summed over the manual mesh axes it varies over and `like` does not."""
+    extra = jax.typeof(d).manual_axis_type.varying - jax.typeof(like).manual_axis_type.varying
+    return lax.psum(d, tuple(sorted(extra))) if extra else d
 
 
 _SECOND_ORDER = (

@@ -88,6 +88,10 @@ def example_backward(
     lists = kernel_lists(cfg, dyn, q_len, kv_len, transpose=True)
     scored = program is not None and program.score is not None
     grad_caps = grad_captures(program, dyn.captures) if scored else ()
+    # Inside shard_map the captures are typed varying like the blocks before the VJP:
+    # otherwise the VJP's transpose of that cast would sum each block's cotangent
+    # over the devices (the caller sums the total once, `chunked._sum_over_devices`).
+    grad_caps = varying_like(grad_caps, q, k, v, d_out, *([] if dyn is None else dyn[2:]))
 
     def modded(s, live, at, sizes):
         """The score function on s and its VJP (to the raw scores and the captures)."""

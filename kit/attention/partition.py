@@ -39,11 +39,12 @@ def _sharding_rule(cfg, present, backward, mesh, operand_types, result_types):
     propagation never splits a head axis over part of a mesh axis (as it would
     K = 2 heads over 4 devices if they were one compound factor with N); the
     partition then splits them alike where it can. Everything else stays whole
-    on each device."""
-    del cfg, mesh, result_types
+    on each device: a programmed call's captured arrays (and their cotangents)
+    are replicated, its block states split by batch only."""
+    del mesh, result_types
     B, K = operand_types[0].shape[0], operand_types[1].shape[2]
     qh, kh = "b t n h", "b s k h"
-    names = [n for n, given in zip(("bias", "mask"), present, strict=True) if given]
+    names = [n for n, given in zip(("bias", "mask"), present[:2], strict=True) if given]
     extra = [_rule_names(operand_types[3 + i].shape, B, K, n) for i, n in enumerate(names)]
     operands = [qh, kh, kh, *(" ".join(x) for x in extra), "b", "b"]
     if backward:
@@ -52,6 +53,18 @@ def _sharding_rule(cfg, present, backward, mesh, operand_types, result_types):
     else:
         results = [qh, "b k x"]
     replicated = {"t", "s", "h", "x"} | {n for names in extra for n in names if n not in ("b", "k")}
+    if present[2] is not None:  # the program's arrays: captures, states, examples, heads
+        num_caps, has_states = present[2]
+        rest = operand_types[len(operands) :]
+        caps = [" ".join(f"c{i}d{d}" for d in range(len(c.shape))) for i, c in enumerate(rest[:num_caps])]
+        operands += caps
+        if has_states:
+            operands.append(("b" if rest[num_caps].shape[0] == B else "sb") + " sq sk")
+        operands += ["b", "n"]
+        replicated |= {"sb", "sq", "sk"} | {f for c in caps for f in c.split()}
+        if backward:
+            grads = [c for c, g in zip(caps, cfg.program.grad, strict=False) if g]
+            results += grads
     rule = ", ".join(operands) + " -> " + ", ".join(results)
     # Shardy wants the special factors in the order in which the rule first names them.
     factors = dict.fromkeys(rule.replace(",", " ").split())
@@ -76,9 +89,14 @@ def _split_axes(mesh, q, k, q_spec=None, k_spec=None):
     return q_spec[0] if q_spec[0] is not None else k_spec[0], heads[0] if heads else None
 
 
+def _mesh_axes(*axes) -> tuple[str, ...]:
+    return tuple(n for ax in axes if ax for n in (ax if isinstance(ax, tuple) else (ax,)))
+
+
 def _partition(cfg, present, backward, mesh, arg_shapes, result_shape):
     del result_shape
     q, k, _, bias, mask, *_ = arg_shapes
+    prog = arg_shapes[-1] if present[2] is not None else None
     batch, heads = _split_axes(mesh, q, k)
 
     def named(*spec):
@@ -91,19 +109,29 @@ def _partition(cfg, present, backward, mesh, arg_shapes, result_shape):
 
     qs, lse, lengths = named(batch, None, heads), named(batch, heads), named(batch)
     args = [qs, qs, qs, extra(bias), extra(mask), lengths, lengths]
+    prog_shardings = None
+    if prog is not None:  # captures whole, states by batch, example and head indices split
+        captures, states, _, _ = prog
+        states = None if states is None else named(batch if states.shape[0] != 1 else None)
+        prog_shardings = (tuple(named() for _ in captures), states, lengths, named(heads))
     if not backward:
-        return mesh, functools.partial(forward_all, cfg), (qs, lse), tuple(args)
+        return mesh, functools.partial(forward_all, cfg), (qs, lse), (*args, prog_shardings)
 
     def lower(*a):
-        dq, dk, dv, dbias, _ = backward_all(cfg, *a)
+        dq, dk, dv, dbias, dcaps = backward_all(cfg, *a)
         if dbias is not None:  # summed over the devices where bias is broadcast
             axes = [ax for ax, d in ((batch, 0), (heads, 1)) if ax and bias.shape[d] == 1]
-            axes = tuple(n for ax in axes for n in (ax if isinstance(ax, tuple) else (ax,)))
-            if axes:
+            if axes := _mesh_axes(*axes):
                 dbias = lax.psum(dbias, axes)
-        return dq, dk, dv, dbias
+        if dcaps and (axes := _mesh_axes(batch, heads)):  # each device's examples and heads
+            dcaps = tuple(lax.psum(d, axes) for d in dcaps)
+        return (dq, dk, dv, dbias) if prog is None else (dq, dk, dv, dbias, dcaps)
 
-    return mesh, lower, (qs, qs, qs, extra(bias)), (*args, qs, lse, qs)
+    results = (qs, qs, qs, extra(bias))
+    if prog is not None:
+        grads = [c for c, g in zip(prog[0], cfg.program.grad, strict=False) if g]
+        results += (tuple(named() for _ in grads),)
+    return mesh, lower, results, (*args, qs, lse, qs, prog_shardings)
 
 
 def _partitioned(fn, backward):
@@ -116,7 +144,9 @@ def _partitioned(fn, backward):
     def call(cfg, *args):
         # custom_partitioning has no batching rule: under jax.vmap the kernel
         # runs as it would without a mesh (vmapped over the loop, unpartitioned).
-        static = (cfg, (args[3] is not None, args[4] is not None))
+        prog = args[-1]
+        layout = None if prog is None else (len(prog[0]), prog[1] is not None)
+        static = (cfg, (args[3] is not None, args[4] is not None, layout))
 
         @custom_vmap
         def run(args):
@@ -135,7 +165,9 @@ def _partitioned(fn, backward):
 
 
 def _backward_arrays(cfg, *args):
-    return backward_all(cfg, *args)[:4]  # no program here: no capture cotangents
+    """backward_all's results, without the (empty) capture cotangents when there is no program."""
+    grads = backward_all(cfg, *args)
+    return grads if args[-1] is not None else grads[:4]
 
 
 forward = _partitioned(forward_all, backward=False)

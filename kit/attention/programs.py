@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import ClosedJaxpr, jaxpr_as_fun
 
-from kit.attention.blocks import builtin_states
+from kit.attention.blocks import builtin_states, varying_like
 
 Array = jax.Array
 
@@ -63,7 +63,14 @@ def trace(name: str, fn, nargs: int, args: str, score_dtype=None) -> tuple[Calla
     index = jax.ShapeDtypeStruct((), jnp.int32)
     scalars = ([jax.ShapeDtypeStruct((), score_dtype)] if score_dtype else []) + [index] * 4
     try:
-        closed = jax.make_jaxpr(fn)(*scalars)
+        # Traced outside an Explicit mesh, so that the jaxpr carries no such mesh
+        # into a pass that runs under shard_map (manual axes); inside a user's
+        # shard_map, where the passes run too, its manual mesh stays.
+        mesh = jax.sharding.get_abstract_mesh()
+        if mesh.empty or not mesh.manual_axes:
+            mesh = jax.sharding.AbstractMesh((), ())
+        with jax.sharding.use_abstract_mesh(mesh):
+            closed = jax.make_jaxpr(fn)(*scalars)
     except TypeError as error:
         raise ValueError(f"{name}: calling it as {args} with scalars failed: {error}") from error
     outs = closed.out_avals
@@ -80,10 +87,54 @@ def trace(name: str, fn, nargs: int, args: str, score_dtype=None) -> tuple[Calla
 
     def run(*scalars_and_captures):
         n = len(scalars_and_captures) - len(captures)
-        fn = jaxpr_as_fun(ClosedJaxpr(jaxpr, list(scalars_and_captures[n:])))
-        return fn(*scalars_and_captures[:n])[0]
+        args, consts = scalars_and_captures[:n], list(scalars_and_captures[n:])
+        if _manual_axes(scalars_and_captures):
+            return _eval_varying(jaxpr, consts, args)[0]
+        return jaxpr_as_fun(ClosedJaxpr(jaxpr, consts))(*args)[0]
 
     return run, captures
+
+
+def _manual_axes(values) -> set:
+    axes = set()
+    for x in jax.tree.leaves(values):
+        axes |= jax.typeof(x).manual_axis_type.varying
+    return axes
+
+
+# Primitives that call a jaxpr given in a parameter: inlined by `_eval_varying`.
+_CALLS = {"pjit": "jaxpr", "jit": "jaxpr", "closed_call": "call_jaxpr",
+          "custom_jvp_call": "call_jaxpr", "custom_vjp_call": "call_jaxpr"}  # fmt: skip
+
+
+def _eval_varying(jaxpr, consts, args) -> list:
+    """Evaluates `jaxpr` inside shard_map: the inputs vary over different manual
+    axes (the example index over the batch's, the head index over the heads'),
+    and each primitive wants its operands alike, as jnp makes them when it
+    traces; so every equation's operands are first cast to vary over all the
+    axes any of them varies over. Calls (jit, custom derivatives) are inlined:
+    their jaxprs were traced outside too. A function's custom derivative rule
+    is not used here; its primal computation is differentiated."""
+    env = {}
+
+    def read(v):
+        return v.val if isinstance(v, jax.extend.core.Literal) else env[v]
+
+    env.update(zip(jaxpr.constvars, consts, strict=True))
+    env.update(zip(jaxpr.invars, args, strict=True))
+    for eqn in jaxpr.eqns:
+        values = [read(v) for v in eqn.invars]
+        values = varying_like(values, *values)
+        name = eqn.primitive.name
+        if name in _CALLS and _CALLS[name] in eqn.params:
+            inner = eqn.params[_CALLS[name]]
+            inner_consts = getattr(inner, "consts", [])
+            outs = _eval_varying(getattr(inner, "jaxpr", inner), inner_consts, values)
+        else:
+            outs = eqn.primitive.bind(*values, **eqn.primitive.get_bind_params(eqn.params))
+            outs = outs if eqn.primitive.multiple_results else [outs]
+        env.update(zip(eqn.outvars, outs, strict=True))
+    return [read(v) for v in jaxpr.outvars]
 
 
 def differentiable(x) -> bool:

@@ -14,6 +14,7 @@ from flax import nnx
 
 from kit import attention, positional
 from kit.attention.api import attend
+from kit.attention.flex import flex_attend, score_grid
 from kit.attention.inputs import check_inputs
 
 Array = jax.Array
@@ -84,6 +85,8 @@ class MultiHeadAttention(nnx.Module):
         bias: Array | None = None,
         is_causal: bool = False,
         key_value_seq_lengths: Array | None = None,
+        score_mod: Any = None,
+        block_mask: Any = None,
         positions: Array | None = None,
         dropout_rng: Array | None = None,
         return_weights: bool = False,
@@ -97,6 +100,8 @@ class MultiHeadAttention(nnx.Module):
           context: `[B, S, D]` for cross-attention.
           mask, bias, is_causal, key_value_seq_lengths: as in
             `kit.dot_product_attention`.
+          score_mod, block_mask: as in `kit.flex_attention` (instead of a bias
+            or mask).
           positions: int `[B, T]` positions of `x` (for RoPE); defaults to 0..T-1.
           dropout_rng: PRNG key for attention dropout; None disables it.
           return_weights: also return the attention weights `[B, N, T, S]` and
@@ -118,12 +123,16 @@ class MultiHeadAttention(nnx.Module):
                 seen.update(query=q, key=k, value=v)
             return q, k, v
 
+        programmed = {
+            name: fn for name, fn in (("score_mod", score_mod), ("block_mask", block_mask)) if fn
+        }
         result = attention.multi_head_attention(
             self.params(),
             x,
             context,
             bias,
             mask,
+            **programmed,
             return_weights=return_weights,
             process_heads=process_heads,
             head_mask=head_mask,
@@ -137,17 +146,21 @@ class MultiHeadAttention(nnx.Module):
         if not return_weights:
             return result, {}
         y, weights = result
-        return y, {"weights": weights, "vectors": self._inspect(seen, bias)}
+        return y, {"weights": weights, "vectors": self._inspect(seen, bias, score_mod)}
 
-    def _inspect(self, qkv: dict[str, Array], bias: Array | None) -> dict[str, Array]:
+    def _inspect(self, qkv: dict[str, Array], bias: Array | None, score_mod=None):
         """q `[B, T, N, H]`, k and v `[B, S, K, H]` as attention read them (after
         RoPE), ||f(x_s)|| `[B, N, S]` (kit.head_value_norms) and the additive
-        bias `[B, N, T, S]` if there was one."""
+        bias `[B, N, T, S]` if there was one (a score function's, evaluated on
+        zero scores: the models' score functions are additive)."""
         out = dict(qkv)
         out["value_norms"] = attention.head_value_norms(qkv["value"], self.out["kernel"][...])
-        if bias is not None:
-            B, T, N = qkv["query"].shape[:3]
-            out["bias"] = jnp.broadcast_to(bias, (B, N, T, qkv["key"].shape[1]))
+        B, T, N = qkv["query"].shape[:3]
+        S = qkv["key"].shape[1]
+        if score_mod is not None:
+            out["bias"] = score_grid(score_mod, B, N, T, S)
+        elif bias is not None:
+            out["bias"] = jnp.broadcast_to(bias, (B, N, T, S))
         return out
 
     def decode_step(
@@ -157,6 +170,7 @@ class MultiHeadAttention(nnx.Module):
         *,
         mask: Array | None = None,
         bias: Array | None = None,
+        score_mod: Any = None,
         positions: Array | None = None,
         return_weights: bool = False,
         head_mask: Array | None = None,
@@ -192,15 +206,24 @@ class MultiHeadAttention(nnx.Module):
         key_positions = jnp.arange(k.shape[1], dtype=jnp.int32)
         cache_mask = key_positions[None, None, None, :] <= positions[:, None, :, None]
         mask = cache_mask if mask is None else mask & cache_mask
-        out, weights, _ = attend(
-            check_inputs(q, k, v, bias, mask),
-            implementation=self.implementation,
-            return_weights=return_weights,
-        )
+        if score_mod is None:
+            out, weights, _ = attend(
+                check_inputs(q, k, v, bias, mask),
+                implementation=self.implementation,
+                return_weights=return_weights,
+            )
+        else:  # the cache mask goes into a block mask (kit.attention.flex.with_dense)
+            out, weights, _ = flex_attend(
+                check_inputs(q, k, v, bias, mask),
+                score_mod,
+                None,
+                implementation="xla",
+                return_weights=return_weights,
+            )
         aux: dict[str, Any] = {"cache": {"key": k, "value": v, "index": index + T}}
         if return_weights:
             aux["weights"] = weights
-            aux["vectors"] = self._inspect({"query": q, "key": k, "value": v}, bias)
+            aux["vectors"] = self._inspect({"query": q, "key": k, "value": v}, bias, score_mod)
         if head_mask is not None:
             out = attention.ablate_heads(out, head_mask, head_mask_mode)
         y = attention.project_output(out, params["out"]["kernel"], params["out"]["bias"])
@@ -295,7 +318,9 @@ class TransformerBlock(nnx.Module):
         *,
         memory: Array | None = None,
         mask: Array | None = None,
-        self_bias: Array | None = None,
+        self_score_mod: Any = None,
+        self_block_mask: Any = None,
+        cross_block_mask: Any = None,
         is_causal: bool = False,
         lengths: Array | None = None,
         memory_lengths: Array | None = None,
@@ -311,14 +336,17 @@ class TransformerBlock(nnx.Module):
         "self_vectors" / "cross_vectors" (if asked); "cache" when decoding.
 
         `head_mask` / `cross_head_mask` `[N]` ablate heads of the self- and
-        cross-attention (kit.ablate_heads, in `head_mask_mode`)."""
+        cross-attention (kit.ablate_heads, in `head_mask_mode`). `self_score_mod`,
+        `self_block_mask` and `cross_block_mask` program the attention
+        (`kit.flex_attention`): positions as a score function, packed documents."""
         aux: dict[str, Any] = {}
         ablation = {"head_mask": head_mask, "head_mask_mode": head_mask_mode}
         if cache is None:
             h, self_aux = self.self_attention(
                 self.norm_self(x),
                 mask=mask,
-                bias=self_bias,
+                score_mod=self_score_mod,
+                block_mask=self_block_mask,
                 is_causal=is_causal,
                 key_value_seq_lengths=lengths,
                 positions=positions,
@@ -331,7 +359,7 @@ class TransformerBlock(nnx.Module):
                 self.norm_self(x),
                 cache,
                 mask=mask,
-                bias=self_bias,
+                score_mod=self_score_mod,
                 positions=positions,
                 return_weights=return_weights,
                 **ablation,
@@ -347,6 +375,7 @@ class TransformerBlock(nnx.Module):
                 self.norm_cross(x),
                 memory,
                 key_value_seq_lengths=memory_lengths,
+                block_mask=cross_block_mask,
                 dropout_rng=_fold(dropout_rng, 2),
                 return_weights=return_weights,
                 head_mask=cross_head_mask,

@@ -142,12 +142,13 @@ def single_head_attention(
         scale = 1.0 / math.sqrt(query.shape[-1])
     weights = masked_softmax(attention_logits(query, key, bias, scale=scale), mask)
     out = jnp.einsum(
-        "ts,sh->th", _dropout(weights, dropout_rate, dropout_rng).astype(value.dtype), value
+        "ts,sh->th", attention_dropout(weights, dropout_rate, dropout_rng).astype(value.dtype), value
     )  # [T, S] x [S, H] -> [T, H]
     return out.astype(query.dtype), weights.astype(value.dtype)
 
 
-def _dropout(weights: Array, rate: float, rng: Array | None) -> Array:
+def attention_dropout(weights: Array, rate: float, rng: Array | None) -> Array:
+    """Inverted dropout on attention weights: each dropped with probability `rate`."""
     if rate == 0.0:
         return weights
     keep = jax.random.bernoulli(rng, 1.0 - rate, weights.shape)

@@ -28,6 +28,7 @@ from jax import lax
 
 from kit.attention.chunked import BlockSizes, chunked_from_inputs
 from kit.attention.core import masked_logsumexp, masked_softmax
+from kit.attention.core import attention_dropout
 from kit.attention.inputs import Inputs, check_inputs
 from kit.attention.masks import stat_dtype
 from kit.attention.programs import (
@@ -248,19 +249,51 @@ def flex_attention(
         query_seq_lengths=query_seq_lengths,
         key_value_seq_lengths=key_value_seq_lengths,
     )
+    if not isinstance(return_residual, bool):
+        raise ValueError(f"return_residual: expected a bool, got {return_residual!r}")
+    out, _, lse = flex_attend(
+        x,
+        score_mod,
+        block_mask,
+        implementation=implementation,
+        sizes=_kernel_options(kernel_options),
+        return_residual=return_residual,
+    )
+    return (out, lse) if return_residual else out
+
+
+def flex_attend(
+    x: Inputs,
+    score_mod: Callable | None,
+    block_mask: BlockMask | None,
+    *,
+    implementation: str | None = None,
+    sizes: BlockSizes = BlockSizes(),
+    return_weights: bool = False,
+    dropout_rate: float = 0.0,
+    dropout_rng: Array | None = None,
+    return_residual: bool = False,
+):
+    """`flex_attention` on checked inputs (which may also carry the causal, window
+    and length masks), for the kit's own layers: with `return_weights` or attention
+    dropout it runs the materialized path, which gives the weights `[B, N, T, S]`.
+
+    Returns:
+      out, the weights or None, the residual or None (no batch axis for unbatched input).
+    """
+    x, score_mod, block_mask = with_dense(x, score_mod, block_mask)
     _check_block_mask(block_mask, x)
     if implementation not in (None, "xla", "chunked"):
         raise ValueError(
             f"implementation: expected None, 'xla' or 'chunked', got {implementation!r}"
         )
-    if not isinstance(return_residual, bool):
-        raise ValueError(f"return_residual: expected a bool, got {return_residual!r}")
     mask_mod = None if block_mask is None else block_mask.mask_mod
     program, captures = make_program(score_mod, mask_mod, stat_dtype(x.query.dtype))
     if implementation is None:
         big = x.query.shape[1] * x.key.shape[1] >= _CHUNKED_MIN_PAIRS
         implementation = "chunked" if big and isinstance(x.scale, float) else "xla"
-    sizes = _kernel_options(kernel_options)
+    if return_weights or dropout_rate > 0.0:
+        implementation = "xla"
     if implementation == "chunked":
         out, lse = chunked_from_inputs(
             x,
@@ -270,9 +303,50 @@ def flex_attention(
             captures=captures,
             block_mask=block_mask,
         )
-    else:
-        out, lse = _xla(x, program, captures, return_residual)
-    return (out, lse) if return_residual else out
+        return out, None, lse
+    return _xla(x, program, captures, return_residual, return_weights, dropout_rate, dropout_rng)
+
+
+def with_dense(x: Inputs, score_mod, block_mask):
+    """`x`'s dense bias and mask (`[B|1, N|1, T|1, S|1]`) folded into the score
+    function and the block mask, for layers that take both (a padding mask of the
+    keys beside positions as a score function): returns (inputs without them,
+    score_mod, block_mask). Indexing a broadcast axis reads its one entry."""
+    if x.bias is None and x.mask is None:
+        return x, score_mod, block_mask
+
+    def at(array, b, h, t, s):
+        index = [i if n > 1 else 0 for i, n in zip((b, h, t, s), array.shape, strict=True)]
+        return array[tuple(index)]
+
+    bias, mask = x.bias, x.mask
+    if bias is not None:
+        inner = score_mod
+
+        def score_mod(score, b, h, t, s):
+            score = score if inner is None else inner(score, b, h, t, s)
+            return score + at(bias, b, h, t, s).astype(score.dtype)
+
+    if mask is not None:
+        B, T, N = x.query.shape[:3]
+        S = x.key.shape[1]
+        masks = [lambda b, h, t, s: at(mask, b, h, t, s)]
+        if block_mask is not None:
+            masks.insert(0, block_mask.mask_mod)
+        per = (B if mask.shape[0] > 1 else None, N if mask.shape[1] > 1 else None)
+        if block_mask is not None:
+            per = tuple(p or m for p, m in zip(per, block_mask.shape[:2], strict=True))
+        block_mask = create_block_mask(and_masks(*masks), *per, T, S)
+    return dataclasses.replace(x, bias=None, mask=None), score_mod, block_mask
+
+
+def score_grid(score_mod: Callable, B: int, N: int, T: int, S: int, base=None) -> Array:
+    """`score_mod` evaluated on every (example, head, query, key): `[B, N, T, S]` float32,
+    from scores `base` (default 0: for an additive score function, its bias).
+    For inspection (the viewer's logit decomposition), not for computing attention."""
+    base = jnp.zeros((B, N, T, S), jnp.float32) if base is None else base
+    grid = [jnp.arange(n, dtype=jnp.int32) for n in (B, N, T, S)]
+    return on_grid(lambda s, *idx: score_mod(s, *idx).astype(s.dtype), base, grid)
 
 
 def _kernel_options(options) -> BlockSizes:
@@ -286,7 +360,7 @@ def _kernel_options(options) -> BlockSizes:
     return sizes
 
 
-def _xla(x: Inputs, program: Program | None, captures: tuple, return_residual: bool):
+def _xla(x: Inputs, program, captures, return_residual, return_weights, dropout_rate, dropout_rng):
     """The materialized reference: `[B, N, T, S]` scores, score function, mask, softmax."""
     q, k, v = x.query, x.key, x.value
     B, T, N, H = q.shape
@@ -309,14 +383,16 @@ def _xla(x: Inputs, program: Program | None, captures: tuple, return_residual: b
             live = on_grid(lambda _, *idx: program.mask(*idx, *captures[n:]), None, grid)
             mask = live if mask is None else mask & live
     weights = masked_softmax(logits, mask)
+    kept = attention_dropout(weights, dropout_rate, dropout_rng) if dropout_rate > 0.0 else weights
     out = jnp.einsum(
         "bkgts,bskh->btkgh",
-        weights.reshape(B, K, N // K, T, S).astype(v.dtype),
+        kept.reshape(B, K, N // K, T, S).astype(v.dtype),
         v,
         preferred_element_type=stat,
     )
     out = x.unbatch(out.reshape(B, T, N, H).astype(q.dtype))
+    weights = x.unbatch(weights) if return_weights else None
     if not return_residual:
-        return out, None
+        return out, weights, None
     lse = masked_logsumexp(logits, mask)  # [B, N, T]
-    return out, x.unbatch(jnp.swapaxes(lse, 1, 2).astype(q.dtype))
+    return out, weights, x.unbatch(jnp.swapaxes(lse, 1, 2).astype(q.dtype))

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from kit.attention.api import attend
+from kit.attention.flex import flex_attend
 from kit.attention.inputs import check_inputs, check_rank
 
 Array = jax.Array
@@ -270,7 +271,9 @@ def multi_head_attention(
         `ablate_heads`); an array, so changing it does not recompile.
       head_mask_mode: "zero" or "mean" (see `ablate_heads`).
       **attention_kwargs: keyword options of `dot_product_attention`
-        (is_causal, lengths, window, scale, dropout, implementation).
+        (is_causal, lengths, window, scale, dropout, implementation), and
+        `score_mod` and `block_mask` of `flex_attention`: given either, the
+        call is a programmed one (`kit.attention.flex`).
 
     Returns:
       `[B, T, D]`, and the weights `[B, N, T, S]` if `return_weights`.
@@ -287,8 +290,15 @@ def multi_head_attention(
     if process_heads is not None:
         q, k, v = process_heads(q, k, v)
     run = {n: attention_kwargs.pop(n) for n in _RUN_OPTIONS if n in attention_kwargs}
+    score_mod = attention_kwargs.pop("score_mod", None)
+    block_mask = attention_kwargs.pop("block_mask", None)
     inputs = check_inputs(q, k, v, bias, mask, **attention_kwargs)
-    out, weights, _ = attend(inputs, return_weights=return_weights, **run)
+    if score_mod is None and block_mask is None:
+        out, weights, _ = attend(inputs, return_weights=return_weights, **run)
+    else:  # a dense bias or mask is folded into the programmed call (flex.with_dense)
+        out, weights, _ = flex_attend(
+            inputs, score_mod, block_mask, return_weights=return_weights, **run
+        )
     if head_mask is not None:
         out = ablate_heads(out, head_mask, head_mask_mode)
     y = project_output(out, params["out"]["kernel"], params["out"].get("bias"))

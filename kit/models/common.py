@@ -10,12 +10,16 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kit import nn, positional
+from kit.attention import mods
 from kit.attention.projections import check_head_mask
 
 Array = jax.Array
 
 # "none": no position information at all (the decoder still has its causal mask).
-POSITIONS = ("sinusoidal", "learned", "rope", "alibi", "none")
+# "alibi" and "t5" are score functions (kit.mods): no [T, S] bias is ever built.
+POSITIONS = ("sinusoidal", "learned", "rope", "alibi", "t5", "none")
+# T5's relative-position buckets (Raffel et al., 2020): 32 buckets up to distance 128.
+T5_BUCKETS, T5_MAX_DISTANCE = 32, 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,7 +133,41 @@ class Stack(nnx.Module):
         )
         self.norm = nnx.LayerNorm(cfg.d_model, dtype=cfg.dtype, rngs=rngs)
         self.alibi = cfg.positions == "alibi"
+        # T5's learned relative-position bias, one table per stack shared by its layers.
+        self.t5 = (
+            nnx.Param(jnp.zeros((T5_BUCKETS, cfg.num_heads), jnp.float32))
+            if cfg.positions == "t5"
+            else None
+        )
         self.num_heads = cfg.num_heads
+
+    def score_mod(self, positions: Array, key_positions: Array, causal: bool):
+        """The positions' score function (ALiBi or T5), or None: query t of example b
+        sits at positions[b, t], key s at key_positions[b, s] (`[B|1, S]`)."""
+        if not self.alibi and self.t5 is None:
+            return None
+        kb = key_positions.shape[0]
+        if self.alibi:
+            slopes = positional.alibi_slopes(self.num_heads)
+
+            def alibi(score, b, h, t, s):
+                distance = jnp.abs(positions[b, t] - key_positions[b % kb, s])
+                return score - slopes[h].astype(score.dtype) * distance.astype(score.dtype)
+
+            return alibi
+        table = self.t5[...]
+
+        def t5(score, b, h, t, s):
+            relative = key_positions[b % kb, s] - positions[b, t]
+            bucket = mods.t5_bucket(
+                relative,
+                num_buckets=T5_BUCKETS,
+                max_distance=T5_MAX_DISTANCE,
+                bidirectional=not causal,
+            )
+            return score + table[bucket, h].astype(score.dtype)
+
+        return t5
 
     def __call__(
         self,
@@ -148,19 +186,18 @@ class Stack(nnx.Module):
         Returns x and aux: "self" / "cross" weights `[L, B, N, T, S]` and
         "self_vectors" / "cross_vectors" (each entry stacked over layers) if
         asked; "caches" when decoding."""
-        bias = None
-        if self.alibi:
-            key_length = x.shape[1] if caches is None else caches[0]["key"].shape[1]
-            key_positions = jnp.arange(key_length, dtype=jnp.int32)
-            distance = jnp.abs(positions[:, None, :, None] - key_positions[None, None, None, :])
-            slopes = positional.alibi_slopes(self.num_heads)[None, :, None, None]
-            bias = -slopes * distance.astype(jnp.float32)  # [B, N, T, S]
+        # Self-attention's keys are the same tokens, or in decoding the cache slots.
+        key_positions = positions
+        if caches is not None:
+            key_positions = jnp.arange(caches[0]["key"].shape[1], dtype=jnp.int32)[None]
+        causal = block_kwargs.get("is_causal", False) or caches is not None
+        score_mod = self.score_mod(positions, key_positions, causal)
         names = ("self", "cross", "self_vectors", "cross_vectors")
         new_caches, per_layer = [], {name: [] for name in names}
         for i, layer in enumerate(self.layers):
             x, aux = layer(
                 x,
-                self_bias=bias,
+                self_score_mod=score_mod,
                 positions=positions,
                 cache=None if caches is None else caches[i],
                 dropout_rng=None if dropout_rng is None else jax.random.fold_in(dropout_rng, i),

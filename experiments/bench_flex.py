@@ -220,17 +220,17 @@ def main(_):
     lines = [f"Device: {device}, {jax.device_count()} device(s), jax {jax.__version__}", ""]
     print(lines[0], flush=True)
     if "peak" in FLAGS.tables:
-        lines += peak_table() + [""]
+        lines += [*peak_table(), ""]
         print("\n".join(lines[-3:]), flush=True)
     if "cost" in FLAGS.tables:
         T = FLAGS.length
         header = "| variant | mode | median ms | vs first | XLA temp MiB |"
         title = f"The cost of programming: B=4, T={T}, N={N}, H={H}, causal"
-        lines += table(title, header, paths(4, T), inputs(4, T), ["fwd", "fwd+bwd"]) + [""]
+        lines += [*table(title, header, paths(4, T), inputs(4, T), ["fwd", "fwd+bwd"]), ""]
     if "sparsity" in FLAGS.tables:
-        lines += sparsity_table() + [""]
+        lines += [*sparsity_table(), ""]
     if "memory" in FLAGS.tables:
-        lines += memory_table() + [""]
+        lines += [*memory_table(), ""]
         print("\n".join(lines[-6:]), flush=True)
     if FLAGS.out:
         with open(FLAGS.out, "w") as f:

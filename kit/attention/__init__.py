@@ -20,8 +20,9 @@ Modules, whose imports run one way (masks <- inputs <- {core, chunked} <- api
   functional `multi_head_attention`.
 """
 
-from kit.attention.api import attention_weights, chunked_attention, dot_product_attention
 from kit.attention import mods
+from kit.attention.api import attention_weights, chunked_attention, dot_product_attention
+from kit.attention.core import attention_logits, masked_softmax, single_head_attention
 from kit.attention.flex import (
     BlockMask,
     and_masks,
@@ -29,7 +30,6 @@ from kit.attention.flex import (
     flex_attention,
     or_masks,
 )
-from kit.attention.core import attention_logits, masked_softmax, single_head_attention
 from kit.attention.masks import (
     MASK_VALUE,
     causal_mask,
@@ -51,23 +51,23 @@ from kit.attention.ring import ring_attention
 __all__ = [
     "MASK_VALUE",
     "BlockMask",
-    "and_masks",
-    "create_block_mask",
-    "flex_attention",
-    "or_masks",
     "ablate_heads",
+    "and_masks",
     "attention_logits",
     "attention_weights",
     "causal_mask",
     "chunked_attention",
     "combine_masks",
+    "create_block_mask",
     "dot_product_attention",
+    "flex_attention",
     "head_value_norms",
     "init_attention_params",
     "local_window_mask",
     "masked_softmax",
     "mods",
     "multi_head_attention",
+    "or_masks",
     "padding_mask",
     "project_heads",
     "project_output",

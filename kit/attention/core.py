@@ -142,7 +142,9 @@ def single_head_attention(
         scale = 1.0 / math.sqrt(query.shape[-1])
     weights = masked_softmax(attention_logits(query, key, bias, scale=scale), mask)
     out = jnp.einsum(
-        "ts,sh->th", attention_dropout(weights, dropout_rate, dropout_rng).astype(value.dtype), value
+        "ts,sh->th",
+        attention_dropout(weights, dropout_rate, dropout_rng).astype(value.dtype),
+        value,
     )  # [T, S] x [S, H] -> [T, H]
     return out.astype(query.dtype), weights.astype(value.dtype)
 

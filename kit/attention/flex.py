@@ -27,8 +27,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from kit.attention.chunked import BlockSizes, chunked_from_inputs
-from kit.attention.core import masked_logsumexp, masked_softmax
-from kit.attention.core import attention_dropout
+from kit.attention.core import attention_dropout, masked_logsumexp, masked_softmax
 from kit.attention.inputs import Inputs, check_inputs
 from kit.attention.masks import stat_dtype
 from kit.attention.programs import (
@@ -36,7 +35,6 @@ from kit.attention.programs import (
     BLOCK_FULL,
     BLOCK_PARTIAL,
     MASK_ARGS,
-    Program,
     make_program,
     on_grid,
     trace,
@@ -268,7 +266,7 @@ def flex_attend(
     block_mask: BlockMask | None,
     *,
     implementation: str | None = None,
-    sizes: BlockSizes = BlockSizes(),
+    sizes: BlockSizes | None = None,
     return_weights: bool = False,
     dropout_rate: float = 0.0,
     dropout_rng: Array | None = None,
@@ -297,7 +295,7 @@ def flex_attend(
     if implementation == "chunked":
         out, lse = chunked_from_inputs(
             x,
-            sizes,
+            sizes or BlockSizes(),
             return_residual=return_residual,
             program=program,
             captures=captures,

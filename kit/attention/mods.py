@@ -118,9 +118,7 @@ def t5_bucket(
     return bucket + jnp.where(n < exact, n, large)
 
 
-def t5_relative(
-    table: Array, *, max_distance: int = 128, bidirectional: bool = True
-) -> Callable:
+def t5_relative(table: Array, *, max_distance: int = 128, bidirectional: bool = True) -> Callable:
     """score + table[bucket(j - i), h]: T5's learned relative-position bias
     (`t5_bucket`), `table` `[num_buckets, N]`."""
     num_buckets = table.shape[0]

@@ -56,7 +56,10 @@ def _sharding_rule(cfg, present, backward, mesh, operand_types, result_types):
     if present[2] is not None:  # the program's arrays: captures, states, examples, heads
         num_caps, has_states = present[2]
         rest = operand_types[len(operands) :]
-        caps = [" ".join(f"c{i}d{d}" for d in range(len(c.shape))) for i, c in enumerate(rest[:num_caps])]
+        caps = [
+            " ".join(f"c{i}d{d}" for d in range(len(c.shape)))
+            for i, c in enumerate(rest[:num_caps])
+        ]
         operands += caps
         if has_states:
             operands.append(("b" if rest[num_caps].shape[0] == B else "sb") + " sq sk")

@@ -199,9 +199,8 @@ def on_grid(body: Callable, score: Array | None, vectors: list[Array]) -> Array:
     n = len(vectors)
     fn = body
     for level in reversed(range(n)):
-        in_axes = (None if score is None else 0,) + tuple(
-            0 if other == level else None for other in range(n)
-        )
+        mapped = (0 if other == level else None for other in range(n))
+        in_axes = (None if score is None else 0, *mapped)
         fn = jax.vmap(fn, in_axes=in_axes)
     return fn(score, *vectors)
 
@@ -279,9 +278,9 @@ def coarsen(states: Array, rows: int, cols: int, axes: tuple[int, int] = (-2, -1
     *lead, nq, nk = states.shape
     x = states.reshape(*lead, nq // rows, rows, nk // cols, cols)
     hi, lo = jnp.max(x, axis=(-3, -1)), jnp.min(x, axis=(-3, -1))
-    return jnp.where(hi == BLOCK_DEAD, BLOCK_DEAD, jnp.where(lo == BLOCK_FULL, BLOCK_FULL, 1)).astype(
-        np.int8
-    )
+    return jnp.where(
+        hi == BLOCK_DEAD, BLOCK_DEAD, jnp.where(lo == BLOCK_FULL, BLOCK_FULL, 1)
+    ).astype(np.int8)
 
 
 def block_lists(states: Array) -> tuple[Array, Array, Array, Array]:

@@ -9,9 +9,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kit import nn, positional
+from kit import attention, nn, positional
 from kit.attention import mods
 from kit.attention.projections import check_head_mask
+from kit.models import packing
 
 Array = jax.Array
 
@@ -56,6 +57,18 @@ class TaskModel(nnx.Module):
     """
 
     ATTENTION_SETS: ClassVar[dict[str, tuple[str, str]]] = {}
+    # How `packing.pack` lays out this kind's examples (None: not packable).
+    PACKED: ClassVar[dict[str, tuple[str, ...]] | None] = None
+
+    @classmethod
+    def pack(cls, mb: dict[str, Any], rows: int, span: int) -> dict[str, Any]:
+        """A per-example model batch packed into `rows` rows `span` times as wide."""
+        if cls.PACKED is None:
+            raise ValueError(
+                f"config.task.pack: model kind {cls.__name__} does not pack examples; "
+                "use encoder_decoder or encoder_only"
+            )
+        return packing.pack(mb, cls.PACKED, rows, span)
 
     @staticmethod
     def eval_metrics(result: dict[str, float]) -> dict[str, float]:
@@ -141,6 +154,20 @@ class Stack(nnx.Module):
         )
         self.num_heads = cfg.num_heads
 
+    @staticmethod
+    def document_masks(segments: Array, memory_segments: Array | None, causal: bool):
+        """The block masks of packed examples: self-attention within each example
+        (causal if `causal`), cross-attention to the memory's same example."""
+        B, T = segments.shape
+        own = mods.documents(segments)
+        own = attention.and_masks(mods.causal, own) if causal else own
+        masks = {"self_block_mask": attention.create_block_mask(own, B, None, T, T)}
+        if memory_segments is not None:
+            cross = mods.documents(segments, memory_segments)
+            S = memory_segments.shape[1]
+            masks["cross_block_mask"] = attention.create_block_mask(cross, B, None, T, S)
+        return masks
+
     def score_mod(self, positions: Array, key_positions: Array, causal: bool):
         """The positions' score function (ALiBi or T5), or None: query t of example b
         sits at positions[b, t], key s at key_positions[b, s] (`[B|1, S]`)."""
@@ -179,9 +206,13 @@ class Stack(nnx.Module):
         return_weights: bool = False,
         head_mask: Array | None = None,
         cross_head_mask: Array | None = None,
+        segments: Array | None = None,
+        memory_segments: Array | None = None,
         **block_kwargs: Any,
     ) -> tuple[Array, dict[str, Any]]:
         """`head_mask` / `cross_head_mask` `[L, N]`: row l ablates heads of layer l.
+        `segments` `[B, T]` (and the memory's `[B, S]`): packed examples
+        (`kit.models.packing`), kept apart by document block masks.
 
         Returns x and aux: "self" / "cross" weights `[L, B, N, T, S]` and
         "self_vectors" / "cross_vectors" (each entry stacked over layers) if
@@ -192,6 +223,9 @@ class Stack(nnx.Module):
             key_positions = jnp.arange(caches[0]["key"].shape[1], dtype=jnp.int32)[None]
         causal = block_kwargs.get("is_causal", False) or caches is not None
         score_mod = self.score_mod(positions, key_positions, causal)
+        if segments is not None:
+            block_kwargs.update(self.document_masks(segments, memory_segments, causal))
+            block_kwargs["is_causal"] = False  # in the block mask
         names = ("self", "cross", "self_vectors", "cross_vectors")
         new_caches, per_layer = [], {name: [] for name in names}
         for i, layer in enumerate(self.layers):

@@ -54,18 +54,29 @@ def _positions(tokens: Array, start: Array | int = 0) -> Array:
     return jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
 
 
-def _encode(model, src, src_lengths, dropout_rng, return_weights, head_mask, head_mask_mode):
-    """The bidirectional encoder stack of `model` over src `[B, S]` -> `[B, S, D]`, aux."""
-    positions = _positions(src)
+def _encode(
+    model, src, src_lengths, dropout_rng, return_weights, head_mask, head_mask_mode, packed=None
+):
+    """The bidirectional encoder stack of `model` over src `[B, S]` -> `[B, S, D]`, aux.
+    `packed`: a packed batch's src_positions and src_segments (`kit.models.packing`)."""
+    positions = _positions(src) if packed is None else packed["src_positions"]
     return model.encoder(
         model.embed(src, positions),
         positions=positions,
+        segments=None if packed is None else packed["src_segments"],
         lengths=src_lengths,
         dropout_rng=dropout_rng,
         return_weights=return_weights,
         head_mask_mode=head_mask_mode,
         **model.stack_head_masks(head_mask, "encoder"),
     )
+
+
+def _packed(mb) -> dict | None:
+    """A packed batch's positions and segments (`kit.models.packing`), or None."""
+    if "src_segments" not in mb:
+        return None
+    return {k: v for k, v in mb.items() if k.endswith(("_positions", "_segments"))}
 
 
 def _shifted_targets(batch: dict[str, np.ndarray], start: int) -> dict[str, np.ndarray]:
@@ -94,6 +105,10 @@ class EncoderDecoder(TaskModel):
         "decoder": ("decoder", "self"),
         "cross": ("decoder", "cross"),
     }
+    PACKED: ClassVar[dict[str, tuple[str, ...]]] = {
+        "src": ("src_lengths", "src"),
+        "tgt": ("weights", "tgt_in", "targets", "weights"),
+    }
 
     @staticmethod
     def batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -106,13 +121,15 @@ class EncoderDecoder(TaskModel):
 
     def teacher_forced(self, mb, *, dropout_rng=None, return_weights=False, **ablation):
         """Logits `[B, T, V]` aligned with mb["targets"], and aux. `ablation`:
-        head_mask (set -> `[L, N]`) and head_mask_mode, as in `__call__`."""
+        head_mask (set -> `[L, N]`) and head_mask_mode, as in `__call__`. A packed
+        batch (`kit.models.packing`) is run as such."""
         return self(
             mb["src"],
             mb["src_lengths"],
             mb["tgt_in"],
             dropout_rng=dropout_rng,
             return_weights=return_weights,
+            packed=_packed(mb),
             **ablation,
         )
 
@@ -143,10 +160,11 @@ class EncoderDecoder(TaskModel):
         return_weights=False,
         head_mask=None,
         head_mask_mode="zero",
+        packed=None,
     ):
         """src `[B, S]`, src_lengths `[B]` -> memory `[B, S, D]`, aux."""
         return _encode(
-            self, src, src_lengths, dropout_rng, return_weights, head_mask, head_mask_mode
+            self, src, src_lengths, dropout_rng, return_weights, head_mask, head_mask_mode, packed
         )
 
     def decode(
@@ -161,12 +179,15 @@ class EncoderDecoder(TaskModel):
         return_weights=False,
         head_mask=None,
         head_mask_mode="zero",
+        packed=None,
     ):
         """tgt_in `[B, T]` (from position `start`) -> logits `[B, T, V]`, aux."""
-        positions = _positions(tgt_in, start)
+        positions = _positions(tgt_in, start) if packed is None else packed["tgt_positions"]
         x, aux = self.decoder(
             self.embed(tgt_in, positions),
             positions=positions,
+            segments=None if packed is None else packed["tgt_segments"],
+            memory_segments=None if packed is None else packed["src_segments"],
             memory=memory,
             memory_lengths=src_lengths,
             is_causal=caches is None,
@@ -188,6 +209,7 @@ class EncoderDecoder(TaskModel):
         return_weights=False,
         head_mask=None,
         head_mask_mode="zero",
+        packed=None,
     ):
         """Teacher-forced logits `[B, T, V]` for tgt_in `[B, T]`, and aux.
 
@@ -198,7 +220,12 @@ class EncoderDecoder(TaskModel):
         enc_rng, dec_rng = (None, None) if dropout_rng is None else jax.random.split(dropout_rng)
         ablation = {"head_mask": head_mask, "head_mask_mode": head_mask_mode}
         memory, enc_aux = self.encode(
-            src, src_lengths, dropout_rng=enc_rng, return_weights=return_weights, **ablation
+            src,
+            src_lengths,
+            dropout_rng=enc_rng,
+            return_weights=return_weights,
+            packed=packed,
+            **ablation,
         )
         logits, dec_aux = self.decode(
             tgt_in,
@@ -206,6 +233,7 @@ class EncoderDecoder(TaskModel):
             src_lengths,
             dropout_rng=dec_rng,
             return_weights=return_weights,
+            packed=packed,
             **ablation,
         )
         if not return_weights:
@@ -299,6 +327,9 @@ class EncoderOnly(TaskModel):
     """Bidirectional encoder with a per-position classifier (tasks with aligned targets)."""
 
     ATTENTION_SETS: ClassVar[dict[str, tuple[str, str]]] = {"encoder": ("encoder", "self")}
+    PACKED: ClassVar[dict[str, tuple[str, ...]]] = {
+        "src": ("src_lengths", "src", "targets", "weights")
+    }
 
     @staticmethod
     def batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -322,12 +353,13 @@ class EncoderOnly(TaskModel):
         return task.src_len
 
     def teacher_forced(self, mb, *, dropout_rng=None, return_weights=False, **ablation):
-        """Per-position logits `[B, T, V]` and aux."""
+        """Per-position logits `[B, T, V]` and aux (a packed batch run as such)."""
         return self(
             mb["src"],
             mb["src_lengths"],
             dropout_rng=dropout_rng,
             return_weights=return_weights,
+            packed=_packed(mb),
             **ablation,
         )
 
@@ -351,10 +383,11 @@ class EncoderOnly(TaskModel):
         return_weights=False,
         head_mask=None,
         head_mask_mode="zero",
+        packed=None,
     ):
         """src `[B, T]` -> per-position logits `[B, T, V]`, aux. `head_mask`
         {"encoder": `[L, N]`} ablates heads (kit.ablate_heads)."""
         x, aux = _encode(
-            self, src, src_lengths, dropout_rng, return_weights, head_mask, head_mask_mode
+            self, src, src_lengths, dropout_rng, return_weights, head_mask, head_mask_mode, packed
         )
         return self.head(x), (self.attention_aux({"encoder": aux}) if return_weights else {})

@@ -30,6 +30,11 @@ def default_config() -> ml_collections.ConfigDict:
             "eval_size": 1000,
             "augment": True,
             "split": "simple",
+            # Pack several examples into each training row (kit.models.packing): rows
+            # `pack_span` times as wide, batch_size / pack_span of them; evaluation is
+            # unchanged. For encoder_decoder and encoder_only on token tasks.
+            "pack": False,
+            "pack_span": 4,
         }
     )
     config.model = ml_collections.ConfigDict(
@@ -283,6 +288,27 @@ _POSITIVE_TRAIN_FIELDS = (
 )
 
 
+def _check_packing(config: ml_collections.ConfigDict, task: tasks.Task) -> None:
+    pack = config.task.get("pack", False)
+    if not isinstance(pack, bool):
+        raise ValueError(f"config.task.pack: expected a bool, got {pack!r}")
+    if not pack:
+        return
+    positive_int(config, "task.pack_span")
+    kind = config.model.kind
+    if task.image_size or kind not in models.MODELS or models.MODELS[kind].PACKED is None:
+        raise ValueError(
+            f"config.task.pack: packs token examples for encoder_decoder or encoder_only "
+            f"models, not model.kind={kind!r} on task {task.name!r}"
+        )
+    span, batch = config.task.pack_span, config.train.batch_size
+    if not isinstance(batch, int) or batch % span:
+        raise ValueError(
+            f"config.task.pack_span: must divide train.batch_size = {batch} (the packed "
+            f"batch has batch_size / pack_span rows), got {span}"
+        )
+
+
 def check_config(config: ml_collections.ConfigDict) -> tuple[tasks.Task, models.ModelConfig]:
     """All start-up checks; returns the task and the model config.
 
@@ -303,6 +329,7 @@ def check_config(config: ml_collections.ConfigDict) -> tuple[tasks.Task, models.
     except ValueError as error:  # its messages name task.<field>
         raise ValueError(f"config.{error}") from None
     positive_int(config, "task.eval_size")
+    _check_packing(config, task)
     for name in _POSITIVE_TRAIN_FIELDS:
         positive_int(config, f"train.{name}")
     t = config.train

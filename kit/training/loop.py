@@ -23,10 +23,10 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from kit import checkpoint, metrics, models, sharding, tasks
+from kit import checkpoint, metrics, models, sharding
 from kit.training.report import Console
 from kit.training.setup import Setup, setup
-from kit.training.steps import eval_batches, evaluate, make_schedule, model_batch
+from kit.training.steps import eval_batches, evaluate, make_schedule, train_model_batch
 from kit.training.stopping import Interrupted, StopSignals, WriteError, lock_workdir
 from kit.training.workdir import check_workdir, write_config
 
@@ -115,6 +115,12 @@ def _fresh_state(s: Setup, seed: int) -> jax.stages.Lowered:
         return s.trainer.init_state(params), dropout_rng
 
     return jax.jit(init, out_shardings=(s.state_shardings, s.replicated)).lower()
+
+
+def _train_batch(s, config, step: int):
+    span = config.task.pack_span if config.task.get("pack", False) else 0
+    kind, size = s.mcfg.kind, config.train.batch_size
+    return train_model_batch(s.task, kind, config.seed, step, size, span)
 
 
 def train_and_evaluate(
@@ -216,9 +222,7 @@ def _train(config, workdir, s: Setup, clock: Clock, console: Console, signals, l
         abstract_state = _abstract(s.abstract_state, s.state_shardings)
         batch = None
         if step < t.steps:
-            batch = model_batch(
-                s.mcfg.kind, tasks.train_batch(s.task, config.seed, step, t.batch_size)
-            )
+            batch = _train_batch(s, config, step)
             compile_in_background("train_step", lower_train_step(s, batch))
             # Evaluated op by op, the schedule would compile a dozen small programs at the
             # first log step (0.3 s).
@@ -286,9 +290,7 @@ def _train(config, workdir, s: Setup, clock: Clock, console: Console, signals, l
                     ckpt.close()
                     raise Interrupted(signum, step, saved)
                 if batch is None:
-                    batch = model_batch(
-                        s.mcfg.kind, tasks.train_batch(s.task, config.seed, step, t.batch_size)
-                    )
+                    batch = _train_batch(s, config, step)
                 state, m = run_train_step(
                     state, sharding.put_batch(batch, s.batch_sharding), dropout_rng
                 )

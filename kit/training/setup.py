@@ -30,6 +30,9 @@ def make_mesh(config: ml_collections.ConfigDict, mcfg: models.ModelConfig, devic
         mesh = sharding.make_mesh(config.mesh.data, config.mesh.model, devices=devices)
         data, model = mesh.shape["data"], mesh.shape["model"]
         sharding.check_divides("data", data, {"train.batch_size": config.train.batch_size})
+        if config.task.get("pack", False):
+            rows = config.train.batch_size // config.task.pack_span
+            sharding.check_divides("data", data, {"train.batch_size / task.pack_span": rows})
         sharding.check_divides(
             "model",
             model,

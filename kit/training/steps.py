@@ -28,6 +28,16 @@ def model_batch(kind: str, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray
     return models.MODELS[kind].batch(batch)
 
 
+def train_model_batch(task, kind: str, seed: int, step: int, batch_size: int, span: int = 0):
+    """Training batch `step` as the model reads it; with `span`, packed: batch_size
+    * span examples drawn and packed in order into batch_size / span rows span times
+    as wide (`kit.models.packing`), as many as fit."""
+    if not span:
+        return model_batch(kind, tasks.train_batch(task, seed, step, batch_size))
+    examples = model_batch(kind, tasks.train_batch(task, seed, step, batch_size * span))
+    return models.MODELS[kind].pack(examples, batch_size // span, span)
+
+
 def token_losses(logits: Array, targets: Array, label_smoothing: float = 0.0) -> Array:
     """Cross-entropy (optionally label-smoothed) per target token `[B, T]`."""
     labels = optax.smooth_labels(jax.nn.one_hot(targets, logits.shape[-1]), label_smoothing)

@@ -53,7 +53,8 @@ def _examples_of(packed):
 def test_packed_logits_equal_the_separate_examples(kind, task_name, positions):
     task = tasks.make_task(task_name, length=8, num_symbols=6, split="simple")
     mb = models.MODELS[kind].batch(tasks.train_batch(task, 0, 3, 12))
-    packed = models.MODELS[kind].pack(mb, rows=3, span=3)
+    widths = packing.row_widths(mb, models.MODELS[kind].PACKED, span=3)
+    packed = models.MODELS[kind].pack(mb, rows=3, widths=widths)
     placed = _examples_of(packed)
     assert len(placed) > 3  # more examples than rows: something was packed
     graphdef, params = _model(kind, task, positions)
@@ -80,7 +81,7 @@ def test_pack_fills_rows_in_order_and_pads_the_rest():
         "src": np.array([[5, 6, 0], [7, 0, 0], [8, 9, 10]], np.int32),
         "src_lengths": np.array([2, 1, 3], np.int32),
     }
-    packed = packing.pack(mb, {"src": ("src_lengths", "src")}, rows=2, span=1)
+    packed = packing.pack(mb, {"src": ("src_lengths", "src")}, rows=2, widths=(3,))
     # Example 0 (2 tokens) and example 1 (1 token) share row 0; example 2 fills row 1.
     np.testing.assert_array_equal(packed["src"], [[5, 6, 7], [8, 9, 10]])
     np.testing.assert_array_equal(packed["src_segments"], [[1, 1, 2], [1, 1, 1]])

@@ -551,6 +551,7 @@ INVALID = {
     "task.num_symbols": 1,
     "task.eval_size": 0,
     "task.split": "random",
+    "task.pack_span": 0,
     "model.kind": "rnn",
     "model.d_model": 17,
     "model.num_heads": 0,
@@ -579,7 +580,7 @@ INVALID = {
     "mesh.model": 0,
 }
 # A bool field has no invalid value of its type; ml_collections refuses other types.
-BOOL_FIELDS = ("train.skip_nonfinite", "task.augment", "model.feed_forward")
+BOOL_FIELDS = ("train.skip_nonfinite", "task.augment", "task.pack", "model.feed_forward")
 
 
 def _leaves(config, prefix=""):

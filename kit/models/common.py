@@ -61,14 +61,14 @@ class TaskModel(nnx.Module):
     PACKED: ClassVar[dict[str, tuple[str, ...]] | None] = None
 
     @classmethod
-    def pack(cls, mb: dict[str, Any], rows: int, span: int) -> dict[str, Any]:
-        """A per-example model batch packed into `rows` rows `span` times as wide."""
+    def pack(cls, mb: dict[str, Any], rows: int, widths: tuple[int, ...]) -> dict[str, Any]:
+        """A per-example model batch packed into `rows` rows of `widths` (`packing.pack`)."""
         if cls.PACKED is None:
             raise ValueError(
                 f"config.task.pack: model kind {cls.__name__} does not pack examples; "
                 "use encoder_decoder or encoder_only"
             )
-        return packing.pack(mb, cls.PACKED, rows, span)
+        return packing.pack(mb, cls.PACKED, rows, widths)
 
     @staticmethod
     def eval_metrics(result: dict[str, float]) -> dict[str, float]:

@@ -35,10 +35,34 @@ def _place(lengths, widths, rows):
     return placed
 
 
+def _lengths(mb, sequences) -> list[np.ndarray]:
+    out = []
+    for name in sequences:
+        field = mb[sequences[name][0]]
+        out.append(field.sum(axis=1) if field.dtype == bool else field)
+    return out
+
+
+def row_widths(
+    mb: dict[str, np.ndarray], sequences: dict[str, tuple[str, ...]], span: int
+) -> tuple[int, ...]:
+    """Per sequence, the width of a packed row that holds about `span` examples of
+    the mean length in `mb` (a multiple of 8, and at least the padded width so any
+    example fits)."""
+    widths = []
+    for name, lengths in zip(sequences, _lengths(mb, sequences), strict=True):
+        padded = mb[sequences[name][1]].shape[1]
+        widths.append(max(padded, -(-int(np.ceil(span * lengths.mean())) // 8) * 8))
+    return tuple(widths)
+
+
 def pack(
-    mb: dict[str, np.ndarray], sequences: dict[str, tuple[str, ...]], rows: int, span: int
+    mb: dict[str, np.ndarray],
+    sequences: dict[str, tuple[str, ...]],
+    rows: int,
+    widths: tuple[int, ...],
 ) -> dict[str, np.ndarray]:
-    """Packs a per-example model batch into `rows` rows `span` times as wide.
+    """Packs a per-example model batch into `rows` rows of the given widths.
 
     Args:
       mb: a model batch with one example per row (`TaskModel.batch`).
@@ -47,20 +71,16 @@ def pack(
         {"src": ("src_lengths", "src"), "tgt": ("weights", "tgt_in", "targets",
         "weights")}; a length taken from a bool array is the count of its True.
       rows: the packed batch's rows.
-      span: each packed row is `span` times as wide as a padded one.
+      widths: per sequence, the packed row's width (`row_widths`).
 
     Returns:
-      The packed batch: each array `[rows, span * width]` (padding PAD / False),
+      The packed batch: each array `[rows, width]` (padding PAD / False),
       and per sequence `{name}_segments` (1, 2, ... per example; 0 padding),
       `{name}_positions` (restarting at 0) and `{name}_lengths` (used width).
     """
     names = list(sequences)
-    lengths = []
-    for name in names:
-        field = mb[sequences[name][0]]
-        lengths.append(field.sum(axis=1) if field.dtype == bool else field)
-    widths = np.array([span * mb[sequences[n][1]].shape[1] for n in names])
-    placed = _place(lengths, widths, rows)
+    lengths = _lengths(mb, sequences)
+    placed = _place(lengths, np.array(widths), rows)
     out: dict[str, np.ndarray] = {}
     for s, name in enumerate(names):
         width = int(widths[s])

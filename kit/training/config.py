@@ -30,9 +30,9 @@ def default_config() -> ml_collections.ConfigDict:
             "eval_size": 1000,
             "augment": True,
             "split": "simple",
-            # Pack several examples into each training row (kit.models.packing): rows
-            # `pack_span` times as wide, batch_size / pack_span of them; evaluation is
-            # unchanged. For encoder_decoder and encoder_only on token tasks.
+            # Pack several examples into each training row (kit.models.packing):
+            # batch_size / pack_span rows that hold about pack_span examples each;
+            # evaluation is unchanged. For encoder_decoder and encoder_only.
             "pack": False,
             "pack_span": 4,
         }
@@ -292,9 +292,9 @@ def _check_packing(config: ml_collections.ConfigDict, task: tasks.Task) -> None:
     pack = config.task.get("pack", False)
     if not isinstance(pack, bool):
         raise ValueError(f"config.task.pack: expected a bool, got {pack!r}")
+    positive_int(config, "task.pack_span")
     if not pack:
         return
-    positive_int(config, "task.pack_span")
     kind = config.model.kind
     if task.image_size or kind not in models.MODELS or models.MODELS[kind].PACKED is None:
         raise ValueError(

@@ -9,6 +9,7 @@ is a pure function of (state, batch, rng), jit-compiled once, with dropout keys
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -19,6 +20,7 @@ import optax
 from flax import nnx
 
 from kit import models, tasks
+from kit.models import packing
 
 Array = jax.Array
 
@@ -29,13 +31,23 @@ def model_batch(kind: str, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray
 
 
 def train_model_batch(task, kind: str, seed: int, step: int, batch_size: int, span: int = 0):
-    """Training batch `step` as the model reads it; with `span`, packed: batch_size
-    * span examples drawn and packed in order into batch_size / span rows span times
-    as wide (`kit.models.packing`), as many as fit."""
+    """Training batch `step` as the model reads it; with `span`, packed
+    (`kit.models.packing`): 2 * batch_size examples drawn and packed in order, as
+    many as fit, into batch_size / span rows that hold about `span` examples each
+    (`pack_widths`), so about batch_size examples per step either way."""
     if not span:
         return model_batch(kind, tasks.train_batch(task, seed, step, batch_size))
-    examples = model_batch(kind, tasks.train_batch(task, seed, step, batch_size * span))
-    return models.MODELS[kind].pack(examples, batch_size // span, span)
+    examples = model_batch(kind, tasks.train_batch(task, seed, step, 2 * batch_size))
+    widths = pack_widths(task, kind, seed, span)
+    return models.MODELS[kind].pack(examples, batch_size // span, widths)
+
+
+@functools.cache
+def pack_widths(task, kind: str, seed: int, span: int) -> tuple[int, ...]:
+    """The packed rows' widths of a run: from the mean lengths of 4,096 examples
+    drawn once (the same for every step, so the train step compiles once)."""
+    sample = model_batch(kind, tasks.train_batch(task, seed, 0, 4096))
+    return packing.row_widths(sample, models.MODELS[kind].PACKED, span)
 
 
 def token_losses(logits: Array, targets: Array, label_smoothing: float = 0.0) -> Array:

@@ -368,3 +368,17 @@ def test_inside_a_users_shard_map():
     close(out, _packed_call(q, k, v, SLOPES, seg), 2e-5)
     for g, w in zip(grads, jax.grad(loss, argnums=(0, 1, 2))(q, k, v, seg), strict=True):
         close(g, w, 2e-4)
+
+
+def test_bfloat16_matches_float32_within_its_precision():
+    q, k, v = make_qkv(B, T, T, N, K, H=8, seed=11)
+    block_mask = kit.create_block_mask(mods.causal, None, None, T, T, block_size=8)
+
+    def run(dtype):
+        args = (x.astype(dtype) for x in (q, k, v))
+        return kit.flex_attention(*args, mods.alibi(SLOPES), block_mask,
+                                  implementation="chunked", kernel_options=SMALL_BLOCKS)  # fmt: skip
+
+    low = run(jnp.bfloat16)
+    assert low.dtype == jnp.bfloat16
+    close(low.astype(jnp.float32), run(jnp.float32), 2e-2)

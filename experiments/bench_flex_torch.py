@@ -79,7 +79,7 @@ def main():
     try:
         flex(q, k, v, block_mask=mask).sum().backward()
         print("backward on CPU: ran")
-    except Exception as error:  # noqa: BLE001 (report whatever torch raises)
+    except Exception as error:  # whatever torch raises is the answer
         print(f"backward on CPU: {type(error).__name__}: {str(error).splitlines()[0]}")
 
 

@@ -51,7 +51,7 @@ def run(pack: bool):
     with tempfile.TemporaryDirectory() as workdir:
         result = training.train_and_evaluate(config, workdir, progress=False)
         lines = metrics.read_metrics(os.path.join(workdir, "metrics.jsonl"))
-    evals = [(line["step"], line["eval/exact_match"]) for line in lines if "eval/exact_match" in line]
+    evals = [(x["step"], x["eval/exact_match"]) for x in lines if "eval/exact_match" in x]
     per_step = result["train_seconds"] / result["step"]
     span = FLAGS.span if pack else 0
     tokens = useful_tokens(config, task, mcfg.kind, span)

@@ -376,8 +376,8 @@ def test_bfloat16_matches_float32_within_its_precision():
 
     def run(dtype):
         args = (x.astype(dtype) for x in (q, k, v))
-        return kit.flex_attention(*args, mods.alibi(SLOPES), block_mask,
-                                  implementation="chunked", kernel_options=SMALL_BLOCKS)  # fmt: skip
+        options = {"implementation": "chunked", "kernel_options": SMALL_BLOCKS}
+        return kit.flex_attention(*args, mods.alibi(SLOPES), block_mask, **options)
 
     low = run(jnp.bfloat16)
     assert low.dtype == jnp.bfloat16

@@ -29,9 +29,11 @@ def _model(kind, task, positions):
     graphdef, params = training.init_model(cfg, jax.random.key(0, impl="rbg"))
     # T5's tables start at zero: make them matter.
     params = jax.tree.map_with_path(
-        lambda path, x: jax.random.normal(jax.random.key(1), x.shape)
-        if "t5" in jax.tree_util.keystr(path)
-        else x,
+        lambda path, x: (
+            jax.random.normal(jax.random.key(1), x.shape)
+            if "t5" in jax.tree_util.keystr(path)
+            else x
+        ),
         params,
     )
     return graphdef, params
@@ -91,10 +93,10 @@ def test_pack_fills_rows_in_order_and_pads_the_rest():
 
 def test_pack_config_is_checked():
     config = load_config("copy", **{"task.pack": True, "model.kind": "decoder_only"})
-    with pytest.raises(ValueError, match="config.task.pack: packs token examples"):
+    with pytest.raises(ValueError, match=r"config\.task\.pack: packs token examples"):
         training.check_config(config)
     config = load_config("copy", **{"task.pack": True, "task.pack_span": 3})
-    with pytest.raises(ValueError, match="config.task.pack_span: must divide"):
+    with pytest.raises(ValueError, match=r"config\.task\.pack_span: must divide"):
         training.check_config(config)
 
 

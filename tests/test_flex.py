@@ -6,13 +6,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import make_qkv, normal
+from helpers import make_qkv, normal, slow_beyond
 
 import kit
 from kit import mods
 
 SMALL_BLOCKS = {"block_q": 32, "block_k": 16, "backward_block_q": 16, "backward_block_k": 32}
 IMPLS = ["xla", "chunked"]
+# In the inner loop the chunked path; the xla path (the materialized reference) in the full run.
+IMPL_PARAMS = slow_beyond(IMPLS, ["chunked"])
 
 
 def dense(q, k, v, *, scores=None, mask=None, scale=None):
@@ -60,7 +62,7 @@ def check_against(flex_fn, dense_fn, args, tol=(2e-5, 2e-4)):
         close(g, w, tol[1])
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", IMPL_PARAMS)
 def test_alibi_documents_causal_match_the_formula(impl):
     """Random shapes, lengths not multiples of any block, GQA, a captured slope
     table with its gradient, and per-example segment ids (block states differ by example)."""
@@ -109,7 +111,7 @@ def test_dead_blocks_are_never_read():
     close(grads[0][:, :96], want_grads[0][:, :96], 1e-5)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", IMPL_PARAMS)
 def test_rows_with_no_live_key_are_exact_zeros(impl):
     B, T, N = 2, 40, 2
     q, k, v = make_qkv(B, T, T, N, N, H=8)
@@ -175,8 +177,8 @@ MODS = {
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("name", list(MODS))
+@pytest.mark.parametrize("impl", IMPL_PARAMS)
+@pytest.mark.parametrize("name", slow_beyond(list(MODS), ["documents", "t5"]))
 def test_each_mod_matches_its_formula(name, impl):
     mask_mod, score_factory, captured, mask, scores = MODS[name]
     q, k, v = make_qkv(B, T, T, N, K, H=8, seed=2)
@@ -199,7 +201,7 @@ def test_each_mod_matches_its_formula(name, impl):
     check_against(flex, reference, args)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", IMPL_PARAMS)
 def test_sink_adds_one_term_to_the_softmax(impl):
     """A learned sink logit z_h: out = sum_j e^{s_j} v_j / (e^{z_h} + sum_j e^{s_j}),
     causal; gradients reach z."""
@@ -263,6 +265,7 @@ def test_jvp_and_vmap_through_a_captured_table():
     close(got[1], run("xla")(q, 2 * TABLE), 2e-5)
 
 
+@pytest.mark.slow
 def test_float64_keeps_float64():
     with jax.enable_x64(True):
         q, k, v = (x.astype(jnp.float64) for x in make_qkv(1, 40, 40, 2, 2, H=8))
@@ -320,7 +323,7 @@ def _packed_call(q, k, v, slopes, seg):
                               kernel_options=SMALL_BLOCKS)  # fmt: skip
 
 
-@pytest.mark.parametrize("axis_type", ["Auto", "Explicit"])
+@pytest.mark.parametrize("axis_type", slow_beyond(["Auto", "Explicit"], ["Explicit"]))
 def test_batch_and_head_mesh_splits_without_collectives(axis_type, optimized):
     """On a ("data", "model") mesh the forward needs no collective; the gradients,
     the captured slopes' summed over the devices, equal the unsharded ones."""
@@ -370,6 +373,7 @@ def test_inside_a_users_shard_map():
         close(g, w, 2e-4)
 
 
+@pytest.mark.slow
 def test_bfloat16_matches_float32_within_its_precision():
     q, k, v = make_qkv(B, T, T, N, K, H=8, seed=11)
     block_mask = kit.create_block_mask(mods.causal, None, None, T, T, block_size=8)

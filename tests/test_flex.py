@@ -111,7 +111,8 @@ def test_dead_blocks_are_never_read():
     close(grads[0][:, :96], want_grads[0][:, :96], 1e-5)
 
 
-@pytest.mark.parametrize("impl", IMPL_PARAMS)
+@pytest.mark.slow
+@pytest.mark.parametrize("impl", IMPLS)
 def test_rows_with_no_live_key_are_exact_zeros(impl):
     B, T, N = 2, 40, 2
     q, k, v = make_qkv(B, T, T, N, N, H=8)
@@ -178,7 +179,7 @@ MODS = {
 
 
 @pytest.mark.parametrize("impl", IMPL_PARAMS)
-@pytest.mark.parametrize("name", slow_beyond(list(MODS), ["documents", "t5"]))
+@pytest.mark.parametrize("name", slow_beyond(list(MODS), ["t5"]))
 def test_each_mod_matches_its_formula(name, impl):
     mask_mod, score_factory, captured, mask, scores = MODS[name]
     q, k, v = make_qkv(B, T, T, N, K, H=8, seed=2)
@@ -201,7 +202,8 @@ def test_each_mod_matches_its_formula(name, impl):
     check_against(flex, reference, args)
 
 
-@pytest.mark.parametrize("impl", IMPL_PARAMS)
+@pytest.mark.slow
+@pytest.mark.parametrize("impl", IMPLS)
 def test_sink_adds_one_term_to_the_softmax(impl):
     """A learned sink logit z_h: out = sum_j e^{s_j} v_j / (e^{z_h} + sum_j e^{s_j}),
     causal; gradients reach z."""
@@ -246,6 +248,7 @@ def test_block_mask_under_jit_with_traced_segment_ids():
         close(packed(q, k, v, seg), dense(q, k, v, mask=mask), 2e-5)
 
 
+@pytest.mark.slow
 def test_jvp_and_vmap_through_a_captured_table():
     q, k, v = make_qkv(B, T, T, N, K, H=8, seed=6)
 
@@ -323,7 +326,8 @@ def _packed_call(q, k, v, slopes, seg):
                               kernel_options=SMALL_BLOCKS)  # fmt: skip
 
 
-@pytest.mark.parametrize("axis_type", slow_beyond(["Auto", "Explicit"], ["Explicit"]))
+@pytest.mark.slow
+@pytest.mark.parametrize("axis_type", ["Auto", "Explicit"])
 def test_batch_and_head_mesh_splits_without_collectives(axis_type, optimized):
     """On a ("data", "model") mesh the forward needs no collective; the gradients,
     the captured slopes' summed over the devices, equal the unsharded ones."""
@@ -351,6 +355,7 @@ def test_batch_and_head_mesh_splits_without_collectives(axis_type, optimized):
         close(g, w, 2e-4)
 
 
+@pytest.mark.slow
 def test_inside_a_users_shard_map():
     from jax.sharding import AxisType, NamedSharding
     from jax.sharding import PartitionSpec as P

@@ -24,7 +24,13 @@ from kit.attention.blocks import (
     varying_like,
 )
 from kit.attention.masks import stat_dtype
-from kit.attention.programs import block_call, grad_captures, kernel_lists, with_grad_captures
+from kit.attention.programs import (
+    block_call,
+    grad_captures,
+    kernel_lists,
+    visit_lists,
+    with_grad_captures,
+)
 
 Array = jax.Array
 
@@ -186,14 +192,8 @@ def example_backward(
         lo, full, hi = _q_range(cfg, j, q_len, kv_len)
         zeros = varying_like(jnp.zeros((K, bk, H), stat), q, k, v, d_out, bias, mask, q_len, kv_len)
         inner = (zeros, zeros, *carry)
-        if col_lists is not None:  # the block mask's lists: partial blocks, then full ones
-            full_idx, n_full, part_idx, n_part = col_lists
-            inner = lax.fori_loop(
-                0, n_part, lambda t, c: q_step(part_idx[t], c, masked=True), inner
-            )
-            dk, dv, *carry = lax.fori_loop(
-                0, n_full, lambda t, c: q_step(full_idx[t], c, masked=False), inner
-            )
+        if col_lists is not None:  # the block mask's lists
+            dk, dv, *carry = visit_lists(q_step, col_lists, inner)
             return tuple(carry), (swap01(dk), swap01(dv))
         if cfg.structural_only and cfg.is_causal and bk % bq == 0:
             # On the causal diagonal, query block lo + r sees only the first

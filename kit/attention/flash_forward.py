@@ -23,7 +23,7 @@ from kit.attention.blocks import (
     varying_like,
 )
 from kit.attention.masks import MASK_VALUE, stat_dtype
-from kit.attention.programs import block_call, kernel_lists
+from kit.attention.programs import block_call, kernel_lists, visit_lists
 
 Array = jax.Array
 
@@ -157,14 +157,7 @@ def example_forward(cfg, b, q, k, v, bias, mask, q_len, kv_len, dyn=None):
         )
         carry = varying_like(carry, q, k, v, bias, mask, q_len, kv_len)
         if row_lists is not None:
-            full_idx, n_full, part_idx, n_part = row_lists
-            carry = lax.fori_loop(
-                0, n_full, lambda t, c: kv_step(full_idx[t], c, masked=False), carry
-            )
-            m, l, acc = lax.fori_loop(
-                0, n_part, lambda t, c: kv_step(part_idx[t], c, masked=True), carry
-            )
-            return None, finish(m, l, acc)
+            return None, finish(*visit_lists(kv_step, row_lists, carry))
         carry = lax.fori_loop(lo, full, functools.partial(kv_step, masked=False), carry)
         if cfg.structural_only and cfg.is_causal and bq % bk == 0 and bk > 1:
             # On the causal diagonal, key block full + r is seen only by the

@@ -30,7 +30,13 @@ from kit.attention.blocks import (
 )
 from kit.attention.flash_forward import block_rows, kv_range, live_pairs
 from kit.attention.masks import stat_dtype
-from kit.attention.programs import block_call, grad_captures, kernel_lists, with_grad_captures
+from kit.attention.programs import (
+    block_call,
+    grad_captures,
+    kernel_lists,
+    visit_lists,
+    with_grad_captures,
+)
 
 Array = jax.Array
 
@@ -113,13 +119,7 @@ def example_tangent(
         carry = (jnp.zeros((K, bq * G, H), stat), jnp.zeros((K, bq * G), stat))
         carry = varying_like(carry, q, k, v, dq, dk, dv, lse, bias, mask, q_len, kv_len)
         if row_lists is not None:
-            full_idx, n_full, part_idx, n_part = row_lists
-            carry = lax.fori_loop(
-                0, n_full, lambda t, c: kv_step(full_idx[t], c, masked=False), carry
-            )
-            acc, row = lax.fori_loop(
-                0, n_part, lambda t, c: kv_step(part_idx[t], c, masked=True), carry
-            )
+            acc, row = visit_lists(kv_step, row_lists, carry)
         else:
             carry = lax.fori_loop(lo, full, functools.partial(kv_step, masked=False), carry)
             acc, row = lax.fori_loop(full, hi, functools.partial(kv_step, masked=True), carry)

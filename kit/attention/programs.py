@@ -308,3 +308,11 @@ def kernel_lists(cfg, dyn: Dynamic | None, q_len, kv_len, *, transpose: bool = F
     rows, cols = cfg.block_q * nq // Tp, cfg.block_k * nk // Sp
     states = combine_states(coarsen(dyn.states, rows, cols), builtin_states(cfg, q_len, kv_len))
     return block_lists(states.T if transpose else states)
+
+
+def visit_lists(step: Callable, lists: tuple, carry):
+    """`step(j, carry, masked=...)` over one row's block lists (`block_lists`): its
+    full blocks without the mask, then its partial ones with it."""
+    full, num_full, partial, num_partial = lists
+    carry = jax.lax.fori_loop(0, num_full, lambda t, c: step(full[t], c, masked=False), carry)
+    return jax.lax.fori_loop(0, num_partial, lambda t, c: step(partial[t], c, masked=True), carry)

@@ -22,6 +22,7 @@ References:
 from __future__ import annotations
 
 import functools
+import re
 
 import numpy as np
 
@@ -40,8 +41,15 @@ COMMAND_WORDS = (
 )
 ACTIONS = (*PRIMITIVES.values(), *TURNS.values())
 SPLITS = ("simple", "length", "addprim_jump")
-# The length split: train on action sequences of at most this many actions.
+# The length split: train on action sequences of at most this many actions. A re-cut
+# length split ("length_26", as Csordás et al. 2021 re-cut it) moves the cutoff.
 LENGTH_CUTOFF = 22
+# The cutoffs that leave both sides non-empty: the longest outputs have 48 actions.
+CUTOFFS = range(1, 48)
+# A conjunct that never occurs at or below the standard cutoff: "U around D thrice"
+# (24 actions). 3,144 of the length split's 3,920 test commands have one; the other 776
+# only recombine phrases seen in training.
+AROUND_THRICE = re.compile(r"\b(walk|look|run|jump) around (left|right) thrice\b")
 SIMPLE_TEST_SIZE = 4182
 SPLIT_SEED = 0
 
@@ -80,14 +88,39 @@ def scan_pairs() -> tuple[tuple[str, str], ...]:
     return tuple((command, " ".join(actions)) for command, actions in out)
 
 
+def length_cutoff(name: str) -> int | None:
+    """The cutoff of a length split ("length": 22, "length_26": 26), else None.
+
+    Raises:
+      ValueError: naming `task.split` for a name that is not a split.
+    """
+    if name in SPLITS:
+        return LENGTH_CUTOFF if name == "length" else None
+    match = re.fullmatch(r"length_(\d+)", name)
+    if match is None or int(match.group(1)) not in CUTOFFS:
+        raise ValueError(
+            f"task.split: expected one of {SPLITS} or 'length_<N>' with N in "
+            f"[{CUTOFFS.start}, {CUTOFFS.stop - 1}], got {name!r}"
+        )
+    return int(match.group(1))
+
+
+def around_thrice(command: str) -> bool:
+    """Whether `command` has a conjunct "U around D thrice" (`AROUND_THRICE`)."""
+    return AROUND_THRICE.search(command) is not None
+
+
 @functools.cache
-def scan_split(name: str) -> tuple[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]]:
+def scan_split(
+    name: str, cutoff: int | None = None
+) -> tuple[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]]:
     """(train, test) pairs of a published split.
 
     - "simple": a random 80/20 split with the published sizes, 16,728 / 4,182
       (a fixed seed; the published file's own draw is not reproduced).
     - "length": train on action sequences of at most 22 actions (16,990), test on
-      the longer ones, 24 to 48 actions (3,920).
+      the longer ones, 24 to 48 actions (3,920). `cutoff` (or the name
+      "length_<N>") moves the 22.
     - "addprim_jump": train on the 13,203 commands without "jump" and on the lone
       command "jump", repeated 1,467 times as in the published train file
       (14,670 in all); test on every other command with "jump" (7,706).
@@ -95,15 +128,20 @@ def scan_split(name: str) -> tuple[tuple[tuple[str, str], ...], tuple[tuple[str,
     Raises:
       ValueError: naming `task.split` for an unknown split.
     """
-    if name not in SPLITS:
-        raise ValueError(f"task.split: expected one of {SPLITS}, got {name!r}")
+    name_cutoff = length_cutoff(name)
+    if cutoff is not None and (name_cutoff is None or cutoff not in CUTOFFS):
+        raise ValueError(
+            f"cutoff: applies to a length split, with a value in [{CUTOFFS.start}, "
+            f"{CUTOFFS.stop - 1}]; got split {name!r} and cutoff {cutoff!r}"
+        )
     pairs = scan_pairs()
     if name == "simple":
         order = np.random.default_rng(SPLIT_SEED).permutation(len(pairs))
         test = set(order[:SIMPLE_TEST_SIZE].tolist())
         return _partition(pairs, lambda i, _: i not in test)
-    if name == "length":
-        return _partition(pairs, lambda _, pair: len(pair[1].split()) <= LENGTH_CUTOFF)
+    if name_cutoff is not None:
+        cut = name_cutoff if cutoff is None else cutoff
+        return _partition(pairs, lambda _, pair: len(pair[1].split()) <= cut)
     train, test = _partition(pairs, lambda _, pair: "jump" not in pair[0].split())
     jump = next(pair for pair in test if pair[0] == "jump")
     test = tuple(pair for pair in test if pair is not jump)

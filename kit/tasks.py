@@ -149,8 +149,9 @@ def make_task(
         )
     if not isinstance(augment, bool):
         raise ValueError(f"task.augment: expected a bool, got {augment!r}")
-    if split not in scan.SPLITS:
-        raise ValueError(f"task.split: expected one of {scan.SPLITS}, got {split!r}")
+    if not isinstance(split, str):
+        raise ValueError(f"task.split: expected a str, got {split!r}")
+    scan.length_cutoff(split)  # raises ValueError naming task.split
     if name == "scan":
         vocab = SPECIALS + scan.COMMAND_WORDS + scan.ACTIONS
         longest = max(len(a.split()) for _, a in scan.scan_pairs())
@@ -162,7 +163,7 @@ def make_task(
             False,
             words=True,
             data_split=split,
-            by_length=split == "length",
+            by_length=scan.length_cutoff(split) is not None,
         )
     if name == "digits":
         digits.load()  # fails here, naming the extra, without scikit-learn
@@ -388,6 +389,17 @@ def eval_set(task: Task, seed: int, size: int) -> dict[str, np.ndarray]:
         return _scan_arrays(task, train=False)
     rng = np.random.default_rng([seed + EVAL_STREAM, 0])
     return _pack(task, *_examples(task, rng, size, held_out=True))
+
+
+def eval_groups(task: Task, seed: int, size: int) -> dict[str, np.ndarray]:
+    """Named parts of the held-out set (bool per row of `eval_set`) that evaluation
+    reports apart: on SCAN's length splits, the commands with a conjunct "U around D
+    thrice" (`scan.AROUND_THRICE`) and the recombination-only rest; else none."""
+    del seed, size  # SCAN's held-out set is its whole test split
+    if not task.by_length:
+        return {}
+    around = np.array([scan.around_thrice(c) for c, _ in scan.scan_split(task.data_split)[1]])
+    return {"around_thrice": around, "recombination": ~around}
 
 
 @functools.cache

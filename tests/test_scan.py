@@ -1,5 +1,6 @@
 """SCAN from its grammar: hand-checked translations, the published split sizes, a smoke run."""
 
+import collections
 import os
 
 import numpy as np
@@ -77,10 +78,39 @@ def test_addprim_jump_repeats_the_lone_jump_and_tests_every_other_jump():
 def test_unknown_split_fails_at_start_naming_the_field():
     with pytest.raises(
         ValueError,
-        match=r"config\.task\.split: expected one of \('simple', 'length', 'addprim_jump'\), "
-        r"got 'random'",
+        match=r"config\.task\.split: expected one of \('simple', 'length', 'addprim_jump'\) "
+        r"or 'length_<N>' with N in \[1, 47\], got 'random'",
     ):
         training.check_config(load_config("scan_simple", **{"task.split": "random"}))
+
+
+def test_length_split_cutoffs():
+    standard = scan.scan_split("length")
+    assert scan.scan_split("length", cutoff=22) == standard == scan.scan_split("length_22")
+    train, test = scan.scan_split("length_26")
+    assert len(train) + len(test) == 20_910
+    assert max(len(a.split()) for _, a in train) <= 26 < min(len(a.split()) for _, a in test)
+    assert len(train) > len(standard[0])
+    for bad in ({"name": "length", "cutoff": 0}, {"name": "simple", "cutoff": 26}):
+        with pytest.raises(ValueError, match="cutoff: applies to a length split"):
+            scan.scan_split(**bad)
+    with pytest.raises(ValueError, match=r"task\.split: expected one of"):
+        tasks.make_task("scan", split="length_48")
+
+
+def test_length_split_test_set_parts():
+    """3,144 test commands have a "U around D thrice" conjunct, never seen in training;
+    the other 776 only recombine, with targets of 24, 25, 28 and 32 actions."""
+    train, test = scan.scan_split("length")
+    around = [scan.around_thrice(c) for c, _ in test]
+    assert sum(around) == 3144 and len(test) - sum(around) == 776
+    assert not any(scan.around_thrice(c) for c, _ in train)
+    rest = [a for (_, a), x in zip(test, around, strict=True) if not x]
+    lengths = collections.Counter(len(a.split()) for a in rest)
+    assert lengths == {24: 328, 25: 256, 28: 64, 32: 128}
+    groups = tasks.eval_groups(tasks.make_task("scan", split="length"), 0, 0)
+    assert groups["around_thrice"].sum() == 3144 and groups["recombination"].sum() == 776
+    assert tasks.eval_groups(tasks.make_task("scan", split="simple"), 0, 0) == {}
 
 
 def test_batches_encode_the_split_and_are_a_pure_function_of_seed_and_step():
@@ -109,3 +139,10 @@ def test_tiny_length_run_reports_exact_match_by_length(tiny_run):
     counts = {n: sum(len(a.split()) == int(n) for _, a in test) for n in by_length}
     overall = sum(by_length[n] * counts[n] for n in by_length) / len(test)
     assert overall == pytest.approx(evals[-1]["eval/exact_match"], abs=1e-6)
+    last = evals[-1]
+    assert last["eval/count_around_thrice"] == 3144 and last["eval/count_recombination"] == 776
+    parts = sum(
+        last[f"eval/exact_match_{g}"] * last[f"eval/count_{g}"]
+        for g in ("around_thrice", "recombination")
+    )
+    assert parts / len(test) == pytest.approx(last["eval/exact_match"], abs=1e-6)

@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from kit import checkpoint, metrics, models, sharding
+from kit import checkpoint, metrics, models, sharding, tasks
 from kit.training.report import Console
 from kit.training.setup import Setup, setup
 from kit.training.steps import eval_batches, evaluate, make_schedule, train_model_batch
@@ -254,6 +254,8 @@ def _train(config, workdir, s: Setup, clock: Clock, console: Console, signals, l
         )
         batches = [(sharding.put_batch(mb, s.batch_sharding), pad) for mb, pad in host_batches]
 
+        groups = tasks.eval_groups(s.task, config.seed, config.task.eval_size)
+
         def evaluate_held_out(params):
             """The held-out metrics of `params` (kit.training.steps.evaluate)."""
             return evaluate(
@@ -263,6 +265,7 @@ def _train(config, workdir, s: Setup, clock: Clock, console: Console, signals, l
                 s.mcfg.kind,
                 by_length=s.task.by_length,
                 loss_spans=s.task.loss_spans,
+                groups=groups,
             )
 
         held_out = sum(len(mb["targets"]) - pad for mb, pad in host_batches)

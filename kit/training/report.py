@@ -28,7 +28,9 @@ def quiet_library_logs(verbosity: int) -> None:
 def _format_metrics(values: dict[str, Any]) -> str:
     """The numbers of a result; a per-length breakdown stays in metrics.jsonl."""
     return "  ".join(
-        f"{name} {value:.4f}" for name, value in values.items() if not isinstance(value, dict)
+        f"{name} {value}" if isinstance(value, int) else f"{name} {value:.4f}"
+        for name, value in values.items()
+        if not isinstance(value, dict)
     )
 
 

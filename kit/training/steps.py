@@ -183,6 +183,7 @@ def evaluate(
     *,
     by_length: bool = False,
     loss_spans: tuple[tasks.LossSpan, ...] = (),
+    groups: dict[str, np.ndarray] | None = None,
     **eval_kwargs: Any,
 ) -> dict[str, Any]:
     """eval/loss, eval/token_accuracy and eval/exact_match over the held-out batches,
@@ -192,7 +193,9 @@ def evaluate(
     eval/exact_match_by_length: target length (the tokens weighed, less the end
     token) -> exact match of the rows of that length. Each of `loss_spans`
     (kit.tasks.LossSpan) adds eval/loss_<name>, the mean loss over that part of
-    every row's target. `eval_kwargs` go to `eval_step` (e.g. head_mask).
+    every row's target. Each of `groups` (name -> bool per held-out row,
+    `tasks.eval_groups`) adds eval/exact_match_<name> and eval/count_<name>.
+    `eval_kwargs` go to `eval_step` (e.g. head_mask).
     """
     totals: dict[str, float] = {}
     exact, lengths, losses = [], [], []
@@ -219,8 +222,11 @@ def evaluate(
         for span in loss_spans:
             mask = span.mask(lengths, losses.shape[1])
             result[f"eval/loss_{span.name}"] = float(losses[mask].mean()) if mask.any() else 0.0
+    exact = np.concatenate(exact)
+    for name, rows in (groups or {}).items():
+        result[f"eval/exact_match_{name}"] = float(np.mean(exact[rows])) if rows.any() else 0.0
+        result[f"eval/count_{name}"] = int(np.sum(rows))
     if by_length:
-        exact = np.concatenate(exact)
         result["eval/exact_match_by_length"] = {
             str(n): float(np.mean(exact[lengths == n])) for n in np.unique(lengths)
         }

@@ -31,10 +31,21 @@ def init_caches(cfg: Any, num_layers: int, batch: int, length: int, dtype=None):
 
 
 def greedy_encoder_decoder(
-    model: Any, src: Array, src_lengths: Array, *, bos: int, length: int, **ablation: Any
+    model: Any,
+    src: Array,
+    src_lengths: Array,
+    *,
+    bos: int,
+    length: int,
+    forbid: int | None = None,
+    until: Array | None = None,
+    **ablation: Any,
 ) -> Array:
     """Greedy decoding: src `[B, S]` -> tokens `[B, length]` (the BOS is not included).
 
+    With `forbid` (a token) and `until` (int `[B]`), row b never emits that token
+    at its first until[b] steps: decoding to a given length with end-of-sequence
+    forbidden (Lake & Baroni's "given the true output length").
     `ablation` (head_mask, head_mask_mode) goes to every model call."""
     memory, _ = model.encode(src, src_lengths, **ablation)
     caches = init_caches(model.cfg, model.cfg.num_decoder_layers, src.shape[0], length)
@@ -42,7 +53,11 @@ def greedy_encoder_decoder(
     def step(carry, t):
         caches, token = carry
         logits, aux = model.decode(token, memory, src_lengths, caches=caches, start=t, **ablation)
-        token = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)[:, None]
+        logits = logits[:, -1]
+        if forbid is not None:
+            banned = (jnp.arange(logits.shape[-1]) == forbid)[None, :] & (t < until)[:, None]
+            logits = jnp.where(banned, -jnp.inf, logits)
+        token = jnp.argmax(logits, axis=-1).astype(jnp.int32)[:, None]
         return (aux["caches"], token), token[:, 0]
 
     start = jnp.full((src.shape[0], 1), bos, jnp.int32)

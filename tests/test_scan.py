@@ -3,6 +3,8 @@
 import collections
 import os
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import load_config
@@ -146,3 +148,29 @@ def test_tiny_length_run_reports_exact_match_by_length(tiny_run):
         for g in ("around_thrice", "recombination")
     )
     assert parts / len(test) == pytest.approx(last["eval/exact_match"], abs=1e-6)
+    assert 0.0 <= last["eval/exact_match_oracle_length"] <= 1.0  # decoded to the true lengths
+
+
+def test_oracle_length_decoding_never_ends_early_and_ends_at_the_length():
+    """With end-of-sequence made the model's favourite token, plain greedy decoding
+    emits it at once; decoding to the true length emits it at no step before that
+    length, and (still the favourite) right at it."""
+    from flax import nnx
+
+    from kit import models
+
+    task = tasks.make_task("scan", split="length")
+    cfg = models.ModelConfig(kind="encoder_decoder", vocab_size=task.vocab_size, d_model=16,
+                             num_heads=2, num_layers=1, num_decoder_layers=1, d_ff=32,
+                             max_len=64)  # fmt: skip
+    graphdef, params = training.init_model(cfg, jax.random.key(0, impl="rbg"))
+    model = nnx.merge(graphdef, params)
+    model.head.bias[...] = model.head.bias[...].at[tasks.EOS].set(100.0)
+    mb = models.MODELS["encoder_decoder"].batch(tasks.train_batch(task, 0, 0, 6))
+    mb = {k: jnp.asarray(v) for k, v in mb.items()}
+    plain = np.asarray(model.predict(mb))
+    oracle = np.asarray(model.predict(mb, oracle_length=True))
+    assert np.all(plain[:, 0] == tasks.EOS)
+    lengths = np.asarray(mb["weights"]).sum(axis=1) - 1
+    for row, n in zip(oracle, lengths, strict=True):
+        assert tasks.EOS not in row[:n] and row[n] == tasks.EOS

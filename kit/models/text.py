@@ -133,14 +133,20 @@ class EncoderDecoder(TaskModel):
             **ablation,
         )
 
-    def predict(self, mb, **ablation) -> Array:
-        """Greedy predictions `[B, T]` aligned with mb["targets"] (heads ablated as asked)."""
+    def predict(self, mb, *, oracle_length: bool = False, **ablation) -> Array:
+        """Greedy predictions `[B, T]` aligned with mb["targets"] (heads ablated as asked);
+        with `oracle_length`, end-of-sequence is forbidden before each row's target length."""
+        oracle = {}
+        if oracle_length:
+            until = jnp.sum(mb["weights"], axis=1, dtype=jnp.int32) - 1  # less the EOS
+            oracle = {"forbid": tasks.EOS, "until": until}
         return decode.greedy_encoder_decoder(
             self,
             mb["src"],
             mb["src_lengths"],
             bos=tasks.BOS,
             length=mb["targets"].shape[1],
+            **oracle,
             **ablation,
         )
 

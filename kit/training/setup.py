@@ -114,7 +114,10 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Setup:
         nnx.eval_shape(lambda: models.build(mcfg, jax.random.key(0, impl="rbg")))
     )
     t = config.train
-    trainer = Trainer(graphdef, make_optimizer(t), float(t.label_smoothing), mcfg.dropout_rate > 0)
+    oracle = task.by_length and mcfg.kind == "encoder_decoder"
+    trainer = Trainer(
+        graphdef, make_optimizer(t), float(t.label_smoothing), mcfg.dropout_rate > 0, oracle
+    )
     abstract_state = jax.eval_shape(trainer.init_state, abstract_params)
     return Setup(
         task=task,

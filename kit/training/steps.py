@@ -73,6 +73,9 @@ class Trainer:
     tx: optax.GradientTransformation
     label_smoothing: float
     dropout: bool
+    # Evaluation also decodes to each row's true length with end-of-sequence
+    # forbidden (an encoder-decoder on SCAN's length splits): eval/exact_match_oracle_length.
+    oracle_length: bool = False
 
     def init_state(self, params: Any) -> dict[str, Any]:
         return {"step": jnp.int32(0), "params": params, "opt_state": self.tx.init(params)}
@@ -119,7 +122,13 @@ class Trainer:
         hit = prediction == mb["targets"]
         tokens = jnp.sum(wf)
         exact_rows = jnp.all(hit | ~w, axis=1)
+        extra = {}
+        if self.oracle_length:  # the target's tokens only: the EOS position is not asked
+            body = w & (jnp.arange(w.shape[1])[None, :] < jnp.sum(w, axis=1, keepdims=True) - 1)
+            oracle = model.predict(mb, oracle_length=True, **ablation) == mb["targets"]
+            extra["exact_oracle"] = jnp.sum(jnp.all(oracle | ~body, axis=1).astype(jnp.float32))
         return {
+            **extra,
             "loss_sum": jnp.sum(losses),
             "correct": jnp.sum((hit & w).astype(jnp.float32)),
             "tokens": tokens,
@@ -207,6 +216,8 @@ def evaluate(
         # A padding row has no weighted token, so it counted as one exact sequence.
         totals["sequences"] -= pad
         totals["exact"] -= pad
+        if "exact_oracle" in totals:
+            totals["exact_oracle"] -= pad
         keep = len(rows["exact"]) - pad
         exact.append(rows["exact"][:keep])
         lengths.append(rows["tokens"][:keep] - 1)
@@ -222,6 +233,8 @@ def evaluate(
         for span in loss_spans:
             mask = span.mask(lengths, losses.shape[1])
             result[f"eval/loss_{span.name}"] = float(losses[mask].mean()) if mask.any() else 0.0
+    if "exact_oracle" in totals:
+        result["eval/exact_match_oracle_length"] = totals["exact_oracle"] / totals["sequences"]
     exact = np.concatenate(exact)
     for name, rows in (groups or {}).items():
         result[f"eval/exact_match_{name}"] = float(np.mean(exact[rows])) if rows.any() else 0.0

@@ -580,7 +580,13 @@ INVALID = {
     "mesh.model": 0,
 }
 # A bool field has no invalid value of its type; ml_collections refuses other types.
-BOOL_FIELDS = ("train.skip_nonfinite", "task.augment", "task.pack", "model.feed_forward")
+BOOL_FIELDS = (
+    "train.skip_nonfinite",
+    "task.augment",
+    "task.pack",
+    "model.feed_forward",
+    "model.share_layers",
+)
 
 
 def _leaves(config, prefix=""):

@@ -193,3 +193,24 @@ def test_float16_training_is_refused_saying_why(tmp_path):
     with pytest.raises(ValueError, match=r"^config\.model\.dtype: float16 .* loss scaling"):
         training.train_and_evaluate(config, str(tmp_path / "run"), progress=False)
     assert not os.path.exists(tmp_path / "run")
+
+
+def _param_count(params):
+    return sum(x.size for x in jax.tree.leaves(params))
+
+
+@pytest.mark.slow
+def test_shared_layers_hold_one_block_per_stack_and_train(tiny_run, standard_promotion):
+    """model.share_layers: each stack applies one block num_layers times (a Universal
+    Transformer): the parameters are a 1+1-layer model's, and a run trains and restores."""
+    from flax import nnx
+
+    layers = {"model.num_layers": 3, "model.num_decoder_layers": 2}
+    workdir = tiny_run("copy", **layers, **{"model.share_layers": True})
+    _, setup, state = training.load_checkpoint(workdir)
+    model = nnx.merge(setup.trainer.graphdef, state["params"])
+    assert model.encoder.layers[0] is model.encoder.layers[2]
+    one = load_config("copy", **{"model.num_layers": 1, "model.num_decoder_layers": 1})
+    _, mcfg = training.check_config(one)
+    _, params = training.init_model(mcfg, jax.random.key(0, impl="rbg"))
+    assert _param_count(state["params"]) == _param_count(params)

@@ -41,6 +41,7 @@ class ModelConfig:
     patch_size: int = 2  # vision_transformer: p x p pixels per token
     image_size: int = 0  # vision_transformer: the task's image side
     feed_forward: bool = True  # False: attention-only blocks
+    share_layers: bool = False  # True: one block applied num_layers times (Universal Transformer)
     # The computation's dtype; parameters (and so gradients, optimizer state and
     # checkpoints) stay float32, and the softmax and the loss run in float32.
     dtype: str = "float32"
@@ -127,23 +128,25 @@ class Stack(nnx.Module):
     """L transformer blocks and a final LayerNorm."""
 
     def __init__(self, cfg: ModelConfig, num_layers: int, *, cross: bool, rngs: nnx.Rngs):
-        self.layers = nnx.List(
-            [
-                nn.TransformerBlock(
-                    cfg.d_model,
-                    cfg.num_heads,
-                    cfg.d_ff,
-                    num_kv_heads=cfg.num_kv_heads,
-                    cross_attention=cross,
-                    feed_forward=cfg.feed_forward,
-                    dropout_rate=cfg.dropout_rate,
-                    rope=cfg.positions == "rope",
-                    dtype=cfg.dtype,
-                    rngs=rngs,
-                )
-                for _ in range(num_layers)
-            ]
-        )
+        def block():
+            return nn.TransformerBlock(
+                cfg.d_model,
+                cfg.num_heads,
+                cfg.d_ff,
+                num_kv_heads=cfg.num_kv_heads,
+                cross_attention=cross,
+                feed_forward=cfg.feed_forward,
+                dropout_rate=cfg.dropout_rate,
+                rope=cfg.positions == "rope",
+                dtype=cfg.dtype,
+                rngs=rngs,
+            )
+
+        # Shared layers (Dehghani et al., "Universal Transformers", 2019, without the
+        # adaptive halting): the list holds one block num_layers times; nnx keeps one
+        # set of parameters for it.
+        shared = block() if cfg.share_layers else None
+        self.layers = nnx.List([shared or block() for _ in range(num_layers)])
         self.norm = nnx.LayerNorm(cfg.d_model, dtype=cfg.dtype, rngs=rngs)
         self.alibi = cfg.positions == "alibi"
         # T5's learned relative-position bias, one table per stack shared by its layers.

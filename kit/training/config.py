@@ -52,6 +52,8 @@ def default_config() -> ml_collections.ConfigDict:
             "patch_size": 2,
             # False: attention-only blocks (no feed-forward), as in configs/induction.py
             "feed_forward": True,
+            # True: one block applied num_layers times per stack (a Universal Transformer)
+            "share_layers": False,
             # The computation's dtype: "float32" or "bfloat16" (mixed precision: the
             # parameters, optimizer state and checkpoints stay float32; the softmax and
             # the loss run in float32).
@@ -223,8 +225,9 @@ def model_config(config: ml_collections.ConfigDict, task: tasks.Task) -> models.
         )
     number(config, "model.dropout_rate", 0.0, 1.0)
     _check_dtype(m.dtype)
-    if not isinstance(m.feed_forward, bool):
-        raise ValueError(f"config.model.feed_forward: expected a bool, got {m.feed_forward!r}")
+    for name in ("feed_forward", "share_layers"):
+        if not isinstance(m[name], bool):
+            raise ValueError(f"config.model.{name}: expected a bool, got {m[name]!r}")
     if m.positions == "rope" and (m.d_model // m.num_heads) % 2:
         raise ValueError(
             "config.model.positions: 'rope' needs an even head dim d_model / num_heads"
@@ -273,6 +276,7 @@ def model_config(config: ml_collections.ConfigDict, task: tasks.Task) -> models.
         patch_size=m.patch_size,
         image_size=task.image_size,
         feed_forward=m.feed_forward,
+        share_layers=m.share_layers,
         dtype=m.dtype,
     )
 

@@ -7,7 +7,10 @@ The model of configs/scan_length.py with T5 relative positions; evaluation logs 
 match per target length, on the "U around D thrice" commands and the others apart, and
 decoding to the true length (eval/exact_match_oracle_length).
 
-RESULT_LINE
+Measured on the 2-core CPU development machine (2026-12-05), one seed: 5.79% exact
+match on the 2,624 held-out commands (5.88% of the 2,432 with "U around D thrice", 4.69%
+of the 192 others), but 78.39% decoded to the true length: the model mostly fails at
+where to stop. 449 s for the whole command (evaluation decodes twice).
 """
 
 import os

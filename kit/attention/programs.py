@@ -151,7 +151,8 @@ class Program:
       mask: `mask(b, h, q, kv, *mask_captures)` or None.
       num_score: how many of the call's captures are the score function's (they
         come first); the rest are the mask function's, which get no gradient.
-      grad: per score capture, whether it is floating (has a gradient).
+      grad: per score capture, whether the kernel differentiates through it: it
+        is floating and, once the custom JVP has seen the tangents, has one.
     """
 
     score: Callable | None
@@ -249,12 +250,12 @@ def block_call(
 
 
 def grad_captures(program: Program, captures: tuple) -> tuple:
-    """The score captures that get gradients (the floating ones)."""
+    """The score captures the kernel differentiates through (`Program.grad`)."""
     return tuple(c for c, g in zip(captures[: program.num_score], program.grad, strict=True) if g)
 
 
 def with_grad_captures(program: Program, captures: tuple, grads: tuple) -> tuple:
-    """The score captures with the floating ones replaced by `grads`, in order."""
+    """The score captures with those of `grad_captures` replaced by `grads`, in order."""
     grads = iter(grads)
     n = program.num_score
     return tuple(next(grads) if g else c for c, g in zip(captures[:n], program.grad, strict=True))

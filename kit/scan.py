@@ -110,6 +110,16 @@ def around_thrice(command: str) -> bool:
     return AROUND_THRICE.search(command) is not None
 
 
+def held_out_parts(name: str) -> dict[str, np.ndarray]:
+    """Named parts of a length split's test set (bool per test pair, in order): the
+    commands with an "around ... thrice" conjunct and the recombination-only rest;
+    {} for the other splits."""
+    if length_cutoff(name) is None:
+        return {}
+    around = np.array([around_thrice(command) for command, _ in scan_split(name)[1]])
+    return {"around_thrice": around, "recombination": ~around}
+
+
 @functools.cache
 def scan_split(
     name: str, cutoff: int | None = None

@@ -393,13 +393,9 @@ def eval_set(task: Task, seed: int, size: int) -> dict[str, np.ndarray]:
 
 def eval_groups(task: Task, seed: int, size: int) -> dict[str, np.ndarray]:
     """Named parts of the held-out set (bool per row of `eval_set`) that evaluation
-    reports apart: on SCAN's length splits, the commands with a conjunct "U around D
-    thrice" (`scan.AROUND_THRICE`) and the recombination-only rest; else none."""
+    reports apart: on SCAN's length splits, `scan.held_out_parts`; else none."""
     del seed, size  # SCAN's held-out set is its whole test split
-    if not task.by_length:
-        return {}
-    around = np.array([scan.around_thrice(c) for c, _ in scan.scan_split(task.data_split)[1]])
-    return {"around_thrice": around, "recombination": ~around}
+    return scan.held_out_parts(task.data_split) if task.data_split else {}
 
 
 @functools.cache

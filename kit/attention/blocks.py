@@ -113,8 +113,25 @@ def block_live(cfg, t0, num_t, s0, num_s, q_len, kv_len, *, keys_first=False) ->
     return _pair_live(cfg, t[:, None], s[None, :], q_len, kv_len)
 
 
+# Block states, one per (query block, key block): no pair live, some, all.
+BLOCK_DEAD, BLOCK_PARTIAL, BLOCK_FULL = 0, 1, 2
+
+
+def block_state(some: Array, every: Array) -> Array:
+    """int8 block states from whether some and whether every pair of a block is live."""
+    return jnp.where(some, jnp.where(every, BLOCK_FULL, BLOCK_PARTIAL), BLOCK_DEAD).astype(jnp.int8)
+
+
+def merge_states(states: Array, axis) -> Array:
+    """The state of blocks taken together along `axis`: dead if all are, full if
+    all are, else partial (a coarser block, or one block for several heads)."""
+    some = jnp.max(states, axis=axis) != BLOCK_DEAD
+    every = jnp.min(states, axis=axis) == BLOCK_FULL
+    return block_state(some, every)
+
+
 def builtin_states(cfg, q_len, kv_len) -> Array:
-    """int8 `[num_q_blocks, num_k_blocks]`: the state (`programs.BLOCK_*`: dead,
+    """int8 `[num_q_blocks, num_k_blocks]`: the state (`BLOCK_*`: dead,
     partial, full) of each block under the causal, window and length masks.
 
     With the window `(left, right)` (causal: right = 0; none: unbounded), the
@@ -132,7 +149,7 @@ def builtin_states(cfg, q_len, kv_len) -> Array:
     t1_live, s1_live = jnp.minimum(t1, q_len - 1), jnp.minimum(s1, kv_len - 1)
     some = (t0 <= t1_live) & (s0 <= s1_live) & (s0 <= t1_live + right) & (s1_live >= t0 - left)
     every = (t1 < q_len) & (s1 < kv_len) & (s1 <= t0 + right) & (s0 >= t1 - left)
-    return jnp.where(some, jnp.where(every, 2, 1), 0).astype(jnp.int8)
+    return block_state(some, every)
 
 
 def _pair_live(cfg, t: Array, s: Array, q_len, kv_len) -> Array:

@@ -53,6 +53,7 @@ from kit.attention.blocks import (
     DEFAULT_UNITS_PER_STEP,
     BlockConfig,
     default_block_sizes,
+    merge_states,
 )
 from kit.attention.inputs import Inputs, explicit_axes
 from kit.attention.linear import linear_call
@@ -281,8 +282,7 @@ def program_arrays(cfg, B, N, captures, block_mask) -> tuple:
     if block_mask is not None:
         Tp, Sp = cfg.padded_lengths
         mq, mk = block_mask.block_size
-        hi, lo = jnp.max(block_mask.states, axis=1), jnp.min(block_mask.states, axis=1)
-        states = jnp.where(hi == 0, 0, jnp.where(lo == 2, 2, 1)).astype(jnp.int8)
+        states = merge_states(block_mask.states, axis=1)
         states = pad_axis(pad_axis(states, 1, Tp // mq), 2, Sp // mk)
     examples = jnp.arange(B, dtype=jnp.int32)
     return (tuple(captures), states, examples, jnp.arange(N, dtype=jnp.int32))

@@ -26,14 +26,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from kit.attention.blocks import BLOCK_DEAD, block_state
 from kit.attention.chunked import BlockSizes, chunked_from_inputs
 from kit.attention.core import attention_dropout, masked_logsumexp, masked_softmax
 from kit.attention.inputs import Inputs, check_inputs
 from kit.attention.masks import stat_dtype
 from kit.attention.programs import (
-    BLOCK_DEAD,
-    BLOCK_FULL,
-    BLOCK_PARTIAL,
     MASK_ARGS,
     make_program,
     on_grid,
@@ -137,9 +135,7 @@ def create_block_mask(
         valid = (q_idx < T)[:, None] & (kv_idx < S)[None, :]
         some = jnp.any((live & valid).reshape(bq, nk, bk), axis=(0, 2))
         every = jnp.all((live | ~valid).reshape(bq, nk, bk), axis=(0, 2))
-        return jnp.where(some, jnp.where(every, BLOCK_FULL, BLOCK_PARTIAL), BLOCK_DEAD).astype(
-            jnp.int8
-        )
+        return block_state(some, every)
 
     # A few block rows at a time (lax.map's batch), each at most a few million pairs.
     per_row = bq * nk * bk

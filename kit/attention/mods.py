@@ -69,16 +69,34 @@ def documents(segment_ids: Array, kv_segment_ids: Array | None = None) -> Callab
     return mask
 
 
-def alibi(slopes: Array | int, *, symmetric: bool = False) -> Callable:
+def _relative(positions: tuple[Array, Array] | None) -> Callable:
+    """(b, q_idx, kv_idx) -> key position - query position: the indices themselves, or
+    with `positions` (query `[B|1, T]`, key `[B|1, S]`) the positions they hold (packed
+    examples restart them; a KV cache's keys are its slots)."""
+    if positions is None:
+        return lambda b, q_idx, kv_idx: kv_idx - q_idx
+    q_pos, kv_pos = positions
+    nq, nk = q_pos.shape[0], kv_pos.shape[0]
+    return lambda b, q_idx, kv_idx: kv_pos[b % nk, kv_idx] - q_pos[b % nq, q_idx]
+
+
+def alibi(
+    slopes: Array | int,
+    *,
+    symmetric: bool = False,
+    positions: tuple[Array, Array] | None = None,
+) -> Callable:
     """ALiBi (Press et al., "Train Short, Test Long", 2022): score + m_h * (j - i),
     a linear penalty on the distance to the key; `symmetric`: -m_h * |i - j|
     (for encoders). `slopes`: `[N]` (learnable), or the number of heads for the
-    paper's geometric slopes (`kit.positional.alibi_slopes`)."""
+    paper's geometric slopes (`kit.positional.alibi_slopes`). `positions`:
+    (query, key) positions `[B|1, T]`, `[B|1, S]` to measure i and j in, instead
+    of the indices."""
     slopes = alibi_slopes(slopes) if isinstance(slopes, int) else slopes
+    relative = _relative(positions)
 
     def score(s, b, h, q_idx, kv_idx):
-        del b
-        distance = kv_idx - q_idx
+        distance = relative(b, q_idx, kv_idx)
         if symmetric:
             distance = -jnp.abs(distance)
         return s + slopes[h].astype(s.dtype) * distance.astype(s.dtype)
@@ -118,15 +136,21 @@ def t5_bucket(
     return bucket + jnp.where(n < exact, n, large)
 
 
-def t5_relative(table: Array, *, max_distance: int = 128, bidirectional: bool = True) -> Callable:
+def t5_relative(
+    table: Array,
+    *,
+    max_distance: int = 128,
+    bidirectional: bool = True,
+    positions: tuple[Array, Array] | None = None,
+) -> Callable:
     """score + table[bucket(j - i), h]: T5's learned relative-position bias
-    (`t5_bucket`), `table` `[num_buckets, N]`."""
+    (`t5_bucket`), `table` `[num_buckets, N]`; `positions` as in `alibi`."""
     num_buckets = table.shape[0]
+    relative = _relative(positions)
 
     def score(s, b, h, q_idx, kv_idx):
-        del b
         bucket = t5_bucket(
-            kv_idx - q_idx,
+            relative(b, q_idx, kv_idx),
             num_buckets=num_buckets,
             max_distance=max_distance,
             bidirectional=bidirectional,

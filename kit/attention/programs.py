@@ -23,10 +23,15 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.extend.core import ClosedJaxpr, jaxpr_as_fun
 
-from kit.attention.blocks import builtin_states, varying_like
+from kit.attention.blocks import (
+    BLOCK_FULL,
+    BLOCK_PARTIAL,
+    builtin_states,
+    merge_states,
+    varying_like,
+)
 
 Array = jax.Array
 
@@ -261,10 +266,6 @@ def with_grad_captures(program: Program, captures: tuple, grads: tuple) -> tuple
     return tuple(next(grads) if g else c for c, g in zip(captures[:n], program.grad, strict=True))
 
 
-# Block states, one per (query block, key block): no pair live, some, all.
-BLOCK_DEAD, BLOCK_PARTIAL, BLOCK_FULL = 0, 1, 2
-
-
 def combine_states(*states: Array) -> Array:
     """The states of the AND of masks: the least of their states."""
     out = states[0]
@@ -273,15 +274,10 @@ def combine_states(*states: Array) -> Array:
     return out
 
 
-def coarsen(states: Array, rows: int, cols: int, axes: tuple[int, int] = (-2, -1)) -> Array:
-    """Block states `[..., nq * rows, nk * cols]` -> `[..., nq, nk]`: a coarse block
-    is dead if all its fine ones are, full if all are, else partial."""
+def coarsen(states: Array, rows: int, cols: int) -> Array:
+    """Block states `[..., nq * rows, nk * cols]` -> `[..., nq, nk]` (`merge_states`)."""
     *lead, nq, nk = states.shape
-    x = states.reshape(*lead, nq // rows, rows, nk // cols, cols)
-    hi, lo = jnp.max(x, axis=(-3, -1)), jnp.min(x, axis=(-3, -1))
-    return jnp.where(
-        hi == BLOCK_DEAD, BLOCK_DEAD, jnp.where(lo == BLOCK_FULL, BLOCK_FULL, 1)
-    ).astype(np.int8)
+    return merge_states(states.reshape(*lead, nq // rows, rows, nk // cols, cols), (-3, -1))
 
 
 def block_lists(states: Array) -> tuple[Array, Array, Array, Array]:

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kit import attention, nn, positional
+from kit import attention, nn
 from kit.attention import mods
 from kit.attention.projections import check_head_mask
 from kit.models import packing
@@ -172,32 +172,16 @@ class Stack(nnx.Module):
         return masks
 
     def score_mod(self, positions: Array, key_positions: Array, causal: bool):
-        """The positions' score function (ALiBi or T5), or None: query t of example b
-        sits at positions[b, t], key s at key_positions[b, s] (`[B|1, S]`)."""
-        if not self.alibi and self.t5 is None:
-            return None
-        kb = key_positions.shape[0]
+        """The positions' score function (`kit.mods` ALiBi, symmetric, or T5), or None:
+        query t of example b sits at positions[b, t], key s at key_positions[b, s]."""
+        at = (positions, key_positions)
         if self.alibi:
-            slopes = positional.alibi_slopes(self.num_heads)
-
-            def alibi(score, b, h, t, s):
-                distance = jnp.abs(positions[b, t] - key_positions[b % kb, s])
-                return score - slopes[h].astype(score.dtype) * distance.astype(score.dtype)
-
-            return alibi
-        table = self.t5[...]
-
-        def t5(score, b, h, t, s):
-            relative = key_positions[b % kb, s] - positions[b, t]
-            bucket = mods.t5_bucket(
-                relative,
-                num_buckets=T5_BUCKETS,
-                max_distance=T5_MAX_DISTANCE,
-                bidirectional=not causal,
+            return mods.alibi(self.num_heads, symmetric=True, positions=at)
+        if self.t5 is not None:
+            return mods.t5_relative(
+                self.t5[...], max_distance=T5_MAX_DISTANCE, bidirectional=not causal, positions=at
             )
-            return score + table[bucket, h].astype(score.dtype)
-
-        return t5
+        return None
 
     def __call__(
         self,

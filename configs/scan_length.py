@@ -1,7 +1,7 @@
 """SCAN's length split: train on action sequences of at most 22 actions, test on 24-48.
 
     python experiments/train.py --config=configs/scan_length.py --workdir=runs/scan_length
-    python experiments/scan_positions.py   # every positional encoding, 3 seeds each
+    python experiments/scan_study.py --split=length   # model variants, 3 seeds each
 
 The model of configs/scan_simple.py; evaluation also logs exact match per
 target length (eval/exact_match_by_length in metrics.jsonl).

@@ -52,6 +52,12 @@ CUTOFFS = range(1, 48)
 AROUND_THRICE = re.compile(r"\b(walk|look|run|jump) around (left|right) thrice\b")
 SIMPLE_TEST_SIZE = 4182
 SPLIT_SEED = 0
+# Validation (`scan_split(..., validation=True)`), drawn from a split's training part
+# only: a length split's is its longest training targets, the last VALIDATION_SPAN
+# lengths up to the cutoff (the split re-cut inside its own training part); the other
+# splits' is a seeded draw of VALIDATION_FRACTION of their distinct training commands.
+VALIDATION_SPAN = 4
+VALIDATION_FRACTION = 0.1
 
 
 def _verbs() -> list[tuple[str, list[str]]]:
@@ -122,9 +128,11 @@ def held_out_parts(name: str) -> dict[str, np.ndarray]:
 
 @functools.cache
 def scan_split(
-    name: str, cutoff: int | None = None
+    name: str, cutoff: int | None = None, validation: bool = False
 ) -> tuple[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]]:
-    """(train, test) pairs of a published split.
+    """(train, test) pairs of a published split; with `validation`, (train, validation)
+    pairs drawn from its training part alone, for choosing hyperparameters without
+    the test split (see `VALIDATION_SPAN`).
 
     - "simple": a random 80/20 split with the published sizes, 16,728 / 4,182
       (a fixed seed; the published file's own draw is not reproduced).
@@ -138,6 +146,8 @@ def scan_split(
     Raises:
       ValueError: naming `task.split` for an unknown split.
     """
+    if validation:
+        return _validation(name, scan_split(name, cutoff)[0], cutoff)
     name_cutoff = length_cutoff(name)
     if cutoff is not None and (name_cutoff is None or cutoff not in CUTOFFS):
         raise ValueError(
@@ -156,6 +166,26 @@ def scan_split(
     jump = next(pair for pair in test if pair[0] == "jump")
     test = tuple(pair for pair in test if pair is not jump)
     return train + (jump,) * 1467, test
+
+
+def _validation(name: str, train: tuple, cutoff: int | None) -> tuple[tuple, tuple]:
+    cut = length_cutoff(name) if cutoff is None else cutoff
+    if cut is not None:
+        if cut <= VALIDATION_SPAN:
+            raise ValueError(
+                f"validation: a length split's validation holds its last {VALIDATION_SPAN} "
+                f"training lengths, so it needs a cutoff above {VALIDATION_SPAN}, got {cut}"
+            )
+        return _partition(train, lambda _, pair: len(pair[1].split()) <= cut - VALIDATION_SPAN)
+    distinct = sorted(set(train))
+    rng = np.random.default_rng(SPLIT_SEED)
+    held = {
+        distinct[i]
+        for i in rng.permutation(len(distinct))[: round(VALIDATION_FRACTION * len(distinct))]
+    }
+    if name == "addprim_jump":  # the lone "jump" is the primitive's only example
+        held.discard(("jump", "I_JUMP"))
+    return _partition(train, lambda _, pair: pair not in held)
 
 
 def _partition(pairs, in_train) -> tuple[tuple, tuple]:

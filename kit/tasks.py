@@ -82,6 +82,7 @@ class Task:
     image_size: int = 0  # an image task: square images of this side, one class each
     augment: bool = False  # image tasks: one-pixel shifts of the training images
     data_split: str = ""  # a task with published splits (SCAN): which one
+    validation: bool = False  # SCAN: evaluate on a validation part of the training split
     by_length: bool = False  # evaluation also reports exact match per target length
     # eval/loss_<name> over parts of each row's target, e.g. induction's "first", "repeat"
     loss_spans: tuple[LossSpan, ...] = ()
@@ -130,12 +131,15 @@ def make_task(
     num_symbols: int = 10,
     augment: bool = True,
     split: str = "simple",
+    validation: bool = False,
 ) -> Task:
     """The task called `name` ("copy", "reverse", "sort", "dates", "pronoun", "digits",
     "scan", "induction").
 
     `length` and `num_symbols` shape the symbol tasks, `augment` the digits'
-    training images and `split` picks SCAN's split; they are checked for every
+    training images and `split` picks SCAN's split (`validation`: train on its
+    training part less a validation part, evaluated instead of the test split,
+    `scan.scan_split`); they are checked for every
     task, so an invalid value never passes unnoticed.
 
     Raises:
@@ -152,6 +156,13 @@ def make_task(
     if not isinstance(split, str):
         raise ValueError(f"task.split: expected a str, got {split!r}")
     scan.length_cutoff(split)  # raises ValueError naming task.split
+    if not isinstance(validation, bool):
+        raise ValueError(f"task.validation: expected a bool, got {validation!r}")
+    if validation and name != "scan":
+        raise ValueError(
+            f"task.validation: draws from a published split's training part (task 'scan'), "
+            f"got task {name!r}"
+        )
     if name == "scan":
         vocab = SPECIALS + scan.COMMAND_WORDS + scan.ACTIONS
         longest = max(len(a.split()) for _, a in scan.scan_pairs())
@@ -163,6 +174,7 @@ def make_task(
             False,
             words=True,
             data_split=split,
+            validation=validation,
             by_length=scan.length_cutoff(split) is not None,
         )
     if name == "digits":
@@ -382,7 +394,8 @@ def train_batch(task: Task, seed: int, step: int, batch_size: int) -> dict[str, 
 
 def eval_set(task: Task, seed: int, size: int) -> dict[str, np.ndarray]:
     """A held-out set from its own seed stream (and, for dates, held-out dates only);
-    for the digits and SCAN, their whole fixed test split (`size` does not apply)."""
+    for the digits and SCAN, their whole fixed test split (`size` does not apply; with
+    `task.validation`, SCAN's validation part)."""
     if task.image_size:
         return digits.eval_set()
     if task.data_split:
@@ -395,11 +408,13 @@ def eval_groups(task: Task, seed: int, size: int) -> dict[str, np.ndarray]:
     """Named parts of the held-out set (bool per row of `eval_set`) that evaluation
     reports apart: on SCAN's length splits, `scan.held_out_parts`; else none."""
     del seed, size  # SCAN's held-out set is its whole test split
-    return scan.held_out_parts(task.data_split) if task.data_split else {}
+    if not task.data_split or task.validation:
+        return {}
+    return scan.held_out_parts(task.data_split)
 
 
 @functools.cache
 def _scan_arrays(task: Task, *, train: bool) -> dict[str, np.ndarray]:
     """A SCAN split's train or test pairs, encoded and packed once."""
-    pairs = scan.scan_split(task.data_split)[0 if train else 1]
+    pairs = scan.scan_split(task.data_split, validation=task.validation)[0 if train else 1]
     return _pack(task, [task.encode(c) for c, _ in pairs], [task.encode(a) for _, a in pairs])

@@ -46,3 +46,69 @@ def test_alibi_bias_hand_computed():
     for n, slope in enumerate(slopes):
         expected = -slope * np.abs(np.arange(3)[:, None] - np.arange(3)[None, :])
         np.testing.assert_allclose(bias[n], expected, rtol=1e-6)
+
+
+def _rows_read(cfg, positions, key):
+    """Which rows of the sinusoidal table of R rows the embedder read at each position:
+    found by matching what it added to the token embedding against the formula's rows."""
+    from flax import nnx
+
+    from kit.models.text import Embedder
+
+    embed = Embedder(cfg, rngs=nnx.Rngs(0))
+    tokens = jnp.zeros_like(positions)
+    added = embed(tokens, positions, key) - embed.tokens[...][0][None, None]
+    table = positional.sinusoidal(cfg.random_positions, cfg.d_model)
+    distance = jnp.sum((added[0][:, None, :] - table[None]) ** 2, axis=-1)
+    assert float(jnp.min(distance, axis=-1).max()) < 1e-8  # each is a row of the table
+    return np.asarray(jnp.argmin(distance, axis=-1))
+
+
+def test_randomized_positions_read_sorted_distinct_rows_of_the_wide_table():
+    """model.random_positions (Ruoss et al., 2023): the positions 0..max_len-1 of a call
+    read increasing rows of a table of R rows, drawn anew for each training key and
+    fixed without one (evaluation and each decoding step agree)."""
+    from kit.models import ModelConfig
+
+    cfg = ModelConfig(
+        kind="encoder_decoder", vocab_size=5, d_model=16, max_len=12, random_positions=200
+    )
+    positions = jnp.arange(12, dtype=jnp.int32)[None]
+    rows = _rows_read(cfg, positions, jax.random.key(3))
+    assert np.all(np.diff(rows) > 0) and 0 <= rows[0] and rows[-1] < 200
+    again = _rows_read(cfg, positions, jax.random.key(3))
+    other = _rows_read(cfg, positions, jax.random.key(4))
+    np.testing.assert_array_equal(rows, again)
+    assert not np.array_equal(rows, other)
+    fixed = _rows_read(cfg, positions, None)
+    # a decoding step at position 5 reads the row the whole sequence read there
+    np.testing.assert_array_equal(_rows_read(cfg, positions[:, 5:6], None), fixed[5:6])
+    draws = np.concatenate([_rows_read(cfg, positions, jax.random.key(k)) for k in range(20)])
+    assert draws.max() > 150  # training meets rows far beyond max_len
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"model.positions": "rope"}, "randomizes the absolute positions"),
+        ({"model.random_positions": 8}, "must be at least that, got 8"),
+    ],
+)
+def test_randomized_positions_are_refused_where_they_mean_nothing(overrides, message):
+    from helpers import load_config
+
+    from kit import training
+
+    config = load_config("scan_simple", **{"model.random_positions": 256, **overrides})
+    with pytest.raises(ValueError, match=rf"^config\.model\.random_positions: .*{message}"):
+        training.check_config(config)
+
+
+def test_a_run_with_randomized_positions_trains_and_evaluates(tiny_run):
+    from kit import metrics
+
+    workdir = tiny_run("copy", **{"model.random_positions": 128})
+    lines = metrics.read_metrics(f"{workdir}/metrics.jsonl")
+    losses = [line["loss"] for line in lines if "loss" in line]
+    evals = [line["eval/loss"] for line in lines if "eval/loss" in line]
+    assert losses and evals and np.all(np.isfinite(losses + evals))

@@ -562,6 +562,7 @@ INVALID = {
     "model.max_len": 2,
     "model.dropout_rate": 1.0,
     "model.positions": "relative",
+    "model.random_positions": -1,
     "model.patch_size": 0,
     "model.dtype": "float8",
     "train.steps": 0,
@@ -584,6 +585,7 @@ BOOL_FIELDS = (
     "train.skip_nonfinite",
     "task.augment",
     "task.pack",
+    "task.validation",
     "model.feed_forward",
     "model.share_layers",
 )

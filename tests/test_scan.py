@@ -174,3 +174,42 @@ def test_oracle_length_decoding_never_ends_early_and_ends_at_the_length():
     lengths = np.asarray(mb["weights"]).sum(axis=1) - 1
     for row, n in zip(oracle, lengths, strict=True):
         assert tasks.EOS not in row[:n] and row[n] == tasks.EOS
+
+
+@pytest.mark.parametrize("name", ["simple", "length", "length_26", "addprim_jump"])
+def test_validation_is_drawn_from_the_training_split_alone(name):
+    """The validation part and the training part left are disjoint and together the
+    split's training part: no test command is seen. A length split's validation holds
+    its last 4 training lengths (the split re-cut inside its training part); the
+    others a tenth of their distinct training commands, and addprim_jump keeps its
+    lone "jump" in training."""
+    train, test = scan.scan_split(name)
+    inner, validation = scan.scan_split(name, validation=True)
+    assert collections.Counter(inner) + collections.Counter(validation) == collections.Counter(
+        train
+    )
+    assert not set(validation) & set(test) and not set(validation) & set(inner)
+    cut = scan.length_cutoff(name)
+    if cut is not None:
+        assert {len(a.split()) for _, a in validation} == {
+            n for n in range(cut - 3, cut + 1) if any(len(a.split()) == n for _, a in train)
+        }
+        assert max(len(a.split()) for _, a in inner) <= cut - 4
+    else:
+        assert len(validation) == round(0.1 * len(set(train)))
+    if name == "addprim_jump":
+        assert ("jump", "I_JUMP") in inner and ("jump", "I_JUMP") not in validation
+
+
+def test_validation_runs_evaluate_the_validation_part(tmp_path):
+    """task.validation: the held-out set is the validation part, without the test
+    split's parts; on a task without published splits it fails naming the field."""
+    task = tasks.make_task("scan", split="length", validation=True)
+    held_out = tasks.eval_set(task, 0, 0)
+    validation = scan.scan_split("length", validation=True)[1]
+    assert len(held_out["src"]) == len(validation)
+    first = " ".join(task.tokens(held_out["src"][0][: held_out["src_lengths"][0]]))
+    assert first == validation[0][0]
+    assert tasks.eval_groups(task, 0, 0) == {}
+    with pytest.raises(ValueError, match=r"^config\.task\.validation: draws from a published"):
+        training.check_config(load_config("copy", **{"task.validation": True}))

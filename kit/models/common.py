@@ -38,6 +38,9 @@ class ModelConfig:
     max_len: int = 64
     dropout_rate: float = 0.0
     positions: str = "sinusoidal"
+    # > 0: randomized absolute positions (Ruoss et al., 2023): each call reads its
+    # positions through a sorted random subset of range(random_positions).
+    random_positions: int = 0
     patch_size: int = 2  # vision_transformer: p x p pixels per token
     image_size: int = 0  # vision_transformer: the task's image side
     feed_forward: bool = True  # False: attention-only blocks

@@ -13,6 +13,8 @@ from kit import decode, positional, tasks
 from kit.models.common import ModelConfig, Stack, TaskModel
 
 Array = jax.Array
+# Randomized positions draw from fold_in(the dropout key, this), apart from dropout's.
+RANDOM_STREAM = 1 << 20
 
 
 class Embedder(nnx.Module):
@@ -20,6 +22,14 @@ class Embedder(nnx.Module):
 
     Lookups are one-hot matmuls: for toy vocabularies they are faster on CPU
     than a gather, whose gradient is a scatter.
+
+    With `cfg.random_positions` = R > 0 (Ruoss et al., "Randomized Positional
+    Encodings Boost Length Generalization of Transformers", 2023), the table has R
+    rows and position p reads row ids[p], where ids is a sorted draw of max_len of
+    the R without replacement: one draw per call, from `key` in training and from
+    a fixed key otherwise (evaluation is deterministic, and a decoding's steps
+    agree). The model sees the order of its tokens, not their distance, and in
+    training it meets every row of the table, however short its examples.
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -31,11 +41,18 @@ class Embedder(nnx.Module):
             else None
         )
         self.sinusoidal = cfg.positions == "sinusoidal"
-        self.max_len = cfg.max_len
+        self.random = cfg.random_positions
+        self.max_len = max(cfg.max_len, cfg.random_positions)
+        self.positions = cfg.max_len
         self.dtype = jnp.dtype(cfg.dtype)
 
-    def __call__(self, tokens: Array, positions: Array) -> Array:
-        """tokens, positions `[B, T]` -> `[B, T, D]` in the computation dtype."""
+    def __call__(self, tokens: Array, positions: Array, key: Array | None = None) -> Array:
+        """tokens, positions `[B, T]` -> `[B, T, D]` in the computation dtype.
+        `key`: the draw of randomized positions (see the class), if any."""
+        if self.random:
+            key = jax.random.key(0) if key is None else jax.random.fold_in(key, RANDOM_STREAM)
+            ids = jax.random.choice(key, self.random, (self.positions,), replace=False)
+            positions = jnp.sort(ids).astype(jnp.int32)[positions]
         table = self.tokens[...].astype(self.dtype)
         x = jax.nn.one_hot(tokens, table.shape[0], dtype=self.dtype) @ table
         if self.learned is not None:
@@ -61,7 +78,7 @@ def _encode(
     `packed`: a packed batch's src_positions and src_segments (`kit.models.packing`)."""
     positions = _positions(src) if packed is None else packed["src_positions"]
     return model.encoder(
-        model.embed(src, positions),
+        model.embed(src, positions, dropout_rng),
         positions=positions,
         segments=None if packed is None else packed["src_segments"],
         lengths=src_lengths,
@@ -190,7 +207,7 @@ class EncoderDecoder(TaskModel):
         """tgt_in `[B, T]` (from position `start`) -> logits `[B, T, V]`, aux."""
         positions = _positions(tgt_in, start) if packed is None else packed["tgt_positions"]
         x, aux = self.decoder(
-            self.embed(tgt_in, positions),
+            self.embed(tgt_in, positions, dropout_rng),
             positions=positions,
             segments=None if packed is None else packed["tgt_segments"],
             memory_segments=None if packed is None else packed["src_segments"],
@@ -313,7 +330,7 @@ class DecoderOnly(TaskModel):
         """
         positions = _positions(tokens, start)
         x, aux = self.decoder(
-            self.embed(tokens, positions),
+            self.embed(tokens, positions, dropout_rng),
             positions=positions,
             mask=key_mask[:, None, None, :],
             is_causal=caches is None,

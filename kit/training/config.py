@@ -30,6 +30,10 @@ def default_config() -> ml_collections.ConfigDict:
             "eval_size": 1000,
             "augment": True,
             "split": "simple",
+            # True: train on the split's training part less a validation part drawn
+            # from it, and evaluate on that part, never the test split
+            # (kit.scan.scan_split's `validation`); for choosing hyperparameters.
+            "validation": False,
             # Pack several examples into each training row (kit.models.packing):
             # batch_size / pack_span rows that hold about pack_span examples each;
             # evaluation is unchanged. For encoder_decoder and encoder_only.
@@ -49,6 +53,10 @@ def default_config() -> ml_collections.ConfigDict:
             "max_len": 64,
             "dropout_rate": 0.0,
             "positions": "sinusoidal",
+            # > 0: randomized positions (Ruoss et al., 2023) for "sinusoidal" or
+            # "learned": each call reads its positions through a sorted random draw
+            # from range(random_positions), at least max_len (kit.models.text.Embedder).
+            "random_positions": 0,
             "patch_size": 2,
             # False: attention-only blocks (no feed-forward), as in configs/induction.py
             "feed_forward": True,
@@ -193,6 +201,27 @@ def _check_dtype(dtype: str) -> None:
         raise ValueError(f"config.model.dtype: expected one of {COMPUTE_DTYPES}, got {dtype!r}")
 
 
+def _check_random_positions(m: ml_collections.ConfigDict) -> None:
+    r = m.random_positions
+    if not isinstance(r, int) or isinstance(r, bool) or r < 0:
+        raise ValueError(f"config.model.random_positions: expected an int >= 0, got {r!r}")
+    if r and m.positions not in ("sinusoidal", "learned"):
+        raise ValueError(
+            "config.model.random_positions: randomizes the absolute positions "
+            f"('sinusoidal' or 'learned'), got model.positions={m.positions!r}"
+        )
+    if r and m.kind == "vision_transformer":
+        raise ValueError(
+            "config.model.random_positions: a vision_transformer's positions are its "
+            "patch grid's; expected 0"
+        )
+    if r and r < m.max_len:
+        raise ValueError(
+            f"config.model.random_positions: draws model.max_len = {m.max_len} positions "
+            f"without replacement, so it must be at least that, got {r}"
+        )
+
+
 def model_config(config: ml_collections.ConfigDict, task: tasks.Task) -> models.ModelConfig:
     """Validates `config.model` against the task and builds the frozen ModelConfig."""
     m = config.model
@@ -236,6 +265,7 @@ def model_config(config: ml_collections.ConfigDict, task: tasks.Task) -> models.
         raise ValueError(
             f"config.model.d_model: sinusoidal positions need it even, got {m.d_model}"
         )
+    _check_random_positions(m)
     if m.kind == "vision_transformer":
         if task.image_size % m.patch_size:
             raise ValueError(
@@ -273,6 +303,7 @@ def model_config(config: ml_collections.ConfigDict, task: tasks.Task) -> models.
         max_len=m.max_len,
         dropout_rate=float(m.dropout_rate),
         positions=m.positions,
+        random_positions=m.random_positions,
         patch_size=m.patch_size,
         image_size=task.image_size,
         feed_forward=m.feed_forward,
@@ -329,6 +360,7 @@ def check_config(config: ml_collections.ConfigDict) -> tuple[tasks.Task, models.
             num_symbols=config.task.num_symbols,
             augment=config.task.augment,
             split=config.task.split,
+            validation=config.task.validation,
         )
     except ValueError as error:  # its messages name task.<field>
         raise ValueError(f"config.{error}") from None

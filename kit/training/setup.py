@@ -116,7 +116,12 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Setup:
     t = config.train
     oracle = task.by_length and mcfg.kind == "encoder_decoder"
     trainer = Trainer(
-        graphdef, make_optimizer(t), float(t.label_smoothing), mcfg.dropout_rate > 0, oracle
+        graphdef,
+        make_optimizer(t),
+        float(t.label_smoothing),
+        # randomized positions draw from the dropout key too
+        mcfg.dropout_rate > 0 or mcfg.random_positions > 0,
+        oracle,
     )
     abstract_state = jax.eval_shape(trainer.init_state, abstract_params)
     return Setup(

@@ -9,7 +9,10 @@ Semantics shared by every path (`kit.attention.core`, `kit.attention.chunked`):
 
 * logits = scale * q @ k^T (+ bias), computed in float32; default scale
   1 / sqrt(H);
-* masked positions get a finite large negative logit, never -inf;
+* masked positions never reach the softmax with a -inf that could make a NaN: the
+  xla path gives them a finite large negative logit (`kit.MASK_VALUE`); the chunked
+  kernel sets them to -inf inside a block, where its running max is finite or the
+  row is dropped, and returns the log-sum-exp of a row with no live key as -inf;
 * softmax runs in float32 and the weights are cast back to the value dtype;
 * a query row whose keys are all masked (including rows at or beyond
   `query_seq_lengths`) gets all-zero weights and returns exactly zero, with

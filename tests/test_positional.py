@@ -104,10 +104,12 @@ def test_randomized_positions_are_refused_where_they_mean_nothing(overrides, mes
         training.check_config(config)
 
 
-def test_a_run_with_randomized_positions_trains_and_evaluates(tiny_run):
+@pytest.mark.parametrize("positions", ["sinusoidal", "learned"])
+def test_a_run_with_randomized_positions_trains_and_evaluates(tiny_run, positions):
     from kit import metrics
 
-    workdir = tiny_run("copy", **{"model.random_positions": 128})
+    overrides = {"model.random_positions": 128, "model.positions": positions}
+    workdir = tiny_run("copy", **overrides)
     lines = metrics.read_metrics(f"{workdir}/metrics.jsonl")
     losses = [line["loss"] for line in lines if "loss" in line]
     evals = [line["eval/loss"] for line in lines if "eval/loss" in line]

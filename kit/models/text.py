@@ -34,16 +34,16 @@ class Embedder(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         init = nnx.initializers.normal(1.0)
+        self.random = cfg.random_positions
+        self.max_len = max(cfg.max_len, cfg.random_positions)  # the table's rows
+        self.positions = cfg.max_len  # the positions a call can ask for
         self.tokens = nnx.Param(init(rngs.params(), (cfg.vocab_size, cfg.d_model)))
         self.learned = (
-            nnx.Param(init(rngs.params(), (cfg.max_len, cfg.d_model)) * 0.02)
+            nnx.Param(init(rngs.params(), (self.max_len, cfg.d_model)) * 0.02)
             if cfg.positions == "learned"
             else None
         )
         self.sinusoidal = cfg.positions == "sinusoidal"
-        self.random = cfg.random_positions
-        self.max_len = max(cfg.max_len, cfg.random_positions)
-        self.positions = cfg.max_len
         self.dtype = jnp.dtype(cfg.dtype)
 
     def __call__(self, tokens: Array, positions: Array, key: Array | None = None) -> Array:

@@ -37,6 +37,8 @@ VARIANTS = {
     "rope": {"model.positions": "rope"},
     # Ruoss et al. (2023): positions drawn from a range wider than any test length.
     "random": {"model.random_positions": 256},
+    "random_learned": {"model.positions": "learned", "model.random_positions": 256},
+    "random_shared": {"model.random_positions": 256, "model.share_layers": True},
     # T5 relative bias in self-attention; cross-attention has no positions at all.
     "t5": {"model.positions": "t5"},
     # Csordás et al. (2021): relative positions in a Universal Transformer.

@@ -53,11 +53,15 @@ AROUND_THRICE = re.compile(r"\b(walk|look|run|jump) around (left|right) thrice\b
 SIMPLE_TEST_SIZE = 4182
 SPLIT_SEED = 0
 # Validation (`scan_split(..., validation=True)`), drawn from a split's training part
-# only: a length split's is its longest training targets, the last VALIDATION_SPAN
-# lengths up to the cutoff (the split re-cut inside its own training part); the other
-# splits' is a seeded draw of VALIDATION_FRACTION of their distinct training commands.
+# only, and cut as the split itself is: a length split's holds its last
+# VALIDATION_SPAN training lengths (the split re-cut inside its training part);
+# addprim_jump's holds every command with VALIDATION_PRIMITIVE but the lone one, which
+# training repeats as it repeats "jump"; simple's is a seeded draw of
+# VALIDATION_FRACTION of its training commands.
 VALIDATION_SPAN = 4
+VALIDATION_PRIMITIVE = "look"
 VALIDATION_FRACTION = 0.1
+JUMP_REPEATS = 1467  # the published addprim_jump train file's copies of "jump"
 
 
 def _verbs() -> list[tuple[str, list[str]]]:
@@ -165,7 +169,7 @@ def scan_split(
     train, test = _partition(pairs, lambda _, pair: "jump" not in pair[0].split())
     jump = next(pair for pair in test if pair[0] == "jump")
     test = tuple(pair for pair in test if pair is not jump)
-    return train + (jump,) * 1467, test
+    return train + (jump,) * JUMP_REPEATS, test
 
 
 def _validation(name: str, train: tuple, cutoff: int | None) -> tuple[tuple, tuple]:
@@ -177,15 +181,15 @@ def _validation(name: str, train: tuple, cutoff: int | None) -> tuple[tuple, tup
                 f"training lengths, so it needs a cutoff above {VALIDATION_SPAN}, got {cut}"
             )
         return _partition(train, lambda _, pair: len(pair[1].split()) <= cut - VALIDATION_SPAN)
-    distinct = sorted(set(train))
-    rng = np.random.default_rng(SPLIT_SEED)
-    held = {
-        distinct[i]
-        for i in rng.permutation(len(distinct))[: round(VALIDATION_FRACTION * len(distinct))]
-    }
-    if name == "addprim_jump":  # the lone "jump" is the primitive's only example
-        held.discard(("jump", "I_JUMP"))
-    return _partition(train, lambda _, pair: pair not in held)
+    if name == "addprim_jump":
+        lone = (VALIDATION_PRIMITIVE, PRIMITIVES[VALIDATION_PRIMITIVE])
+        inner, held = _partition(
+            train, lambda _, pair: VALIDATION_PRIMITIVE not in pair[0].split() or pair == lone
+        )
+        return inner + (lone,) * (JUMP_REPEATS - 1), held
+    order = np.random.default_rng(SPLIT_SEED).permutation(len(train))
+    held = set(order[: round(VALIDATION_FRACTION * len(train))].tolist())
+    return _partition(train, lambda i, _: i not in held)
 
 
 def _partition(pairs, in_train) -> tuple[tuple, tuple]:

@@ -6,8 +6,10 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+# float32: about 4x and 7x the largest errors against jax.nn that
+# experiments/compare_jax_nn.py measures (4.8e-7 output, 1.4e-6 gradients).
 TOLERANCES = {  # dtype: (forward, gradient)
-    jnp.float32: (1e-5, 1e-4),
+    jnp.float32: (2e-6, 1e-5),
     jnp.bfloat16: (2e-2, 2e-2),
     jnp.float16: (2e-2, 2e-2),
 }

@@ -4,6 +4,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 # float32: about 4x and 7x the largest errors against jax.nn that
@@ -26,6 +27,26 @@ def make_qkv(B=2, T=8, S=8, N=4, K=4, H=16, dtype=jnp.float32, seed=0):
         normal(rk, (B, S, K, H), dtype),
         normal(rv, (B, S, K, H), dtype),
     )
+
+
+def numpy_mask(B, N, T, S, mask=None, is_causal=False, q_len=None, kv_len=None, window=None):
+    """The combined mask [B, N, T, S], built independently of kit with numpy."""
+    out = np.ones((B, N, T, S), bool)
+    if mask is not None:
+        out &= np.broadcast_to(np.asarray(mask), (B, N, T, S))
+    t = np.arange(T)[:, None]
+    s = np.arange(S)[None, :]
+    if is_causal:
+        out &= s <= t
+    if window is not None:
+        left, right = (window, window) if isinstance(window, int) else window
+        out &= (s >= t - left) & (s <= t + right)
+    for b in range(B):
+        if q_len is not None:
+            out[b, :, int(q_len[b]) :, :] = False
+        if kv_len is not None:
+            out[b, :, :, int(kv_len[b]) :] = False
+    return out
 
 
 def reference_attention(q, k, v, *, scale, mask, bias=None):

@@ -8,32 +8,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import TOLERANCES, make_qkv, normal, slow_beyond
+from helpers import TOLERANCES, make_qkv, normal, numpy_mask, slow_beyond
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kit
 from kit.positional import apply_rope
-
-
-def numpy_mask(B, N, T, S, mask=None, is_causal=False, q_len=None, kv_len=None, window=None):
-    """The combined mask [B, N, T, S], built independently of kit with numpy."""
-    out = np.ones((B, N, T, S), bool)
-    if mask is not None:
-        out &= np.broadcast_to(np.asarray(mask), (B, N, T, S))
-    t = np.arange(T)[:, None]
-    s = np.arange(S)[None, :]
-    if is_causal:
-        out &= s <= t
-    if window is not None:
-        left, right = (window, window) if isinstance(window, int) else window
-        out &= (s >= t - left) & (s <= t + right)
-    for b in range(B):
-        if q_len is not None:
-            out[b, :, int(q_len[b]) :, :] = False
-        if kv_len is not None:
-            out[b, :, :, int(kv_len[b]) :] = False
-    return out
 
 
 def reference(q, k, v, bias=None, mask=None, **kw):
@@ -160,7 +140,7 @@ def test_hand_computed_single_head():
     np.testing.assert_allclose(out, [[7.0]], rtol=1e-6)
 
 
-def test_hand_computed_causal_and_scale():
+def test_hand_computed_causal_and_scale(optimized):
     # Two positions, equal logits: row 0 sees only key 0, row 1 averages both.
     # Default scale is 1/sqrt(H) = 1/2 for H = 4: logits q.k = 8 -> scaled 4 vs 0.
     q = jnp.zeros((1, 2, 1, 4))
@@ -235,7 +215,7 @@ def test_dropout_is_deterministic_and_scaled():
     kit.dot_product_attention(q, k, v, dropout_rate=rate, dropout_rng=jax.random.PRNGKey(0))
 
 
-def test_vmapped_heads_equal_batched_einsum():
+def test_vmapped_heads_equal_batched_einsum(optimized):
     q, k, v = make_qkv(N=4, K=2)
     out = kit.dot_product_attention(q, k, v, is_causal=True)
     # An independent batched computation: repeat kv heads, one einsum for all heads.
@@ -269,7 +249,7 @@ def test_jit_equals_eager_and_compiles_once():
         f(q2, k2, v2, lengths + seed % 2)
 
 
-def test_multi_head_attention_matches_composition_with_jax_nn():
+def test_multi_head_attention_matches_composition_with_jax_nn(optimized):
     params = kit.init_attention_params(jax.random.key(0), 32, 4, num_kv_heads=2)
     assert params["query"]["kernel"].shape == (32, 4, 8)
     assert params["key"]["kernel"].shape == (32, 2, 8)
@@ -293,7 +273,7 @@ def test_multi_head_attention_matches_composition_with_jax_nn():
     chex.assert_trees_all_close(y, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_multi_head_attention_process_heads_hook_and_weights_from_one_pass():
+def test_multi_head_attention_process_heads_hook_and_weights_from_one_pass(optimized):
     """RoPE through the hook equals projecting, rotating and attending by hand; the
     weights returned with the output are attention_weights of the processed heads."""
     params = kit.init_attention_params(jax.random.key(0), 32, 4, num_kv_heads=2)
@@ -465,7 +445,7 @@ def test_projection_errors_name_the_argument():
         kit.multi_head_attention(params, jnp.ones((3, 32)))
 
 
-def test_forward_mode_matches_jax_nn():
+def test_forward_mode_matches_jax_nn(optimized):
     # The masked softmax has a custom JVP; forward mode must stay exact too.
     q, k, v = make_qkv(K=2)
     tangents = make_qkv(K=2, seed=9)

@@ -1,5 +1,5 @@
-"""kit.attention.chunked equals kit's materialized (xla) path, forward and VJP, and holds
-no [T, S] buffer."""
+"""kit.attention.chunked equals kit's materialized (xla) path, forward and VJP, both
+equal the formula with XLA's optimizations on, and chunked holds no [T, S] buffer."""
 
 import functools
 
@@ -9,7 +9,14 @@ import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import TOLERANCES, make_qkv, normal, slow_beyond
+from helpers import (
+    TOLERANCES,
+    make_qkv,
+    normal,
+    numpy_mask,
+    reference_attention,
+    slow_beyond,
+)
 
 import kit
 
@@ -78,6 +85,64 @@ def _compare(case, *, dtype=jnp.float32, T=T, S=S, K=2, blocks=(8, 16), units=3,
 
 
 FAST = ["plain", "bias shared over heads", "everything"]
+
+DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
+
+
+@pytest.mark.parametrize("path", ["xla", "chunked"])
+@pytest.mark.parametrize(
+    "name, dtype",
+    slow_beyond(
+        [(n, d) for n in CASES for d in DTYPES],
+        [("everything", d) for d in DTYPES],
+        several=True,
+    ),
+    ids=str,
+)
+def test_both_paths_equal_the_formula_with_optimizations_on(optimized, path, name, dtype):
+    """Each path against the formula written with jax.numpy alone (helpers.
+    reference_attention, float32), compiled as users compile it: XLA's passes on."""
+    kw = dict(CASES[name])
+    q, k, v = make_qkv(B=B, T=T, S=S, N=N, K=2, dtype=dtype)
+    bias = normal(jax.random.key(5), kw.pop("bias"), dtype) if "bias" in kw else None
+    mask = jax.random.bernoulli(jax.random.key(6), 0.7, kw.pop("mask")) if "mask" in kw else None
+    live = numpy_mask(
+        B,
+        N,
+        T,
+        S,
+        mask,
+        kw.get("is_causal", False),
+        kw.get("query_seq_lengths"),
+        kw.get("key_value_seq_lengths"),
+        kw.get("local_window_size"),
+    )
+    scale = kw.get("scale", 1 / np.sqrt(q.shape[-1]))
+    paths = {
+        "xla": functools.partial(kit.dot_product_attention, implementation="xla", **kw),
+        "chunked": functools.partial(kit.chunked_attention, block_q=8, block_k=16, **kw),
+    }
+
+    def run(attention):
+        def loss(q, k, v, bias):
+            out = attention(q, k, v, bias).astype(jnp.float32)
+            weights = jnp.cos(jnp.arange(out.size, dtype=jnp.float32)).reshape(out.shape)
+            return jnp.sum(out * weights), out
+
+        argnums = (0, 1, 2) if bias is None else (0, 1, 2, 3)
+        return jax.jit(jax.grad(loss, argnums=argnums, has_aux=True))(q, k, v, bias)
+
+    grads, out = run(lambda q, k, v, bias: paths[path](q, k, v, bias, mask))
+    ref_grads, ref_out = run(
+        lambda q, k, v, bias: reference_attention(
+            q, k, v, scale=scale, mask=jnp.asarray(live), bias=bias
+        )
+    )
+    fwd_tol, grad_tol = TOLERANCES[dtype]
+    chex.assert_trees_all_close(out, ref_out, atol=fwd_tol, rtol=fwd_tol)
+    grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+    ref_grads = jax.tree.map(lambda g: g.astype(jnp.float32), ref_grads)
+    chex.assert_trees_all_close(grads, ref_grads, atol=grad_tol, rtol=grad_tol)
 
 
 @pytest.mark.parametrize("name", slow_beyond(list(CASES), FAST))

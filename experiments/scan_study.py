@@ -105,16 +105,17 @@ def run(variant: str, seed: int) -> dict:
 def table(results: dict[str, list[dict]], lengths: list[int]) -> str:
     extra = [m for m in EXTRA if all(m in e for r in results.values() for e in r)]
     rows = [
-        "| variant | overrides | exact match, mean (min-max) | "
+        "| variant | overrides | exact match, mean (min-max) | token accuracy, mean | "
         + "".join(f"{EXTRA[m]}, mean | " for m in extra)
         + "".join(f"len {n} | " for n in lengths)
         + "s per run |",
-        "|---|---|---|" + "---|" * (len(extra) + len(lengths) + 1),
+        "|---|---|---|---|" + "---|" * (len(extra) + len(lengths) + 1),
     ]
     for variant, evals in results.items():
         exact = [e["eval/exact_match"] for e in evals]
         overrides = ", ".join(f"{k}={v}" for k, v in VARIANTS[variant].items()) or "-"
         cells = f"{np.mean(exact):.3f} ({min(exact):.3f}-{max(exact):.3f}) | "
+        cells += f"{np.mean([e['eval/token_accuracy'] for e in evals]):.3f} | "
         cells += "".join(f"{np.mean([e[m] for e in evals]):.3f} | " for m in extra)
         by_length = [
             np.mean([e["eval/exact_match_by_length"][str(n)] for e in evals]) for n in lengths

@@ -114,3 +114,28 @@ def test_a_run_with_randomized_positions_trains_and_evaluates(tiny_run, position
     losses = [line["loss"] for line in lines if "loss" in line]
     evals = [line["eval/loss"] for line in lines if "eval/loss" in line]
     assert losses and evals and np.all(np.isfinite(losses + evals))
+
+
+@pytest.mark.parametrize("positions", ["rope", "alibi", "t5"])
+def test_cross_attention_has_no_positions_under_relative_encodings(positions):
+    """Relative encodings act in self-attention only: the decoder reads the encoder's
+    memory by content, so permuting the memory's rows leaves its output unchanged."""
+    from kit import models
+
+    cfg = models.ModelConfig(
+        kind="encoder_decoder",
+        vocab_size=9,
+        d_model=16,
+        num_heads=2,
+        d_ff=32,
+        max_len=16,
+        positions=positions,
+    )
+    model = models.build(cfg, jax.random.key(0))
+    memory = jax.random.normal(jax.random.key(1), (2, 7, 16))
+    lengths = jnp.array([7, 7], jnp.int32)
+    tgt = jnp.array([[1, 4, 5, 6], [1, 7, 8, 4]], jnp.int32)
+    order = jnp.array([3, 0, 6, 1, 5, 2, 4])
+    out, _ = model.decode(tgt, memory, lengths)
+    permuted, _ = model.decode(tgt, memory[:, order], lengths)
+    np.testing.assert_allclose(permuted, out, atol=1e-5)

@@ -114,13 +114,13 @@ def table(results: dict[str, list[dict]], lengths: list[int]) -> str:
     for variant, evals in results.items():
         exact = [e["eval/exact_match"] for e in evals]
         overrides = ", ".join(f"{k}={v}" for k, v in VARIANTS[variant].items()) or "-"
-        cells = f"{np.mean(exact):.3f} ({min(exact):.3f}-{max(exact):.3f}) | "
-        cells += f"{np.mean([e['eval/token_accuracy'] for e in evals]):.3f} | "
-        cells += "".join(f"{np.mean([e[m] for e in evals]):.3f} | " for m in extra)
+        cells = f"{100 * np.mean(exact):.2f}% ({100 * min(exact):.2f}-{100 * max(exact):.2f}) | "
+        cells += f"{100 * np.mean([e['eval/token_accuracy'] for e in evals]):.1f}% | "
+        cells += "".join(f"{100 * np.mean([e[m] for e in evals]):.1f}% | " for m in extra)
         by_length = [
             np.mean([e["eval/exact_match_by_length"][str(n)] for e in evals]) for n in lengths
         ]
-        cells += "".join(f"{v:.2f} | " for v in by_length)
+        cells += "".join(f"{100 * v:.0f}% | " for v in by_length)
         rows.append(
             f"| {variant} | {overrides} | {cells}{np.mean([e['seconds'] for e in evals]):.0f} |"
         )

@@ -49,6 +49,22 @@ def numpy_mask(B, N, T, S, mask=None, is_causal=False, q_len=None, kv_len=None, 
     return out
 
 
+def live_mask(B, N, T, S, mask, options):
+    """numpy_mask of an attention call's mask and keyword options (is_causal, lengths,
+    local_window_size)."""
+    return numpy_mask(
+        B,
+        N,
+        T,
+        S,
+        mask,
+        options.get("is_causal", False),
+        options.get("query_seq_lengths"),
+        options.get("key_value_seq_lengths"),
+        options.get("local_window_size"),
+    )
+
+
 def reference_attention(q, k, v, *, scale, mask, bias=None):
     """Plain float32 attention: `[B, T, N, H]`, `[B, S, K, H]`, boolean mask `[B, N, T, S]`,
     optional bias broadcastable to `[B, N, T, S]`.

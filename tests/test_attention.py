@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import TOLERANCES, make_qkv, normal, numpy_mask, slow_beyond
+from helpers import TOLERANCES, live_mask, make_qkv, normal, numpy_mask, slow_beyond
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -20,17 +20,7 @@ def reference(q, k, v, bias=None, mask=None, **kw):
     """jax.nn's xla path, with rows that have no live key zeroed (kit's contract)."""
     B, T, N, _ = q.shape
     S = k.shape[1]
-    live = numpy_mask(
-        B,
-        N,
-        T,
-        S,
-        mask,
-        kw.get("is_causal", False),
-        kw.get("query_seq_lengths"),
-        kw.get("key_value_seq_lengths"),
-        kw.get("local_window_size"),
-    ).any(-1)  # [B, N, T]
+    live = live_mask(B, N, T, S, mask, kw).any(-1)  # [B, N, T]
     out = jax.nn.dot_product_attention(q, k, v, bias, mask, implementation="xla", **kw)
     return out * jnp.asarray(live.transpose(0, 2, 1)[..., None], out.dtype)
 

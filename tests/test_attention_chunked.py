@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from helpers import (
     TOLERANCES,
+    live_mask,
     make_qkv,
     normal,
-    numpy_mask,
     reference_attention,
     slow_beyond,
 )
@@ -106,17 +106,7 @@ def test_both_paths_equal_the_formula_with_optimizations_on(optimized, path, nam
     q, k, v = make_qkv(B=B, T=T, S=S, N=N, K=2, dtype=dtype)
     bias = normal(jax.random.key(5), kw.pop("bias"), dtype) if "bias" in kw else None
     mask = jax.random.bernoulli(jax.random.key(6), 0.7, kw.pop("mask")) if "mask" in kw else None
-    live = numpy_mask(
-        B,
-        N,
-        T,
-        S,
-        mask,
-        kw.get("is_causal", False),
-        kw.get("query_seq_lengths"),
-        kw.get("key_value_seq_lengths"),
-        kw.get("local_window_size"),
-    )
+    live = live_mask(B, N, T, S, mask, kw)
     scale = kw.get("scale", 1 / np.sqrt(q.shape[-1]))
     paths = {
         "xla": functools.partial(kit.dot_product_attention, implementation="xla", **kw),

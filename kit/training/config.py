@@ -222,6 +222,25 @@ def _check_random_positions(m: ml_collections.ConfigDict) -> None:
         )
 
 
+def _check_vision(m: ml_collections.ConfigDict, task: tasks.Task) -> None:
+    if m.kind == "vision_transformer":
+        if task.image_size % m.patch_size:
+            raise ValueError(
+                f"config.model.patch_size: must divide the image size {task.image_size}, "
+                f"got {m.patch_size}"
+            )
+        if m.positions not in ("learned", "sinusoidal"):
+            raise ValueError(
+                f"config.model.positions: a vision_transformer takes 'learned' or "
+                f"'sinusoidal' (2-D) positions, got {m.positions!r}"
+            )
+    elif task.image_size:
+        raise ValueError(
+            f"config.model.kind: task {task.name!r} is images; use 'vision_transformer', "
+            f"got {m.kind!r}"
+        )
+
+
 def model_config(config: ml_collections.ConfigDict, task: tasks.Task) -> models.ModelConfig:
     """Validates `config.model` against the task and builds the frozen ModelConfig."""
     m = config.model
@@ -266,22 +285,7 @@ def model_config(config: ml_collections.ConfigDict, task: tasks.Task) -> models.
             f"config.model.d_model: sinusoidal positions need it even, got {m.d_model}"
         )
     _check_random_positions(m)
-    if m.kind == "vision_transformer":
-        if task.image_size % m.patch_size:
-            raise ValueError(
-                f"config.model.patch_size: must divide the image size {task.image_size}, "
-                f"got {m.patch_size}"
-            )
-        if m.positions not in ("learned", "sinusoidal"):
-            raise ValueError(
-                f"config.model.positions: a vision_transformer takes 'learned' or "
-                f"'sinusoidal' (2-D) positions, got {m.positions!r}"
-            )
-    elif task.image_size:
-        raise ValueError(
-            f"config.model.kind: task {task.name!r} is images; use 'vision_transformer', "
-            f"got {m.kind!r}"
-        )
+    _check_vision(m, task)
     try:
         needed = models.MODELS[m.kind].positions_needed(task)
     except ValueError as error:  # its messages name model.<field>

@@ -7,7 +7,7 @@ Loads config.json and the latest checkpoint of the workdir and the task's
 held-out data. For every attention set ("encoder", "decoder", "cross") it
 scores each layer and head on four patterns (previous token, duplicate token,
 induction, first token; kit.interp) over the held-out examples, then ablates
-each head, each layer and the whole set (`head_mask`, zeroing the head's
+each head, each layer and the whole set (`model.head_ablation`, zeroing the head's
 output, or `--mode=mean` for its batch mean) and measures the held-out metric
 (default: the task's, e.g. eval/exact_match, or eval/loss_repeat for the
 induction task). For the pronoun probe it also measures, per head, the
@@ -56,7 +56,8 @@ def set_tokens(kind: str, mb: dict) -> dict[str, tuple[np.ndarray, np.ndarray | 
 def pattern_scores(model, kind, mb, count):
     """Set -> {score name: [L, N]} over the first `count` examples of batch `mb`."""
     mb = {k: v[:count] for k, v in mb.items()}
-    _, aux = jax.jit(lambda b: model.teacher_forced(b, return_weights=True))(mb)
+    _, aux = jax.jit(lambda b: model.teacher_forced(b, hooks=model.attention_hooks()))(mb)
+    aux = model.attention_sets(aux["activations"])
     out = {}
     tokens = {} if kind == "vision_transformer" else set_tokens(kind, mb)
     for name in model.ATTENTION_SETS:
@@ -180,7 +181,7 @@ def main(_):
     task, kind, params = setup.task, setup.mcfg.kind, state["params"]
     model = nnx.merge(setup.trainer.graphdef, params)
     batches = training.steps.eval_batches(task, kind, config)
-    eval_step = jax.jit(setup.trainer.eval_step, static_argnames="head_mask_mode")
+    eval_step = jax.jit(setup.trainer.eval_step)
     shapes = model.attention_shapes()
 
     def measure(mask):
@@ -191,8 +192,7 @@ def main(_):
             kind,
             by_length=task.by_length,
             loss_spans=task.loss_spans,
-            head_mask={k: jnp.asarray(v) for k, v in mask.items()},
-            head_mask_mode=FLAGS.mode,
+            hooks=model.head_ablation({k: jnp.asarray(v) for k, v in mask.items()}, FLAGS.mode),
         )
 
     ones = {n: np.ones(s, np.float32) for n, s in shapes.items()}

@@ -39,20 +39,21 @@ def greedy_encoder_decoder(
     length: int,
     forbid: int | None = None,
     until: Array | None = None,
-    **ablation: Any,
+    hooks: Any = None,
 ) -> Array:
     """Greedy decoding: src `[B, S]` -> tokens `[B, length]` (the BOS is not included).
 
     With `forbid` (a token) and `until` (int `[B]`), row b never emits that token
     at its first until[b] steps: decoding to a given length with end-of-sequence
     forbidden (Lake & Baroni's "given the true output length").
-    `ablation` (head_mask, head_mask_mode) goes to every model call."""
-    memory, _ = model.encode(src, src_lengths, **ablation)
+    `hooks`' writes (`kit.hooks.Hooks`) go to every model call; its reads are dropped."""
+    hooks = None if hooks is None else hooks.without_reads()
+    memory, _ = model.encode(src, src_lengths, hooks=hooks)
     caches = init_caches(model.cfg, model.cfg.num_decoder_layers, src.shape[0], length)
 
     def step(carry, t):
         caches, token = carry
-        logits, aux = model.decode(token, memory, src_lengths, caches=caches, start=t, **ablation)
+        logits, aux = model.decode(token, memory, src_lengths, caches=caches, start=t, hooks=hooks)
         logits = logits[:, -1]
         if forbid is not None:
             banned = (jnp.arange(logits.shape[-1]) == forbid)[None, :] & (t < until)[:, None]
@@ -66,20 +67,21 @@ def greedy_encoder_decoder(
 
 
 def greedy_decoder_only(
-    model: Any, prompt: Array, prompt_mask: Array, *, length: int, **ablation: Any
+    model: Any, prompt: Array, prompt_mask: Array, *, length: int, hooks: Any = None
 ) -> Array:
     """Greedy continuation of prompt `[B, P]` (mask `[B, P]`, False = padding) -> `[B, length]`.
 
-    `ablation` (head_mask, head_mask_mode) goes to every model call."""
+    `hooks`' writes (`kit.hooks.Hooks`) go to every model call; its reads are dropped."""
+    hooks = None if hooks is None else hooks.without_reads()
     B, P = prompt.shape
     key_mask = jnp.concatenate([prompt_mask, jnp.ones((B, length), bool)], axis=1)
     caches = init_caches(model.cfg, model.cfg.num_layers, B, P + length)
-    logits, aux = model(prompt, key_mask, caches=caches, start=0, **ablation)
+    logits, aux = model(prompt, key_mask, caches=caches, start=0, hooks=hooks)
     first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
 
     def step(carry, t):
         caches, token = carry
-        logits, aux = model(token[:, None], key_mask, caches=caches, start=P + t, **ablation)
+        logits, aux = model(token[:, None], key_mask, caches=caches, start=P + t, hooks=hooks)
         nxt = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
         return (aux["caches"], nxt), nxt
 

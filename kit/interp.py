@@ -220,8 +220,11 @@ def head_scores(
       key_tokens: `[S]` / `[B, S]` for cross-attention; None for self-attention.
       ignore: token values that never take part in a pattern, as query or key
         (e.g. padding).
-      mode, exclude_first_token, exclude_current_token: as in `pattern_score`;
-        the exclusions do not apply to "first_token" (that would leave it empty).
+      mode: as in `pattern_score`.
+      exclude_first_token: as in `pattern_score`; not applied to "first_token"
+        (that would leave it empty).
+      exclude_current_token: as in `pattern_score`; not applied to
+        "first_token" (that would leave it empty).
     """
     out = {}
     for name, build in _PATTERNS.items():

@@ -16,6 +16,7 @@ from kit import attention, positional
 from kit.attention.api import attend
 from kit.attention.flex import flex_attend, score_grid
 from kit.attention.inputs import check_inputs
+from kit.hooks import Tap
 
 Array = jax.Array
 
@@ -33,9 +34,10 @@ def _fold(rng: Array | None, index: int) -> Array | None:
 
 
 class MultiHeadAttention(nnx.Module):
-    """Multi-head / grouped-query attention: owns the parameters and calls the
-    functional `kit.multi_head_attention`, with RoPE as its `process_heads` hook.
-    `decode_step` is the separate KV-cache path for incremental decoding.
+    """Multi-head / grouped-query attention: owns the parameters and composes the
+    functional pieces (`kit.project_qkv`, RoPE, `kit.dot_product_attention` or
+    `kit.flex_attention`, `kit.project_output`) with hook points between them
+    (`kit.hooks`). `decode_step` runs the same path through a KV cache.
 
     Parameters: query `[D, N, H]`, key and value `[D, K, H]`, out `[N, H, D]`
     kernels, each with a bias but the key's (see kit.init_attention_params),
@@ -89,10 +91,8 @@ class MultiHeadAttention(nnx.Module):
         block_mask: Any = None,
         positions: Array | None = None,
         dropout_rng: Array | None = None,
-        return_weights: bool = False,
-        head_mask: Array | None = None,
-        head_mask_mode: str = "zero",
-    ) -> tuple[Array, dict[str, Any]]:
+        tap: Tap | None = None,
+    ) -> Array:
         """Attends from `x [B, T, D]` to `context [B, S, D]` (default: to `x` itself).
 
         Args:
@@ -104,64 +104,17 @@ class MultiHeadAttention(nnx.Module):
             or mask).
           positions: int `[B, T]` positions of `x` (for RoPE); defaults to 0..T-1.
           dropout_rng: PRNG key for attention dropout; None disables it.
-          return_weights: also return the attention weights `[B, N, T, S]` and
-            the vectors attention used (see `_inspect`).
-          head_mask: optional `[N]`: 1 keeps a head, 0 ablates it (kit.ablate_heads).
-          head_mask_mode: "zero" or "mean".
+          tap: the hook points of this attention (`kit.hooks.Tap`, scoped to it):
+            q, k, v, bias, scores, weights, heads, out.
 
         Returns:
-          `y [B, T, D]` and an aux dict with "weights" and "vectors" (if asked).
+          `y [B, T, D]`.
         """
-        rate = self.dropout_rate if dropout_rng is not None else 0.0
-        rope = self._rope(x, positions) if context is None else None
-        seen: dict[str, Array] = {}
-
-        def process_heads(q, k, v):
-            if rope is not None:
-                q, k, v = rope(q, k, v)
-            if return_weights:  # what attention reads, from this very pass
-                seen.update(query=q, key=k, value=v)
-            return q, k, v
-
-        programmed = {
-            name: fn for name, fn in (("score_mod", score_mod), ("block_mask", block_mask)) if fn
-        }
-        result = attention.multi_head_attention(
-            self.params(),
-            x,
-            context,
-            bias,
-            mask,
-            **programmed,
-            return_weights=return_weights,
-            process_heads=process_heads,
-            head_mask=head_mask,
-            head_mask_mode=head_mask_mode,
-            is_causal=is_causal,
-            key_value_seq_lengths=key_value_seq_lengths,
-            implementation=self.implementation if rate == 0.0 else "xla",
-            dropout_rate=rate,
-            dropout_rng=dropout_rng,
-        )
-        if not return_weights:
-            return result, {}
-        y, weights = result
-        return y, {"weights": weights, "vectors": self._inspect(seen, bias, score_mod)}
-
-    def _inspect(self, qkv: dict[str, Array], bias: Array | None, score_mod=None):
-        """q `[B, T, N, H]`, k and v `[B, S, K, H]` as attention read them (after
-        RoPE), ||f(x_s)|| `[B, N, S]` (kit.head_value_norms) and the additive
-        bias `[B, N, T, S]` if there was one (a score function's, evaluated on
-        zero scores: the models' score functions are additive)."""
-        out = dict(qkv)
-        out["value_norms"] = attention.head_value_norms(qkv["value"], self.out["kernel"][...])
-        B, T, N = qkv["query"].shape[:3]
-        S = qkv["key"].shape[1]
-        if score_mod is not None:
-            out["bias"] = score_grid(score_mod, B, N, T, S)
-        elif bias is not None:
-            out["bias"] = jnp.broadcast_to(bias, (B, N, T, S))
-        return out
+        q, k, v = attention.project_qkv(self.params(), x, context)
+        if context is None:
+            q, k, v = self._rope(x, positions)(q, k, v)
+        options = {"is_causal": is_causal, "key_value_seq_lengths": key_value_seq_lengths}
+        return self._attend(q, k, v, bias, mask, score_mod, block_mask, options, dropout_rng, tap)
 
     def decode_step(
         self,
@@ -169,32 +122,26 @@ class MultiHeadAttention(nnx.Module):
         cache: dict[str, Array],
         *,
         mask: Array | None = None,
-        bias: Array | None = None,
         score_mod: Any = None,
         positions: Array | None = None,
-        return_weights: bool = False,
-        head_mask: Array | None = None,
-        head_mask_mode: str = "zero",
-    ) -> tuple[Array, dict[str, Any]]:
+        tap: Tap | None = None,
+    ) -> tuple[Array, dict[str, Array]]:
         """Self-attention of new tokens `x [B, T, D]` through a KV cache (no dropout).
 
         The new keys and values are written into `cache` (`{"key", "value":
         [B, Smax, K, H], "index": int32 []}`) at `index`, and query t attends to
-        cached keys 0..index + t.
-
-        `head_mask` / `head_mask_mode` ablate heads as in `__call__` ("mean":
-        the mean over the batch of this step's outputs).
+        cached keys 0..index + t. Then attention runs as in `__call__`, hook
+        points included (k and v are the whole cache; "mean" ablation takes the
+        mean over the batch of this step's values).
 
         Returns:
-          `y [B, T, D]` and an aux dict with "cache" (the updated cache) and
-          "weights" `[B, N, T, Smax]` and "vectors" (if asked).
+          `y [B, T, D]` and the updated cache.
         """
         B, T = x.shape[:2]
         index = cache["index"]
         if positions is None:
             positions = jnp.broadcast_to(index + jnp.arange(T, dtype=jnp.int32), (B, T))
-        params = self.params()
-        q, k, v = attention.project_qkv(params, x)
+        q, k, v = attention.project_qkv(self.params(), x)
         q, k, v = self._rope(x, positions)(q, k, v)
         k = jax.lax.dynamic_update_slice(
             cache["key"], k.astype(cache["key"].dtype), (0, index, 0, 0)
@@ -206,28 +153,43 @@ class MultiHeadAttention(nnx.Module):
         key_positions = jnp.arange(k.shape[1], dtype=jnp.int32)
         cache_mask = key_positions[None, None, None, :] <= positions[:, None, :, None]
         mask = cache_mask if mask is None else mask & cache_mask
-        if score_mod is None:
-            out, weights, _ = attend(
-                check_inputs(q, k, v, bias, mask),
-                implementation=self.implementation,
-                return_weights=return_weights,
-            )
-        else:  # the cache mask goes into a block mask (kit.attention.flex.with_dense)
-            out, weights, _ = flex_attend(
-                check_inputs(q, k, v, bias, mask),
-                score_mod,
-                None,
-                implementation="xla",
-                return_weights=return_weights,
-            )
-        aux: dict[str, Any] = {"cache": {"key": k, "value": v, "index": index + T}}
-        if return_weights:
-            aux["weights"] = weights
-            aux["vectors"] = self._inspect({"query": q, "key": k, "value": v}, bias, score_mod)
-        if head_mask is not None:
-            out = attention.ablate_heads(out, head_mask, head_mask_mode)
-        y = attention.project_output(out, params["out"]["kernel"], params["out"]["bias"])
-        return y, aux
+        # With a score function the cache mask goes into a block mask
+        # (kit.attention.flex.with_dense), on the materialized path.
+        y = self._attend(q, k, v, None, mask, score_mod, None, {}, None, tap, "xla")
+        return y, {"key": k, "value": v, "index": index + T}
+
+    def _attend(
+        self, q, k, v, bias, mask, score_mod, block_mask, options, rng, tap, flex_path=None
+    ) -> Array:
+        """The one attention path of `__call__` and `decode_step`, from projected heads
+        to the output projection, with the hook points along it."""
+        tap = tap if tap is not None else Tap(None)
+        q, k, v = tap("q", q), tap("k", k), tap("v", v)
+        inputs = check_inputs(q, k, v, bias, mask, **options)
+        rate = self.dropout_rate if rng is not None else 0.0
+        run = {
+            "implementation": self.implementation if rate == 0.0 else "xla",
+            "dropout_rate": rate,
+            "dropout_rng": rng,
+        }
+        if tap.touches("bias"):
+            B, T, N = q.shape[:3]
+            S = k.shape[1]
+            if score_mod is not None:
+                tap("bias", score_grid(score_mod, B, N, T, S))
+            elif bias is not None:
+                tap("bias", jnp.broadcast_to(bias, (B, N, T, S)))
+        if tap.touches("scores") or tap.touches("weights"):
+            out, _, _ = flex_attend(inputs, score_mod, block_mask, **run, tap=tap)
+        elif score_mod is None and block_mask is None:
+            out, _, _ = attend(inputs, **run)
+        else:
+            run["implementation"] = flex_path or run["implementation"]
+            out, _, _ = flex_attend(inputs, score_mod, block_mask, **run)
+        out = tap("heads", out)
+        kernel, out_bias = self.out["kernel"][...], self.out["bias"][...]
+        y = attention.project_output(out, kernel.astype(self.dtype), out_bias.astype(self.dtype))
+        return tap("out", y)
 
     def _rope(self, x: Array, positions: Array | None):
         """The process_heads hook: RoPE on queries and keys at `positions`, if enabled."""
@@ -327,22 +289,20 @@ class TransformerBlock(nnx.Module):
         positions: Array | None = None,
         cache: dict[str, Array] | None = None,
         dropout_rng: Array | None = None,
-        return_weights: bool = False,
-        head_mask: Array | None = None,
-        cross_head_mask: Array | None = None,
-        head_mask_mode: str = "zero",
-    ) -> tuple[Array, dict[str, Any]]:
-        """Returns `x [B, T, D]` and aux: "self" and "cross" weights and their
-        "self_vectors" / "cross_vectors" (if asked); "cache" when decoding.
+        tap: Tap | None = None,
+    ) -> tuple[Array, dict[str, Array] | None]:
+        """Returns `x [B, T, D]` and, when decoding, the updated cache (else None).
 
-        `head_mask` / `cross_head_mask` `[N]` ablate heads of the self- and
-        cross-attention (kit.ablate_heads, in `head_mask_mode`). `self_score_mod`,
-        `self_block_mask` and `cross_block_mask` program the attention
-        (`kit.flex_attention`): positions as a score function, packed documents."""
-        aux: dict[str, Any] = {}
-        ablation = {"head_mask": head_mask, "head_mask_mode": head_mask_mode}
+        `self_score_mod`, `self_block_mask` and `cross_block_mask` program the
+        attention (`kit.flex_attention`): positions as a score function, packed
+        documents. `tap` (`kit.hooks.Tap`, scoped to this block) sees resid_pre,
+        the attentions' points under "attn." and "cross.", resid_mid (before the
+        feed-forward), mlp_out and resid_post."""
+        tap = tap if tap is not None else Tap(None)
+        x = tap("resid_pre", x)
+        new_cache = None
         if cache is None:
-            h, self_aux = self.self_attention(
+            h = self.self_attention(
                 self.norm_self(x),
                 mask=mask,
                 score_mod=self_score_mod,
@@ -351,41 +311,32 @@ class TransformerBlock(nnx.Module):
                 key_value_seq_lengths=lengths,
                 positions=positions,
                 dropout_rng=_fold(dropout_rng, 0),
-                return_weights=return_weights,
-                **ablation,
+                tap=tap.scope("attn"),
             )
         else:  # decoding: the KV cache path (lengths are in the cache's mask)
-            h, self_aux = self.self_attention.decode_step(
+            h, new_cache = self.self_attention.decode_step(
                 self.norm_self(x),
                 cache,
                 mask=mask,
                 score_mod=self_score_mod,
                 positions=positions,
-                return_weights=return_weights,
-                **ablation,
+                tap=tap.scope("attn"),
             )
         x = x + dropout(h, self.dropout_rate, _fold(dropout_rng, 1))
-        if "cache" in self_aux:
-            aux["cache"] = self_aux["cache"]
-        if return_weights:
-            aux["self"] = self_aux["weights"]
-            aux["self_vectors"] = self_aux["vectors"]
         if self.cross_attention is not None:
-            h, cross_aux = self.cross_attention(
+            h = self.cross_attention(
                 self.norm_cross(x),
                 memory,
                 key_value_seq_lengths=memory_lengths,
                 block_mask=cross_block_mask,
                 dropout_rng=_fold(dropout_rng, 2),
-                return_weights=return_weights,
-                head_mask=cross_head_mask,
-                head_mask_mode=head_mask_mode,
+                tap=tap.scope("cross"),
             )
             x = x + dropout(h, self.dropout_rate, _fold(dropout_rng, 3))
-            if return_weights:
-                aux["cross"] = cross_aux["weights"]
-                aux["cross_vectors"] = cross_aux["vectors"]
-        if self.feed_forward is None:
-            return x, aux
-        h = self.feed_forward(self.norm_ff(x), dropout_rng=_fold(dropout_rng, 4))
-        return x + dropout(h, self.dropout_rate, _fold(dropout_rng, 5)), aux
+        x = tap("resid_mid", x)
+        if self.feed_forward is not None:
+            h = tap(
+                "mlp_out", self.feed_forward(self.norm_ff(x), dropout_rng=_fold(dropout_rng, 4))
+            )
+            x = x + dropout(h, self.dropout_rate, _fold(dropout_rng, 5))
+        return tap("resid_post", x), new_cache

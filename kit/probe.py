@@ -119,7 +119,10 @@ def read_attention(task: tasks.Task, graphdef: Any, params: Any, text: str) -> R
 
 
 def _call(graphdef, params, *args):
-    return nnx.merge(graphdef, params)(*args, return_weights=True)
+    """The model's logits and its attention by set (`TaskModel.attention_sets`)."""
+    model = nnx.merge(graphdef, params)
+    logits, aux = model(*args, hooks=model.attention_hooks())
+    return logits, model.attention_sets(aux["activations"])
 
 
 def _until_eos(ids) -> list[int]:

@@ -49,10 +49,11 @@ def _examples(source: Any, name: str) -> list[Mapping[str, Any]]:
 class View:
     """One attention page, shown inline in notebooks and exported as HTML or figures.
 
+    `title`, `view`, `set_name`, `layer`, `head`, `query` and `compare` are as in
+    `kit.viewer.attention_html` (what the page shows first).
+
     Args:
       examples: a list of example dicts as `kit.viewer.attention_html` takes them.
-      title, view, set_name, layer, head, query, compare: as in
-        `kit.viewer.attention_html` (what the page shows first).
       height: the inline frame's height in pixels; by default from the token
         and layer counts.
 

@@ -95,7 +95,11 @@ def test_heads_command_on_a_trained_run(tiny_run, tmp_path):
 
     def metric(mask=None):
         result = training.steps.evaluate(
-            step, state["params"], batches, s.mcfg.kind, head_mask=mask
+            step,
+            state["params"],
+            batches,
+            s.mcfg.kind,
+            hooks=None if mask is None else model.head_ablation(mask),
         )
         return result["eval/exact_match"]
 

@@ -172,7 +172,7 @@ def test_ablation_mask_and_its_errors():
 
 
 # ---------------------------------------------------------------------------
-# head_mask in the models.
+# Head ablation in the models (model.head_ablation: hooks on each head's output).
 
 
 def build(kind, **overrides):
@@ -214,13 +214,14 @@ def test_mask_of_ones_is_bit_for_bit(kind, mode):
     src, lengths = batch()
     args = (src, lengths) if kind == "encoder_only" else (src, lengths, src[:, :5])
     plain, _ = model(*args)
-    masked, _ = model(*args, head_mask=ones(model), head_mask_mode=mode)
+    masked, _ = model(*args, hooks=model.head_ablation(ones(model), mode))
     np.testing.assert_array_equal(np.asarray(plain), np.asarray(masked))
     graphdef, params = nnx.split(model)
-    run = jax.jit(lambda p, m: nnx.merge(graphdef, p)(*args, head_mask=m, head_mask_mode=mode)[0])
+    run = jax.jit(lambda p, h: nnx.merge(graphdef, p)(*args, hooks=h)[0])
     plain_jit = jax.jit(lambda p: nnx.merge(graphdef, p)(*args)[0])
     np.testing.assert_array_equal(
-        np.asarray(plain_jit(params)), np.asarray(run(params, ones(model)))
+        np.asarray(plain_jit(params)),
+        np.asarray(run(params, model.head_ablation(ones(model), mode))),
     )
 
 
@@ -230,7 +231,7 @@ def test_ablating_a_layer_equals_a_hand_built_forward():
     model = build("encoder_only")
     src, lengths = batch()
     mask = interp.ablation_mask(model.attention_shapes(), "encoder", layer=1)
-    logits, _ = model(src, lengths, head_mask=mask)
+    logits, _ = model(src, lengths, hooks=model.head_ablation(mask))
 
     positions = jnp.broadcast_to(jnp.arange(src.shape[1]), src.shape)
     x = model.embed(src, positions)
@@ -238,7 +239,7 @@ def test_ablating_a_layer_equals_a_hand_built_forward():
         if i == 1:
             h = jnp.broadcast_to(layer.self_attention.out["bias"][...], x.shape)
         else:
-            h, _ = layer.self_attention(layer.norm_self(x), key_value_seq_lengths=lengths)
+            h = layer.self_attention(layer.norm_self(x), key_value_seq_lengths=lengths)
         x = x + h
         x = x + layer.feed_forward(layer.norm_ff(x))
     expected = model.head(model.encoder.norm(x))
@@ -255,8 +256,8 @@ def test_mean_ablation_on_identical_rows_changes_nothing():
     src, lengths = jnp.repeat(src, 3, axis=0), jnp.repeat(lengths, 3)
     mask = interp.ablation_mask(model.attention_shapes(), "encoder", layer=0, head=1)
     plain, _ = model(src, lengths)
-    mean, _ = model(src, lengths, head_mask=mask, head_mask_mode="mean")
-    zero, _ = model(src, lengths, head_mask=mask, head_mask_mode="zero")
+    mean, _ = model(src, lengths, hooks=model.head_ablation(mask, "mean"))
+    zero, _ = model(src, lengths, hooks=model.head_ablation(mask, "zero"))
     np.testing.assert_allclose(np.asarray(mean), np.asarray(plain), rtol=1e-5, atol=1e-6)
     assert not np.allclose(np.asarray(zero), np.asarray(plain), atol=1e-4)
 
@@ -278,18 +279,18 @@ def test_kv_cache_path_ablates_like_the_teacher_forced_path(kind):
     src, lengths = batch()
     shapes = model.attention_shapes()
     name = "decoder"
-    mask = interp.ablation_mask(shapes, name, layer=0, head=0)
+    mask = model.head_ablation(interp.ablation_mask(shapes, name, layer=0, head=0))
     if kind == "decoder_only":
         key_mask = jnp.ones(src.shape, bool)
-        out = decode.greedy_decoder_only(model, src, key_mask, length=4, head_mask=mask)
+        out = decode.greedy_decoder_only(model, src, key_mask, length=4, hooks=mask)
         full = jnp.concatenate([src, out], axis=1)
-        logits, _ = model(full, jnp.ones(full.shape, bool), head_mask=mask)
+        logits, _ = model(full, jnp.ones(full.shape, bool), hooks=mask)
         forced = jnp.argmax(logits[:, src.shape[1] - 1 : -1], axis=-1)
         plain = decode.greedy_decoder_only(model, src, key_mask, length=4)
     else:
-        out = decode.greedy_encoder_decoder(model, src, lengths, bos=1, length=4, head_mask=mask)
+        out = decode.greedy_encoder_decoder(model, src, lengths, bos=1, length=4, hooks=mask)
         tgt_in = jnp.concatenate([jnp.ones((src.shape[0], 1), jnp.int32), out[:, :-1]], axis=1)
-        logits, _ = model(src, lengths, tgt_in, head_mask=mask)
+        logits, _ = model(src, lengths, tgt_in, hooks=mask)
         forced = jnp.argmax(logits, axis=-1)
         plain = decode.greedy_encoder_decoder(model, src, lengths, bos=1, length=4)
     np.testing.assert_array_equal(np.asarray(out), np.asarray(forced))
@@ -305,11 +306,11 @@ def test_changing_the_mask_does_not_recompile():
     @jax.jit
     def run(p, m):
         traces.append(1)
-        return nnx.merge(graphdef, p)(src, jnp.ones(src.shape, bool), head_mask=m)[0]
+        return nnx.merge(graphdef, p)(src, jnp.ones(src.shape, bool), hooks=m)[0]
 
     shapes = model.attention_shapes()
-    a = run(params, interp.ablation_mask(shapes, "decoder", layer=0, head=0))
-    b = run(params, interp.ablation_mask(shapes, "decoder", layer=1, head=1))
+    a = run(params, model.head_ablation(interp.ablation_mask(shapes, "decoder", layer=0, head=0)))
+    b = run(params, model.head_ablation(interp.ablation_mask(shapes, "decoder", layer=1, head=1)))
     assert len(traces) == 1
     assert not np.allclose(np.asarray(a), np.asarray(b))
 
@@ -327,19 +328,21 @@ def test_bad_head_masks(head_mask, match):
     model = build("encoder_only")
     src, lengths = batch()
     with pytest.raises(ValueError, match=match):
-        model(src, lengths, head_mask=head_mask)
-    with pytest.raises(ValueError, match=r"^head_mask_mode:"):
-        model(src, lengths, head_mask=ones(model), head_mask_mode="random")
+        model.head_ablation(head_mask)
+    with pytest.raises(ValueError, match=r"^mode:"):
+        model.head_ablation(ones(model), "random")
+    del src, lengths
 
 
 @pytest.mark.slow  # tests/test_probe.py checks the fast case: vectors reproduce the weights
 def test_vectors_reproduce_the_weights_and_the_value_norms():
-    """aux["vectors"] holds what attention used: softmax(q k / sqrt(H)) from them equals
-    the returned weights, and the value norms equal ||v W_O|| by hand."""
+    """The attention hooks read what attention used: softmax(q k / sqrt(H)) from them
+    equals the weights read, and the value norms equal ||v W_O|| by hand."""
     model = build("encoder_decoder", positions="rope", num_kv_heads=1)
     src, lengths = batch()
     tgt = src[:, :5]
-    _, aux = model(src, lengths, tgt, return_weights=True)
+    _, aux = model(src, lengths, tgt, hooks=model.attention_hooks())
+    aux = model.attention_sets(aux["activations"])
     vec = aux["vectors"]["decoder"]
     q, k = np.asarray(vec["query"], np.float64), np.asarray(vec["key"], np.float64)
     T, N, H = q.shape[2:]

@@ -147,18 +147,18 @@ def test_bfloat16_computes_in_bfloat16_keeps_float32_state_and_resumes_bit_for_b
 
     import jax.numpy as jnp
 
-    from kit.attention import projections
+    from kit import nn
     from kit.training import loop
 
     config = load_config("copy", **{"model.dtype": "bfloat16", "train.steps": 6})
     seen = set()
-    real_attend = projections.attend
+    real_attend = nn.attend
 
     def attend(x, **kwargs):  # runs while the steps are traced
         seen.add((x.query.dtype, x.key.dtype, x.value.dtype))
         return real_attend(x, **kwargs)
 
-    monkeypatch.setattr(projections, "attend", attend)
+    monkeypatch.setattr(nn, "attend", attend)
     straight = str(tmp_path / "straight")
     training.train_and_evaluate(config, straight, progress=False)
     assert seen == {(jnp.dtype(jnp.bfloat16),) * 3}

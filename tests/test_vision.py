@@ -12,6 +12,7 @@ from flax import nnx
 from helpers import load_config, slow_beyond
 
 from kit import digits, metrics, models, probe, tasks, training, viz_patches
+from kit.hooks import Hooks
 from kit.models.vision import patchify
 
 pytestmark = pytest.mark.usefixtures("standard_promotion")
@@ -75,10 +76,11 @@ def test_class_token_attention_rows_sum_to_one(positions):
     s = training.setup(config)
     graphdef, params = training.init_model(s.mcfg, jax.random.key(0, impl="rbg"))
     images = jnp.asarray(digits.eval_set()["images"][:3])
-    logits, aux = jax.jit(lambda p: nnx.merge(graphdef, p)(images, return_weights=True))(params)
+    read = Hooks(read="encoder.*.attn.weights")
+    logits, aux = jax.jit(lambda p: nnx.merge(graphdef, p)(images, hooks=read))(params)
     assert logits.shape == (3, 10)
-    weights = aux["encoder"]  # [L, B, N, T, T]
-    assert weights.shape == (2, 3, 2, 17, 17)
+    weights = np.stack([aux["activations"][f"encoder.{i}.attn.weights"] for i in range(2)])
+    assert weights.shape == (2, 3, 2, 17, 17)  # [L, B, N, T, T]
     np.testing.assert_allclose(weights[:, :, :, 0].sum(-1), 1.0, atol=1e-5)
 
 

@@ -228,7 +228,7 @@ def test_wheel_ships_the_viewer_assets(tmp_path):
     build = subprocess.run(command, capture_output=True, text=True, timeout=600)
     seconds = time.perf_counter() - start
     assert build.returncode == 0, f"{' '.join(command)} failed:\n{build.stdout}\n{build.stderr}"
-    (wheel,) = out.glob("kit-*.whl")
+    (wheel,) = out.glob("jax_attention_kit-*.whl")
     print(f"wheel built in {seconds:.1f} s: {wheel.name}")
     with zipfile.ZipFile(wheel) as zf:
         for name in _ASSETS:

@@ -282,8 +282,13 @@ def attention_weights(
     Args:
       query: `[B, T, N, H]` or `[T, N, H]`.
       key: `[B, S, K, H]` or `[S, K, H]`.
-      bias, mask, scale, is_causal, query_seq_lengths, key_value_seq_lengths,
-        local_window_size: as in `dot_product_attention`.
+      bias: as in `dot_product_attention`.
+      mask: as in `dot_product_attention`.
+      scale: as in `dot_product_attention`.
+      is_causal: as in `dot_product_attention`.
+      query_seq_lengths: as in `dot_product_attention`.
+      key_value_seq_lengths: as in `dot_product_attention`.
+      local_window_size: as in `dot_product_attention`.
 
     Returns:
       `[B, N, T, S]` (or `[N, T, S]`), dtype of `query`.
@@ -341,13 +346,17 @@ def chunked_attention(
         memory of its own, and so is its gradient).
       mask: optional bool, broadcastable to `[B, N, T, S]`, True = may attend.
       scale: a Python number; defaults to 1 / sqrt(H).
-      is_causal, query_seq_lengths, key_value_seq_lengths, local_window_size:
-        as in `kit.dot_product_attention`.
+      is_causal: as in `kit.dot_product_attention`.
+      query_seq_lengths: as in `kit.dot_product_attention`.
+      key_value_seq_lengths: as in `kit.dot_product_attention`.
+      local_window_size: as in `kit.dot_product_attention`.
       block_q: the forward pass's query block size; chosen from T if None.
       block_k: the forward pass's key/value block size; chosen from S if None.
-      backward_block_q, backward_block_k: the backward pass's block sizes;
-        if None, `block_q` / `block_k` where given, else chosen from T / S.
-        The lengths are padded to multiples of both passes' sizes.
+      backward_block_q: the backward pass's query block size; if None,
+        `block_q` where given, else chosen from T.
+      backward_block_k: the backward pass's key/value block size; if None,
+        `block_k` where given, else chosen from S. The lengths are padded to
+        multiples of both passes' sizes.
       units_per_step: about how many (example, key/value head) pairs each
         loop step processes together (default 8): a step takes
         max(1, units_per_step // K) whole examples.

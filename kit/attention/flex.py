@@ -216,7 +216,9 @@ def flex_attention(
         Arrays it closes over get gradients (a learned table, slopes, sinks).
       block_mask: from `create_block_mask` for these B, N, T, S, or None (all live).
       scale: the logit scale; default 1 / sqrt(H).
-      query_seq_lengths, key_value_seq_lengths: int `[B]` or None, as in
+      query_seq_lengths: int `[B]` or None, as in `kit.dot_product_attention`
+        (padding without a block mask).
+      key_value_seq_lengths: int `[B]` or None, as in
         `kit.dot_product_attention` (padding without a block mask).
       implementation: None (chunked from T x S >= 512 x 512, else xla), "xla"
         (materializes the `[B, N, T, S]` scores: the reference) or "chunked"
@@ -267,10 +269,13 @@ def flex_attend(
     dropout_rate: float = 0.0,
     dropout_rng: Array | None = None,
     return_residual: bool = False,
+    tap: Callable | None = None,
 ):
     """`flex_attention` on checked inputs (which may also carry the causal, window
-    and length masks), for the kit's own layers: with `return_weights` or attention
-    dropout it runs the materialized path, which gives the weights `[B, N, T, S]`.
+    and length masks), for the kit's own layers: with `return_weights`, attention
+    dropout or a `tap` it runs the materialized path, which gives the weights
+    `[B, N, T, S]`. `tap(name, array) -> array` (a `kit.hooks.Tap`) sees and may
+    change the float32 "scores" (before the mask) and "weights" (before dropout).
 
     Returns:
       out, the weights or None, the residual or None (no batch axis for unbatched input).
@@ -286,7 +291,7 @@ def flex_attend(
     if implementation is None:
         big = x.query.shape[1] * x.key.shape[1] >= _CHUNKED_MIN_PAIRS
         implementation = "chunked" if big and isinstance(x.scale, float) else "xla"
-    if return_weights or dropout_rate > 0.0:
+    if return_weights or dropout_rate > 0.0 or tap is not None:
         implementation = "xla"
     if implementation == "chunked":
         out, lse = chunked_from_inputs(
@@ -298,7 +303,9 @@ def flex_attend(
             block_mask=block_mask,
         )
         return out, None, lse
-    return _xla(x, program, captures, return_residual, return_weights, dropout_rate, dropout_rng)
+    return _xla(
+        x, program, captures, return_residual, return_weights, dropout_rate, dropout_rng, tap
+    )
 
 
 def with_dense(x: Inputs, score_mod, block_mask):
@@ -354,7 +361,16 @@ def _kernel_options(options) -> BlockSizes:
     return sizes
 
 
-def _xla(x: Inputs, program, captures, return_residual, return_weights, dropout_rate, dropout_rng):
+def _xla(
+    x: Inputs,
+    program,
+    captures,
+    return_residual,
+    return_weights,
+    dropout_rate,
+    dropout_rng,
+    tap=None,
+):
     """The materialized reference: `[B, N, T, S]` scores, score function, mask, softmax."""
     q, k, v = x.query, x.key, x.value
     B, T, N, H = q.shape
@@ -376,7 +392,11 @@ def _xla(x: Inputs, program, captures, return_residual, return_weights, dropout_
         if program.mask is not None:
             live = on_grid(lambda _, *idx: program.mask(*idx, *captures[n:]), None, grid)
             mask = live if mask is None else mask & live
+    if tap is not None:
+        logits = tap("scores", logits)
     weights = masked_softmax(logits, mask)
+    if tap is not None:
+        weights = tap("weights", weights)
     kept = attention_dropout(weights, dropout_rate, dropout_rng) if dropout_rate > 0.0 else weights
     out = jnp.einsum(
         "bkgts,bskh->btkgh",

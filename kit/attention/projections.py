@@ -261,7 +261,8 @@ def multi_head_attention(
       x: `[B, T, D]`, the queries' source.
       context: `[B, S, D]`, the keys' and values' source (cross-attention);
         defaults to `x` (self-attention).
-      bias, mask: as in `dot_product_attention`.
+      bias: as in `dot_product_attention`.
+      mask: as in `dot_product_attention`.
       return_weights: also return the weights `[B, N, T, S]`, from the same
         pass as the output (the materialized path).
       process_heads: optional `(q [B, T, N, H], k [B, S, K, H], v) -> (q, k, v)`

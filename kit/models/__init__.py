@@ -1,8 +1,10 @@
 """Toy transformers built from kit.nn, one class per model kind.
 
-Each model's `__call__` returns `(logits, aux)`; with `return_weights=True`,
-`aux` holds per-layer attention weights stacked as `[L, B, N, T, S]` under
-"encoder", "decoder" (self-attention) and "cross".
+Each model's `__call__` returns `(logits, aux)`. Given `hooks` (`kit.hooks.Hooks`),
+it reads and writes named activations (`model.hook_points()`) and returns what it
+read as `aux["activations"]`; `model.attention_sets(...)` stacks the attention
+that `model.attention_hooks()` read as `[L, B, N, T, S]` per set ("encoder",
+"decoder", "cross").
 
 Each model kind owns how it reads a task: `batch` turns the task's arrays into
 its inputs, targets and loss weights, `positions_needed` says how long its

@@ -9,9 +9,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kit import attention, nn
+from kit import attention, hooks, nn
 from kit.attention import mods
-from kit.attention.projections import check_head_mask
+from kit.attention.projections import HEAD_MASK_MODES, check_head_mask
 from kit.models import packing
 
 Array = jax.Array
@@ -52,12 +52,15 @@ class ModelConfig:
 
 class TaskModel(nnx.Module):
     """A model kind as training reads it. Each kind defines `batch(task arrays)`,
-    `positions_needed(task)`, `teacher_forced(mb, *, dropout_rng, return_weights,
-    head_mask, head_mask_mode)` and `predict(mb, *, head_mask, head_mask_mode)`;
-    `eval_metrics` may add names to the held-out metrics.
+    `positions_needed(task)`, `teacher_forced(mb, *, dropout_rng, hooks)` and
+    `predict(mb, *, hooks)`; `eval_metrics` may add names to the held-out metrics.
 
-    `ATTENTION_SETS` names each attention set as the viewer and `head_mask` do
-    ("encoder", "decoder", "cross") -> (the Stack attribute, "self" or "cross").
+    `hooks` (`kit.hooks.Hooks`) reads and writes the model's named activations;
+    `hook_points()` lists them. A call with hooks returns the values read as
+    `aux["activations"]` (name -> array).
+
+    `ATTENTION_SETS` names each attention set as the viewer and head ablation do
+    ("encoder", "decoder", "cross") -> (the Stack attribute, "attn" or "cross").
     """
 
     ATTENTION_SETS: ClassVar[dict[str, tuple[str, str]]] = {}
@@ -79,25 +82,42 @@ class TaskModel(nnx.Module):
         return result
 
     def attention_shapes(self) -> dict[str, tuple[int, int]]:
-        """Attention set -> (layers L, heads N): the shape of its `head_mask`."""
+        """Attention set -> (layers L, heads N): the shape of its head mask."""
         return {
             name: (len(getattr(self, stack).layers), self.cfg.num_heads)
             for name, (stack, _) in self.ATTENTION_SETS.items()
         }
 
-    def stack_head_masks(self, head_mask: Any, stack: str) -> dict[str, Array | None]:
-        """The `head_mask` / `cross_head_mask` `[L, N]` keywords of Stack `stack`.
+    def hook_points(self) -> list[str]:
+        """Every hook point of this model, in the order the forward meets them."""
+        stacks = {}
+        for stack, attn in self.ATTENTION_SETS.values():
+            layers = len(getattr(self, stack).layers)
+            cross = stacks.get(stack, (0, False))[1] or attn == "cross"
+            stacks[stack] = (layers, cross)
+        return hooks.hook_points(stacks, feed_forward=self.cfg.feed_forward)
 
-        `head_mask` maps attention sets to `[L, N]` arrays (1 keeps a head, 0
-        ablates it); a set left out is not ablated.
+    def tap(self, hooks_: hooks.Hooks | None) -> hooks.Tap:
+        """A Tap over `hooks_`, checked against this model's points."""
+        if hooks_ is not None:
+            if not isinstance(hooks_, hooks.Hooks):
+                raise ValueError(f"hooks: expected a kit.hooks.Hooks, got {type(hooks_).__name__}")
+            hooks_.check(self.hook_points())
+        return hooks.Tap(hooks_)
+
+    def head_ablation(self, head_mask: Any, mode: str = "zero") -> hooks.Hooks:
+        """Hooks that ablate heads: `head_mask` maps attention sets to `[L, N]`
+        (1 keeps a head, 0 ablates it; values between blend); a set left out is
+        kept. "zero" zeroes a head's output before the output projection, "mean"
+        puts its mean over the batch in its place (per position); the projection's
+        bias stays.
 
         Raises:
           ValueError: naming `head_mask` for an unknown set, a shape other than
-            `[L, N]` or a dtype other than bool or float.
+            `[L, N]` or a dtype other than bool or float, or `mode`.
         """
-        out: dict[str, Array | None] = {"head_mask": None, "cross_head_mask": None}
-        if head_mask is None:
-            return out
+        if mode not in HEAD_MASK_MODES:
+            raise ValueError(f"mode: expected one of {HEAD_MASK_MODES}, got {mode!r}")
         shapes = self.attention_shapes()
         if not isinstance(head_mask, dict):
             raise ValueError(
@@ -110,21 +130,53 @@ class TaskModel(nnx.Module):
                 f"head_mask: unknown attention set(s) {unknown}; this {self.cfg.kind} model "
                 f"has {sorted(shapes)}"
             )
+        write = {}
         for name, mask in head_mask.items():
-            where, kind = self.ATTENTION_SETS[name]
-            if where == stack:
-                key = "head_mask" if kind == "self" else "cross_head_mask"
-                out[key] = check_head_mask(mask, shapes[name], f"head_mask[{name!r}]")
-        return out
+            mask = check_head_mask(mask, shapes[name], f"head_mask[{name!r}]")
+            stack, attn = self.ATTENTION_SETS[name]
+            for layer in range(shapes[name][0]):
+                where = (1 - mask[layer].astype(jnp.float32))[None, None, :, None]
+                write[f"{stack}.{layer}.{attn}.heads"] = hooks.Edit(mode, where=where)
+        return hooks.Hooks(write=write)
 
-    def attention_aux(self, stacks: dict[str, dict[str, Any]]) -> dict[str, Any]:
-        """Stack aux by attribute -> the model's aux: weights `[L, B, N, T, S]` per
-        set and "vectors" (per set: query, key, value, value_norms, bias)."""
-        aux: dict[str, Any] = {"vectors": {}}
-        for name, (stack, kind) in self.ATTENTION_SETS.items():
-            aux[name] = stacks[stack][kind]
-            aux["vectors"][name] = stacks[stack][f"{kind}_vectors"]
-        return aux
+    def attention_hooks(self) -> hooks.Hooks:
+        """Hooks that read what every attention did: q, k, v, weights and bias."""
+        points = ("q", "k", "v", "weights", "bias")
+        return hooks.Hooks(
+            read=tuple(
+                f"{stack}.*.{attn}.{p}"
+                for stack, attn in self.ATTENTION_SETS.values()
+                for p in points
+            )
+        )
+
+    def attention_sets(self, activations: dict[str, Array]) -> dict[str, Any]:
+        """What `attention_hooks()` read, by attention set: weights `[L, B, N, T, S]`
+        per set and "vectors" (per set: query `[L, B, T, N, H]`, key and value
+        `[L, B, S, K, H]`, value_norms `[L, B, N, S]` (`kit.head_value_norms`)
+        and, with positions as a score function, bias `[L, B, N, T, S]`)."""
+        out: dict[str, Any] = {"vectors": {}}
+        for name, (stack, attn) in self.ATTENTION_SETS.items():
+            layers = getattr(self, stack).layers
+
+            def stacked(point, stack=stack, attn=attn, layers=layers):
+                got = [activations.get(f"{stack}.{i}.{attn}.{point}") for i in range(len(layers))]
+                return None if got[0] is None else jnp.stack(got)
+
+            module = "self_attention" if attn == "attn" else "cross_attention"
+            norms = [
+                attention.head_value_norms(
+                    activations[f"{stack}.{i}.{attn}.v"], getattr(layer, module).out["kernel"][...]
+                )
+                for i, layer in enumerate(layers)
+            ]
+            out[name] = stacked("weights")
+            vectors = {"query": stacked("q"), "key": stacked("k"), "value": stacked("v")}
+            vectors["value_norms"] = jnp.stack(norms)
+            if stacked("bias") is not None:
+                vectors["bias"] = stacked("bias")
+            out["vectors"][name] = vectors
+        return out
 
 
 class Stack(nnx.Module):
@@ -193,20 +245,17 @@ class Stack(nnx.Module):
         positions: Array,
         caches: list[dict[str, Array]] | None = None,
         dropout_rng: Array | None = None,
-        return_weights: bool = False,
-        head_mask: Array | None = None,
-        cross_head_mask: Array | None = None,
+        tap: hooks.Tap | None = None,
         segments: Array | None = None,
         memory_segments: Array | None = None,
         **block_kwargs: Any,
-    ) -> tuple[Array, dict[str, Any]]:
-        """`head_mask` / `cross_head_mask` `[L, N]`: row l ablates heads of layer l.
-        `segments` `[B, T]` (and the memory's `[B, S]`): packed examples
-        (`kit.models.packing`), kept apart by document block masks.
+    ) -> tuple[Array, list[dict[str, Array]] | None]:
+        """`segments` `[B, T]` (and the memory's `[B, S]`): packed examples
+        (`kit.models.packing`), kept apart by document block masks. `tap`
+        (scoped to this stack) names layer l's points "<l>.<point>".
 
-        Returns x and aux: "self" / "cross" weights `[L, B, N, T, S]` and
-        "self_vectors" / "cross_vectors" (each entry stacked over layers) if
-        asked; "caches" when decoding."""
+        Returns x and, when decoding, the updated caches (else None)."""
+        tap = tap if tap is not None else hooks.Tap(None)
         # Self-attention's keys are the same tokens, or in decoding the cache slots.
         key_positions = positions
         if caches is not None:
@@ -216,29 +265,16 @@ class Stack(nnx.Module):
         if segments is not None:
             block_kwargs.update(self.document_masks(segments, memory_segments, causal))
             block_kwargs["is_causal"] = False  # in the block mask
-        names = ("self", "cross", "self_vectors", "cross_vectors")
-        new_caches, per_layer = [], {name: [] for name in names}
+        new_caches = []
         for i, layer in enumerate(self.layers):
-            x, aux = layer(
+            x, cache = layer(
                 x,
                 self_score_mod=score_mod,
                 positions=positions,
                 cache=None if caches is None else caches[i],
                 dropout_rng=None if dropout_rng is None else jax.random.fold_in(dropout_rng, i),
-                return_weights=return_weights,
-                head_mask=None if head_mask is None else head_mask[i],
-                cross_head_mask=None if cross_head_mask is None else cross_head_mask[i],
+                tap=tap.scope(i),
                 **block_kwargs,
             )
-            new_caches.append(aux.get("cache"))
-            for name in names:
-                if name in aux:
-                    per_layer[name].append(aux[name])
-        out_aux: dict[str, Any] = {
-            k: jax.tree.map(lambda *layers: jnp.stack(layers), *v)
-            for k, v in per_layer.items()
-            if v
-        }
-        if caches is not None:
-            out_aux["caches"] = new_caches
-        return self.norm(x), out_aux
+            new_caches.append(cache)
+        return self.norm(x), (None if caches is None else new_caches)

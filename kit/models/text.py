@@ -71,22 +71,27 @@ def _positions(tokens: Array, start: Array | int = 0) -> Array:
     return jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
 
 
-def _encode(
-    model, src, src_lengths, dropout_rng, return_weights, head_mask, head_mask_mode, packed=None
-):
-    """The bidirectional encoder stack of `model` over src `[B, S]` -> `[B, S, D]`, aux.
+def _encode(model, src, src_lengths, dropout_rng, tap, packed=None):
+    """The bidirectional encoder stack of `model` over src `[B, S]` -> `[B, S, D]`.
     `packed`: a packed batch's src_positions and src_segments (`kit.models.packing`)."""
     positions = _positions(src) if packed is None else packed["src_positions"]
-    return model.encoder(
+    x, _ = model.encoder(
         model.embed(src, positions, dropout_rng),
         positions=positions,
         segments=None if packed is None else packed["src_segments"],
         lengths=src_lengths,
         dropout_rng=dropout_rng,
-        return_weights=return_weights,
-        head_mask_mode=head_mask_mode,
-        **model.stack_head_masks(head_mask, "encoder"),
+        tap=tap.scope("encoder"),
     )
+    return x
+
+
+def _aux(hooks, tap, caches=None) -> dict:
+    """A model call's aux: "activations" read by `hooks`, "caches" when decoding."""
+    aux = {} if hooks is None else {"activations": tap.cache}
+    if caches is not None:
+        aux["caches"] = caches
+    return aux
 
 
 def _packed(mb) -> dict | None:
@@ -118,8 +123,8 @@ class EncoderDecoder(TaskModel):
     """Translation-style model: the decoder reads the source only through cross-attention."""
 
     ATTENTION_SETS: ClassVar[dict[str, tuple[str, str]]] = {
-        "encoder": ("encoder", "self"),
-        "decoder": ("decoder", "self"),
+        "encoder": ("encoder", "attn"),
+        "decoder": ("decoder", "attn"),
         "cross": ("decoder", "cross"),
     }
     PACKED: ClassVar[dict[str, tuple[str, ...]]] = {
@@ -136,23 +141,22 @@ class EncoderDecoder(TaskModel):
     def positions_needed(task: tasks.Task) -> int:
         return max(task.src_len, task.tgt_len + 1)
 
-    def teacher_forced(self, mb, *, dropout_rng=None, return_weights=False, **ablation):
-        """Logits `[B, T, V]` aligned with mb["targets"], and aux. `ablation`:
-        head_mask (set -> `[L, N]`) and head_mask_mode, as in `__call__`. A packed
-        batch (`kit.models.packing`) is run as such."""
+    def teacher_forced(self, mb, *, dropout_rng=None, hooks=None):
+        """Logits `[B, T, V]` aligned with mb["targets"], and aux (as `__call__`'s).
+        A packed batch (`kit.models.packing`) is run as such."""
         return self(
             mb["src"],
             mb["src_lengths"],
             mb["tgt_in"],
             dropout_rng=dropout_rng,
-            return_weights=return_weights,
+            hooks=hooks,
             packed=_packed(mb),
-            **ablation,
         )
 
-    def predict(self, mb, *, oracle_length: bool = False, **ablation) -> Array:
-        """Greedy predictions `[B, T]` aligned with mb["targets"] (heads ablated as asked);
-        with `oracle_length`, end-of-sequence is forbidden before each row's target length."""
+    def predict(self, mb, *, oracle_length: bool = False, hooks=None) -> Array:
+        """Greedy predictions `[B, T]` aligned with mb["targets"] (with `hooks`' writes
+        at every step); with `oracle_length`, end-of-sequence is forbidden before each
+        row's target length."""
         oracle = {}
         if oracle_length:
             until = jnp.sum(mb["weights"], axis=1, dtype=jnp.int32) - 1  # less the EOS
@@ -164,7 +168,7 @@ class EncoderDecoder(TaskModel):
             bos=tasks.BOS,
             length=mb["targets"].shape[1],
             **oracle,
-            **ablation,
+            hooks=hooks,
         )
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -174,21 +178,10 @@ class EncoderDecoder(TaskModel):
         self.decoder = Stack(cfg, cfg.num_decoder_layers, cross=True, rngs=rngs)
         self.head = nnx.Linear(cfg.d_model, cfg.vocab_size, dtype=cfg.dtype, rngs=rngs)
 
-    def encode(
-        self,
-        src,
-        src_lengths,
-        *,
-        dropout_rng=None,
-        return_weights=False,
-        head_mask=None,
-        head_mask_mode="zero",
-        packed=None,
-    ):
+    def encode(self, src, src_lengths, *, dropout_rng=None, hooks=None, packed=None):
         """src `[B, S]`, src_lengths `[B]` -> memory `[B, S, D]`, aux."""
-        return _encode(
-            self, src, src_lengths, dropout_rng, return_weights, head_mask, head_mask_mode, packed
-        )
+        tap = self.tap(hooks)
+        return _encode(self, src, src_lengths, dropout_rng, tap, packed), _aux(hooks, tap)
 
     def decode(
         self,
@@ -199,14 +192,13 @@ class EncoderDecoder(TaskModel):
         caches=None,
         start=0,
         dropout_rng=None,
-        return_weights=False,
-        head_mask=None,
-        head_mask_mode="zero",
+        hooks=None,
         packed=None,
     ):
         """tgt_in `[B, T]` (from position `start`) -> logits `[B, T, V]`, aux."""
+        tap = self.tap(hooks)
         positions = _positions(tgt_in, start) if packed is None else packed["tgt_positions"]
-        x, aux = self.decoder(
+        x, caches = self.decoder(
             self.embed(tgt_in, positions, dropout_rng),
             positions=positions,
             segments=None if packed is None else packed["tgt_segments"],
@@ -216,11 +208,9 @@ class EncoderDecoder(TaskModel):
             is_causal=caches is None,
             caches=caches,
             dropout_rng=dropout_rng,
-            return_weights=return_weights,
-            head_mask_mode=head_mask_mode,
-            **self.stack_head_masks(head_mask, "decoder"),
+            tap=tap.scope("decoder"),
         )
-        return self.head(x), aux
+        return self.head(x), _aux(hooks, tap, caches)
 
     def __call__(
         self,
@@ -229,45 +219,30 @@ class EncoderDecoder(TaskModel):
         tgt_in,
         *,
         dropout_rng=None,
-        return_weights=False,
-        head_mask=None,
-        head_mask_mode="zero",
+        hooks=None,
         packed=None,
     ):
         """Teacher-forced logits `[B, T, V]` for tgt_in `[B, T]`, and aux.
 
-        With `return_weights`, aux holds the weights `[L, B, N, T, S]` of
-        "encoder", "decoder" and "cross", and their "vectors". `head_mask`
-        maps any of those sets to `[L, N]` (1 keeps a head, 0 ablates it; see
-        kit.ablate_heads for `head_mask_mode` "zero" and "mean")."""
+        `hooks` (`kit.hooks.Hooks`) reads and writes the points of `hook_points()`
+        ("encoder.<l>...", "decoder.<l>..."); what it reads comes back as
+        aux["activations"]."""
         enc_rng, dec_rng = (None, None) if dropout_rng is None else jax.random.split(dropout_rng)
-        ablation = {"head_mask": head_mask, "head_mask_mode": head_mask_mode}
         memory, enc_aux = self.encode(
-            src,
-            src_lengths,
-            dropout_rng=enc_rng,
-            return_weights=return_weights,
-            packed=packed,
-            **ablation,
+            src, src_lengths, dropout_rng=enc_rng, hooks=hooks, packed=packed
         )
         logits, dec_aux = self.decode(
-            tgt_in,
-            memory,
-            src_lengths,
-            dropout_rng=dec_rng,
-            return_weights=return_weights,
-            packed=packed,
-            **ablation,
+            tgt_in, memory, src_lengths, dropout_rng=dec_rng, hooks=hooks, packed=packed
         )
-        if not return_weights:
+        if hooks is None:
             return logits, {}
-        return logits, self.attention_aux({"encoder": enc_aux, "decoder": dec_aux})
+        return logits, {"activations": {**enc_aux["activations"], **dec_aux["activations"]}}
 
 
 class DecoderOnly(TaskModel):
     """Causal language model over [source (padded), separator, target]."""
 
-    ATTENTION_SETS: ClassVar[dict[str, tuple[str, str]]] = {"decoder": ("decoder", "self")}
+    ATTENTION_SETS: ClassVar[dict[str, tuple[str, str]]] = {"decoder": ("decoder", "attn")}
 
     @staticmethod
     def batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -284,24 +259,18 @@ class DecoderOnly(TaskModel):
     def positions_needed(task: tasks.Task) -> int:
         return task.src_len + task.tgt_len + 1
 
-    def teacher_forced(self, mb, *, dropout_rng=None, return_weights=False, **ablation):
+    def teacher_forced(self, mb, *, dropout_rng=None, hooks=None):
         """Logits of the target positions `[B, T, V]` aligned with mb["targets"], and aux."""
         tokens = jnp.concatenate([mb["src"], mb["tgt_in"]], axis=1)
-        logits, aux = self(
-            tokens,
-            mb["key_mask"],
-            dropout_rng=dropout_rng,
-            return_weights=return_weights,
-            **ablation,
-        )
+        logits, aux = self(tokens, mb["key_mask"], dropout_rng=dropout_rng, hooks=hooks)
         return logits[:, mb["src"].shape[1] :], aux
 
-    def predict(self, mb, **ablation) -> Array:
+    def predict(self, mb, *, hooks=None) -> Array:
         """Greedy continuation `[B, T]` of [src, SEP], aligned with mb["targets"]."""
         Ls = mb["src"].shape[1]
         prompt = jnp.concatenate([mb["src"], mb["tgt_in"][:, :1]], axis=1)
         return decode.greedy_decoder_only(
-            self, prompt, mb["key_mask"][:, : Ls + 1], length=mb["targets"].shape[1], **ablation
+            self, prompt, mb["key_mask"][:, : Ls + 1], length=mb["targets"].shape[1], hooks=hooks
         )
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -318,38 +287,32 @@ class DecoderOnly(TaskModel):
         caches=None,
         start=0,
         dropout_rng=None,
-        return_weights=False,
-        head_mask=None,
-        head_mask_mode="zero",
+        hooks=None,
     ):
         """tokens `[B, T]`, key_mask bool `[B, S]` (False = padding) -> logits `[B, T, V]`, aux.
 
         Without caches S = T and attention is causal; with caches, S is the
         cache length and `tokens` sit at positions start..start + T - 1.
-        `head_mask` {"decoder": `[L, N]`} ablates heads (kit.ablate_heads).
+        `hooks` reads and writes "decoder.<l>..." points (`hook_points()`).
         """
+        tap = self.tap(hooks)
         positions = _positions(tokens, start)
-        x, aux = self.decoder(
+        x, caches = self.decoder(
             self.embed(tokens, positions, dropout_rng),
             positions=positions,
             mask=key_mask[:, None, None, :],
             is_causal=caches is None,
             caches=caches,
             dropout_rng=dropout_rng,
-            return_weights=return_weights,
-            head_mask_mode=head_mask_mode,
-            **self.stack_head_masks(head_mask, "decoder"),
+            tap=tap.scope("decoder"),
         )
-        out_aux = self.attention_aux({"decoder": aux}) if return_weights else {}
-        if caches is not None:
-            out_aux["caches"] = aux["caches"]
-        return self.head(x), out_aux
+        return self.head(x), _aux(hooks, tap, caches)
 
 
 class EncoderOnly(TaskModel):
     """Bidirectional encoder with a per-position classifier (tasks with aligned targets)."""
 
-    ATTENTION_SETS: ClassVar[dict[str, tuple[str, str]]] = {"encoder": ("encoder", "self")}
+    ATTENTION_SETS: ClassVar[dict[str, tuple[str, str]]] = {"encoder": ("encoder", "attn")}
     PACKED: ClassVar[dict[str, tuple[str, ...]]] = {
         "src": ("src_lengths", "src", "targets", "weights")
     }
@@ -375,20 +338,15 @@ class EncoderOnly(TaskModel):
             )
         return task.src_len
 
-    def teacher_forced(self, mb, *, dropout_rng=None, return_weights=False, **ablation):
+    def teacher_forced(self, mb, *, dropout_rng=None, hooks=None):
         """Per-position logits `[B, T, V]` and aux (a packed batch run as such)."""
         return self(
-            mb["src"],
-            mb["src_lengths"],
-            dropout_rng=dropout_rng,
-            return_weights=return_weights,
-            packed=_packed(mb),
-            **ablation,
+            mb["src"], mb["src_lengths"], dropout_rng=dropout_rng, hooks=hooks, packed=_packed(mb)
         )
 
-    def predict(self, mb, **ablation) -> Array:
+    def predict(self, mb, *, hooks=None) -> Array:
         """Argmax per position `[B, T]`."""
-        logits, _ = self(mb["src"], mb["src_lengths"], **ablation)
+        logits, _ = self(mb["src"], mb["src_lengths"], hooks=hooks)
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -397,20 +355,9 @@ class EncoderOnly(TaskModel):
         self.encoder = Stack(cfg, cfg.num_layers, cross=False, rngs=rngs)
         self.head = nnx.Linear(cfg.d_model, cfg.vocab_size, dtype=cfg.dtype, rngs=rngs)
 
-    def __call__(
-        self,
-        src,
-        src_lengths,
-        *,
-        dropout_rng=None,
-        return_weights=False,
-        head_mask=None,
-        head_mask_mode="zero",
-        packed=None,
-    ):
-        """src `[B, T]` -> per-position logits `[B, T, V]`, aux. `head_mask`
-        {"encoder": `[L, N]`} ablates heads (kit.ablate_heads)."""
-        x, aux = _encode(
-            self, src, src_lengths, dropout_rng, return_weights, head_mask, head_mask_mode, packed
-        )
-        return self.head(x), (self.attention_aux({"encoder": aux}) if return_weights else {})
+    def __call__(self, src, src_lengths, *, dropout_rng=None, hooks=None, packed=None):
+        """src `[B, T]` -> per-position logits `[B, T, V]`, aux. `hooks` reads and
+        writes "encoder.<l>..." points (`hook_points()`)."""
+        tap = self.tap(hooks)
+        x = _encode(self, src, src_lengths, dropout_rng, tap, packed)
+        return self.head(x), _aux(hooks, tap)

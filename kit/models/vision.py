@@ -54,7 +54,7 @@ def sinusoidal_2d(grid: int, dim: int) -> Array:
 class VisionTransformer(TaskModel):
     """Classifies an image from its class token (positions "learned" or "sinusoidal", 2-D)."""
 
-    ATTENTION_SETS: ClassVar[dict[str, tuple[str, str]]] = {"encoder": ("encoder", "self")}
+    ATTENTION_SETS: ClassVar[dict[str, tuple[str, str]]] = {"encoder": ("encoder", "attn")}
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -76,12 +76,12 @@ class VisionTransformer(TaskModel):
         images: Array,
         *,
         dropout_rng=None,
-        return_weights=False,
-        head_mask=None,
-        head_mask_mode="zero",
+        hooks=None,
     ):
-        """images `[B, H, W]` -> class logits `[B, C]` and aux ("encoder": `[L, B, N, T, T]`
-        with T = 1 + number of patches, if asked)."""
+        """images `[B, H, W]` -> class logits `[B, C]` and aux. `hooks` reads and
+        writes "encoder.<l>..." points (`hook_points()`), over T = 1 + number of
+        patches tokens, the class token first."""
+        tap = self.tap(hooks)
         x = self.patch_embed(patchify(images, self.cfg.patch_size))  # [B, P, D]
         B, P, D = x.shape
         cls = jnp.broadcast_to(self.class_token[...].astype(x.dtype), (B, 1, D))
@@ -92,16 +92,11 @@ class VisionTransformer(TaskModel):
             fixed = sinusoidal_2d(self.grid, D).astype(x.dtype)
             x = x + jnp.concatenate([jnp.zeros((1, D), fixed.dtype), fixed])[None]
         positions = jnp.broadcast_to(jnp.arange(1 + P, dtype=jnp.int32), (B, 1 + P))
-        x, aux = self.encoder(
-            x,
-            positions=positions,
-            dropout_rng=dropout_rng,
-            return_weights=return_weights,
-            head_mask_mode=head_mask_mode,
-            **self.stack_head_masks(head_mask, "encoder"),
+        x, _ = self.encoder(
+            x, positions=positions, dropout_rng=dropout_rng, tap=tap.scope("encoder")
         )
         logits = self.head(x[:, CLASS_TOKEN])
-        return logits, (self.attention_aux({"encoder": aux}) if return_weights else {})
+        return logits, ({} if hooks is None else {"activations": tap.cache})
 
     @staticmethod
     def batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -124,14 +119,12 @@ class VisionTransformer(TaskModel):
         """A class per image: exact match is the accuracy, logged as eval/accuracy."""
         return {**result, "eval/accuracy": result["eval/exact_match"]}
 
-    def teacher_forced(self, mb, *, dropout_rng=None, return_weights=False, **ablation):
+    def teacher_forced(self, mb, *, dropout_rng=None, hooks=None):
         """Logits `[B, 1, C]` aligned with mb["targets"], and aux."""
-        logits, aux = self(
-            mb["images"], dropout_rng=dropout_rng, return_weights=return_weights, **ablation
-        )
+        logits, aux = self(mb["images"], dropout_rng=dropout_rng, hooks=hooks)
         return logits[:, None], aux
 
-    def predict(self, mb, **ablation) -> Array:
+    def predict(self, mb, *, hooks=None) -> Array:
         """The most likely class `[B, 1]`."""
-        logits, _ = self(mb["images"], **ablation)
+        logits, _ = self(mb["images"], hooks=hooks)
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)[:, None]

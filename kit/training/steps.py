@@ -105,15 +105,14 @@ class Trainer:
             "skipped": opt_state.total_notfinite,
         }
 
-    def eval_step(
-        self, params: Any, mb: dict[str, Array], head_mask: Any = None, head_mask_mode="zero"
-    ) -> dict[str, Array]:
+    def eval_step(self, params: Any, mb: dict[str, Array], hooks: Any = None) -> dict[str, Array]:
         """Sums over one eval batch: loss, correct tokens, tokens, exact sequences; per
         row, whether it was exact, how many target tokens it weighs and its loss per
-        target token (0 where unweighted). `head_mask` (set -> `[L, N]`) ablates heads in
-        both the teacher-forced and the predicting pass."""
+        target token (0 where unweighted). `hooks`' writes (`kit.hooks.Hooks`, e.g.
+        `model.head_ablation(...)`) apply in both the teacher-forced and the
+        predicting pass."""
         model = nnx.merge(self.graphdef, params)
-        ablation = {"head_mask": head_mask, "head_mask_mode": head_mask_mode}
+        ablation = {"hooks": None if hooks is None else hooks.without_reads()}
         logits, _ = model.teacher_forced(mb, **ablation)
         w = mb["weights"]
         wf = w.astype(jnp.float32)
@@ -204,7 +203,7 @@ def evaluate(
     (kit.tasks.LossSpan) adds eval/loss_<name>, the mean loss over that part of
     every row's target. Each of `groups` (name -> bool per held-out row,
     `tasks.eval_groups`) adds eval/exact_match_<name> and eval/count_<name>.
-    `eval_kwargs` go to `eval_step` (e.g. head_mask).
+    `eval_kwargs` go to `eval_step` (e.g. hooks).
     """
     totals: dict[str, float] = {}
     exact, lengths, losses = [], [], []

@@ -55,7 +55,7 @@ class FlaxAttention(nnx.Module):
         if key_value_seq_lengths is not None:
             keys = jnp.arange(S)[None, None, None, :] < key_value_seq_lengths[:, None, None, None]
             live = live & keys
-        return self.inner(x, source, mask=live, deterministic=True), {}
+        return self.inner(x, source, mask=live, deterministic=True)
 
 
 def flax_variant(model, mcfg, rng):

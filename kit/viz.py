@@ -216,3 +216,46 @@ def attention_rollout(weights: Any, *, residual: bool = True) -> np.ndarray:
     for layer in a[1:]:
         rollout = layer @ rollout
     return rollout
+
+
+def plot_patching(result: Any) -> Figure:
+    """Four heatmaps of a `kit.patching.TextPatching`: each head's output and the
+    residual stream at each position, patched from the clean run into the corrupted
+    one (activation patching) and estimated from one backward pass (attribution
+    patching), as the share of the clean answer's logit difference that comes back."""
+    panels = [
+        ("heads: activation patching", result.heads, "head", None),
+        ("heads: attribution patching", result.heads_attribution, "head", None),
+        ("residual stream: activation patching", result.positions, "position", True),
+        ("residual stream: attribution patching", result.positions_attribution, "position", True),
+    ]
+    T = len(result.clean_tokens)
+    fig = Figure(figsize=(max(9.0, 0.5 * T * 2 + 3), 6.4), layout="constrained")
+    limit = max(1.0, *(float(np.nanmax(np.abs(p[1]))) for p in panels))
+    for ax, (title, values, across, by_token) in zip(
+        fig.subplots(2, 2).ravel(), panels, strict=True
+    ):
+        values = np.asarray(values, float)
+        im = ax.imshow(values, cmap="RdBu", vmin=-limit, vmax=limit, aspect="auto")
+        for (row, col), v in np.ndenumerate(values):
+            color = "w" if abs(v) > 0.6 * limit else "k"
+            ax.text(col, row, f"{v:.2f}", ha="center", va="center", fontsize=7, color=color)
+        ax.set_title(title, fontsize=9)
+        ax.set_ylabel("layer")
+        ax.set_yticks(range(values.shape[0]))
+        ax.set_xticks(range(values.shape[1]))
+        if by_token:
+            labels = [
+                _label(c) if c == r else f"{_label(c)}/{_label(r)}"
+                for c, r in zip(result.clean_tokens, result.corrupt_tokens, strict=True)
+            ]
+            ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
+        ax.set_xlabel(across)
+        fig.colorbar(im, ax=ax, shrink=0.8)
+    fig.suptitle(
+        f"patching clean into corrupted at position {result.position}: logit "
+        f"'{result.right}' - '{result.wrong}' ({result.clean:.2f} clean, "
+        f"{result.corrupt:.2f} corrupted); 1 = all of it comes back",
+        fontsize=9,
+    )
+    return fig

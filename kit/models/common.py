@@ -81,6 +81,19 @@ class TaskModel(nnx.Module):
     def eval_metrics(result: dict[str, float]) -> dict[str, float]:
         return result
 
+    def text_logits(self, task: Any, ids: list[int], hooks: hooks.Hooks | None = None):
+        """Per-position logits `[1, T, V]` of one token sequence read as this kind reads
+        `task`'s text, its aux, and the T input tokens as strings (for patching and
+        plots). Only kinds whose every position predicts define it.
+
+        Raises:
+          ValueError: naming `model.kind` for a kind without per-position logits.
+        """
+        raise ValueError(
+            f"model.kind: {self.cfg.kind} has no per-position logits over one token "
+            "sequence; use an encoder_only or decoder_only model"
+        )
+
     def attention_shapes(self) -> dict[str, tuple[int, int]]:
         """Attention set -> (layers L, heads N): the shape of its head mask."""
         return {

@@ -265,6 +265,15 @@ class DecoderOnly(TaskModel):
         logits, aux = self(tokens, mb["key_mask"], dropout_rng=dropout_rng, hooks=hooks)
         return logits[:, mb["src"].shape[1] :], aux
 
+    def text_logits(self, task, ids, hooks=None):
+        """The text as the task's source, [ids, SEP], or, for a task without a source
+        (a language-model task such as induction), as its target, [SEP, ids]:
+        position t predicts token t + 1."""
+        tokens = [*ids, tasks.SEP] if task.src_len else [tasks.SEP, *ids]
+        x = jnp.asarray([tokens], jnp.int32)
+        logits, aux = self(x, jnp.ones(x.shape, bool), hooks=hooks)
+        return logits, aux, [task.vocab[i] for i in tokens]
+
     def predict(self, mb, *, hooks=None) -> Array:
         """Greedy continuation `[B, T]` of [src, SEP], aligned with mb["targets"]."""
         Ls = mb["src"].shape[1]
@@ -343,6 +352,12 @@ class EncoderOnly(TaskModel):
         return self(
             mb["src"], mb["src_lengths"], dropout_rng=dropout_rng, hooks=hooks, packed=_packed(mb)
         )
+
+    def text_logits(self, task, ids, hooks=None):
+        """The text as the source: a label per position."""
+        src = jnp.asarray([ids], jnp.int32)
+        logits, aux = self(src, jnp.asarray([len(ids)], jnp.int32), hooks=hooks)
+        return logits, aux, [task.vocab[i] for i in ids]
 
     def predict(self, mb, *, hooks=None) -> Array:
         """Argmax per position `[B, T]`."""

@@ -1,8 +1,8 @@
 """Testing what a head does: pattern scores, value-weighted norms, rollout, ablation masks.
 
 Pure numpy functions over attention arrays `[L, N, T, S]` (one example) or
-`[B, L, N, T, S]` (a leading batch axis). Models return weights in `aux` as
-`[L, B, N, T, S]`; `batch_first(aux["encoder"])` puts the batch axis first.
+`[B, L, N, T, S]` (a leading batch axis). `model.attention_sets` stacks the
+weights as `[L, B, N, T, S]`; `batch_first(sets["encoder"])` puts the batch axis first.
 
 Pattern scores (as TransformerLens's head detector, Nanda et al.): a pattern
 P `[T, S]` marks the keys a head of some kind would attend to from each query
@@ -11,7 +11,8 @@ copy: induction, the first token: an attention sink). A head's score is the
 attention mass it puts on the pattern, averaged over the query rows that have
 a pattern entry. Attention weights alone do not show that a model *uses* a
 head (Jain & Wallace, 2019); value-weighted norms (Kobayashi et al., 2020) and
-ablation (`head_mask` in every kit model; `ablation_mask` here) test it.
+ablation (`model.head_ablation(mask)` in every kit model, hooks on each head's
+output; `ablation_mask` here builds the mask) test it.
 """
 
 from __future__ import annotations
@@ -245,7 +246,8 @@ def value_weighted(weights: Any, value_norms: Any) -> np.ndarray:
     f(x_s) is token s's value vector through the head's slice of the output
     projection, what the head actually adds to query t's output per unit of
     weight; a large weight on a token whose f(x_s) is small moves little.
-    Models return ||f(x_s)|| as `aux["vectors"][set]["value_norms"]` `[L, B, N, S]`.
+    `model.attention_sets` gives ||f(x_s)|| as `["vectors"][set]["value_norms"]`
+    `[L, B, N, S]`.
 
     Args:
       weights: `[..., N, T, S]`.
@@ -291,7 +293,7 @@ def attention_rollout(
 
 
 # --------------------------------------------------------------------------
-# Ablation masks for the models' `head_mask` argument.
+# Ablation masks for the models' `head_ablation`.
 
 
 def ablation_mask(
@@ -301,9 +303,9 @@ def ablation_mask(
     layer: int | None = None,
     head: int | None = None,
 ) -> dict[str, np.ndarray]:
-    """A `head_mask` (set -> float32 `[L, N]`, ones) with heads of set `name` at 0:
-    one head (`layer` and `head`), a whole layer (`layer` only) or every head of
-    the set (neither).
+    """A head mask for `model.head_ablation` (set -> float32 `[L, N]`, ones) with
+    heads of set `name` at 0: one head (`layer` and `head`), a whole layer
+    (`layer` only) or every head of the set (neither).
 
     Args:
       shapes: set -> (L, N), as `model.attention_shapes()` gives them.

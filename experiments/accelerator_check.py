@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import kit
-from kit import tasks, training
+from kit import training
 from kit.attention.api import _choose_implementation
 from kit.attention.inputs import check_inputs
 from kit.training.loop import lower_train_step
@@ -319,7 +319,7 @@ def train_copy() -> dict[str, Any]:
     dtype = config.model.dtype = "bfloat16"
     s = training.setup(config)
     batch = training.model_batch(
-        s.mcfg.kind, tasks.train_batch(s.task, config.seed, 0, config.train.batch_size)
+        s.mcfg.kind, s.task.train_batch(config.seed, 0, config.train.batch_size)
     )
     program = lower_train_step(s, batch).compile().as_text()
     with tempfile.TemporaryDirectory() as workdir:

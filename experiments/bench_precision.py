@@ -26,7 +26,7 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from kit import tasks, training
+from kit import training
 from kit.metrics import read_metrics
 from kit.training.loop import lower_train_step
 from kit.training.steps import loss_fn, model_batch
@@ -66,7 +66,7 @@ def step_memory(config) -> dict[str, float]:
     """MiB of the compiled train step's arguments, outputs and temporaries, the saved
     activations, and the bfloat16 products before and after XLA's passes."""
     s = training.setup(config)
-    batch = model_batch(s.mcfg.kind, tasks.train_batch(s.task, 0, 0, config.train.batch_size))
+    batch = model_batch(s.mcfg.kind, s.task.train_batch(0, 0, config.train.batch_size))
     lowered = lower_train_step(s, batch)
     compiled = lowered.compile()
     m = compiled.memory_analysis()

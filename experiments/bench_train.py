@@ -18,7 +18,7 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from kit import models, tasks, training
+from kit import models, training
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/copy.py", "Experiment config.", lock_config=True)
@@ -77,7 +77,7 @@ def main(_):
     kit_model = models.build(mcfg, rng)
     flax_model = flax_variant(models.build(mcfg, rng), mcfg, rng)
     batches = [
-        training.model_batch(mcfg.kind, tasks.train_batch(task, 0, s, config.train.batch_size))
+        training.model_batch(mcfg.kind, task.train_batch(0, s, config.train.batch_size))
         for s in range(FLAGS.steps)
     ]
     tokens = sum(int(b["weights"].sum()) + int(b["src_lengths"].sum()) for b in batches)

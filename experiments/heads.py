@@ -40,33 +40,16 @@ flags.DEFINE_string("out", None, "Output folder (default: <workdir>/heads).")
 flags.mark_flags_as_required(["workdir"])
 
 
-def set_tokens(kind: str, mb: dict) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
-    """Attention set -> (query tokens `[B, T]`, key tokens `[B, S]` or None for self-attention)."""
-    if kind == "encoder_only":
-        return {"encoder": (mb["src"], None)}
-    if kind == "decoder_only":
-        return {"decoder": (np.concatenate([mb["src"], mb["tgt_in"]], axis=1), None)}
-    return {
-        "encoder": (mb["src"], None),
-        "decoder": (mb["tgt_in"], None),
-        "cross": (mb["tgt_in"], mb["src"]),
-    }
-
-
 def pattern_scores(model, kind, mb, count):
     """Set -> {score name: [L, N]} over the first `count` examples of batch `mb`."""
     mb = {k: v[:count] for k, v in mb.items()}
     _, aux = jax.jit(lambda b: model.teacher_forced(b, hooks=model.attention_hooks()))(mb)
     aux = model.attention_sets(aux["activations"])
     out = {}
-    tokens = {} if kind == "vision_transformer" else set_tokens(kind, mb)
+    tokens = model.attention_tokens(mb)
     for name in model.ATTENTION_SETS:
         weights = interp.batch_first(aux[name])
-        if kind == "vision_transformer":  # patches have no ids: each is its own token
-            query = np.broadcast_to(np.arange(weights.shape[-1]), (len(weights), weights.shape[-1]))
-            key = None
-        else:
-            query, key = tokens[name]
+        query, key = tokens[name]
         scores = interp.head_scores(weights, query, key, ignore=[tasks.PAD])
         out[name] = {k: _nan_to_none(v) for k, v in scores.items()}
     return out, aux, mb

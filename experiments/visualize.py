@@ -57,14 +57,14 @@ def main(_):
         if FLAGS.image is not None:
             reading = probe.read_image(setup.task, graphdef, params, FLAGS.image)
         elif FLAGS.compare is not None:
-            comparison = probe.compare(setup.task, graphdef, params, FLAGS.text, FLAGS.compare)
+            comparison = probe.compare(
+                setup.task, graphdef, params, FLAGS.text, FLAGS.compare, names=("text", "compare")
+            )
             reading = comparison.a
         else:
             reading = probe.read_attention(setup.task, graphdef, params, FLAGS.text)
     except ValueError as error:
-        # compare() names its texts text_a and text_b; here they are the flags.
-        message = str(error).replace("text_b", "compare").replace("text_a", "text")
-        sys.exit(f"error: {message}")
+        sys.exit(f"error: {error}")
     if FLAGS.image is not None:
         print(f"image {reading.index}: label {reading.label}, prediction {reading.prediction}")
         paths = probe.write_image_views(reading, out)

@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kit import decode, tasks, views, viz, viz_patches
+from kit import models, tasks, views, viz, viz_patches
+from kit.models.common import attention_pass
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,8 +52,11 @@ class Reading:
     attention: dict[str, dict[str, Any]]
 
 
-def read_attention(task: tasks.Task, graphdef: Any, params: Any, text: str) -> Reading:
-    """Runs the model `nnx.merge(graphdef, params)` on `text`.
+def read_attention(
+    task: tasks.Task, graphdef: Any, params: Any, text: str, *, name: str = "text"
+) -> Reading:
+    """Runs the model `nnx.merge(graphdef, params)` on `text`, as its kind reads text
+    (`TaskModel.read_text`).
 
     Encoder-only models label every position; encoder-decoder and decoder-only
     models decode greedily, then one teacher-forced pass over their own output
@@ -60,74 +64,18 @@ def read_attention(task: tasks.Task, graphdef: Any, params: Any, text: str) -> R
     position predicts, decoder keys with the token each position reads.
 
     Raises:
-      ValueError: naming `text` when it holds tokens outside the task's
-        vocabulary or is longer than the model's inputs.
+      ValueError: naming `text` (or `name`, the caller's word for it) when it holds
+        tokens outside the task's vocabulary or is longer than the model's inputs.
     """
-    ids = task.encode(text)
-    words = task.split(text)
-    model = nnx.merge(graphdef, params)
-    kind = model.cfg.kind
+    ids = task.encode(text, name)
     if len(ids) > task.src_len:
         raise ValueError(
-            f"text: {len(ids)} tokens, more than the {task.src_len} the {task.name} model reads"
+            f"{name}: {len(ids)} tokens, more than the {task.src_len} the {task.name} model reads"
         )
-    src = jnp.asarray([ids], jnp.int32)
-    lengths = jnp.asarray([len(ids)], jnp.int32)
-
-    if kind == "encoder_only":
-        logits, aux = jax.jit(lambda p, s, n: _call(graphdef, p, s, n))(params, src, lengths)
-        labels = [task.vocab[i] for i in np.asarray(jnp.argmax(logits[0], axis=-1))]
-        attention = {"encoder": _set(aux, "encoder", words, words)}
-        joiner = " " if task.words else ""
-        return Reading(text, joiner.join(labels), labels, attention)
-
-    length = task.tgt_len + 1
-    if kind == "encoder_decoder":
-        out = jax.jit(
-            lambda p, s, n: decode.greedy_encoder_decoder(
-                nnx.merge(graphdef, p), s, n, bos=tasks.BOS, length=length
-            )
-        )(params, src, lengths)
-        out_ids = _until_eos(out[0])
-        tgt_in = jnp.asarray([[tasks.BOS, *out_ids]], jnp.int32)
-        _, aux = jax.jit(lambda p, s, n, t: _call(graphdef, p, s, n, t))(
-            params, src, lengths, tgt_in
-        )
-        produced = [*(task.vocab[i] for i in out_ids), "<eos>"]
-        read = ["<bos>", *(task.vocab[i] for i in out_ids)]
-        attention = {
-            "encoder": _set(aux, "encoder", words, words),
-            "decoder": _set(aux, "decoder", produced, read),
-            "cross": _set(aux, "cross", produced, words),
-        }
-        return Reading(text, task.decode(out_ids), None, attention)
-
-    prompt = jnp.asarray([[*ids, tasks.SEP]], jnp.int32)
-    out = jax.jit(
-        lambda p, t: decode.greedy_decoder_only(
-            nnx.merge(graphdef, p), t, jnp.ones(t.shape, bool), length=length
-        )
-    )(params, prompt)
-    out_ids = _until_eos(out[0])
-    tokens = jnp.asarray([[*ids, tasks.SEP, *out_ids]], jnp.int32)
-    _, aux = jax.jit(lambda p, t: _call(graphdef, p, t, jnp.ones(t.shape, bool)))(params, tokens)
-    read = [*words, "<sep>", *(task.vocab[i] for i in out_ids)]
-    # Position i predicts token i + 1; the last one predicts EOS.
-    produced = [*read[1:], "<eos>"]
-    attention = {"decoder": _set(aux, "decoder", produced, read)}
-    return Reading(text, task.decode(out_ids), None, attention)
-
-
-def _call(graphdef, params, *args):
-    """The model's logits and its attention by set (`TaskModel.attention_sets`)."""
     model = nnx.merge(graphdef, params)
-    logits, aux = model(*args, hooks=model.attention_hooks())
-    return logits, model.attention_sets(aux["activations"])
-
-
-def _until_eos(ids) -> list[int]:
-    ids = [int(i) for i in np.asarray(ids)]
-    return ids[: ids.index(tasks.EOS)] if tasks.EOS in ids else ids
+    prediction, labels, sets, tokens = model.read_text(task, ids, task.split(text))
+    attention = {set_name: _set(sets, set_name, *pair) for set_name, pair in tokens.items()}
+    return Reading(text, prediction, labels, attention)
 
 
 def _set(aux, name, query_tokens, key_tokens) -> dict[str, Any]:
@@ -226,7 +174,15 @@ class Comparison:
         return self.view().save_figure(path, **kwargs)
 
 
-def compare(task: tasks.Task, graphdef: Any, params: Any, text_a: str, text_b: str) -> Comparison:
+def compare(
+    task: tasks.Task,
+    graphdef: Any,
+    params: Any,
+    text_a: str,
+    text_b: str,
+    *,
+    names: tuple[str, str] = ("text_a", "text_b"),
+) -> Comparison:
     """Reads `text_a` and `text_b` (e.g. one name swapped for another) with the same model.
 
     Returns:
@@ -234,26 +190,19 @@ def compare(task: tasks.Task, graphdef: Any, params: Any, text_a: str, text_b: s
       of equal shape in both, b's weights minus a's `[L, N, T, S]`.
 
     Raises:
-      ValueError: naming `text_a` or `text_b` as `read_attention` does, or
-        `text_b` when its token count differs from text_a's (the positions
-        would not align) or no set aligns (a decoder-only model whose two
-        predictions differ in length).
+      ValueError: naming `text_a` or `text_b` (or `names`, the caller's words for
+        them, e.g. a command's flags) as `read_attention` does, or the second
+        when its token count differs from the first's (the positions would not
+        align) or no set aligns (a decoder-only model whose two predictions
+        differ in length).
     """
-
-    def read(text: str, name: str) -> Reading:
-        try:
-            return read_attention(task, graphdef, params, text)
-        except ValueError as error:  # read_attention names "text"; say which one
-            message = str(error)
-            raise ValueError(
-                name + message[4:] if message.startswith("text") else message
-            ) from None
-
-    a, b = read(text_a, "text_a"), read(text_b, "text_b")
+    name_a, name_b = names
+    a = read_attention(task, graphdef, params, text_a, name=name_a)
+    b = read_attention(task, graphdef, params, text_b, name=name_b)
     count_a, count_b = len(task.encode(text_a)), len(task.encode(text_b))
     if count_a != count_b:
         raise ValueError(
-            f"text_b: {count_b} tokens where text_a has {count_a}; the texts must have "
+            f"{name_b}: {count_b} tokens where {name_a} has {count_a}; the texts must have "
             "the same number of tokens so that positions align"
         )
     differences = {
@@ -263,7 +212,7 @@ def compare(task: tasks.Task, graphdef: Any, params: Any, text_a: str, text_b: s
     }
     if not differences:  # a decoder-only model's one set spans input and output
         raise ValueError(
-            f"text_b: its prediction {b.prediction!r} has another length than text_a's "
+            f"{name_b}: its prediction {b.prediction!r} has another length than {name_a}'s "
             f"{a.prediction!r}, so no attention set aligns"
         )
     return Comparison(a, b, differences)
@@ -373,19 +322,21 @@ def read_image(task: tasks.Task, graphdef: Any, params: Any, index: int) -> Imag
         that has no class token over image patches (not a vision_transformer).
     """
     model = nnx.merge(graphdef, params)
-    if model.cfg.kind != "vision_transformer":
+    if not isinstance(model, models.VisionTransformer):
         raise ValueError(
             f"image: class-token maps need a vision_transformer with a class token, but "
             f"this workdir holds a {model.cfg.kind} model of task {task.name!r}; use --text"
         )
-    data = tasks.eval_set(task, 0, 0)  # an image task's fixed split: seed and size do not apply
+    data = task.eval_set(0, 0)  # an image task's fixed split: seed and size do not apply
     count = len(data["labels"])
     if not isinstance(index, int) or not 0 <= index < count:
         raise ValueError(
             f"image: expected an index in [0, {count}) of the held-out split, got {index!r}"
         )
     image = data["images"][index]
-    logits, aux = jax.jit(lambda p, x: _call(graphdef, p, x))(params, jnp.asarray(image[None]))
+    logits, aux = jax.jit(lambda p, x: attention_pass(graphdef, p, x))(
+        params, jnp.asarray(image[None])
+    )
     return ImageReading(
         index=index,
         image=image,

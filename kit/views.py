@@ -15,7 +15,9 @@ through matplotlib (`kit.viz.plot_attention`).
     views.head_view(reading).save_figure("layer0.svg", layer=0)
 
 A source is a `kit.probe.Reading` (anything with `.text`, `.prediction` and
-`.attention`) or a list of example dicts as `attention_html` takes them. This
+`.attention`), a list of example dicts as `attention_html` takes them, or, as
+BertViz takes it, your own model's weights with their tokens:
+`views.head_view(weights, tokens)` (`from_arrays`). This
 module draws only: it imports numpy, matplotlib and `kit.viz`, not the models.
 """
 
@@ -32,8 +34,35 @@ from matplotlib.figure import Figure
 from kit import viewer, viz
 
 
-def _examples(source: Any, name: str) -> list[Mapping[str, Any]]:
-    """A Reading (duck-typed) or a list of example dicts -> the list of example dicts."""
+def from_arrays(
+    attention: Any, tokens: Sequence[Any], key_tokens: Sequence[Any] | None = None
+) -> list[Mapping[str, Any]]:
+    """One example's attention from arrays, as BertViz takes it: `attention` is
+    `[L, N, T, S]`, `[N, T, S]` or `[T, S]`, or a sequence of per-layer `[N, T, S]`
+    or `[1, N, T, S]` arrays (a transformers model's `output_attentions`);
+    `tokens` label the T queries and `key_tokens` the S keys (default: `tokens`,
+    self-attention). Returns the example list the views and the viewer take."""
+    if isinstance(attention, Sequence) and not isinstance(attention, str):
+        layers = [np.asarray(a) for a in attention]
+        layers = [a[0] if a.ndim == 4 and a.shape[0] == 1 else a for a in layers]
+        if any(a.ndim != 3 for a in layers):
+            shapes = [a.shape for a in layers]
+            raise ValueError(
+                f"attention: expected per-layer [N, T, S] or [1, N, T, S] arrays, given {shapes}"
+            )
+        attention = np.stack(layers)
+    weights = np.asarray(attention)
+    tokens = [str(t) for t in tokens]
+    keys = tokens if key_tokens is None else [str(t) for t in key_tokens]
+    entry = {"weights": weights, "query_tokens": tokens, "key_tokens": keys}
+    return [{"name": " ".join(tokens), "attention": {"attention": entry}}]
+
+
+def _examples(source: Any, name: str, tokens=None, key_tokens=None) -> list[Mapping[str, Any]]:
+    """A Reading (duck-typed), a list of example dicts, or arrays with `tokens`
+    (`from_arrays`) -> the list of example dicts."""
+    if tokens is not None:
+        return from_arrays(source, tokens, key_tokens)
     if all(hasattr(source, field) for field in ("text", "prediction", "attention")):
         return [
             {"name": source.text, "prediction": source.prediction, "attention": source.attention}
@@ -229,22 +258,36 @@ def _pick_set(
 
 def head_view(
     source: Any,
+    tokens: Sequence[Any] | None = None,
     *,
+    key_tokens: Sequence[Any] | None = None,
     set_name: str | None = None,
     layer: int = 0,
     head: int | None = None,
     title: str | None = None,
 ) -> View:
-    """Lines from query to key tokens, one colour per head (all heads, or only `head`)."""
-    examples = _examples(source, "source")
+    """Lines from query to key tokens, one colour per head (all heads, or only `head`).
+
+    `source` is a `kit.probe.Reading`, a list of example dicts, or, with `tokens`,
+    attention arrays of your own model (`from_arrays`): `head_view(weights, tokens)`.
+    """
+    examples = _examples(source, "source", tokens, key_tokens)
     return View(
         examples, title=title or _title(examples), set_name=set_name, layer=layer, head=head
     )
 
 
-def model_view(source: Any, *, set_name: str | None = None, title: str | None = None) -> View:
-    """A thumbnail of every layer x head; clicking one opens it in the head view."""
-    examples = _examples(source, "source")
+def model_view(
+    source: Any,
+    tokens: Sequence[Any] | None = None,
+    *,
+    key_tokens: Sequence[Any] | None = None,
+    set_name: str | None = None,
+    title: str | None = None,
+) -> View:
+    """A thumbnail of every layer x head; clicking one opens it in the head view.
+    `source` and `tokens` as in `head_view`."""
+    examples = _examples(source, "source", tokens, key_tokens)
     return View(examples, title=title or _title(examples), view="model", set_name=set_name)
 
 

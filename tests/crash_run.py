@@ -43,7 +43,7 @@ def main():
     unknown = set(faults) - points
     if unknown:
         raise SystemExit(f"unknown fault point(s) {sorted(unknown)}")
-    real_batch, real_evaluate = tasks.train_batch, loop.evaluate
+    real_batch, real_evaluate = tasks.Task.train_batch, loop.evaluate
     real_save, real_fresh = checkpoint.Checkpointer.save, loop._fresh_state
     real_write = metrics.MetricWriter.write
     current = [0]  # the training step under way (1-based)
@@ -74,7 +74,7 @@ def main():
             fire("metrics", step)
         real_write(self, step, values)
 
-    tasks.train_batch, loop.evaluate, loop._fresh_state = train_batch, evaluate, fresh_state
+    tasks.Task.train_batch, loop.evaluate, loop._fresh_state = train_batch, evaluate, fresh_state
     checkpoint.Checkpointer.save, metrics.MetricWriter.write = save, write
     if "save" in faults:
         from orbax.checkpoint._src.path import atomicity

@@ -107,3 +107,23 @@ def slow_beyond(values, fast, *, several=False):
         return pytest.param(*(v if several else (v,)), marks=pytest.mark.slow)
 
     return [v if v in fast else param(v) for v in values]
+
+
+def tiny_model(kind: str, **overrides):
+    """A small untrained model of `kind` (vocabulary 12, d=16, 2 heads, 2 layers, or
+    2 + 2), built with key 0; `overrides` are ModelConfig fields."""
+    import jax
+
+    from kit import models
+
+    cfg = dict(
+        kind=kind,
+        vocab_size=12,
+        d_model=16,
+        num_heads=2,
+        num_layers=2,
+        num_decoder_layers=2,
+        d_ff=32,
+        max_len=16,
+    )
+    return models.build(models.ModelConfig(**{**cfg, **overrides}), jax.random.key(0))

@@ -18,7 +18,7 @@ from kit import interp, tasks, training
 
 def test_induction_rows_repeat_a_random_half():
     task = tasks.make_task("induction", length=8, num_symbols=20)
-    data = tasks.train_batch(task, 0, 3, 64)
+    data = task.train_batch(0, 3, 64)
     assert data["src"].shape == (64, 0)
     halves = set()
     for tgt, n in zip(data["tgt"], data["tgt_lengths"], strict=True):

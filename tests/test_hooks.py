@@ -11,24 +11,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import ROOT
+from helpers import ROOT, tiny_model
 
-from kit import models, patching, tasks
+from kit import patching, tasks
 from kit.hooks import Edit, Hooks
 
 
 def build(kind, **overrides):
-    cfg = dict(
-        kind=kind,
-        vocab_size=12,
-        d_model=16,
-        num_heads=2,
-        num_layers=2,
-        num_decoder_layers=2,
-        d_ff=32,
-        max_len=16,
-    )
-    return models.build(models.ModelConfig(**{**cfg, **overrides}), jax.random.key(0))
+    return tiny_model(kind, **overrides)
 
 
 def tokens(B=3, T=6, seed=1):

@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import slow_beyond
+from helpers import slow_beyond, tiny_model
 
-from kit import decode, interp, models
+from kit import decode, interp
 from kit.attention.projections import ablate_heads
 
 # ---------------------------------------------------------------------------
@@ -176,18 +176,7 @@ def test_ablation_mask_and_its_errors():
 
 
 def build(kind, **overrides):
-    cfg = models.ModelConfig(
-        kind=kind,
-        vocab_size=12,
-        d_model=16,
-        num_heads=2,
-        num_layers=2,
-        num_decoder_layers=2,
-        d_ff=32,
-        max_len=16,
-        **overrides,
-    )
-    return models.build(cfg, jax.random.key(0))
+    return tiny_model(kind, **overrides)
 
 
 def batch(B=3, T=6, seed=1):

@@ -57,7 +57,7 @@ KINDS = [("encoder_decoder", "scan"), ("encoder_only", "copy")]
 @pytest.mark.parametrize("kind, task_name", slow_beyond(KINDS, [KINDS[0]], several=True))
 def test_packed_logits_equal_the_separate_examples(kind, task_name, positions):
     task = tasks.make_task(task_name, length=8, num_symbols=6, split="simple")
-    mb = models.MODELS[kind].batch(tasks.train_batch(task, 0, 3, 12))
+    mb = models.MODELS[kind].batch(task.train_batch(0, 3, 12))
     widths = packing.row_widths(mb, models.MODELS[kind].PACKED, span=3)
     packed = models.MODELS[kind].pack(mb, rows=3, widths=widths)
     placed = _examples_of(packed)

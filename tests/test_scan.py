@@ -110,14 +110,14 @@ def test_length_split_test_set_parts():
     rest = [a for (_, a), x in zip(test, around, strict=True) if not x]
     lengths = collections.Counter(len(a.split()) for a in rest)
     assert lengths == {24: 328, 25: 256, 28: 64, 32: 128}
-    groups = tasks.eval_groups(tasks.make_task("scan", split="length"), 0, 0)
+    groups = tasks.make_task("scan", split="length").eval_groups(0, 0)
     assert groups["around_thrice"].sum() == 3144 and groups["recombination"].sum() == 776
-    assert tasks.eval_groups(tasks.make_task("scan", split="simple"), 0, 0) == {}
+    assert tasks.make_task("scan", split="simple").eval_groups(0, 0) == {}
 
 
 def test_batches_encode_the_split_and_are_a_pure_function_of_seed_and_step():
     task = tasks.make_task("scan", split="length")
-    a, b = tasks.train_batch(task, 1, 5, 32), tasks.train_batch(task, 1, 5, 32)
+    a, b = task.train_batch(1, 5, 32), task.train_batch(1, 5, 32)
     for k in a:
         np.testing.assert_array_equal(a[k], b[k])
     train = dict(scan.scan_split("length")[0])
@@ -166,7 +166,7 @@ def test_oracle_length_decoding_never_ends_early_and_ends_at_the_length():
     graphdef, params = training.init_model(cfg, jax.random.key(0, impl="rbg"))
     model = nnx.merge(graphdef, params)
     model.head.bias[...] = model.head.bias[...].at[tasks.EOS].set(100.0)
-    mb = models.MODELS["encoder_decoder"].batch(tasks.train_batch(task, 0, 0, 6))
+    mb = models.MODELS["encoder_decoder"].batch(task.train_batch(0, 0, 6))
     mb = {k: jnp.asarray(v) for k, v in mb.items()}
     plain = np.asarray(model.predict(mb))
     oracle = np.asarray(model.predict(mb, oracle_length=True))
@@ -208,11 +208,11 @@ def test_validation_runs_evaluate_the_validation_part(tmp_path):
     """task.validation: the held-out set is the validation part, without the test
     split's parts; on a task without published splits it fails naming the field."""
     task = tasks.make_task("scan", split="length", validation=True)
-    held_out = tasks.eval_set(task, 0, 0)
+    held_out = task.eval_set(0, 0)
     validation = scan.scan_split("length", validation=True)[1]
     assert len(held_out["src"]) == len(validation)
     first = " ".join(task.tokens(held_out["src"][0][: held_out["src_lengths"][0]]))
     assert first == validation[0][0]
-    assert tasks.eval_groups(task, 0, 0) == {}
+    assert task.eval_groups(0, 0) == {}
     with pytest.raises(ValueError, match=r"^config\.task\.validation: draws from a published"):
         training.check_config(load_config("copy", **{"task.validation": True}))

@@ -1,19 +1,21 @@
 """kit.tasks: deterministic batches, correct targets, held-out sets disjoint from training."""
 
+import dataclasses
 import datetime
 
 import numpy as np
 import pytest
+from helpers import load_config
 
-from kit import tasks
+from kit import tasks, training
 
 
 @pytest.mark.parametrize("name", ["copy", "reverse", "sort", "dates", "pronoun"])
 def test_batches_are_a_pure_function_of_seed_and_step(name):
     task = tasks.make_task(name)
-    a = tasks.train_batch(task, 0, 5, 16)
-    b = tasks.train_batch(task, 0, 5, 16)
-    c = tasks.train_batch(task, 0, 6, 16)
+    a = task.train_batch(0, 5, 16)
+    b = task.train_batch(0, 5, 16)
+    c = task.train_batch(0, 6, 16)
     for key in a:
         np.testing.assert_array_equal(a[key], b[key])
     assert not np.array_equal(a["src"], c["src"])
@@ -25,7 +27,7 @@ def test_batches_are_a_pure_function_of_seed_and_step(name):
 )
 def test_symbol_task_targets(name, fn):
     task = tasks.make_task(name, length=12, num_symbols=7)
-    batch = tasks.train_batch(task, 1, 0, 32)
+    batch = task.train_batch(1, 0, 32)
     assert batch["src"].min() >= len(tasks.SPECIALS)
     assert batch["src"].max() < len(tasks.SPECIALS) + 7
     for s, t in zip(batch["src"], batch["tgt"], strict=True):
@@ -34,7 +36,7 @@ def test_symbol_task_targets(name, fn):
 
 def test_dates_targets_are_the_iso_date_of_the_source():
     task = tasks.make_task("dates")
-    batch = tasks.train_batch(task, 0, 0, 64)
+    batch = task.train_batch(0, 0, 64)
     for src, n, tgt in zip(batch["src"], batch["src_lengths"], batch["tgt"], strict=True):
         text, iso = task.decode(src[:n]), task.decode(tgt)
         date = datetime.date.fromisoformat(iso)
@@ -46,13 +48,13 @@ def test_dates_targets_are_the_iso_date_of_the_source():
 
 def test_dates_held_out_shares_no_source_string_with_training():
     task = tasks.make_task("dates")
-    held_out = tasks.eval_set(task, 0, 2000)
+    held_out = task.eval_set(0, 2000)
     eval_strings = {
         task.decode(s[:n]) for s, n in zip(held_out["src"], held_out["src_lengths"], strict=True)
     }
     train_strings = set()
     for step in range(40):
-        batch = tasks.train_batch(task, 0, step, 256)
+        batch = task.train_batch(0, step, 256)
         train_strings |= {
             task.decode(s[:n]) for s, n in zip(batch["src"], batch["src_lengths"], strict=True)
         }
@@ -102,7 +104,7 @@ def _sentences(task, batch):
 
 def test_pronoun_labels_follow_the_rule():
     task = tasks.make_task("pronoun")
-    for words, labels in _sentences(task, tasks.train_batch(task, 0, 3, 256)):
+    for words, labels in _sentences(task, task.train_batch(0, 3, 256)):
         names = [w for w in words if w in tasks.MALE + tasks.FEMALE]
         (p,) = [i for i, w in enumerate(words) if w in ("he", "she")]
         male = words[p] == "he"
@@ -124,8 +126,8 @@ def test_pronoun_held_out_pairs_never_trained_together():
 
     trained = set()
     for step in range(20):
-        trained |= pairs(tasks.train_batch(task, 0, step, 256))
-    held_out = pairs(tasks.eval_set(task, 0, 2000))
+        trained |= pairs(task.train_batch(0, step, 256))
+    held_out = pairs(task.eval_set(0, 2000))
     assert len(trained) > 500 and len(held_out) > 80
     assert trained.isdisjoint(held_out)
     assert ("Mark", "Sam") not in trained
@@ -140,3 +142,39 @@ def test_word_tasks_encode_words_and_name_unknown_ones():
         task.encode("Zed told Sam that it was leaving.")
     with pytest.raises(ValueError, match=r"text: expected at least one token"):
         task.encode("   ")
+
+
+# ---------------------------------------------------------------------------
+# The registry: a task defined and registered here, in the test file alone.
+
+
+@dataclasses.dataclass(frozen=True)
+class Successor(tasks.Task):
+    """Each of 6 symbols becomes the next one (the last of the vocabulary excluded)."""
+
+    def examples(self, rng, n, held_out):
+        del held_out
+        src = rng.integers(len(tasks.SPECIALS), self.vocab_size - 1, size=(n, 6))
+        return list(src), list(src + 1)
+
+
+def successor(options):
+    del options
+    return Successor("successor", (*tasks.SPECIALS, *"abcdefgh"), 6, 6, aligned=True)
+
+
+def test_a_task_registered_from_a_test_file_trains_at_the_tiny_size(
+    tmp_path, monkeypatch, standard_promotion
+):
+    monkeypatch.setitem(tasks.TASKS, "successor", (successor, ()))
+    task = tasks.make_task("successor")
+    batch = task.train_batch(0, 0, 4)
+    np.testing.assert_array_equal(batch["tgt"], batch["src"] + 1)
+    config = load_config("copy", **{"task.name": "successor"})
+    result = training.train_and_evaluate(config, str(tmp_path), progress=False)
+    assert np.isfinite(result["eval/loss"]) and 0.0 <= result["eval/exact_match"] <= 1.0
+    with pytest.raises(ValueError, match=r"^task.validation: .* got task 'successor'"):
+        tasks.make_task("successor", validation=True)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match=r"^task.name: expected one of .*got 'successor'"):
+        tasks.make_task("successor")

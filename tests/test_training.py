@@ -92,7 +92,7 @@ def test_train_step_compiles_once():
     step = jax.jit(chex.assert_max_traces(trainer.train_step, n=1))
     state = trainer.init_state(params)
     for i in range(3):
-        mb = training.model_batch(mcfg.kind, tasks.train_batch(task, 0, i, 8))
+        mb = training.model_batch(mcfg.kind, task.train_batch(0, i, 8))
         state, _ = step(state, mb, jax.random.key(1, impl="rbg"))
     assert int(state["step"]) == 3
 
@@ -167,14 +167,14 @@ def test_bfloat16_computes_in_bfloat16_keeps_float32_state_and_resumes_bit_for_b
         return signal.SIGINT if len(training_steps) == 3 else None
 
     training_steps = []
-    real_batch = tasks.train_batch
+    real_batch = tasks.Task.train_batch  # the copy task's (a SymbolTask inherits it)
 
     def train_batch(task, seed, step, batch_size):
         training_steps.append(step)
         return real_batch(task, seed, step, batch_size)
 
     resumed = str(tmp_path / "resumed")
-    monkeypatch.setattr(tasks, "train_batch", train_batch)
+    monkeypatch.setattr(tasks.Task, "train_batch", train_batch)
     monkeypatch.setattr(loop.StopSignals, "agreed", stop_at_3)
     with pytest.raises(training.Interrupted, match="interrupted at step 3 "):
         training.train_and_evaluate(config, resumed, progress=False)

@@ -43,15 +43,15 @@ def test_shift_moves_by_one_pixel_and_fills_zeros():
 
 def test_batches_are_a_pure_function_of_seed_and_step_and_augmentation_switches_off():
     task = tasks.make_task("digits", augment=False)
-    a, b = tasks.train_batch(task, 3, 7, 16), tasks.train_batch(task, 3, 7, 16)
+    a, b = task.train_batch(3, 7, 16), task.train_batch(3, 7, 16)
     np.testing.assert_array_equal(a["images"], b["images"])
-    assert not np.array_equal(a["images"], tasks.train_batch(task, 3, 8, 16)["images"])
+    assert not np.array_equal(a["images"], task.train_batch(3, 8, 16)["images"])
     images, labels = digits.load()
     train = set(digits.split()[0].tolist())
     for image, label in zip(a["images"], a["labels"], strict=True):  # untouched training images
         match = [i for i in train if np.array_equal(images[i], image)]
         assert match and labels[match[0]] == label
-    shifted = tasks.train_batch(tasks.make_task("digits"), 3, 7, 16)
+    shifted = tasks.make_task("digits").train_batch(3, 7, 16)
     assert not np.array_equal(shifted["images"], a["images"])
     np.testing.assert_array_equal(shifted["labels"], a["labels"])  # the same images, moved
 

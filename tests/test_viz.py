@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kit import viewer, viz
+from kit import viewer, views, viz
 
 
 def softmax_weights(shape, seed=0):
@@ -823,3 +823,29 @@ def test_two_views_on_one_page_do_not_clash(open_page):
     )
     got = sorted((int(n), int(t), int(s), float(x)) for n, t, s, x in two_lines)
     assert got == expected_lines(w[0], heads=[1])
+
+
+@pytest.mark.browser
+@pytest.mark.parametrize("measures", ["in the page", "0 (laid out before it shows)"])
+def test_head_view_from_arrays_keeps_long_tokens_whole(browser, tmp_path, measures):
+    """views.head_view(weights, tokens) in one call, as BertViz's; every token lies inside
+    the drawing, also where the page measures text as 0 wide (an iframe in a notebook
+    laid out before it shows, which clipped "leaving" to "eaving")."""
+    tokens = ["Mark", "told", "Sam", "that", "he", "was", "leaving", "extraordinarily"]
+    rng = np.random.default_rng(0)
+    weights = rng.dirichlet(np.ones(8), size=(2, 3, 8))  # [L, N, T, S]
+    path = tmp_path / "head.html"
+    views.head_view(list(weights[:, None]), tokens).save(path)  # per-layer [1, N, T, S]
+    page = browser.new_page()
+    if measures.startswith("0"):
+        page.add_init_script("SVGTextContentElement.prototype.getComputedTextLength = () => 0;")
+    page.goto(path.as_uri())
+    boxes = page.eval_on_selector_all(
+        "#lines-view text.token",
+        "els => els.map(e => { const b = e.getBBox(); return [e.textContent, b.x, b.width]; })",
+    )
+    width = float(page.get_attribute("#lines-view", "width"))
+    page.close()
+    assert sorted(t for t, _, _ in boxes) == sorted(tokens * 2)
+    for token, x, w in boxes:
+        assert x >= 0 and x + w <= width, (token, x, w, width)

@@ -177,8 +177,13 @@ function drawHead() {
       svg.append(text);
       return text;
     }));
-  // Column widths are measured after the text is in the page, so any font fits.
-  const width = (texts) => Math.max(40, ...texts.map((t) => t.getComputedTextLength()));
+  // Column widths come from the text they hold: measured once the text is in the page,
+  // and never under its length in 14px monospace characters (bold ones included),
+  // which holds where the page is laid out before it shows (an iframe in a notebook
+  // that measures 0, or a narrower fallback font).
+  const TOKEN_CHAR = 9;
+  const width = (texts) => Math.max(40, ...texts.map((t) =>
+    Math.max(t.getComputedTextLength(), TOKEN_CHAR * t.textContent.length)));
   const [qWidth, kWidth] = columns.map(width);
   const x0 = PAD + qWidth, x1 = x0 + 8, x2 = x1 + GAP, x3 = x2 + 8;
   const y = (i) => PAD + HEADER + ROW * (i + 0.5);

@@ -7,6 +7,7 @@ from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from kit import attention, hooks, nn
@@ -72,7 +73,7 @@ class TaskModel(nnx.Module):
         """A per-example model batch packed into `rows` rows of `widths` (`packing.pack`)."""
         if cls.PACKED is None:
             raise ValueError(
-                f"config.task.pack: model kind {cls.__name__} does not pack examples; "
+                f"mb: model kind {cls.__name__} does not pack examples; "
                 "use encoder_decoder or encoder_only"
             )
         return packing.pack(mb, cls.PACKED, rows, widths)
@@ -80,6 +81,36 @@ class TaskModel(nnx.Module):
     @staticmethod
     def eval_metrics(result: dict[str, float]) -> dict[str, float]:
         return result
+
+    # Whether `predict` takes oracle_length (decoding to the target's true length).
+    ORACLE_LENGTH: ClassVar[bool] = False
+
+    @classmethod
+    def check(cls, m: Any, task: Any) -> None:
+        """Checks `m` (a config's `model` section) against `task` for this kind.
+
+        Raises:
+          ValueError: naming the `model.<field>` that does not fit.
+        """
+        if task.image_size:
+            raise ValueError(
+                f"model.kind: task {task.name!r} is images; use 'vision_transformer', "
+                f"got {m.kind!r}"
+            )
+
+    def read_text(self, task: Any, ids: list[int], words: list[str]):
+        """One text through the model as the probe reads it (batch of one).
+
+        Returns:
+          (prediction text, a label per input position or None, the attention by
+          set as `attention_sets` gives it, set -> (query tokens, key tokens)).
+        """
+        raise ValueError(f"text: a {self.cfg.kind} model does not read text")
+
+    def attention_tokens(self, mb: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+        """Attention set -> (query token ids `[B, T]`, key ids `[B, S]` or None for
+        self-attention) of a model batch, for pattern scores (`kit.interp`)."""
+        raise NotImplementedError
 
     def text_logits(self, task: Any, ids: list[int], hooks: hooks.Hooks | None = None):
         """Per-position logits `[1, T, V]` of one token sequence read as this kind reads
@@ -190,6 +221,20 @@ class TaskModel(nnx.Module):
                 vectors["bias"] = stacked("bias")
             out["vectors"][name] = vectors
         return out
+
+
+def attention_pass(graphdef: Any, params: Any, *args: Any):
+    """`nnx.merge(graphdef, params)(*args)` reading every attention: its logits and
+    `attention_sets` (a pure function, to jit)."""
+    model = nnx.merge(graphdef, params)
+    logits, aux = model(*args, hooks=model.attention_hooks())
+    return logits, model.attention_sets(aux["activations"])
+
+
+def until_eos(ids: Any, eos: int) -> list[int]:
+    """ids up to (not including) the first `eos`."""
+    ids = [int(i) for i in np.asarray(ids)]
+    return ids[: ids.index(eos)] if eos in ids else ids
 
 
 class Stack(nnx.Module):

@@ -10,7 +10,7 @@ import numpy as np
 from flax import nnx
 
 from kit import decode, positional, tasks
-from kit.models.common import ModelConfig, Stack, TaskModel
+from kit.models.common import ModelConfig, Stack, TaskModel, attention_pass, until_eos
 
 Array = jax.Array
 # Randomized positions draw from fold_in(the dropout key, this), apart from dropout's.
@@ -171,6 +171,42 @@ class EncoderDecoder(TaskModel):
             hooks=hooks,
         )
 
+    ORACLE_LENGTH: ClassVar[bool] = True
+
+    def read_text(self, task, ids, words):
+        """Greedy decoding, then one teacher-forced pass over its own output; decoder
+        queries are labelled with the token each position predicts, keys with the
+        token each position reads."""
+        graphdef, params = nnx.split(self)
+        src = jnp.asarray([ids], jnp.int32)
+        lengths = jnp.asarray([len(ids)], jnp.int32)
+        length = task.tgt_len + 1
+        out = jax.jit(
+            lambda p, s, n: decode.greedy_encoder_decoder(
+                nnx.merge(graphdef, p), s, n, bos=tasks.BOS, length=length
+            )
+        )(params, src, lengths)
+        out_ids = until_eos(out[0], tasks.EOS)
+        tgt_in = jnp.asarray([[tasks.BOS, *out_ids]], jnp.int32)
+        _, sets = jax.jit(lambda p, *a: attention_pass(graphdef, p, *a))(
+            params, src, lengths, tgt_in
+        )
+        produced = [*(task.vocab[i] for i in out_ids), "<eos>"]
+        read = ["<bos>", *(task.vocab[i] for i in out_ids)]
+        tokens = {
+            "encoder": (words, words),
+            "decoder": (produced, read),
+            "cross": (produced, words),
+        }
+        return task.decode(out_ids), None, sets, tokens
+
+    def attention_tokens(self, mb):
+        return {
+            "encoder": (mb["src"], None),
+            "decoder": (mb["tgt_in"], None),
+            "cross": (mb["tgt_in"], mb["src"]),
+        }
+
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         self.embed = Embedder(cfg, rngs=rngs)
@@ -265,6 +301,27 @@ class DecoderOnly(TaskModel):
         logits, aux = self(tokens, mb["key_mask"], dropout_rng=dropout_rng, hooks=hooks)
         return logits[:, mb["src"].shape[1] :], aux
 
+    def read_text(self, task, ids, words):
+        """Greedy continuation of [text, SEP], then one pass over [text, SEP, output];
+        position i is labelled with the token it predicts, i + 1 (the last: EOS)."""
+        graphdef, params = nnx.split(self)
+        prompt = jnp.asarray([[*ids, tasks.SEP]], jnp.int32)
+        out = jax.jit(
+            lambda p, t: decode.greedy_decoder_only(
+                nnx.merge(graphdef, p), t, jnp.ones(t.shape, bool), length=task.tgt_len + 1
+            )
+        )(params, prompt)
+        out_ids = until_eos(out[0], tasks.EOS)
+        tokens = jnp.asarray([[*ids, tasks.SEP, *out_ids]], jnp.int32)
+        _, sets = jax.jit(lambda p, t: attention_pass(graphdef, p, t, jnp.ones(t.shape, bool)))(
+            params, tokens
+        )
+        read = [*words, "<sep>", *(task.vocab[i] for i in out_ids)]
+        return task.decode(out_ids), None, sets, {"decoder": ([*read[1:], "<eos>"], read)}
+
+    def attention_tokens(self, mb):
+        return {"decoder": (np.concatenate([mb["src"], mb["tgt_in"]], axis=1), None)}
+
     def text_logits(self, task, ids, hooks=None):
         """The text as the task's source, [ids, SEP], or, for a task without a source
         (a language-model task such as induction), as its target, [SEP, ids]:
@@ -352,6 +409,21 @@ class EncoderOnly(TaskModel):
         return self(
             mb["src"], mb["src_lengths"], dropout_rng=dropout_rng, hooks=hooks, packed=_packed(mb)
         )
+
+    def read_text(self, task, ids, words):
+        """One pass: a label per position."""
+        graphdef, params = nnx.split(self)
+        src = jnp.asarray([ids], jnp.int32)
+        lengths = jnp.asarray([len(ids)], jnp.int32)
+        logits, sets = jax.jit(lambda p, s, n: attention_pass(graphdef, p, s, n))(
+            params, src, lengths
+        )
+        labels = [task.vocab[i] for i in np.asarray(jnp.argmax(logits[0], axis=-1))]
+        joiner = " " if task.words else ""
+        return joiner.join(labels), labels, sets, {"encoder": (words, words)}
+
+    def attention_tokens(self, mb):
+        return {"encoder": (mb["src"], None)}
 
     def text_logits(self, task, ids, hooks=None):
         """The text as the source: a label per position."""

@@ -114,6 +114,31 @@ class VisionTransformer(TaskModel):
             raise ValueError(f"model.kind: 'vision_transformer' reads images, not {task.name!r}")
         return 1  # its positions come from the patch grid, not from model.max_len
 
+    @classmethod
+    def check(cls, m, task) -> None:
+        """The patches must tile the image, positions are the patch grid's (learned or
+        sinusoidal 2-D, not randomized)."""
+        if m.random_positions:
+            raise ValueError(
+                "model.random_positions: a vision_transformer's positions are its "
+                "patch grid's; expected 0"
+            )
+        if task.image_size and task.image_size % m.patch_size:
+            raise ValueError(
+                f"model.patch_size: must divide the image size {task.image_size}, "
+                f"got {m.patch_size}"
+            )
+        if m.positions not in ("learned", "sinusoidal"):
+            raise ValueError(
+                f"model.positions: a vision_transformer takes 'learned' or "
+                f"'sinusoidal' (2-D) positions, got {m.positions!r}"
+            )
+
+    def attention_tokens(self, mb):
+        """Patches have no ids: each token (the class token, then the patches) is its own."""
+        B, T = len(mb["images"]), 1 + self.grid**2
+        return {"encoder": (np.broadcast_to(np.arange(T), (B, T)), None)}
+
     @staticmethod
     def eval_metrics(result: dict[str, float]) -> dict[str, float]:
         """A class per image: exact match is the accuracy, logged as eval/accuracy."""

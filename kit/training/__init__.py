@@ -1,9 +1,11 @@
-"""Training split by job: config (schema and checks), steps (loss, optimizer, train
-and eval steps), setup (task, model, mesh, shardings), workdir (config.json,
-metrics, checkpoints, load_checkpoint), report (what a run prints), stopping
-(signals, the workdir lock, write failures) and loop (train_and_evaluate).
-Imports run one way: config <- steps <- setup <- workdir <- loop, and stopping
-<- loop.
+"""Training split by job: config (schema and checks), steps (loss, optimizer, train and
+eval steps), setup (task, model, mesh, shardings), workdir (config.json, metrics,
+checkpoints, load_checkpoint), report (what a run prints), stopping (signals, the
+workdir lock, write failures), programs (the compiled programs, compiling on
+background threads), actions (periodic logging, evaluation and checkpoints, the
+deferred non-finite checks, the clock) and loop (train_and_evaluate). Imports run
+one way: config <- steps <- setup <- workdir, programs <- loop; report, stopping <-
+actions <- loop.
 """
 
 from kit.training.config import check_config, default_config, from_file, tiny, variant

@@ -3,19 +3,25 @@
 configs/<name>.py start from `default_config()` and set only what differs;
 `tiny(config)` shrinks any of them to the size the tests run. Every check names
 its field (`config.train.steps: ...`) and runs before anything is compiled or
-written.
+written; the checks write `train.steps: ...` and `in_config_terms` adds "config."
+in one place.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ParamSpec, TypeVar
 
 import ml_collections
 
 from kit import models, tasks
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -155,7 +161,7 @@ def get(config: ml_collections.ConfigDict, path: str) -> Any:
 def positive_int(config: ml_collections.ConfigDict, path: str) -> int:
     value = get(config, path)
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"config.{path}: expected a positive int, got {value!r}")
+        raise ValueError(f"{path}: expected a positive int, got {value!r}")
     return value
 
 
@@ -168,7 +174,7 @@ def number(
     low_open: bool = False,
     high_open: bool = True,
 ) -> float:
-    """A finite real number in the interval; raises ValueError naming config.<path>."""
+    """A finite real number in the interval; raises ValueError naming <path>."""
     value = get(config, path)
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if ok:
@@ -177,7 +183,7 @@ def number(
         )
     if not ok:
         interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-        raise ValueError(f"config.{path}: expected a finite number in {interval}, got {value!r}")
+        raise ValueError(f"{path}: expected a finite number in {interval}, got {value!r}")
     return float(value)
 
 
@@ -186,69 +192,61 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 def _check_dtype(dtype: str) -> None:
-    """config.model.dtype: a computation dtype the kit trains in.
+    """model.dtype: a computation dtype the kit trains in.
 
     Raises:
-      ValueError: naming config.model.dtype (for float16: why it is refused).
+      ValueError: naming model.dtype (for float16: why it is refused).
     """
     if dtype == "float16":
         raise ValueError(
-            "config.model.dtype: float16 trains only with loss scaling (its range, up to "
+            "model.dtype: float16 trains only with loss scaling (its range, up to "
             "65504, lets gradients overflow and underflow), which the kit does not do; use "
             "'bfloat16', which has float32's range in the same memory"
         )
     if dtype not in COMPUTE_DTYPES:
-        raise ValueError(f"config.model.dtype: expected one of {COMPUTE_DTYPES}, got {dtype!r}")
+        raise ValueError(f"model.dtype: expected one of {COMPUTE_DTYPES}, got {dtype!r}")
 
 
 def _check_random_positions(m: ml_collections.ConfigDict) -> None:
     r = m.random_positions
     if not isinstance(r, int) or isinstance(r, bool) or r < 0:
-        raise ValueError(f"config.model.random_positions: expected an int >= 0, got {r!r}")
+        raise ValueError(f"model.random_positions: expected an int >= 0, got {r!r}")
     if r and m.positions not in ("sinusoidal", "learned"):
         raise ValueError(
-            "config.model.random_positions: randomizes the absolute positions "
+            "model.random_positions: randomizes the absolute positions "
             f"('sinusoidal' or 'learned'), got model.positions={m.positions!r}"
-        )
-    if r and m.kind == "vision_transformer":
-        raise ValueError(
-            "config.model.random_positions: a vision_transformer's positions are its "
-            "patch grid's; expected 0"
         )
     if r and r < m.max_len:
         raise ValueError(
-            f"config.model.random_positions: draws model.max_len = {m.max_len} positions "
+            f"model.random_positions: draws model.max_len = {m.max_len} positions "
             f"without replacement, so it must be at least that, got {r}"
         )
 
 
-def _check_vision(m: ml_collections.ConfigDict, task: tasks.Task) -> None:
-    if m.kind == "vision_transformer":
-        if task.image_size % m.patch_size:
-            raise ValueError(
-                f"config.model.patch_size: must divide the image size {task.image_size}, "
-                f"got {m.patch_size}"
-            )
-        if m.positions not in ("learned", "sinusoidal"):
-            raise ValueError(
-                f"config.model.positions: a vision_transformer takes 'learned' or "
-                f"'sinusoidal' (2-D) positions, got {m.positions!r}"
-            )
-    elif task.image_size:
-        raise ValueError(
-            f"config.model.kind: task {task.name!r} is images; use 'vision_transformer', "
-            f"got {m.kind!r}"
-        )
+def in_config_terms(check: Callable[P, R]) -> Callable[P, R]:
+    """The one place "config." is added: the library's checks name a field as
+    `<section>.<field>` (`task.length`, `model.patch_size`); a config check's error
+    names it `config.<section>.<field>`, as it is written on the command line."""
+
+    @functools.wraps(check)
+    def checked(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return check(*args, **kwargs)
+        except ValueError as error:
+            raise ValueError(f"config.{error}") from None
+
+    return checked
 
 
+@in_config_terms
 def model_config(config: ml_collections.ConfigDict, task: tasks.Task) -> models.ModelConfig:
     """Validates `config.model` against the task and builds the frozen ModelConfig."""
     m = config.model
     if m.kind not in models.KINDS:
-        raise ValueError(f"config.model.kind: expected one of {models.KINDS}, got {m.kind!r}")
+        raise ValueError(f"model.kind: expected one of {models.KINDS}, got {m.kind!r}")
     if m.positions not in models.POSITIONS:
         raise ValueError(
-            f"config.model.positions: expected one of {models.POSITIONS}, got {m.positions!r}"
+            f"model.positions: expected one of {models.POSITIONS}, got {m.positions!r}"
         )
     for name in (
         "d_model",
@@ -262,37 +260,30 @@ def model_config(config: ml_collections.ConfigDict, task: tasks.Task) -> models.
         positive_int(config, f"model.{name}")
     if m.d_model % m.num_heads:
         raise ValueError(
-            f"config.model.d_model: must be divisible by model.num_heads = {m.num_heads}, "
-            f"got {m.d_model}"
+            f"model.d_model: must be divisible by model.num_heads = {m.num_heads}, got {m.d_model}"
         )
     kv = m.num_kv_heads
     if kv is not None and (not isinstance(kv, int) or kv <= 0 or m.num_heads % kv):
         raise ValueError(
-            f"config.model.num_kv_heads: must be a positive divisor of model.num_heads = "
+            f"model.num_kv_heads: must be a positive divisor of model.num_heads = "
             f"{m.num_heads}, got {kv!r}"
         )
     number(config, "model.dropout_rate", 0.0, 1.0)
     _check_dtype(m.dtype)
     for name in ("feed_forward", "share_layers"):
         if not isinstance(m[name], bool):
-            raise ValueError(f"config.model.{name}: expected a bool, got {m[name]!r}")
+            raise ValueError(f"model.{name}: expected a bool, got {m[name]!r}")
     if m.positions == "rope" and (m.d_model // m.num_heads) % 2:
-        raise ValueError(
-            "config.model.positions: 'rope' needs an even head dim d_model / num_heads"
-        )
+        raise ValueError("model.positions: 'rope' needs an even head dim d_model / num_heads")
     if m.positions == "sinusoidal" and m.d_model % 2:
-        raise ValueError(
-            f"config.model.d_model: sinusoidal positions need it even, got {m.d_model}"
-        )
+        raise ValueError(f"model.d_model: sinusoidal positions need it even, got {m.d_model}")
     _check_random_positions(m)
-    _check_vision(m, task)
-    try:
-        needed = models.MODELS[m.kind].positions_needed(task)
-    except ValueError as error:  # its messages name model.<field>
-        raise ValueError(f"config.{error}") from None
+    kind = models.MODELS[m.kind]
+    kind.check(m, task)
+    needed = kind.positions_needed(task)
     if m.max_len < needed:
         raise ValueError(
-            f"config.model.max_len: the {m.kind} model needs positions up to {needed} "
+            f"model.max_len: the {m.kind} model needs positions up to {needed} "
             f"for task {task.name!r}, got {m.max_len}"
         )
     return models.ModelConfig(
@@ -330,24 +321,25 @@ _POSITIVE_TRAIN_FIELDS = (
 def _check_packing(config: ml_collections.ConfigDict, task: tasks.Task) -> None:
     pack = config.task.get("pack", False)
     if not isinstance(pack, bool):
-        raise ValueError(f"config.task.pack: expected a bool, got {pack!r}")
+        raise ValueError(f"task.pack: expected a bool, got {pack!r}")
     positive_int(config, "task.pack_span")
     if not pack:
         return
     kind = config.model.kind
     if task.image_size or kind not in models.MODELS or models.MODELS[kind].PACKED is None:
         raise ValueError(
-            f"config.task.pack: packs token examples for encoder_decoder or encoder_only "
+            f"task.pack: packs token examples for encoder_decoder or encoder_only "
             f"models, not model.kind={kind!r} on task {task.name!r}"
         )
     span, batch = config.task.pack_span, config.train.batch_size
     if not isinstance(batch, int) or batch % span:
         raise ValueError(
-            f"config.task.pack_span: must divide train.batch_size = {batch} (the packed "
+            f"task.pack_span: must divide train.batch_size = {batch} (the packed "
             f"batch has batch_size / pack_span rows), got {span}"
         )
 
 
+@in_config_terms
 def check_config(config: ml_collections.ConfigDict) -> tuple[tasks.Task, models.ModelConfig]:
     """All start-up checks; returns the task and the model config.
 
@@ -356,18 +348,15 @@ def check_config(config: ml_collections.ConfigDict) -> tuple[tasks.Task, models.
     """
     seed = config.seed
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**31:
-        raise ValueError(f"config.seed: expected an int in [0, 2**31), got {seed!r}")
-    try:
-        task = tasks.make_task(
-            config.task.name,
-            length=config.task.length,
-            num_symbols=config.task.num_symbols,
-            augment=config.task.augment,
-            split=config.task.split,
-            validation=config.task.validation,
-        )
-    except ValueError as error:  # its messages name task.<field>
-        raise ValueError(f"config.{error}") from None
+        raise ValueError(f"seed: expected an int in [0, 2**31), got {seed!r}")
+    task = tasks.make_task(
+        config.task.name,
+        length=config.task.length,
+        num_symbols=config.task.num_symbols,
+        augment=config.task.augment,
+        split=config.task.split,
+        validation=config.task.validation,
+    )
     positive_int(config, "task.eval_size")
     _check_packing(config, task)
     for name in _POSITIVE_TRAIN_FIELDS:
@@ -379,10 +368,10 @@ def check_config(config: ml_collections.ConfigDict) -> tuple[tasks.Task, models.
         or isinstance(t.warmup_steps, bool)
         or t.warmup_steps < 0
     ):
-        raise ValueError(f"config.train.warmup_steps: expected an int >= 0, got {t.warmup_steps!r}")
+        raise ValueError(f"train.warmup_steps: expected an int >= 0, got {t.warmup_steps!r}")
     number(config, "train.label_smoothing", 0.0, 1.0)
     number(config, "train.grad_clip", 0.0, math.inf, low_open=True)
     number(config, "train.weight_decay", 0.0, math.inf)
     if not isinstance(t.skip_nonfinite, bool):
-        raise ValueError(f"config.train.skip_nonfinite: expected a bool, got {t.skip_nonfinite!r}")
-    return task, model_config(config, task)
+        raise ValueError(f"train.skip_nonfinite: expected a bool, got {t.skip_nonfinite!r}")
+    return task, model_config.__wrapped__(config, task)

@@ -15,10 +15,11 @@ from flax import nnx
 from jax.sharding import SingleDeviceSharding
 
 from kit import models, sharding, tasks
-from kit.training.config import check_config
+from kit.training.config import check_config, in_config_terms
 from kit.training.steps import Trainer, make_optimizer
 
 
+@in_config_terms
 def make_mesh(config: ml_collections.ConfigDict, mcfg: models.ModelConfig, devices=None):
     """The device mesh of `config.mesh`, checked against the devices, batch and heads.
 
@@ -26,27 +27,25 @@ def make_mesh(config: ml_collections.ConfigDict, mcfg: models.ModelConfig, devic
       ValueError: naming config.mesh.data or config.mesh.model.
     """
     devices = jax.devices() if devices is None else devices
-    try:
-        mesh = sharding.make_mesh(config.mesh.data, config.mesh.model, devices=devices)
-        data, model = mesh.shape["data"], mesh.shape["model"]
-        sharding.check_divides("data", data, {"train.batch_size": config.train.batch_size})
-        if config.task.get("pack", False):
-            rows = config.train.batch_size // config.task.pack_span
-            sharding.check_divides("data", data, {"train.batch_size / task.pack_span": rows})
-        sharding.check_divides(
-            "model",
-            model,
-            {
-                "model.num_heads": mcfg.num_heads,
-                "model.num_kv_heads": mcfg.num_kv_heads or mcfg.num_heads,
-                "model.d_ff": mcfg.d_ff,
-            },
-        )
-    except ValueError as error:
-        raise ValueError(f"config.{error}") from None
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.model, devices=devices)
+    data, model = mesh.shape["data"], mesh.shape["model"]
+    sharding.check_divides("data", data, {"train.batch_size": config.train.batch_size})
+    if config.task.get("pack", False):
+        rows = config.train.batch_size // config.task.pack_span
+        sharding.check_divides("data", data, {"train.batch_size / task.pack_span": rows})
+    sharding.check_divides(
+        "model",
+        model,
+        {
+            "model.num_heads": mcfg.num_heads,
+            "model.num_kv_heads": mcfg.num_kv_heads or mcfg.num_heads,
+            "model.d_ff": mcfg.d_ff,
+        },
+    )
     return mesh
 
 
+@in_config_terms
 def _check_backend_runs(dtype: str, mesh) -> None:
     """Compiles a tiny product in `dtype` for the mesh's backend (float32 always runs).
 
@@ -61,7 +60,7 @@ def _check_backend_runs(dtype: str, mesh) -> None:
         jax.jit(lambda a: jnp.tanh(a @ a)).lower(x).compile()
     except Exception as error:  # what a backend raises for a dtype it lacks varies
         raise ValueError(
-            f"config.model.dtype: {dtype} does not run on this {device.platform} backend "
+            f"model.dtype: {dtype} does not run on this {device.platform} backend "
             f"({type(error).__name__}: {str(error)[:200]}); use 'float32'"
         ) from None
 
@@ -114,7 +113,7 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Setup:
         nnx.eval_shape(lambda: models.build(mcfg, jax.random.key(0, impl="rbg")))
     )
     t = config.train
-    oracle = task.by_length and mcfg.kind == "encoder_decoder"
+    oracle = task.by_length and models.MODELS[mcfg.kind].ORACLE_LENGTH
     trainer = Trainer(
         graphdef,
         make_optimizer(t),

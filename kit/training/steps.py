@@ -36,8 +36,8 @@ def train_model_batch(task, kind: str, seed: int, step: int, batch_size: int, sp
     many as fit, into batch_size / span rows that hold about `span` examples each
     (`pack_widths`), so about batch_size examples per step either way."""
     if not span:
-        return model_batch(kind, tasks.train_batch(task, seed, step, batch_size))
-    examples = model_batch(kind, tasks.train_batch(task, seed, step, 2 * batch_size))
+        return model_batch(kind, task.train_batch(seed, step, batch_size))
+    examples = model_batch(kind, task.train_batch(seed, step, 2 * batch_size))
     widths = pack_widths(task, kind, seed, span)
     return models.MODELS[kind].pack(examples, batch_size // span, widths)
 
@@ -46,7 +46,7 @@ def train_model_batch(task, kind: str, seed: int, step: int, batch_size: int, sp
 def pack_widths(task, kind: str, seed: int, span: int) -> tuple[int, ...]:
     """The packed rows' widths of a run: from the mean lengths of 4,096 examples
     drawn once (the same for every step, so the train step compiles once)."""
-    sample = model_batch(kind, tasks.train_batch(task, seed, 0, 4096))
+    sample = model_batch(kind, task.train_batch(seed, 0, 4096))
     return packing.row_widths(sample, models.MODELS[kind].PACKED, span)
 
 
@@ -202,7 +202,7 @@ def evaluate(
     token) -> exact match of the rows of that length. Each of `loss_spans`
     (kit.tasks.LossSpan) adds eval/loss_<name>, the mean loss over that part of
     every row's target. Each of `groups` (name -> bool per held-out row,
-    `tasks.eval_groups`) adds eval/exact_match_<name> and eval/count_<name>.
+    `Task.eval_groups`) adds eval/exact_match_<name> and eval/count_<name>.
     `eval_kwargs` go to `eval_step` (e.g. hooks).
     """
     totals: dict[str, float] = {}
@@ -250,7 +250,7 @@ def eval_batches(task: tasks.Task, kind: str, config, multiple: int = 1) -> list
 
     The batch size is rounded up to a multiple of `multiple` (the mesh's data axis).
     """
-    data = tasks.eval_set(task, config.seed, config.task.eval_size)
+    data = task.eval_set(config.seed, config.task.eval_size)
     total = len(next(iter(data.values())))  # eval_size, or an image task's whole split
     size = min(config.train.eval_batch_size, total)
     size = -(-size // multiple) * multiple

@@ -14,8 +14,9 @@ from flax import nnx
 
 from kit import attention, positional
 from kit.attention.api import attend
-from kit.attention.flex import flex_attend, score_grid
+from kit.attention.flex import flex_attend
 from kit.attention.inputs import check_inputs
+from kit.attention.programs import score_grid
 from kit.hooks import Tap
 
 Array = jax.Array

@@ -37,7 +37,7 @@ def _close(a, b, tol=1e-5):
 
 @pytest.mark.parametrize(
     "path, unbatched",
-    slow_beyond([("chunked", False), ("xla", True)], [("chunked", False)], several=True),
+    slow_beyond([("chunked", False), ("xla", True)], [("xla", True)], several=True),
 )
 def test_residual_equals_jax_nn_with_its_layout_and_no_gradient(path, unbatched):
     q, k, v = make_qkv(B=B, T=T, S=S, N=N, K=K)
@@ -98,7 +98,7 @@ def test_residual_option_is_checked():
     "path, dtype",
     slow_beyond(
         [("chunked", "float32"), ("chunked", "float64"), ("xla", "float64")],
-        [("chunked", "float64")],
+        [("xla", "float64")],
         several=True,
     ),
 )
@@ -135,7 +135,7 @@ def _collectives(hlo: str) -> list[str]:
     return [op for op in ops if op in hlo]
 
 
-@pytest.mark.parametrize("path", slow_beyond(PATHS, ["chunked"]))
+@pytest.mark.parametrize("path", slow_beyond(PATHS, ["xla"]))
 def test_explicit_mesh_batch_and_heads_split_without_collectives(path, optimized):
     mesh = jax.make_mesh((2, 2), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
     q, k, v = make_qkv(B=4, T=T, S=S, N=N, K=K)
@@ -293,7 +293,7 @@ def test_second_derivatives_on_the_xla_path_equal_jax_nn():
 # --- checkpoint, scan over layers, export --------------------------------------------
 
 
-@pytest.mark.parametrize("path", slow_beyond(PATHS, ["chunked"]))
+@pytest.mark.parametrize("path", slow_beyond(PATHS, ["xla"]))
 def test_checkpointed_layers_in_scan_and_export(path):
     q, k, v = make_qkv(B=B, T=T, S=S, N=N, K=N)
     attention = _attention(path, is_causal=True)

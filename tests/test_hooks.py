@@ -270,6 +270,7 @@ def test_patching_errors_are_named():
         patching.normalized([1.0], 2.0, 2.0)
 
 
+@pytest.mark.slow  # a fast neighbour covers the same code
 def test_patch_text_finds_the_one_position_that_differs():
     """he -> she changes one token: patching the residual stream there before layer 0
     brings the whole clean run back (1), anywhere else nothing (0), in any model."""

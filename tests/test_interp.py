@@ -194,7 +194,7 @@ def ones(model):
     "kind, mode",
     slow_beyond(
         [("encoder_only", "zero"), ("encoder_only", "mean"), ("encoder_decoder", "zero")],
-        [("encoder_only", "zero"), ("encoder_only", "mean")],
+        [],
         several=True,
     ),
 )
@@ -260,7 +260,7 @@ def test_ablate_heads_by_hand():
     np.testing.assert_allclose(mean, out * m[:, None] + (1 - m[:, None]) * out.mean(0))
 
 
-@pytest.mark.parametrize("kind", slow_beyond(["decoder_only", "encoder_decoder"], ["decoder_only"]))
+@pytest.mark.parametrize("kind", slow_beyond(["decoder_only", "encoder_decoder"], []))
 def test_kv_cache_path_ablates_like_the_teacher_forced_path(kind):
     """Greedy decoding through the KV cache with a head ablated gives the tokens that
     the teacher-forced pass with the same mask predicts at every step."""

@@ -104,6 +104,7 @@ def test_randomized_positions_are_refused_where_they_mean_nothing(overrides, mes
         training.check_config(config)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("positions", ["sinusoidal", "learned"])
 def test_a_run_with_randomized_positions_trains_and_evaluates(tiny_run, positions):
     from kit import metrics
@@ -116,6 +117,7 @@ def test_a_run_with_randomized_positions_trains_and_evaluates(tiny_run, position
     assert losses and evals and np.all(np.isfinite(losses + evals))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("positions", ["rope", "alibi", "t5"])
 def test_cross_attention_has_no_positions_under_relative_encodings(positions):
     """Relative encodings act in self-attention only: the decoder reads the encoder's

@@ -101,6 +101,7 @@ def test_load_checkpoint_errors_name_the_workdir(tmp_path):
         training.load_checkpoint(str(tmp_path))
 
 
+@pytest.mark.slow  # a fast neighbour covers the same code
 def test_trained_model_loads_onto_one_device_and_reads_the_probe(tiny_run, tmp_path):
     workdir = tiny_run("pronoun")
     config, setup, state = training.load_checkpoint(workdir)

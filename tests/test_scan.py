@@ -151,6 +151,7 @@ def test_tiny_length_run_reports_exact_match_by_length(tiny_run):
     assert 0.0 <= last["eval/exact_match_oracle_length"] <= 1.0  # decoded to the true lengths
 
 
+@pytest.mark.slow  # a fast neighbour covers the same code
 def test_oracle_length_decoding_never_ends_early_and_ends_at_the_length():
     """With end-of-sequence made the model's favourite token, plain greedy decoding
     emits it at once; decoding to the true length emits it at no step before that

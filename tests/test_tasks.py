@@ -163,18 +163,26 @@ def successor(options):
     return Successor("successor", (*tasks.SPECIALS, *"abcdefgh"), 6, 6, aligned=True)
 
 
-def test_a_task_registered_from_a_test_file_trains_at_the_tiny_size(
-    tmp_path, monkeypatch, standard_promotion
-):
+def test_a_task_registered_from_a_test_file_is_made_by_name(monkeypatch):
     monkeypatch.setitem(tasks.TASKS, "successor", (successor, ()))
     task = tasks.make_task("successor")
     batch = task.train_batch(0, 0, 4)
     np.testing.assert_array_equal(batch["tgt"], batch["src"] + 1)
-    config = load_config("copy", **{"task.name": "successor"})
-    result = training.train_and_evaluate(config, str(tmp_path), progress=False)
-    assert np.isfinite(result["eval/loss"]) and 0.0 <= result["eval/exact_match"] <= 1.0
+    held_out = task.eval_set(0, 8)
+    np.testing.assert_array_equal(held_out["tgt"], held_out["src"] + 1)
+    assert not np.array_equal(held_out["src"][:4], batch["src"])
     with pytest.raises(ValueError, match=r"^task.validation: .* got task 'successor'"):
         tasks.make_task("successor", validation=True)
     monkeypatch.undo()
     with pytest.raises(ValueError, match=r"^task.name: expected one of .*got 'successor'"):
         tasks.make_task("successor")
+
+
+@pytest.mark.slow
+def test_a_task_registered_from_a_test_file_trains_at_the_tiny_size(
+    tmp_path, monkeypatch, standard_promotion
+):
+    monkeypatch.setitem(tasks.TASKS, "successor", (successor, ()))
+    config = load_config("copy", **{"task.name": "successor"})
+    result = training.train_and_evaluate(config, str(tmp_path), progress=False)
+    assert np.isfinite(result["eval/loss"]) and 0.0 <= result["eval/exact_match"] <= 1.0

@@ -27,9 +27,7 @@ SMOKE = [
 ]
 
 
-@pytest.mark.parametrize(
-    "name, kind", slow_beyond(SMOKE, [("copy", "encoder_decoder")], several=True)
-)
+@pytest.mark.parametrize("name, kind", slow_beyond(SMOKE, [], several=True))
 def test_smoke_train_and_evaluate(tiny_run, name, kind):
     workdir = tiny_run(name, **{"model.kind": kind})
     lines = metrics.read_metrics(os.path.join(workdir, "metrics.jsonl"))
@@ -84,6 +82,7 @@ def test_workdir_that_is_a_file_is_named(tmp_path):
     assert path.read_text() == "x"
 
 
+@pytest.mark.slow
 def test_train_step_compiles_once():
     config = load_config("copy", **{"model.dropout_rate": 0.1})
     task, mcfg = training.check_config(config)
@@ -97,6 +96,7 @@ def test_train_step_compiles_once():
     assert int(state["step"]) == 3
 
 
+@pytest.mark.slow
 def test_resumed_run_reports_its_start_and_plain_lines(tiny_run, tmp_path):
     """A resumed run's header says where it resumed; "lines" prints one per log step."""
     workdir = str(tmp_path / "run")

@@ -84,6 +84,7 @@ def test_class_token_attention_rows_sum_to_one(positions):
     np.testing.assert_allclose(weights[:, :, :, 0].sum(-1), 1.0, atol=1e-5)
 
 
+@pytest.mark.slow  # a fast neighbour covers the same code
 def test_tiny_digits_run_evaluates_the_whole_split(tiny_run):
     workdir = tiny_run("digits")
     lines = metrics.read_metrics(os.path.join(workdir, "metrics.jsonl"))

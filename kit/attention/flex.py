@@ -341,15 +341,6 @@ def with_dense(x: Inputs, score_mod, block_mask):
     return dataclasses.replace(x, bias=None, mask=None), score_mod, block_mask
 
 
-def score_grid(score_mod: Callable, B: int, N: int, T: int, S: int, base=None) -> Array:
-    """`score_mod` evaluated on every (example, head, query, key): `[B, N, T, S]` float32,
-    from scores `base` (default 0: for an additive score function, its bias).
-    For inspection (the viewer's logit decomposition), not for computing attention."""
-    base = jnp.zeros((B, N, T, S), jnp.float32) if base is None else base
-    grid = [jnp.arange(n, dtype=jnp.int32) for n in (B, N, T, S)]
-    return on_grid(lambda s, *idx: score_mod(s, *idx).astype(s.dtype), base, grid)
-
-
 def _kernel_options(options) -> BlockSizes:
     if options is None:
         return BlockSizes()
@@ -361,16 +352,7 @@ def _kernel_options(options) -> BlockSizes:
     return sizes
 
 
-def _xla(
-    x: Inputs,
-    program,
-    captures,
-    return_residual,
-    return_weights,
-    dropout_rate,
-    dropout_rng,
-    tap=None,
-):
+def _xla(x: Inputs, program, captures, return_residual, return_weights, rate, rng, tap=None):
     """The materialized reference: `[B, N, T, S]` scores, score function, mask, softmax."""
     q, k, v = x.query, x.key, x.value
     B, T, N, H = q.shape
@@ -397,7 +379,7 @@ def _xla(
     weights = masked_softmax(logits, mask)
     if tap is not None:
         weights = tap("weights", weights)
-    kept = attention_dropout(weights, dropout_rate, dropout_rng) if dropout_rate > 0.0 else weights
+    kept = attention_dropout(weights, rate, rng) if rate > 0.0 else weights
     out = jnp.einsum(
         "bkgts,bskh->btkgh",
         kept.reshape(B, K, N // K, T, S).astype(v.dtype),

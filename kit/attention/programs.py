@@ -313,3 +313,12 @@ def visit_lists(step: Callable, lists: tuple, carry):
     full, num_full, partial, num_partial = lists
     carry = jax.lax.fori_loop(0, num_full, lambda t, c: step(full[t], c, masked=False), carry)
     return jax.lax.fori_loop(0, num_partial, lambda t, c: step(partial[t], c, masked=True), carry)
+
+
+def score_grid(score_mod: Callable, B: int, N: int, T: int, S: int, base=None) -> Array:
+    """`score_mod` evaluated on every (example, head, query, key): `[B, N, T, S]` float32,
+    from scores `base` (default 0: for an additive score function, its bias).
+    For inspection (the viewer's logit decomposition), not for computing attention."""
+    base = jnp.zeros((B, N, T, S), jnp.float32) if base is None else base
+    grid = [jnp.arange(n, dtype=jnp.int32) for n in (B, N, T, S)]
+    return on_grid(lambda s, *idx: score_mod(s, *idx).astype(s.dtype), base, grid)

@@ -1,0 +1,63 @@
+"""Token embedding plus absolute positions (sinusoidal or learned, optionally randomized)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from kit import positional
+from kit.models.common import ModelConfig
+
+Array = jax.Array
+# Randomized positions draw from fold_in(the dropout key, this), apart from dropout's.
+RANDOM_STREAM = 1 << 20
+
+
+class Embedder(nnx.Module):
+    """Token embedding plus absolute positions (sinusoidal or learned), if any.
+
+    Lookups are one-hot matmuls: for toy vocabularies they are faster on CPU
+    than a gather, whose gradient is a scatter.
+
+    With `cfg.random_positions` = R > 0 (Ruoss et al., "Randomized Positional
+    Encodings Boost Length Generalization of Transformers", 2023), the table has R
+    rows and position p reads row ids[p], where ids is a sorted draw of max_len of
+    the R without replacement: one draw per call, from `key` in training and from
+    a fixed key otherwise (evaluation is deterministic, and a decoding's steps
+    agree). The model sees the order of its tokens, not their distance, and in
+    training it meets every row of the table, however short its examples.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        init = nnx.initializers.normal(1.0)
+        self.random = cfg.random_positions
+        self.max_len = max(cfg.max_len, cfg.random_positions)  # the table's rows
+        self.positions = cfg.max_len  # the positions a call can ask for
+        self.tokens = nnx.Param(init(rngs.params(), (cfg.vocab_size, cfg.d_model)))
+        self.learned = (
+            nnx.Param(init(rngs.params(), (self.max_len, cfg.d_model)) * 0.02)
+            if cfg.positions == "learned"
+            else None
+        )
+        self.sinusoidal = cfg.positions == "sinusoidal"
+        self.dtype = jnp.dtype(cfg.dtype)
+
+    def __call__(self, tokens: Array, positions: Array, key: Array | None = None) -> Array:
+        """tokens, positions `[B, T]` -> `[B, T, D]` in the computation dtype.
+        `key`: the draw of randomized positions (see the class), if any."""
+        if self.random:
+            key = jax.random.key(0) if key is None else jax.random.fold_in(key, RANDOM_STREAM)
+            ids = jax.random.choice(key, self.random, (self.positions,), replace=False)
+            positions = jnp.sort(ids).astype(jnp.int32)[positions]
+        table = self.tokens[...].astype(self.dtype)
+        x = jax.nn.one_hot(tokens, table.shape[0], dtype=self.dtype) @ table
+        if self.learned is not None:
+            learned = self.learned[...].astype(self.dtype)
+            x = x + jax.nn.one_hot(positions, self.max_len, dtype=self.dtype) @ learned
+        if self.sinusoidal:
+            # A trace-time constant, not a parameter.
+            x = x + positional.sinusoidal(self.max_len, table.shape[1])[positions].astype(
+                self.dtype
+            )
+        return x

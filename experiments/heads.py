@@ -6,7 +6,7 @@
 Loads config.json and the latest checkpoint of the workdir and the task's
 held-out data. For every attention set ("encoder", "decoder", "cross") it
 scores each layer and head on four patterns (previous token, duplicate token,
-induction, first token; kit.interp) over the held-out examples, then ablates
+induction, first token; kit.analysis.interp) over the held-out examples, then ablates
 each head, each layer and the whole set (`model.head_ablation`, zeroing the head's
 output, or `--mode=mean` for its batch mean) and measures the held-out metric
 (default: the task's, e.g. eval/exact_match, or eval/loss_repeat for the
@@ -29,7 +29,8 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from kit import interp, tasks, training
+from kit import tasks, training
+from kit.analysis import interp
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A training workdir (config.json + checkpoints/).")

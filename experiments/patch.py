@@ -10,7 +10,7 @@ answer at the last position where the two runs predict different tokens (or
 --position; --right and --wrong name the answers, default each run's
 prediction there), and patches each head's output and the residual stream before each
 layer at each position from the clean run into the corrupted one
-(`kit.patching.patch_text`), beside attribution patching's one-backward-pass
+(`kit.analysis.patching.patch_text`), beside attribution patching's one-backward-pass
 estimate. Writes <out>/patching.json, <out>/patching.png and <out>/index.html
 (the figure and the table, offline); <out> defaults to <workdir>/patch. A bad
 flag or text ends in one line naming it, and nothing is written.
@@ -27,7 +27,9 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from kit import patching, training, viz
+from kit import training
+from kit.analysis import patching
+from kit.views import figures
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A training workdir (config.json + checkpoints/).")
@@ -93,7 +95,7 @@ def main(_):
         sys.exit(f"error: {error}")
     os.makedirs(out, exist_ok=True)
     buffer = io.BytesIO()
-    viz.plot_patching(result).savefig(buffer, format="png", dpi=110)
+    figures.plot_patching(result).savefig(buffer, format="png", dpi=110)
     with open(os.path.join(out, "patching.png"), "wb") as f:
         f.write(buffer.getvalue())
     with open(os.path.join(out, "index.html"), "w", encoding="utf-8") as f:

@@ -25,13 +25,13 @@ flags.mark_flags_as_required(["workdir", "out"])
 def main(_):
     from matplotlib.figure import Figure
 
-    from kit import viz
+    from kit.views import figures
 
     path = os.path.join(FLAGS.workdir, "metrics.jsonl")
     if not os.path.exists(path):
         sys.exit(f"error: workdir: no metrics.jsonl in {FLAGS.workdir!r}; train there first")
     try:
-        fmt = viz.figure_format(FLAGS.out)
+        fmt = figures.figure_format(FLAGS.out)
     except ValueError as error:
         sys.exit(f"error: out: {str(error).removeprefix('path: ')}")
     with open(path, encoding="utf-8") as f:

@@ -29,7 +29,8 @@ import sys
 
 from absl import app, flags
 
-from kit import probe, training
+from kit import training
+from kit.analysis import probe
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A training workdir (config.json + checkpoints/).")

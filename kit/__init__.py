@@ -1,8 +1,10 @@
 """kit: a JAX/Flax research kit for self-attention.
 
-The public API is the pure attention functions of `kit.attention`; training,
-models, hook points, probes and views are in their own modules (`kit.training`,
-`kit.models`, `kit.hooks`, `kit.patching`, `kit.probe`, `kit.viz`).
+The public API is the pure attention functions of `kit.attention`; the rest is in
+its own modules: `kit.models` and `kit.training` (toy transformers and their
+training), `kit.tasks`, `kit.hooks` (named activations to read and write),
+`kit.analysis` (reading, scoring, patching) and `kit.views` (figures, the offline
+viewer, notebook views).
 """
 
 from importlib import metadata as _metadata

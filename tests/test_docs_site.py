@@ -38,10 +38,11 @@ API_PAGES = {
     "api/models.html": ["kit.models.ModelConfig", "kit.models.build", "kit.models.EncoderDecoder"],
     "api/training.html": ["kit.training.train_and_evaluate", "kit.training.load_checkpoint"],
     "api/interpretability.html": [
-        "kit.interp.head_scores",
-        "kit.probe.read_attention",
-        "kit.viz.plot_attention",
-        "kit.views.model_view",
+        "kit.analysis.interp.head_scores",
+        "kit.analysis.probe.read_attention",
+        "kit.views.figures.plot_attention",
+        "kit.views.notebook.model_view",
+        "kit.analysis.patching.patch_text",
     ],
 }
 

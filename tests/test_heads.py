@@ -13,7 +13,8 @@ import pytest
 from flax import nnx
 from helpers import ROOT, load_config
 
-from kit import interp, tasks, training
+from kit import tasks, training
+from kit.analysis import interp
 
 
 def test_induction_rows_repeat_a_random_half():

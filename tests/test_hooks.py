@@ -1,4 +1,4 @@
-"""Hook points (kit.hooks) and activation patching (kit.patching), against hand-computed
+"""Hook points (kit.hooks) and activation patching (kit.analysis.patching), against hand-computed
 forwards, jax.nn and models whose answer is known by construction."""
 
 import json
@@ -13,7 +13,8 @@ import pytest
 from flax import nnx
 from helpers import ROOT, tiny_model
 
-from kit import patching, tasks
+from kit import tasks
+from kit.analysis import patching
 from kit.hooks import Edit, Hooks
 
 

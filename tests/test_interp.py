@@ -1,4 +1,4 @@
-"""kit.interp (pattern scores, value-weighted norms, rollout) and head ablation in the models."""
+"""kit.analysis.interp (pattern scores, value-weighted norms, rollout) and head ablation."""
 
 import itertools
 
@@ -9,7 +9,8 @@ import pytest
 from flax import nnx
 from helpers import slow_beyond, tiny_model
 
-from kit import decode, interp
+from kit import decode
+from kit.analysis import interp
 from kit.attention.projections import ablate_heads
 
 # ---------------------------------------------------------------------------
@@ -140,12 +141,7 @@ def test_value_weighted_and_rollout():
     vw = interp.value_weighted(w, norms)
     for l, n, t, s in itertools.product(range(2), range(3), range(5), range(5)):
         assert vw[l, n, t, s] == pytest.approx(w[l, n, t, s] * norms[l, n, s])
-    # Mean fusion is the existing rollout; max fusion by hand for two layers.
-    from kit import viz
-
-    np.testing.assert_allclose(
-        interp.attention_rollout(w), viz.attention_rollout(w), rtol=1e-12, atol=1e-15
-    )
+    # Max fusion by hand for two layers.
     fused = w.max(axis=1)
     fused = fused / fused.sum(-1, keepdims=True)
     hat = [0.5 * f + 0.5 * np.eye(5) for f in fused]
@@ -348,3 +344,55 @@ def test_vectors_reproduce_the_weights_and_the_value_norms():
     by_hand = np.linalg.norm(np.einsum("bsh,nhd->bnsd", v[:, :, 0], wo), axis=-1)
     np.testing.assert_allclose(np.asarray(vec["value_norms"][0]), by_hand, rtol=1e-5)
     assert set(aux["vectors"]) == {"encoder", "decoder", "cross"}
+
+
+# --------------------------------------------------------------------------
+# attention_rollout
+
+
+def test_attention_rollout_hand_computed():
+    # Layer 1: heads [[1, 0], [.5, .5]] and [[0, 1], [.5, .5]] average to all 0.5;
+    #   0.5 * A + 0.5 * I = [[.75, .25], [.25, .75]].
+    # Layer 2: both heads [[1, 0], [1, 0]]; 0.5 * A + 0.5 * I = [[1, 0], [.5, .5]].
+    # R = A2 @ A1 = [[.75, .25], [.5 * .75 + .5 * .25, .5 * .25 + .5 * .75]]
+    #             = [[.75, .25], [.5, .5]]
+    # (the other order, A1 @ A2, would give [[.875, .125], [.625, .375]]).
+    # Without the residual: [[1, 0], [1, 0]] @ [[.5, .5], [.5, .5]] = all 0.5.
+    weights = np.array(
+        [
+            [[[1.0, 0.0], [0.5, 0.5]], [[0.0, 1.0], [0.5, 0.5]]],
+            [[[1.0, 0.0], [1.0, 0.0]], [[1.0, 0.0], [1.0, 0.0]]],
+        ]
+    )  # [L=2, N=2, T=2, T=2]
+    np.testing.assert_allclose(interp.attention_rollout(weights), [[0.75, 0.25], [0.5, 0.5]])
+    np.testing.assert_allclose(
+        interp.attention_rollout(weights, residual=False), np.full((2, 2), 0.5)
+    )
+
+
+def test_attention_rollout_properties():
+    batched = np.random.default_rng(0).dirichlet(np.ones(5), size=(2, 3, 4, 5))
+    rollout = interp.attention_rollout(jnp.asarray(batched, jnp.float32))  # [B, L, N, T, T]
+    assert rollout.shape == (2, 5, 5)
+    np.testing.assert_allclose(rollout.sum(-1), 1.0, rtol=1e-6)
+    assert (rollout >= 0).all()
+    for b in range(2):
+        np.testing.assert_allclose(interp.attention_rollout(batched[b]), rollout[b], rtol=1e-6)
+    one_layer = interp.attention_rollout(batched[0, :1])
+    np.testing.assert_allclose(one_layer, 0.5 * batched[0, 0].mean(0) + 0.5 * np.eye(5))
+    # A fully masked query row (all zero weights) keeps to itself instead of vanishing.
+    masked = batched[0].copy()
+    masked[:, :, 2] = 0.0
+    np.testing.assert_allclose(interp.attention_rollout(masked).sum(-1), 1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "shape, match",
+    [
+        ((2, 2, 3, 4), r"weights: expected self-attention with T = S.*T=3, S=4"),
+        ((2, 3, 3), r"weights: expected rank 4 .*given rank 3"),
+    ],
+)
+def test_attention_rollout_rejects_bad_input(shape, match):
+    with pytest.raises(ValueError, match=match):
+        interp.attention_rollout(np.ones(shape))

@@ -1,4 +1,4 @@
-"""kit.probe and experiments/visualize.py: a model's attention on one text."""
+"""kit.analysis.probe and experiments/visualize.py: a model's attention on one text."""
 
 import os
 
@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from helpers import load_config
 
-from kit import probe, training
+from kit import training
+from kit.analysis import probe
 
 PRONOUN_TEXT = "Mark told Sam that he was leaving."
 

@@ -16,7 +16,7 @@ from kit import views
 
 
 def reading_like(attention, text="Mark told Sam", prediction="_ _ Mark"):
-    class Reading:  # what views read of a kit.probe.Reading
+    class Reading:  # what views read of a kit.analysis.probe.Reading
         pass
 
     r = Reading()
@@ -75,7 +75,10 @@ def test_views_start_where_asked():
         (lambda r: views.neuron_view(r, set_name="x"), r"set_name: expected one of"),
         (lambda r: views.neuron_view(r, set_name="plain"), r"view: 'neuron' needs the set's"),
         (lambda r: views.head_view(r, head=-1), r"head: expected a head"),
-        (lambda r: views.head_view("text"), r"source: expected a kit.probe.Reading or a list"),
+        (
+            lambda r: views.head_view("text"),
+            r"source: expected a kit.analysis.probe.Reading or a list",
+        ),
         (lambda r: views.View(make_examples("self"), height=0), r"height: expected a positive"),
         (lambda r: views.diff_view(r, make_examples("self")), r"b: expected one example, given 3"),
     ],

@@ -11,9 +11,11 @@ import pytest
 from flax import nnx
 from helpers import load_config, slow_beyond
 
-from kit import digits, metrics, models, probe, tasks, training, viz_patches
+from kit import digits, metrics, models, tasks, training
+from kit.analysis import probe
 from kit.hooks import Hooks
 from kit.models.vision import patchify
+from kit.views import patches
 
 pytestmark = pytest.mark.usefixtures("standard_promotion")
 
@@ -119,20 +121,20 @@ def test_views_of_a_trained_model_and_their_errors(tiny_run, tmp_path):
 def test_overlay_lights_the_patch_hand_case(tmp_path):
     weights = np.zeros(16)
     weights[5] = 1.0  # patch row 1, column 1 of a 4 x 4 grid: pixels [2:4, 2:4]
-    pixels = viz_patches.patch_map(weights, 2, 8)
+    pixels = patches.patch_map(weights, 2, 8)
     expected = np.zeros((8, 8))
     expected[2:4, 2:4] = 1.0
     np.testing.assert_array_equal(pixels, expected)
     with pytest.raises(ValueError, match=r"weights: expected one per patch, shape \(16,\)"):
-        viz_patches.patch_map(np.zeros(15), 2, 8)
+        patches.patch_map(np.zeros(15), 2, 8)
     with pytest.raises(ValueError, match=r"patch_size: must divide the image size 8, got 3"):
-        viz_patches.patch_map(np.zeros(4), 3, 8)
+        patches.patch_map(np.zeros(4), 3, 8)
     attention = np.full((2, 1, 17, 17), 1 / 17)  # [L, N, T, T]
     attention[1, 0, 0] = np.eye(17)[6]  # layer 1: the class token looks at patch 5 only
-    heads, rollout = viz_patches.class_token_maps(attention)
+    heads, rollout = patches.class_token_maps(attention)
     np.testing.assert_array_equal(heads[1, 0], weights)
     assert heads.shape == (2, 1, 16) and rollout.shape == (16,)
-    figure = viz_patches.plot_patch_attention(
+    figure = patches.plot_patch_attention(
         np.ones((8, 8)), attention, 2, path=str(tmp_path / "a.png")
     )
     assert len(figure.axes) == 2 * 2 and (tmp_path / "a.png").stat().st_size > 1000

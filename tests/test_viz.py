@@ -1,4 +1,4 @@
-"""kit.viz: heatmaps, the offline HTML viewer (also driven in Chromium), attention rollout."""
+"""kit.views: heatmaps and the offline HTML viewer (also driven in Chromium)."""
 
 import json
 import os
@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kit import viewer, views, viz
+from kit import views
+from kit.views import figures, viewer
 
 
 def softmax_weights(shape, seed=0):
@@ -38,7 +39,7 @@ def tick_texts(labels):
 @pytest.mark.parametrize("L, N, T, S", [(2, 3, 5, 5), (1, 2, 4, 7)])  # self, cross
 def test_plot_attention_grid_of_layers_and_heads(L, N, T, S):
     query, key = tokens(T, "q"), tokens(S, "k")
-    fig = viz.plot_attention(softmax_weights((L, N, T, S)), query, key, title="t")
+    fig = figures.plot_attention(softmax_weights((L, N, T, S)), query, key, title="t")
     heatmaps = [ax for ax in fig.axes if ax.images]
     assert len(heatmaps) == L * N
     assert len(fig.axes) == L * N + 1  # one shared colour bar
@@ -54,14 +55,14 @@ def test_plot_attention_grid_of_layers_and_heads(L, N, T, S):
 
 @pytest.mark.parametrize("shape, count", [((3, 4), 1), ((2, 3, 4), 2)])
 def test_plot_attention_one_head_and_one_layer(shape, count):
-    fig = viz.plot_attention(jnp.asarray(softmax_weights(shape)), list("abc"), list("wxyz"))
+    fig = figures.plot_attention(jnp.asarray(softmax_weights(shape)), list("abc"), list("wxyz"))
     heatmaps = [ax for ax in fig.axes if ax.images]
     assert len(heatmaps) == count
     assert heatmaps[-1].get_title() == ("head 1" if count == 2 else "")
 
 
 def test_plot_attention_labels_whitespace_tokens_visibly():
-    fig = viz.plot_attention(softmax_weights((3, 3)), list("a b"), ["a", "\n", "b"])
+    fig = figures.plot_attention(softmax_weights((3, 3)), list("a b"), ["a", "\n", "b"])
     ax = fig.axes[0]
     assert tick_texts(ax.get_yticklabels()) == ["a", "␣", "b"]
     assert tick_texts(ax.get_xticklabels()) == ["a", "\\n", "b"]
@@ -70,7 +71,7 @@ def test_plot_attention_labels_whitespace_tokens_visibly():
 @pytest.mark.parametrize("suffix, signature", [(".png", b"\x89PNG\r\n\x1a\n"), (".svg", b"<svg")])
 def test_plot_attention_saves_by_suffix(tmp_path, suffix, signature):
     path = tmp_path / f"attention{suffix}"
-    viz.plot_attention(softmax_weights((2, 3, 3)), list("abc"), list("abc"), path=path)
+    figures.plot_attention(softmax_weights((2, 3, 3)), list("abc"), list("abc"), path=path)
     data = path.read_bytes()
     assert data
     assert signature in data[:400]
@@ -89,7 +90,7 @@ def test_plot_attention_saves_by_suffix(tmp_path, suffix, signature):
 )
 def test_plot_attention_rejects_bad_input(shape, query, key, kwargs, match):
     with pytest.raises(ValueError, match=match):
-        viz.plot_attention(np.ones(shape), query, key, **kwargs)
+        figures.plot_attention(np.ones(shape), query, key, **kwargs)
 
 
 # --------------------------------------------------------------------------
@@ -232,59 +233,11 @@ def test_wheel_ships_the_viewer_assets(tmp_path):
     print(f"wheel built in {seconds:.1f} s: {wheel.name}")
     with zipfile.ZipFile(wheel) as zf:
         for name in _ASSETS:
-            member = f"kit/assets/{name}"
+            member = f"kit/views/assets/{name}"
             assert member in zf.namelist(), f"{member} missing from {wheel.name}"
-            assert zf.read(member) == (root / "kit" / "assets" / name).read_bytes(), member
-
-
-# --------------------------------------------------------------------------
-# attention_rollout
-
-
-def test_attention_rollout_hand_computed():
-    # Layer 1: heads [[1, 0], [.5, .5]] and [[0, 1], [.5, .5]] average to all 0.5;
-    #   0.5 * A + 0.5 * I = [[.75, .25], [.25, .75]].
-    # Layer 2: both heads [[1, 0], [1, 0]]; 0.5 * A + 0.5 * I = [[1, 0], [.5, .5]].
-    # R = A2 @ A1 = [[.75, .25], [.5 * .75 + .5 * .25, .5 * .25 + .5 * .75]]
-    #             = [[.75, .25], [.5, .5]]
-    # (the other order, A1 @ A2, would give [[.875, .125], [.625, .375]]).
-    # Without the residual: [[1, 0], [1, 0]] @ [[.5, .5], [.5, .5]] = all 0.5.
-    weights = np.array(
-        [
-            [[[1.0, 0.0], [0.5, 0.5]], [[0.0, 1.0], [0.5, 0.5]]],
-            [[[1.0, 0.0], [1.0, 0.0]], [[1.0, 0.0], [1.0, 0.0]]],
-        ]
-    )  # [L=2, N=2, T=2, T=2]
-    np.testing.assert_allclose(viz.attention_rollout(weights), [[0.75, 0.25], [0.5, 0.5]])
-    np.testing.assert_allclose(viz.attention_rollout(weights, residual=False), np.full((2, 2), 0.5))
-
-
-def test_attention_rollout_properties():
-    batched = softmax_weights((3, 2, 4, 5, 5))  # [L, B, N, T, T]
-    rollout = viz.attention_rollout(jnp.asarray(batched, jnp.float32))
-    assert rollout.shape == (2, 5, 5)
-    np.testing.assert_allclose(rollout.sum(-1), 1.0, rtol=1e-6)
-    assert (rollout >= 0).all()
-    for b in range(2):
-        np.testing.assert_allclose(viz.attention_rollout(batched[:, b]), rollout[b], rtol=1e-6)
-    one_layer = viz.attention_rollout(batched[:1, 0])
-    np.testing.assert_allclose(one_layer, 0.5 * batched[0, 0].mean(0) + 0.5 * np.eye(5))
-    # A fully masked query row (all zero weights) keeps to itself instead of vanishing.
-    masked = batched[:, 0].copy()
-    masked[:, :, 2] = 0.0
-    np.testing.assert_allclose(viz.attention_rollout(masked).sum(-1), 1.0, rtol=1e-6)
-
-
-@pytest.mark.parametrize(
-    "shape, match",
-    [
-        ((2, 2, 3, 4), r"weights: expected self-attention with T = S.*T=3, S=4"),
-        ((2, 3, 3), r"weights: expected rank 4 .*given rank 3"),
-    ],
-)
-def test_attention_rollout_rejects_bad_input(shape, match):
-    with pytest.raises(ValueError, match=match):
-        viz.attention_rollout(np.ones(shape))
+            assert zf.read(member) == (root / "kit" / "views" / "assets" / name).read_bytes(), (
+                member
+            )
 
 
 # --------------------------------------------------------------------------
@@ -540,7 +493,7 @@ def test_attention_html_compare_needs_an_aligned_set():
 
 def test_plot_attention_diverging_scale_is_centred_on_zero():
     diff = softmax_weights((2, 3, 3), seed=1) - softmax_weights((2, 3, 3), seed=2)
-    fig = viz.plot_attention(diff, list("abc"), list("abc"), diverging=True)
+    fig = figures.plot_attention(diff, list("abc"), list("abc"), diverging=True)
     image = fig.axes[0].images[0]
     m = np.abs(diff).max()
     assert (image.norm.vmin, image.norm.vmax) == (-m, m)
@@ -611,7 +564,8 @@ def test_neuron_view_equals_the_models_weights(open_page):
     import jax
     from helpers import load_config
 
-    from kit import probe, training
+    from kit import training
+    from kit.analysis import probe
 
     overrides = {"model.num_layers": 2, "model.num_kv_heads": 1, "model.positions": "alibi"}
     with jax.numpy_dtype_promotion("standard"):

@@ -109,7 +109,7 @@ class TaskModel(nnx.Module):
 
     def attention_tokens(self, mb: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
         """Attention set -> (query token ids `[B, T]`, key ids `[B, S]` or None for
-        self-attention) of a model batch, for pattern scores (`kit.interp`)."""
+        self-attention) of a model batch, for pattern scores (`kit.analysis.interp`)."""
         raise NotImplementedError
 
     def text_logits(self, task: Any, ids: list[int], hooks: hooks.Hooks | None = None):

@@ -22,8 +22,6 @@ from typing import Any
 
 import numpy as np
 
-from kit import viz
-
 SCORES = ("previous_token", "duplicate_token", "induction", "first_token")
 SCORE_MODES = ("mul", "abs")
 HEAD_FUSIONS = ("mean", "max", "min")
@@ -269,27 +267,62 @@ def value_weighted(weights: Any, value_norms: Any) -> np.ndarray:
 def attention_rollout(
     weights: Any, *, head_fusion: str = "mean", residual: bool = True
 ) -> np.ndarray:
-    """Attention rollout (Abnar & Zuidema, 2020) with the heads fused per layer by
-    their mean, max or min, then layers chained as `kit.viz.attention_rollout`.
+    """Attention rollout: how much each position draws on each input token.
+
+    Heads are fused per layer (their mean, max or min; max and min rows are
+    renormalized); with `residual`, the skip connection is modelled by mixing in
+    the identity, and the layers are multiplied:
+
+      Ā_l = fuse_n A_{l,n}
+      Â_l = rownorm(0.5 * Ā_l + 0.5 * I)      (Â_l = Ā_l if not residual)
+      R   = Â_L @ ... @ Â_2 @ Â_1
+
+    R[i, j] is the share of token j of the input in position i after the last
+    layer; with `residual`, every row of R sums to 1 (a fully masked query keeps
+    to itself).
 
     Args:
-      weights: self-attention `[L, N, T, T]` or `[B, L, N, T, T]`.
+      weights: self-attention `[L, N, T, T]` (one example) or `[B, L, N, T, T]`.
       head_fusion: "mean", "max" or "min".
-      residual: model the residual connection (0.5 A + 0.5 I, rows renormalized).
+      residual: model the residual connection, as in the paper.
 
     Returns:
-      `[T, T]`, or `[B, T, T]`.
+      float64 `[T, T]`, or `[B, T, T]`.
+
+    Raises:
+      ValueError: naming `weights` if it is not rank 4 or 5 or its last two
+        dimensions differ (rollout chains layers, so it needs self-attention),
+        or `head_fusion`.
+
+    References:
+      Abnar & Zuidema, "Quantifying Attention Flow in Transformers", ACL 2020.
     """
     if head_fusion not in HEAD_FUSIONS:
         raise ValueError(f"head_fusion: expected one of {HEAD_FUSIONS}, got {head_fusion!r}")
     w = np.asarray(weights)
+    if w.ndim not in (4, 5):
+        raise ValueError(
+            f"weights: expected rank 4 [L, N, T, T] or 5 [B, L, N, T, T], "
+            f"given rank {w.ndim} with shape {w.shape}"
+        )
+    if w.shape[-1] != w.shape[-2]:
+        raise ValueError(
+            f"weights: expected self-attention with T = S, given shape {w.shape} "
+            f"(T={w.shape[-2]}, S={w.shape[-1]}); rollout does not apply to cross-attention"
+        )
     batched = w.ndim == 5
-    w = _weights(w)
-    fused = getattr(np, head_fusion)(w, axis=2, keepdims=True)  # [B, L, 1, T, T]
+    w = (w if batched else w[None]).astype(np.float64)  # [B, L, N, T, T]
+    a = getattr(np, head_fusion)(w, axis=2)  # [B, L, T, T]
     if head_fusion != "mean":  # max / min rows no longer sum to 1
-        fused = fused / np.maximum(fused.sum(-1, keepdims=True), 1e-30)
-    out = viz.attention_rollout(np.moveaxis(fused, 0, 1), residual=residual)  # [B, T, T]
-    return out if batched else out[0]
+        a = a / np.maximum(a.sum(-1, keepdims=True), 1e-30)
+    if residual:
+        a = 0.5 * a + 0.5 * np.eye(a.shape[-1])
+        # Rows of a fully masked query sum to 0.5, not 1: renormalizing keeps R stochastic.
+        a = a / a.sum(axis=-1, keepdims=True)
+    rollout = a[:, 0]
+    for layer in range(1, a.shape[1]):
+        rollout = a[:, layer] @ rollout
+    return rollout if batched else rollout[0]
 
 
 # --------------------------------------------------------------------------

@@ -1,12 +1,12 @@
 """Run a trained toy model on one text and collect what its attention did.
 
 For a Vision Transformer, `read_image` runs one held-out image and
-`write_image_views` draws where its class token looks (kit.viz_patches).
+`write_image_views` draws where its class token looks (kit.views.patches).
 
 `read_attention` decodes the text with the model (greedily where it decodes) and
 returns the prediction with every attention map as `[L, N, T, S]`, the tokens
 on both sides and the vectors the attention used (for the neuron view);
-`write_views` draws them (kit.viz) as PNGs and offline HTML pages (kit.views);
+`write_views` draws them (kit.views.figures) as PNGs and offline HTML pages (kit.views);
 `compare` reads two texts of the same length and gives every head's change;
 `antecedent_attention` reads the pronoun probe: how much each layer and head
 attends from a labelled position (the pronoun) to the name it predicted.
@@ -23,8 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kit import models, tasks, views, viz, viz_patches
+from kit import models, tasks, views
 from kit.models.common import attention_pass
+from kit.views import figures, patches
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +44,7 @@ class Reading:
         "key_vectors" and "value_vectors" `[L, N, S, H]` (key/value heads
         repeated to the N query heads: head n reads kv head n // (N / K)),
         "value_norms" `[L, N, S]` and, with ALiBi, "bias" `[L, N, T, S]` (the
-        fields `kit.viewer.attention_html` reads).
+        fields `kit.views.viewer.attention_html` reads).
     """
 
     text: str
@@ -79,7 +80,7 @@ def read_attention(
 
 
 def _set(aux, name, query_tokens, key_tokens) -> dict[str, Any]:
-    """One example's set `name` of the model's aux (batch of 1) for kit.viz.
+    """One example's set `name` of the model's aux (batch of 1) for kit.figures.
 
     The "decoder" set is the causal self-attention; a probe's single example has
     no padding, so no other key is masked.
@@ -120,7 +121,7 @@ def write_views(reading: Reading, directory: str) -> list[str]:
     paths = []
     for name, entry in reading.attention.items():
         path = os.path.join(directory, f"{name}.png")
-        viz.plot_attention(
+        figures.plot_attention(
             entry["weights"],
             entry["query_tokens"],
             entry["key_tokens"],
@@ -355,7 +356,7 @@ def write_image_views(reading: ImageReading, directory: str) -> list[str]:
         f"held-out image {reading.index}: label {reading.label}, prediction {reading.prediction}"
     )
     png = os.path.join(directory, f"image_{reading.index}.png")
-    figure = viz_patches.plot_patch_attention(
+    figure = patches.plot_patch_attention(
         reading.image, reading.weights, reading.patch_size, title=title, path=png
     )
     page = os.path.join(directory, "index.html")
@@ -364,5 +365,5 @@ def write_image_views(reading: ImageReading, directory: str) -> list[str]:
         "the image; the last column is the attention rollout over all layers."
     )
     with open(page, "w", encoding="utf-8") as f:
-        f.write(viz_patches.patch_attention_html(figure, title=title, caption=caption))
+        f.write(patches.patch_attention_html(figure, title=title, caption=caption))
     return [png, page]

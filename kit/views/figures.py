@@ -1,10 +1,10 @@
-"""Attention made visible as figures: heatmaps (matplotlib) and attention rollout.
+"""Attention made visible as figures: heatmaps (matplotlib), patching maps.
 
-The offline HTML viewer is `kit.viewer`; notebook views are `kit.views`.
+The offline HTML viewer is `kit.views.viewer`; notebook views are `kit.views`.
 
-Shape letters: L layers, B batch, N heads, T query length, S key length. Models
-return attention weights in `aux` as `[L, B, N, T, S]`; the functions here show
-one example at a time, so the caller picks it first (`aux["cross"][:, b]`).
+Shape letters: L layers, B batch, N heads, T query length, S key length.
+`model.attention_sets` gives weights as `[L, B, N, T, S]`; the functions here show
+one example at a time, so the caller picks it first (`sets["cross"][:, b]`).
 Arrays may be jax or numpy; they are read once with `np.asarray`.
 
 Tokens are any sequence of labels; a string is a sequence of characters, which
@@ -166,60 +166,8 @@ def plot_attention(
     return fig
 
 
-def attention_rollout(weights: Any, *, residual: bool = True) -> np.ndarray:
-    """Attention rollout: how much each position draws on each input token.
-
-    Heads are averaged per layer; with `residual`, the skip connection is
-    modelled by mixing in the identity, and the layers are multiplied:
-
-      Ā_l = mean_n A_{l,n}
-      Â_l = rownorm(0.5 * Ā_l + 0.5 * I)      (Â_l = Ā_l if not residual)
-      R   = Â_L @ ... @ Â_2 @ Â_1
-
-    R[i, j] is the share of token j of the input in position i after the last
-    layer; with `residual`, every row of R sums to 1.
-
-    Args:
-      weights: self-attention weights `[L, N, T, T]`, or `[L, B, N, T, T]` as
-        models return them in `aux`.
-      residual: model the residual connection (0.5 * A + 0.5 * I, rows
-        renormalized), as in the paper.
-
-    Returns:
-      float64 `[T, T]`, or `[B, T, T]` for batched weights.
-
-    Raises:
-      ValueError: if `weights` is not rank 4 or 5, or its last two dimensions
-        differ (rollout chains layers, so it needs self-attention).
-
-    References:
-      Abnar & Zuidema, "Quantifying Attention Flow in Transformers", ACL 2020.
-      https://arxiv.org/abs/2005.00928
-    """
-    w = np.asarray(weights)
-    if w.ndim not in (4, 5):
-        raise ValueError(
-            f"weights: expected rank 4 [L, N, T, T] or 5 [L, B, N, T, T], "
-            f"given rank {w.ndim} with shape {w.shape}"
-        )
-    if w.shape[-1] != w.shape[-2]:
-        raise ValueError(
-            f"weights: expected self-attention with T = S, given shape {w.shape} "
-            f"(T={w.shape[-2]}, S={w.shape[-1]}); rollout does not apply to cross-attention"
-        )
-    a = w.astype(np.float64).mean(axis=-3)  # [L, (B,) T, T]
-    if residual:
-        a = 0.5 * a + 0.5 * np.eye(a.shape[-1])
-        # Rows of a fully masked query sum to 0.5, not 1: renormalizing keeps R stochastic.
-        a = a / a.sum(axis=-1, keepdims=True)
-    rollout = a[0]
-    for layer in a[1:]:
-        rollout = layer @ rollout
-    return rollout
-
-
 def plot_patching(result: Any) -> Figure:
-    """Four heatmaps of a `kit.patching.TextPatching`: each head's output and the
+    """Four heatmaps of a `kit.analysis.patching.TextPatching`: each head's output and the
     residual stream at each position, patched from the clean run into the corrupted
     one (activation patching) and estimated from one backward pass (attribution
     patching), as the share of the clean answer's logit difference that comes back."""

@@ -1,10 +1,10 @@
 """The offline HTML viewer: one self-contained page with four views of attention.
 
 `attention_html(examples, ...)` validates every field and builds the page from
-the package data files `kit/assets/viewer.{html,css,js}`; the page loads
-nothing and trusts its data. `kit.views` wraps it for notebooks; `kit.viz`
+the package data files `kit/views/assets/viewer.{html,css,js}`; the page loads
+nothing and trusts its data. `kit.views` wraps it for notebooks; `kit.views.figures`
 draws the same attention as matplotlib figures. Tokens are labelled as
-`kit.viz` labels them, and weights are read as `[L, N, T, S]`
+`kit.views.figures` labels them, and weights are read as `[L, N, T, S]`
 (or `[N, T, S]`, `[T, S]`) of one example.
 """
 
@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from kit.viz import (  # kit-internal: one reading of weights and tokens
+from kit.views.figures import (  # kit-internal: one reading of weights and tokens
     _as_layers_heads,
     _check_tokens,
 )
@@ -33,14 +33,14 @@ _HTML_DECIMALS = 4
 
 @functools.cache
 def _viewer_assets() -> tuple[str, str, str]:
-    """The viewer's page skeleton, CSS and JavaScript, read once from `kit/assets`.
+    """The viewer's page skeleton, CSS and JavaScript, read once from `kit/views/assets`.
 
     The skeleton holds the placeholders `__TITLE__`, `__STYLE__`, `__DATA__` and
     `__SCRIPT__`, each on its own line where a whole file goes in; the CSS and
     JavaScript are inlined without their final newline, so the page reads as if
     the files were written into it.
     """
-    assets = importlib.resources.files("kit") / "assets"
+    assets = importlib.resources.files("kit.views") / "assets"
     page, style, script = (
         (assets / name).read_text(encoding="utf-8")
         for name in ("viewer.html", "viewer.css", "viewer.js")
@@ -54,7 +54,9 @@ def _viewer_assets() -> tuple[str, str, str]:
     ):
         for bad in forbidden:
             if bad in text.lower():
-                raise RuntimeError(f"kit/assets/{name}: {bad!r} cannot be inlined in the page")
+                raise RuntimeError(
+                    f"kit/views/assets/{name}: {bad!r} cannot be inlined in the page"
+                )
     return page, style, script
 
 

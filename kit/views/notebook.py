@@ -1,12 +1,12 @@
 """Attention views for notebooks: inline in Jupyter and Colab, saved as HTML, PNG or SVG.
 
-A `View` holds one offline viewer page (`kit.viewer.attention_html`) and the
+A `View` holds one offline viewer page (`kit.views.viewer.attention_html`) and the
 attention it shows. In a notebook its `_repr_html_` puts the page in an
 `<iframe srcdoc="...">`: the page keeps its own ids, CSS and JavaScript, so
 several views on one notebook page cannot clash, and nothing is loaded from the
 network (no RequireJS, no CDN), as folium shows its maps. `save` writes the page
 and `save_figure` draws one head, one layer's heads or every layer x head
-through matplotlib (`kit.viz.plot_attention`).
+through matplotlib (`kit.figures.plot_attention`).
 
     from kit import probe, views
     reading = probe.read_attention(task, graphdef, params, "Mark told Sam that he was leaving.")
@@ -14,11 +14,11 @@ through matplotlib (`kit.viz.plot_attention`).
     views.neuron_view(reading, layer=0, head=3, query=4).save("neuron.html")
     views.head_view(reading).save_figure("layer0.svg", layer=0)
 
-A source is a `kit.probe.Reading` (anything with `.text`, `.prediction` and
+A source is a `kit.analysis.probe.Reading` (anything with `.text`, `.prediction` and
 `.attention`), a list of example dicts as `attention_html` takes them, or, as
 BertViz takes it, your own model's weights with their tokens:
 `views.head_view(weights, tokens)` (`from_arrays`). This
-module draws only: it imports numpy, matplotlib and `kit.viz`, not the models.
+module draws only: it imports numpy, matplotlib and `kit.views.figures`, not the models.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from kit import viewer, viz
+from kit.views import figures, viewer
 
 
 def from_arrays(
@@ -70,7 +70,7 @@ def _examples(source: Any, name: str, tokens=None, key_tokens=None) -> list[Mapp
     if isinstance(source, Sequence) and not isinstance(source, str):
         return list(source)
     raise ValueError(
-        f"{name}: expected a kit.probe.Reading or a list of example dicts, "
+        f"{name}: expected a kit.analysis.probe.Reading or a list of example dicts, "
         f"given {type(source).__name__}"
     )
 
@@ -79,15 +79,15 @@ class View:
     """One attention page, shown inline in notebooks and exported as HTML or figures.
 
     `title`, `view`, `set_name`, `layer`, `head`, `query` and `compare` are as in
-    `kit.viewer.attention_html` (what the page shows first).
+    `kit.views.viewer.attention_html` (what the page shows first).
 
     Args:
-      examples: a list of example dicts as `kit.viewer.attention_html` takes them.
+      examples: a list of example dicts as `kit.views.viewer.attention_html` takes them.
       height: the inline frame's height in pixels; by default from the token
         and layer counts.
 
     Raises:
-      ValueError: as `kit.viewer.attention_html` does, naming the argument; or
+      ValueError: as `kit.views.viewer.attention_html` does, naming the argument; or
         naming `height` if it is not a positive integer.
     """
 
@@ -187,7 +187,7 @@ class View:
           ValueError: naming `path`, `example`, `set_name`, `layer` or `head`
             when out of range (`head` also when given without `layer`).
         """
-        viz.figure_format(path)
+        figures.figure_format(path)
         if self.compare is None:
             index = _check_index(example, len(self.examples), "example")
             chosen = self.examples[index]
@@ -213,7 +213,7 @@ class View:
                 head = _check_index(head, N, "head")
                 weights = weights[head]
                 title += f", head {head}"
-        return viz.plot_attention(
+        return figures.plot_attention(
             weights,
             entry["query_tokens"],
             entry["key_tokens"],
@@ -268,7 +268,7 @@ def head_view(
 ) -> View:
     """Lines from query to key tokens, one colour per head (all heads, or only `head`).
 
-    `source` is a `kit.probe.Reading`, a list of example dicts, or, with `tokens`,
+    `source` is a `kit.analysis.probe.Reading`, a list of example dicts, or, with `tokens`,
     attention arrays of your own model (`from_arrays`): `head_view(weights, tokens)`.
     """
     examples = _examples(source, "source", tokens, key_tokens)

@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from kit import viz
+from kit.analysis import interp
+from kit.views import figures
 
 
 def patch_map(weights: Any, patch_size: int, image_size: int) -> np.ndarray:
@@ -47,7 +48,7 @@ def class_token_maps(weights: Any) -> tuple[np.ndarray, np.ndarray]:
     weights = np.asarray(weights, np.float64)
     if weights.ndim != 4 or weights.shape[-1] != weights.shape[-2]:
         raise ValueError(f"weights: expected self-attention [L, N, T, T], got {weights.shape}")
-    return weights[:, :, 0, 1:], viz.attention_rollout(weights)[0, 1:]
+    return weights[:, :, 0, 1:], interp.attention_rollout(weights)[0, 1:]
 
 
 def plot_patch_attention(
@@ -91,7 +92,7 @@ def plot_patch_attention(
     if title:
         figure.suptitle(title, fontsize=9)
     if path is not None:
-        figure.savefig(path, format=viz.figure_format(path), dpi=120)
+        figure.savefig(path, format=figures.figure_format(path), dpi=120)
     return figure
 
 

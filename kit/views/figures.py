@@ -207,3 +207,40 @@ def plot_patching(result: Any) -> Figure:
         fontsize=9,
     )
     return fig
+
+
+def plot_heads(name: str, entry: Any, metric: str) -> Figure:
+    """One attention set's pattern scores and per-head ablation (`kit.analysis.heads`),
+    a heatmap each, layer by head."""
+    from kit.analysis.interp import SCORES
+
+    panels = [*entry["scores"].items(), (f"{metric} ablated", entry["ablation"]["per_head"])]
+    fig = Figure(figsize=(3.2 * len(panels), 2.6), layout="constrained")
+    for ax, (title, values) in zip(fig.subplots(1, len(panels)), panels, strict=True):
+        a = np.array([[np.nan if v is None else v for v in row] for row in values], float)
+        score = title in SCORES
+        im = ax.imshow(
+            a,
+            cmap="viridis" if score else "magma",
+            vmin=0 if score else None,
+            vmax=1 if score else None,
+            aspect="auto",
+        )
+        for (layer, head), v in np.ndenumerate(a):
+            ax.text(
+                head,
+                layer,
+                "-" if np.isnan(v) else f"{v:.2f}",
+                ha="center",
+                va="center",
+                color="w" if np.isnan(v) or v < np.nanmean(a) else "k",
+                fontsize=8,
+            )
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("head")
+        ax.set_ylabel("layer")
+        ax.set_xticks(range(a.shape[1]))
+        ax.set_yticks(range(a.shape[0]))
+        fig.colorbar(im, ax=ax, shrink=0.8)
+    fig.suptitle(f"{name} attention: pattern scores and ablation", fontsize=10)
+    return fig

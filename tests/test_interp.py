@@ -330,19 +330,19 @@ def test_vectors_reproduce_the_weights_and_the_value_norms():
     aux = model.attention_sets(aux["activations"])
     vec = aux["vectors"]["decoder"]
     q, k = np.asarray(vec["query"], np.float64), np.asarray(vec["key"], np.float64)
-    T, N, H = q.shape[2:]
+    T, N, H = q.shape[2:]  # q [B, L, T, N, H]
     k = np.repeat(k, N, axis=3)  # GQA: one kv head for N query heads
-    logits = np.einsum("lbtnh,lbsnh->lbnts", q, k) / np.sqrt(H)
+    logits = np.einsum("bltnh,blsnh->blnts", q, k) / np.sqrt(H)
     causal = np.tril(np.ones((T, T), bool))
     logits = np.where(causal, logits, -np.inf)
     weights = np.exp(logits - logits.max(-1, keepdims=True))
     weights /= weights.sum(-1, keepdims=True)
     np.testing.assert_allclose(weights, np.asarray(aux["decoder"]), rtol=1e-4, atol=1e-6)
     layer = model.decoder.layers[0].self_attention
-    v = np.asarray(vec["value"][0], np.float64)  # [B, S, 1, H]
+    v = np.asarray(vec["value"][:, 0], np.float64)  # layer 0: [B, S, 1, H]
     wo = np.asarray(layer.out["kernel"][...], np.float64)  # [N, H, D]
     by_hand = np.linalg.norm(np.einsum("bsh,nhd->bnsd", v[:, :, 0], wo), axis=-1)
-    np.testing.assert_allclose(np.asarray(vec["value_norms"][0]), by_hand, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(vec["value_norms"][:, 0]), by_hand, rtol=1e-5)
     assert set(aux["vectors"]) == {"encoder", "decoder", "cross"}
 
 

@@ -28,7 +28,7 @@ def pattern_scores(model, mb, count: int):
     out = {}
     tokens = model.attention_tokens(mb)
     for name in model.ATTENTION_SETS:
-        weights = interp.batch_first(aux[name])
+        weights = np.asarray(aux[name])  # [B, L, N, T, S]
         query, key = tokens[name]
         scores = interp.head_scores(weights, query, key, ignore=[tasks.PAD])
         out[name] = {k: _nan_to_none(v) for k, v in scores.items()}
@@ -44,8 +44,8 @@ def antecedent_edges(sets, mb, task):
     position, the mean value-weighted norm of that edge and its share of the pronoun's
     value-weighted mass, `[L, N]` each, from `sets` (`model.attention_sets`) of model
     batch `mb`."""
-    weights = interp.batch_first(sets["encoder"])  # [B, L, N, T, S]
-    norms = np.moveaxis(np.asarray(sets["vectors"]["encoder"]["value_norms"]), 1, 0)
+    weights = np.asarray(sets["encoder"])  # [B, L, N, T, S]
+    norms = np.asarray(sets["vectors"]["encoder"]["value_norms"])  # [B, L, N, S]
     weighted = interp.value_weighted(weights, norms)  # [B, L, N, T, S]
     no_label = task.vocab.index(tasks.NO_LABEL)
     attention, value_weighted, share = [], [], []

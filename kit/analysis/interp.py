@@ -1,8 +1,7 @@
 """Testing what a head does: pattern scores, value-weighted norms, rollout, ablation masks.
 
 Pure numpy functions over attention arrays `[L, N, T, S]` (one example) or
-`[B, L, N, T, S]` (a leading batch axis). `model.attention_sets` stacks the
-weights as `[L, B, N, T, S]`; `batch_first(sets["encoder"])` puts the batch axis first.
+`[B, L, N, T, S]` (a leading batch axis), as `model.attention_sets` gives them.
 
 Pattern scores (as TransformerLens's head detector, Nanda et al.): a pattern
 P `[T, S]` marks the keys a head of some kind would attend to from each query
@@ -25,14 +24,6 @@ import numpy as np
 SCORES = ("previous_token", "duplicate_token", "induction", "first_token")
 SCORE_MODES = ("mul", "abs")
 HEAD_FUSIONS = ("mean", "max", "min")
-
-
-def batch_first(weights: Any) -> np.ndarray:
-    """Model aux weights `[L, B, N, T, S]` -> `[B, L, N, T, S]` (as numpy)."""
-    w = np.asarray(weights)
-    if w.ndim != 5:
-        raise ValueError(f"weights: expected [L, B, N, T, S], got shape {w.shape}")
-    return np.moveaxis(w, 1, 0)
 
 
 def _weights(weights: Any, name: str = "weights") -> np.ndarray:
@@ -245,7 +236,7 @@ def value_weighted(weights: Any, value_norms: Any) -> np.ndarray:
     projection, what the head actually adds to query t's output per unit of
     weight; a large weight on a token whose f(x_s) is small moves little.
     `model.attention_sets` gives ||f(x_s)|| as `["vectors"][set]["value_norms"]`
-    `[L, B, N, S]`.
+    `[B, L, N, S]`.
 
     Args:
       weights: `[..., N, T, S]`.

@@ -86,7 +86,7 @@ def _set(aux, name, query_tokens, key_tokens) -> dict[str, Any]:
     no padding, so no other key is masked.
     """
     entry = {
-        "weights": np.asarray(aux[name][:, 0], np.float32),  # [L, N, T, S]
+        "weights": np.asarray(aux[name][0], np.float32),  # [L, N, T, S]
         "query_tokens": list(query_tokens),
         "key_tokens": list(key_tokens),
         "causal": name == "decoder",
@@ -94,7 +94,7 @@ def _set(aux, name, query_tokens, key_tokens) -> dict[str, Any]:
     vectors = aux.get("vectors", {}).get(name)
     if vectors is None:
         return entry
-    first = {k: np.asarray(v[:, 0], np.float32) for k, v in vectors.items()}
+    first = {k: np.asarray(v[0], np.float32) for k, v in vectors.items()}
     query = first["query"].transpose(0, 2, 1, 3)  # [L, T, N, H] -> [L, N, T, H]
     N = query.shape[1]
 
@@ -343,7 +343,7 @@ def read_image(task: tasks.Task, graphdef: Any, params: Any, index: int) -> Imag
         image=image,
         label=task.vocab[int(data["labels"][index])],
         prediction=task.vocab[int(jnp.argmax(logits[0]))],
-        weights=np.asarray(aux["encoder"][:, 0], np.float32),
+        weights=np.asarray(aux["encoder"][0], np.float32),
         patch_size=model.cfg.patch_size,
     )
 

@@ -3,7 +3,7 @@
 Each model's `__call__` returns `(logits, aux)`. Given `hooks` (`kit.hooks.Hooks`),
 it reads and writes named activations (`model.hook_points()`) and returns what it
 read as `aux["activations"]`; `model.attention_sets(...)` stacks the attention
-that `model.attention_hooks()` read as `[L, B, N, T, S]` per set ("encoder",
+that `model.attention_hooks()` read as `[B, L, N, T, S]` per set ("encoder",
 "decoder", "cross").
 
 Each model kind owns how it reads a task: `batch` turns the task's arrays into

@@ -195,17 +195,19 @@ class TaskModel(nnx.Module):
         )
 
     def attention_sets(self, activations: dict[str, Array]) -> dict[str, Any]:
-        """What `attention_hooks()` read, by attention set: weights `[L, B, N, T, S]`
-        per set and "vectors" (per set: query `[L, B, T, N, H]`, key and value
-        `[L, B, S, K, H]`, value_norms `[L, B, N, S]` (`kit.head_value_norms`)
-        and, with positions as a score function, bias `[L, B, N, T, S]`)."""
+        """What `attention_hooks()` read, by attention set, batch first (the one axis
+        order from here to the page: `sets[name][b]` is example b's `[L, N, T, S]`):
+        weights `[B, L, N, T, S]` per set and "vectors" (per set: query
+        `[B, L, T, N, H]`, key and value `[B, L, S, K, H]`, value_norms
+        `[B, L, N, S]` (`kit.head_value_norms`) and, with positions as a score
+        function, bias `[B, L, N, T, S]`)."""
         out: dict[str, Any] = {"vectors": {}}
         for name, (stack, attn) in self.ATTENTION_SETS.items():
             layers = getattr(self, stack).layers
 
             def stacked(point, stack=stack, attn=attn, layers=layers):
                 got = [activations.get(f"{stack}.{i}.{attn}.{point}") for i in range(len(layers))]
-                return None if got[0] is None else jnp.stack(got)
+                return None if got[0] is None else jnp.stack(got, axis=1)
 
             module = "self_attention" if attn == "attn" else "cross_attention"
             norms = [
@@ -216,7 +218,7 @@ class TaskModel(nnx.Module):
             ]
             out[name] = stacked("weights")
             vectors = {"query": stacked("q"), "key": stacked("k"), "value": stacked("v")}
-            vectors["value_norms"] = jnp.stack(norms)
+            vectors["value_norms"] = jnp.stack(norms, axis=1)
             if stacked("bias") is not None:
                 vectors["bias"] = stacked("bias")
             out["vectors"][name] = vectors

@@ -3,8 +3,8 @@
 The offline HTML viewer is `kit.views.viewer`; notebook views are `kit.views`.
 
 Shape letters: L layers, B batch, N heads, T query length, S key length.
-`model.attention_sets` gives weights as `[L, B, N, T, S]`; the functions here show
-one example at a time, so the caller picks it first (`sets["cross"][:, b]`).
+`model.attention_sets` gives weights as `[B, L, N, T, S]`; the functions here show
+one example at a time, so the caller picks it first (`sets["cross"][b]`).
 Arrays may be jax or numpy; they are read once with `np.asarray`.
 
 Tokens are any sequence of labels; a string is a sequence of characters, which

@@ -319,7 +319,7 @@ def train_copy() -> dict[str, Any]:
     dtype = config.model.dtype = "bfloat16"
     s = training.setup(config)
     batch = training.model_batch(
-        s.mcfg.kind, s.task.train_batch(config.seed, 0, config.train.batch_size)
+        s.kind, s.task.train_batch(config.seed, 0, config.train.batch_size)
     )
     program = lower_train_step(s, batch).compile().as_text()
     with tempfile.TemporaryDirectory() as workdir:

@@ -36,7 +36,7 @@ def main(_):
     setup = training.setup(config)
     graphdef, params = training.init_model(setup.mcfg, jax.random.key(0))
     model = nnx.merge(graphdef, params)
-    mb = training.steps.train_model_batch(setup.task, setup.mcfg.kind, 0, 0, FLAGS.batch)
+    mb = training.steps.train_model_batch(setup.task, setup.kind, 0, 0, FLAGS.batch)
     mb = jax.tree.map(jnp.asarray, mb)
     shapes = model.attention_shapes()
     variants = {

@@ -19,7 +19,7 @@ import tempfile
 import numpy as np
 from absl import app, flags
 
-from kit import metrics, training
+from kit import metrics, models, training
 from kit.training.steps import train_model_batch
 
 FLAGS = flags.FLAGS
@@ -54,7 +54,7 @@ def run(pack: bool):
     evals = [(x["step"], x["eval/exact_match"]) for x in lines if "eval/exact_match" in x]
     per_step = result["train_seconds"] / result["step"]
     span = FLAGS.span if pack else 0
-    tokens = useful_tokens(config, task, mcfg.kind, span)
+    tokens = useful_tokens(config, task, models.MODELS[mcfg.kind], span)
     reached = next((step for step, exact in evals if exact >= FLAGS.target), None)
     return {
         "per_step": per_step,

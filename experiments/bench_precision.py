@@ -66,7 +66,7 @@ def step_memory(config) -> dict[str, float]:
     """MiB of the compiled train step's arguments, outputs and temporaries, the saved
     activations, and the bfloat16 products before and after XLA's passes."""
     s = training.setup(config)
-    batch = model_batch(s.mcfg.kind, s.task.train_batch(0, 0, config.train.batch_size))
+    batch = model_batch(s.kind, s.task.train_batch(0, 0, config.train.batch_size))
     lowered = lower_train_step(s, batch)
     compiled = lowered.compile()
     m = compiled.memory_analysis()

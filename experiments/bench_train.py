@@ -77,7 +77,9 @@ def main(_):
     kit_model = models.build(mcfg, rng)
     flax_model = flax_variant(models.build(mcfg, rng), mcfg, rng)
     batches = [
-        training.model_batch(mcfg.kind, task.train_batch(0, s, config.train.batch_size))
+        training.model_batch(
+            models.MODELS[mcfg.kind], task.train_batch(0, s, config.train.batch_size)
+        )
         for s in range(FLAGS.steps)
     ]
     tokens = sum(int(b["weights"].sum()) + int(b["src_lengths"].sum()) for b in batches)

@@ -53,7 +53,7 @@ def main(_):
         config, setup, state = training.load_checkpoint(FLAGS.workdir)
     except ValueError as error:
         sys.exit(f"error: {error}")
-    task, kind, params = setup.task, setup.mcfg.kind, state["params"]
+    task, kind, params = setup.task, setup.kind, state["params"]
     model = nnx.merge(setup.trainer.graphdef, params)
     batches = training.steps.eval_batches(task, kind, config)
     eval_step = jax.jit(setup.trainer.eval_step)

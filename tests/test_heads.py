@@ -42,9 +42,9 @@ def test_span_losses_equal_the_losses_computed_by_hand():
     config = load_config("induction")
     s = training.setup(config, jax.devices()[:1])
     graphdef, params = training.init_model(s.mcfg, jax.random.key(0))
-    batches = training.steps.eval_batches(s.task, s.mcfg.kind, config)
+    batches = training.steps.eval_batches(s.task, s.kind, config)
     result = training.steps.evaluate(
-        jax.jit(s.trainer.eval_step), params, batches, s.mcfg.kind, loss_spans=s.task.loss_spans
+        jax.jit(s.trainer.eval_step), params, batches, s.kind, loss_spans=s.task.loss_spans
     )
     model = nnx.merge(graphdef, params)
     firsts, repeats = [], []
@@ -91,7 +91,7 @@ def test_heads_command_on_a_trained_run(tiny_run, tmp_path):
         assert len(entry["ablation"]["per_layer"]) == L
         assert (out / f"{name}.png").stat().st_size > 1000
     # The numbers are the held-out metric under those masks, measured here again.
-    batches = training.steps.eval_batches(s.task, s.mcfg.kind, config)
+    batches = training.steps.eval_batches(s.task, s.kind, config)
     step = jax.jit(s.trainer.eval_step)
 
     def metric(mask=None):
@@ -99,7 +99,7 @@ def test_heads_command_on_a_trained_run(tiny_run, tmp_path):
             step,
             state["params"],
             batches,
-            s.mcfg.kind,
+            s.kind,
             hooks=None if mask is None else model.head_ablation(mask),
         )
         return result["eval/exact_match"]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from helpers import load_config, slow_beyond
 
-from kit import checkpoint, metrics, tasks, training
+from kit import checkpoint, metrics, models, tasks, training
 
 # optax's Adam is not strict-promotion clean: see tests/conftest.py.
 pytestmark = pytest.mark.usefixtures("standard_promotion")
@@ -91,7 +91,7 @@ def test_train_step_compiles_once():
     step = jax.jit(chex.assert_max_traces(trainer.train_step, n=1))
     state = trainer.init_state(params)
     for i in range(3):
-        mb = training.model_batch(mcfg.kind, task.train_batch(0, i, 8))
+        mb = training.model_batch(models.MODELS[mcfg.kind], task.train_batch(0, i, 8))
         state, _ = step(state, mb, jax.random.key(1, impl="rbg"))
     assert int(state["step"]) == 3
 

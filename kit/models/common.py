@@ -86,6 +86,11 @@ class TaskModel(nnx.Module):
     ORACLE_LENGTH: ClassVar[bool] = False
 
     @classmethod
+    def layers_label(cls, m: Any) -> str:
+        """How the run's header names the layers of config.model `m`: "2 layers"."""
+        return f"{m.num_layers} layer{'' if m.num_layers == 1 else 's'}"
+
+    @classmethod
     def check(cls, m: Any, task: Any) -> None:
         """Checks `m` (a config's `model` section) against `task` for this kind.
 

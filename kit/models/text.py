@@ -123,6 +123,10 @@ class EncoderDecoder(TaskModel):
 
     ORACLE_LENGTH: ClassVar[bool] = True
 
+    @classmethod
+    def layers_label(cls, m) -> str:
+        return f"{m.num_layers}+{m.num_decoder_layers} layers"
+
     def read_text(self, task, ids, words):
         """Greedy decoding, then one teacher-forced pass over its own output; decoder
         queries are labelled with the token each position predicts, keys with the

@@ -52,8 +52,7 @@ def _header(
     config: ml_collections.ConfigDict, s: Setup, workdir: str, start, held_out: int
 ) -> dict[str, str]:
     m = s.mcfg
-    layers = f"{m.num_layers}" + (f"+{m.num_decoder_layers}" if m.kind == "encoder_decoder" else "")
-    layers += " layer" if layers == "1" else " layers"
+    layers = s.kind.layers_label(m)
     return {
         "devices": s.describe_devices(),
         "task": f"{s.task.name} (seed {config.seed}, {held_out:,} held out)",
@@ -72,8 +71,8 @@ def _header(
 
 def _train_batch(s: Setup, config: ml_collections.ConfigDict, step: int) -> dict[str, Any]:
     span = config.task.pack_span if config.task.get("pack", False) else 0
-    kind, size = s.mcfg.kind, config.train.batch_size
-    return train_model_batch(s.task, kind, config.seed, step, size, span)
+    size = config.train.batch_size
+    return train_model_batch(s.task, s.kind, config.seed, step, size, span)
 
 
 def _open_workdir(
@@ -124,7 +123,7 @@ def _held_out(
             programs.eval_step,
             params,
             batches,
-            s.mcfg.kind,
+            s.kind,
             by_length=s.task.by_length,
             loss_spans=s.task.loss_spans,
             groups=groups,

@@ -118,7 +118,7 @@ class Programs:
                 # at the first log step (0.3 s).
                 schedule = jax.jit(make_schedule(config.train))
                 self._compile("learning_rate", schedule.lower(jax.ShapeDtypeStruct((), jnp.int32)))
-            self.eval_batches = eval_batches(s.task, s.mcfg.kind, config, s.mesh.shape["data"])
+            self.eval_batches = eval_batches(s.task, s.kind, config, s.mesh.shape["data"])
             eval_step = jax.jit(
                 s.trainer.eval_step,
                 in_shardings=(s.state_shardings["params"], s.batch_sharding),

@@ -81,6 +81,11 @@ class Setup:
     available_devices: int
 
     @property
+    def kind(self) -> type[models.TaskModel]:
+        """The model kind's class (`models.MODELS`), which training passes on."""
+        return models.MODELS[self.mcfg.kind]
+
+    @property
     def num_params(self) -> int:
         return sum(x.size for x in jax.tree.leaves(self.abstract_state["params"]))
 

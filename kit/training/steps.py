@@ -25,12 +25,14 @@ from kit.models import packing
 Array = jax.Array
 
 
-def model_batch(kind: str, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Task arrays -> what the model of `kind` reads, with targets and loss weights."""
-    return models.MODELS[kind].batch(batch)
+def model_batch(kind: type[models.TaskModel], batch: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Task arrays -> what a model of `kind` (its class) reads, with targets and loss weights."""
+    return kind.batch(batch)
 
 
-def train_model_batch(task, kind: str, seed: int, step: int, batch_size: int, span: int = 0):
+def train_model_batch(
+    task, kind: type[models.TaskModel], seed: int, step: int, batch_size: int, span: int = 0
+):
     """Training batch `step` as the model reads it; with `span`, packed
     (`kit.models.packing`): 2 * batch_size examples drawn and packed in order, as
     many as fit, into batch_size / span rows that hold about `span` examples each
@@ -39,15 +41,15 @@ def train_model_batch(task, kind: str, seed: int, step: int, batch_size: int, sp
         return model_batch(kind, task.train_batch(seed, step, batch_size))
     examples = model_batch(kind, task.train_batch(seed, step, 2 * batch_size))
     widths = pack_widths(task, kind, seed, span)
-    return models.MODELS[kind].pack(examples, batch_size // span, widths)
+    return kind.pack(examples, batch_size // span, widths)
 
 
 @functools.cache
-def pack_widths(task, kind: str, seed: int, span: int) -> tuple[int, ...]:
+def pack_widths(task, kind: type[models.TaskModel], seed: int, span: int) -> tuple[int, ...]:
     """The packed rows' widths of a run: from the mean lengths of 4,096 examples
     drawn once (the same for every step, so the train step compiles once)."""
     sample = model_batch(kind, task.train_batch(seed, 0, 4096))
-    return packing.row_widths(sample, models.MODELS[kind].PACKED, span)
+    return packing.row_widths(sample, kind.PACKED, span)
 
 
 def token_losses(logits: Array, targets: Array, label_smoothing: float = 0.0) -> Array:
@@ -242,10 +244,12 @@ def evaluate(
         result["eval/exact_match_by_length"] = {
             str(n): float(np.mean(exact[lengths == n])) for n in np.unique(lengths)
         }
-    return models.MODELS[kind].eval_metrics(result)
+    return kind.eval_metrics(result)
 
 
-def eval_batches(task: tasks.Task, kind: str, config, multiple: int = 1) -> list[tuple[dict, int]]:
+def eval_batches(
+    task: tasks.Task, kind: type[models.TaskModel], config, multiple: int = 1
+) -> list[tuple[dict, int]]:
     """The held-out set as (model batch, number of padding rows), all of one shape.
 
     The batch size is rounded up to a multiple of `multiple` (the mesh's data axis).

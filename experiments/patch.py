@@ -16,14 +16,11 @@ estimate. Writes <out>/patching.json, <out>/patching.png and <out>/index.html
 flag or text ends in one line naming it, and nothing is written.
 """
 
-import base64
-import html
 import io
 import json
 import os
 import sys
 
-import numpy as np
 from absl import app, flags
 from flax import nnx
 
@@ -40,41 +37,6 @@ flags.DEFINE_string("right", None, "The answer's token (default: the clean predi
 flags.DEFINE_string("wrong", None, "The wrong answer (default: the corrupted prediction).")
 flags.DEFINE_string("out", None, "Output folder (default: <workdir>/patch).")
 flags.mark_flags_as_required(["workdir", "clean", "corrupt"])
-
-
-def table(result: patching.TextPatching) -> str:
-    lines = [
-        f"answer at position {result.position}: {result.right!r} (clean) vs {result.wrong!r} "
-        f"(corrupted); logit difference {result.clean:.3f} clean, {result.corrupt:.3f} corrupted",
-        "share of it patching each head's output brings back (attribution estimate):",
-    ]
-    for point, row, guess in zip(
-        result.head_points, result.heads, result.heads_attribution, strict=True
-    ):
-        cells = "  ".join(f"{v:+.2f} ({g:+.2f})" for v, g in zip(row, guess, strict=True))
-        lines.append(f"  {point:<24} {cells}")
-    best = np.unravel_index(np.argmax(result.positions), result.positions.shape)
-    lines.append(
-        f"strongest residual position: {result.position_points[best[0]]} at "
-        f"{best[1]} ({result.clean_tokens[best[1]]!r}): {result.positions[best]:+.2f}"
-    )
-    lines.append(
-        f"attribution vs activation patching, correlation: heads "
-        f"{result.correlation('heads'):.3f}, positions {result.correlation('positions'):.3f}"
-    )
-    return "\n".join(lines)
-
-
-def page(result: patching.TextPatching, png: bytes) -> str:
-    image = base64.b64encode(png).decode()
-    return (
-        "<!doctype html><meta charset='utf-8'><title>activation patching</title>"
-        "<body style='font-family:sans-serif'>"
-        f"<p>clean: {html.escape(' '.join(result.clean_tokens))}<br>"
-        f"corrupted: {html.escape(' '.join(result.corrupt_tokens))}</p>"
-        f"<img alt='patching heatmaps' src='data:image/png;base64,{image}'>"
-        f"<pre>{html.escape(table(result))}</pre></body>\n"
-    )
 
 
 def main(_):
@@ -99,10 +61,10 @@ def main(_):
     with open(os.path.join(out, "patching.png"), "wb") as f:
         f.write(buffer.getvalue())
     with open(os.path.join(out, "index.html"), "w", encoding="utf-8") as f:
-        f.write(page(result, buffer.getvalue()))
+        f.write(figures.patching_page(result, buffer.getvalue()))
     with open(os.path.join(out, "patching.json"), "w", encoding="utf-8") as f:
         json.dump(result.to_json(), f, indent=1)
-    print(table(result))
+    print(result.summary())
     print(f"wrote {out}/patching.json, patching.png, index.html")
 
 

@@ -183,6 +183,30 @@ class TextPatching:
         b = np.ravel(getattr(self, f"{which}_attribution"))
         return float(np.corrcoef(a, b)[0, 1])
 
+    def summary(self) -> str:
+        """The answer, each head's share brought back (attribution's estimate in
+        brackets), the strongest residual position and the correlations, as text."""
+        lines = [
+            f"answer at position {self.position}: {self.right!r} (clean) vs {self.wrong!r} "
+            f"(corrupted); logit difference {self.clean:.3f} clean, {self.corrupt:.3f} corrupted",
+            "share of it patching each head's output brings back (attribution estimate):",
+        ]
+        for point, row, guess in zip(
+            self.head_points, self.heads, self.heads_attribution, strict=True
+        ):
+            cells = "  ".join(f"{v:+.2f} ({g:+.2f})" for v, g in zip(row, guess, strict=True))
+            lines.append(f"  {point:<24} {cells}")
+        best = np.unravel_index(np.argmax(self.positions), self.positions.shape)
+        lines.append(
+            f"strongest residual position: {self.position_points[best[0]]} at "
+            f"{best[1]} ({self.clean_tokens[best[1]]!r}): {self.positions[best]:+.2f}"
+        )
+        lines.append(
+            f"attribution vs activation patching, correlation: heads "
+            f"{self.correlation('heads'):.3f}, positions {self.correlation('positions'):.3f}"
+        )
+        return "\n".join(lines)
+
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out = {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in out.items()}

@@ -62,7 +62,7 @@ def ablate_heads(out: Array, head_mask: Array, mode: str = "zero") -> Array:
       ValueError: for an unknown mode or a mask of another shape or dtype.
     """
     if mode not in HEAD_MASK_MODES:
-        raise ValueError(f"head_mask_mode: expected one of {HEAD_MASK_MODES}, got {mode!r}")
+        raise ValueError(f"mode: expected one of {HEAD_MASK_MODES}, got {mode!r}")
     m = check_head_mask(head_mask, (out.shape[-2],)).astype(out.dtype)
     m = m.reshape((1,) * (out.ndim - 2) + (m.shape[0], 1))  # [1, ..., N, 1]
     if mode == "zero":
@@ -247,14 +247,14 @@ def multi_head_attention(
     *,
     return_weights: bool = False,
     process_heads: ProcessHeads | None = None,
-    head_mask: Array | None = None,
-    head_mask_mode: str = "zero",
     **attention_kwargs: Any,
 ) -> Array | tuple[Array, Array]:
     """Multi-head (or grouped-query) attention over a params pytree.
 
-    y = project_output(ablate_heads(dot_product_attention(process_heads(
-        project_qkv(params, x, context)))))
+    y = project_output(dot_product_attention(process_heads(project_qkv(params, x, context))))
+
+    (A model's layer that should read or change what passes between these steps
+    composes them itself, as `kit.nn.MultiHeadAttention` does with `kit.hooks`.)
 
     Args:
       params: as made by `init_attention_params`.
@@ -268,9 +268,6 @@ def multi_head_attention(
       process_heads: optional `(q [B, T, N, H], k [B, S, K, H], v) -> (q, k, v)`
         applied to the projected heads before attention, e.g. rotary position
         embeddings (`kit.positional.apply_rope`).
-      head_mask: optional `[N]`, 1 keeps a head and 0 ablates it (see
-        `ablate_heads`); an array, so changing it does not recompile.
-      head_mask_mode: "zero" or "mean" (see `ablate_heads`).
       **attention_kwargs: keyword options of `dot_product_attention`
         (is_causal, lengths, window, scale, dropout, implementation), and
         `score_mod` and `block_mask` of `flex_attention`: given either, the
@@ -300,8 +297,6 @@ def multi_head_attention(
         out, weights, _ = flex_attend(
             inputs, score_mod, block_mask, return_weights=return_weights, **run
         )
-    if head_mask is not None:
-        out = ablate_heads(out, head_mask, head_mask_mode)
     y = project_output(out, params["out"]["kernel"], params["out"].get("bias"))
     return (y, weights) if return_weights else y
 

@@ -14,6 +14,8 @@ suits the character-level toy tasks. Whitespace-only tokens are drawn visibly
 
 from __future__ import annotations
 
+import base64
+import html
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -244,3 +246,17 @@ def plot_heads(name: str, entry: Any, metric: str) -> Figure:
         fig.colorbar(im, ax=ax, shrink=0.8)
     fig.suptitle(f"{name} attention: pattern scores and ablation", fontsize=10)
     return fig
+
+
+def patching_page(result: Any, png: bytes) -> str:
+    """An offline page: the two texts, the figure `png` (`plot_patching`) and
+    `result.summary()` (a `kit.analysis.patching.TextPatching`)."""
+    image = base64.b64encode(png).decode()
+    return (
+        "<!doctype html><meta charset='utf-8'><title>activation patching</title>"
+        "<body style='font-family:sans-serif'>"
+        f"<p>clean: {html.escape(' '.join(result.clean_tokens))}<br>"
+        f"corrupted: {html.escape(' '.join(result.corrupt_tokens))}</p>"
+        f"<img alt='patching heatmaps' src='data:image/png;base64,{image}'>"
+        f"<pre>{html.escape(result.summary())}</pre></body>\n"
+    )

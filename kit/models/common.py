@@ -87,7 +87,10 @@ class TaskModel(nnx.Module):
 
     @classmethod
     def layers_label(cls, m: Any) -> str:
-        """How the run's header names the layers of config.model `m`: "2 layers"."""
+        """How the run's header names the layers of config.model `m`: "2 layers", or
+        "2+1 layers" for a kind with a decoder stack beside its encoder."""
+        if "cross" in cls.ATTENTION_SETS:
+            return f"{m.num_layers}+{m.num_decoder_layers} layers"
         return f"{m.num_layers} layer{'' if m.num_layers == 1 else 's'}"
 
     @classmethod

@@ -101,3 +101,10 @@ def pack(
             out[f"{name}_positions"][row, start : start + n] = np.arange(n)
             out[f"{name}_lengths"][row] = start + n
     return out
+
+
+def fields(mb: dict) -> dict | None:
+    """A packed batch's positions and segments, or None for a batch that is not packed."""
+    if "src_segments" not in mb:
+        return None
+    return {k: v for k, v in mb.items() if k.endswith(("_positions", "_segments"))}

@@ -10,6 +10,7 @@ import numpy as np
 from flax import nnx
 
 from kit import decode, tasks
+from kit.models import packing
 from kit.models.common import ModelConfig, Stack, TaskModel, attention_pass, until_eos
 from kit.models.embedder import Embedder
 
@@ -42,13 +43,6 @@ def _aux(hooks, tap, caches=None) -> dict:
     if caches is not None:
         aux["caches"] = caches
     return aux
-
-
-def _packed(mb) -> dict | None:
-    """A packed batch's positions and segments (`kit.models.packing`), or None."""
-    if "src_segments" not in mb:
-        return None
-    return {k: v for k, v in mb.items() if k.endswith(("_positions", "_segments"))}
 
 
 def _shifted_targets(batch: dict[str, np.ndarray], start: int) -> dict[str, np.ndarray]:
@@ -100,7 +94,7 @@ class EncoderDecoder(TaskModel):
             mb["tgt_in"],
             dropout_rng=dropout_rng,
             hooks=hooks,
-            packed=_packed(mb),
+            packed=packing.fields(mb),
         )
 
     def predict(self, mb, *, oracle_length: bool = False, hooks=None) -> Array:
@@ -122,10 +116,6 @@ class EncoderDecoder(TaskModel):
         )
 
     ORACLE_LENGTH: ClassVar[bool] = True
-
-    @classmethod
-    def layers_label(cls, m) -> str:
-        return f"{m.num_layers}+{m.num_decoder_layers} layers"
 
     def read_text(self, task, ids, words):
         """Greedy decoding, then one teacher-forced pass over its own output; decoder
@@ -361,7 +351,11 @@ class EncoderOnly(TaskModel):
     def teacher_forced(self, mb, *, dropout_rng=None, hooks=None):
         """Per-position logits `[B, T, V]` and aux (a packed batch run as such)."""
         return self(
-            mb["src"], mb["src_lengths"], dropout_rng=dropout_rng, hooks=hooks, packed=_packed(mb)
+            mb["src"],
+            mb["src_lengths"],
+            dropout_rng=dropout_rng,
+            hooks=hooks,
+            packed=packing.fields(mb),
         )
 
     def read_text(self, task, ids, words):

@@ -240,3 +240,15 @@ def test_a_short_run_learns(tmp_path, standard_promotion):
     assert losses[-1] < 0.5 * losses[0], losses
     exact = [line["eval/exact_match"] for line in lines if "eval/exact_match" in line]
     assert exact[-1] > 0.2
+
+
+def test_training_steps_take_the_kind_class_and_name_a_kind_name():
+    from kit import models
+
+    batch = tasks.make_task("copy").train_batch(0, 0, 2)
+    mb = training.model_batch(models.MODELS["encoder_only"], batch)
+    assert set(mb) == {"src", "src_lengths", "targets", "weights"}
+    with pytest.raises(ValueError, match=r"^kind: expected a model kind's class \(models.MODELS"):
+        training.model_batch("encoder_only", batch)
+    with pytest.raises(ValueError, match=r"^kind: expected a model kind's class \(one\)"):
+        training.model_batch(3, batch)

@@ -25,9 +25,19 @@ from kit.models import packing
 Array = jax.Array
 
 
+def check_kind(kind: Any) -> type[models.TaskModel]:
+    """`kind` if it is a model kind's class; raises ValueError naming `kind` otherwise
+    (for a kind's name, saying where its class is)."""
+    if isinstance(kind, type) and issubclass(kind, models.TaskModel):
+        return kind
+    named = isinstance(kind, str) and kind in models.MODELS
+    hint = f"models.MODELS[{kind!r}] or a Setup's .kind" if named else "one"
+    raise ValueError(f"kind: expected a model kind's class ({hint}), got {kind!r}")
+
+
 def model_batch(kind: type[models.TaskModel], batch: dict[str, np.ndarray]) -> dict[str, Any]:
     """Task arrays -> what a model of `kind` (its class) reads, with targets and loss weights."""
-    return kind.batch(batch)
+    return check_kind(kind).batch(batch)
 
 
 def train_model_batch(
@@ -189,7 +199,7 @@ def evaluate(
     eval_step,
     params: Any,
     batches: list[tuple[dict, int]],
-    kind: str,
+    kind: type[models.TaskModel],
     *,
     by_length: bool = False,
     loss_spans: tuple[tasks.LossSpan, ...] = (),
@@ -207,6 +217,7 @@ def evaluate(
     `Task.eval_groups`) adds eval/exact_match_<name> and eval/count_<name>.
     `eval_kwargs` go to `eval_step` (e.g. hooks).
     """
+    kind = check_kind(kind)
     totals: dict[str, float] = {}
     exact, lengths, losses = [], [], []
     for mb, pad in batches:

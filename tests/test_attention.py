@@ -108,6 +108,7 @@ def test_cross_attention_with_different_lengths(case):
     chex.assert_trees_all_close(grads, ref_grads, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow  # the inner loop keeps a cheaper check of the same contract
 def test_unbatched_input():
     q, k, v = make_qkv(B=1, K=2)
     bias = normal(jax.random.key(3), (4, 8, 8))
@@ -168,6 +169,7 @@ def test_fully_masked_rows_are_zero_with_zero_gradients():
     assert np.all(np.asarray(weights[1]) == 0.0)
 
 
+@pytest.mark.slow  # the inner loop keeps a cheaper check of the same contract
 def test_causal_receptive_field():
     q, k, v = make_qkv(B=1, T=6, S=6)
     for i in range(6):
@@ -239,6 +241,7 @@ def test_jit_equals_eager_and_compiles_once():
         f(q2, k2, v2, lengths + seed % 2)
 
 
+@pytest.mark.slow  # the inner loop keeps a cheaper check of the same contract
 def test_multi_head_attention_matches_composition_with_jax_nn(optimized):
     params = kit.init_attention_params(jax.random.key(0), 32, 4, num_kv_heads=2)
     assert params["query"]["kernel"].shape == (32, 4, 8)
@@ -263,6 +266,7 @@ def test_multi_head_attention_matches_composition_with_jax_nn(optimized):
     chex.assert_trees_all_close(y, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow  # the inner loop keeps a cheaper check of the same contract
 def test_multi_head_attention_process_heads_hook_and_weights_from_one_pass(optimized):
     """RoPE through the hook equals projecting, rotating and attending by hand; the
     weights returned with the output are attention_weights of the processed heads."""
@@ -329,6 +333,7 @@ def test_weights_rows_sum_to_one_on_live_rows(inputs):
     assert np.all(weights[~np.broadcast_to(mask, weights.shape)] == 0.0)
 
 
+@pytest.mark.slow  # the inner loop keeps a cheaper check of the same contract
 @settings(max_examples=30, deadline=None)
 @given(attention_inputs(), st.randoms(use_true_random=False))
 def test_permuting_keys_with_values_leaves_output_unchanged(inputs, random):
@@ -435,6 +440,7 @@ def test_projection_errors_name_the_argument():
         kit.multi_head_attention(params, jnp.ones((3, 32)))
 
 
+@pytest.mark.slow  # the inner loop keeps a cheaper check of the same contract
 def test_forward_mode_matches_jax_nn(optimized):
     # The masked softmax has a custom JVP; forward mode must stay exact too.
     q, k, v = make_qkv(K=2)

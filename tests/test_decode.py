@@ -43,7 +43,7 @@ def _tokens(shape, seed):
 VARIANTS = [("sinusoidal", None), ("learned", 2), ("rope", None), ("alibi", 2)]
 
 
-@pytest.mark.parametrize("positions, kv", slow_beyond(VARIANTS, [("rope", None)], several=True))
+@pytest.mark.parametrize("positions, kv", slow_beyond(VARIANTS, [], several=True))
 def test_encoder_decoder_cache_equals_full_forward(positions, kv):
     model = _model("encoder_decoder", positions, kv)
     src, src_len = _tokens((3, 9), 1), jnp.array([9, 5, 7], jnp.int32)

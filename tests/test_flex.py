@@ -62,6 +62,7 @@ def check_against(flex_fn, dense_fn, args, tol=(2e-5, 2e-4)):
         close(g, w, tol[1])
 
 
+@pytest.mark.slow  # the inner loop keeps a cheaper check of the same contract
 @pytest.mark.parametrize("impl", IMPL_PARAMS)
 def test_alibi_documents_causal_match_the_formula(impl):
     """Random shapes, lengths not multiples of any block, GQA, a captured slope
@@ -89,6 +90,7 @@ def test_alibi_documents_causal_match_the_formula(impl):
     check_against(flex, reference, (q, k, v, slopes))
 
 
+@pytest.mark.slow  # the inner loop keeps a cheaper check of the same contract
 def test_dead_blocks_are_never_read():
     """NaN keys and values in blocks the block mask leaves dead do not reach the
     output or the gradients: those blocks are skipped, not computed and masked."""
@@ -179,7 +181,7 @@ MODS = {
 
 
 @pytest.mark.parametrize("impl", IMPL_PARAMS)
-@pytest.mark.parametrize("name", slow_beyond(list(MODS), ["t5"]))
+@pytest.mark.parametrize("name", slow_beyond(list(MODS), []))
 def test_each_mod_matches_its_formula(name, impl):
     mask_mod, score_factory, captured, mask, scores = MODS[name]
     q, k, v = make_qkv(B, T, T, N, K, H=8, seed=2)

@@ -38,6 +38,7 @@ def test_loss_spans_by_hand():
     assert list(np.flatnonzero(first.mask(np.array([8]), 13)[0])) == [0, 1, 2, 3]
 
 
+@pytest.mark.slow  # the inner loop keeps a cheaper check of the same contract
 def test_span_losses_equal_the_losses_computed_by_hand():
     config = load_config("induction")
     s = training.setup(config, jax.devices()[:1])

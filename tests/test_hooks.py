@@ -27,6 +27,7 @@ def tokens(B=3, T=6, seed=1):
     return jnp.asarray(rng.integers(4, 12, size=(B, T)).astype(np.int32))
 
 
+@pytest.mark.slow  # the inner loop keeps a cheaper check of the same contract
 def test_every_point_is_read_with_its_shape():
     model = build("encoder_decoder", num_kv_heads=1)
     src = tokens()

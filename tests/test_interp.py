@@ -210,6 +210,7 @@ def test_mask_of_ones_is_bit_for_bit(kind, mode):
     )
 
 
+@pytest.mark.slow  # the inner loop keeps a cheaper check of the same contract
 def test_ablating_a_layer_equals_a_hand_built_forward():
     """Every head of encoder layer 1 ablated == that layer's attention replaced by its
     output bias, the rest of the forward written out from the model's parts."""

@@ -159,6 +159,7 @@ def test_read_attention_vectors_reproduce_the_weights(task_name, kind, positions
 NAME_SWAPPED = "Mark told Anna that he was leaving."
 
 
+@pytest.mark.slow  # the inner loop keeps a cheaper check of the same contract
 def test_compare_on_a_trained_model(tiny_run, tmp_path):
     _, setup, state = training.load_checkpoint(tiny_run("pronoun"))
     args = (setup.task, setup.trainer.graphdef, state["params"])

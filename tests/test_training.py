@@ -62,6 +62,7 @@ def test_encoder_only_refuses_a_task_of_other_length(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow  # the inner loop keeps a cheaper check of the same contract
 def test_incompatible_checkpoint_stops_and_overwrites_nothing(tiny_run, tmp_path):
     workdir = str(tmp_path / "run")
     shutil.copytree(tiny_run("copy"), workdir)

@@ -98,6 +98,7 @@ def test_tiny_digits_run_evaluates_the_whole_split(tiny_run):
         assert np.isfinite(line["eval/loss"])
 
 
+@pytest.mark.slow  # the inner loop keeps a cheaper check of the same contract
 def test_views_of_a_trained_model_and_their_errors(tiny_run, tmp_path):
     _, setup, state = training.load_checkpoint(tiny_run("digits"))
     reading = probe.read_image(setup.task, setup.trainer.graphdef, state["params"], 5)

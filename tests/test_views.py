@@ -166,3 +166,17 @@ def test_save_figure_rejects_bad_arguments(tmp_path, kwargs, match):
         view.save_figure(tmp_path / "f.png", **kwargs)
     with pytest.raises(ValueError, match=r"path: expected a file name ending in \.png or \.svg"):
         view.save_figure(tmp_path / "f.pdf")
+
+
+def test_attention_set_is_one_value_read_by_attribute_or_key():
+    from kit.analysis.record import AttentionSet
+
+    w = np.full((1, 2, 3, 3), 1 / 3)
+    entry = AttentionSet(w, list("abc"), list("abc"), causal=False)
+    assert entry.weights is entry["weights"] and entry["query_tokens"] == ["a", "b", "c"]
+    assert set(entry) == {"weights", "query_tokens", "key_tokens", "causal"}
+    assert "bias" not in entry and len(entry) == 4
+    with pytest.raises(KeyError):
+        entry["bias"]
+    (example,) = views.from_arrays(w[0], list("abc"))
+    assert isinstance(example["attention"]["attention"], AttentionSet)

@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from kit import models, tasks, views
+from kit.analysis.record import AttentionSet
 from kit.models.common import attention_pass
 from kit.views import figures, patches
 
@@ -37,14 +38,12 @@ class Reading:
       prediction: the decoded output text.
       labels: the predicted token at every input position (encoder-only models),
         else None.
-      attention: set name ("encoder", "decoder", "cross") -> {"weights":
-        `[L, N, T, S]` numpy, "query_tokens": T labels, "key_tokens": S labels,
-        "causal": bool}, and, from models that return them, the vectors the
-        attention used: "query_vectors" `[L, N, T, H]` (after RoPE),
-        "key_vectors" and "value_vectors" `[L, N, S, H]` (key/value heads
-        repeated to the N query heads: head n reads kv head n // (N / K)),
-        "value_norms" `[L, N, S]` and, with ALiBi, "bias" `[L, N, T, S]` (the
-        fields `kit.views.viewer.attention_html` reads).
+      attention: set name ("encoder", "decoder", "cross") -> `AttentionSet`
+        (`kit.analysis.record`): the weights `[L, N, T, S]`, the tokens on both
+        sides, causal, and the vectors the attention used (q after RoPE, k and
+        v repeated to the query heads, the value norms, the positions' bias).
+        It reads as a mapping too, the form `kit.views.viewer.attention_html`
+        takes.
     """
 
     text: str
@@ -79,8 +78,8 @@ def read_attention(
     return Reading(text, prediction, labels, attention)
 
 
-def _set(aux, name, query_tokens, key_tokens) -> dict[str, Any]:
-    """One example's set `name` of the model's aux (batch of 1) for kit.figures.
+def _set(aux, name, query_tokens, key_tokens) -> AttentionSet:
+    """One example's set `name` of the model's attention (batch of 1).
 
     The "decoder" set is the causal self-attention; a probe's single example has
     no padding, so no other key is masked.
@@ -93,7 +92,7 @@ def _set(aux, name, query_tokens, key_tokens) -> dict[str, Any]:
     }
     vectors = aux.get("vectors", {}).get(name)
     if vectors is None:
-        return entry
+        return AttentionSet(**entry)
     first = {k: np.asarray(v[0], np.float32) for k, v in vectors.items()}
     query = first["query"].transpose(0, 2, 1, 3)  # [L, T, N, H] -> [L, N, T, H]
     N = query.shape[1]
@@ -102,15 +101,14 @@ def _set(aux, name, query_tokens, key_tokens) -> dict[str, Any]:
         x = x.transpose(0, 2, 1, 3)
         return np.repeat(x, N // x.shape[1], axis=1)
 
-    entry.update(
+    return AttentionSet(
+        **entry,
         query_vectors=query,
         key_vectors=per_query_head(first["key"]),
         value_vectors=per_query_head(first["value"]),
         value_norms=first["value_norms"],  # [L, N, S]
+        bias=first.get("bias"),  # [L, N, T, S]
     )
-    if "bias" in first:
-        entry["bias"] = first["bias"]  # [L, N, T, S]
-    return entry
 
 
 def write_views(reading: Reading, directory: str) -> list[str]:

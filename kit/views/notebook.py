@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
+from kit.analysis.record import AttentionSet
 from kit.views import figures, viewer
 
 
@@ -54,7 +55,7 @@ def from_arrays(
     weights = np.asarray(attention)
     tokens = [str(t) for t in tokens]
     keys = tokens if key_tokens is None else [str(t) for t in key_tokens]
-    entry = {"weights": weights, "query_tokens": tokens, "key_tokens": keys}
+    entry = AttentionSet(weights, tokens, keys)
     return [{"name": " ".join(tokens), "attention": {"attention": entry}}]
 
 

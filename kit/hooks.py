@@ -173,20 +173,6 @@ jax.tree_util.register_pytree_node(
 )
 
 
-def ablate(point: str, where: Any = None, mode: str = "zero") -> Hooks:
-    """Hooks that zero- or mean-ablate `point` (entries where `where` is 1)."""
-    return Hooks(write={point: Edit(mode, where=where)})
-
-
-def head_selector(num_heads: int, heads: Iterable[int] | Array) -> Array:
-    """`where` for a `heads` point `[B, T, N, H]`: float32 `[1, 1, N, 1]`, 1 at `heads`."""
-    return (
-        jnp.zeros((num_heads,), jnp.float32)
-        .at[jnp.asarray(list(heads), jnp.int32)]
-        .set(1.0)[None, None, :, None]
-    )
-
-
 class Tap:
     """One forward pass's view of `Hooks` under a name prefix: `tap(point, x)` applies
     the write to `prefix + point`, caches the value if it is read, and returns it.

@@ -246,9 +246,10 @@ def patch_text(
         return lambda hooks: model.text_logits(task, ids, hooks)[:2]
 
     points = [p for p in model.hook_points() if p.endswith((".attn.heads", ".resid_pre"))]
-    c_logits, c_cache = run_with_cache(forward_of(ids_clean), points)
-    r_logits, r_cache = run_with_cache(forward_of(ids_corrupt), points)
-    tokens = model.text_logits(task, ids_clean)[2]
+    read = Hooks(read=tuple(points))
+    c_logits, c_aux, tokens = model.text_logits(task, ids_clean, read)
+    r_logits, r_aux, corrupt_tokens = model.text_logits(task, ids_corrupt, read)
+    c_cache, r_cache = c_aux["activations"], r_aux["activations"]
     position = _answer_position(c_logits[0], r_logits[0], position, len(tokens), answers)
     if answers is None:
         right = int(jnp.argmax(c_logits[0, position]))
@@ -273,7 +274,7 @@ def patch_text(
     pos_effect, pos_guess = both(patch_positions, resid, 1)
     return TextPatching(
         clean_tokens=tokens,
-        corrupt_tokens=model.text_logits(task, ids_corrupt)[2],
+        corrupt_tokens=corrupt_tokens,
         position=position,
         right=task.vocab[right],
         wrong=task.vocab[wrong],

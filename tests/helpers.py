@@ -109,21 +109,42 @@ def slow_beyond(values, fast, *, several=False):
     return [v if v in fast else param(v) for v in values]
 
 
+# A wider small model: grouped-query attention (4 query heads over 2 key/value heads).
+WIDER = {"d_model": 32, "num_heads": 4, "num_kv_heads": 2, "d_ff": 48}
+
+
+def tiny_config(kind: str, **overrides):
+    """The `ModelConfig` of a small model of `kind` (vocabulary 12, d=16, 2 heads, 2
+    layers, or 2 + 2, max_len 16); `overrides` are ModelConfig fields (e.g. `**WIDER`)."""
+    from kit import models
+
+    cfg = {"vocab_size": 12, "d_model": 16, "num_heads": 2, "num_layers": 2}
+    cfg.update(num_decoder_layers=2, d_ff=32, max_len=16)
+    return models.ModelConfig(kind=kind, **{**cfg, **overrides})
+
+
 def tiny_model(kind: str, **overrides):
-    """A small untrained model of `kind` (vocabulary 12, d=16, 2 heads, 2 layers, or
-    2 + 2), built with key 0; `overrides` are ModelConfig fields."""
+    """`tiny_config(kind, **overrides)` built untrained with key 0."""
     import jax
 
     from kit import models
 
-    cfg = dict(
-        kind=kind,
-        vocab_size=12,
-        d_model=16,
-        num_heads=2,
-        num_layers=2,
-        num_decoder_layers=2,
-        d_ff=32,
-        max_len=16,
-    )
-    return models.build(models.ModelConfig(**{**cfg, **overrides}), jax.random.key(0))
+    return models.build(tiny_config(kind, **overrides), jax.random.key(0))
+
+
+def tiny_params(kind: str, **overrides):
+    """(graphdef, params) of `tiny_config(kind, **overrides)` as training initializes it."""
+    import jax
+
+    from kit import training
+
+    return training.init_model(tiny_config(kind, **overrides), jax.random.key(0, impl="rbg"))
+
+
+def jitted(model, fn):
+    """fn(model) under one jit (eager op-by-op dispatch would dominate the test time)."""
+    import jax
+    from flax import nnx
+
+    graphdef, params = nnx.split(model)
+    return jax.jit(lambda p: fn(nnx.merge(graphdef, p)))(params)

@@ -94,13 +94,9 @@ def test_residual_option_is_checked():
 # --- x64 -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
-    "path, dtype",
-    slow_beyond(
-        [("chunked", "float32"), ("chunked", "float64"), ("xla", "float64")],
-        [],
-        several=True,
-    ),
+    "path, dtype", [("chunked", "float32"), ("chunked", "float64"), ("xla", "float64")]
 )
 def test_x64_forward_and_gradients(path, dtype):
     with jax.enable_x64(True):

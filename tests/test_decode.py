@@ -6,34 +6,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import slow_beyond
+from helpers import WIDER, jitted, slow_beyond, tiny_params
 
-from kit import decode, models, tasks, training
+from kit import decode, tasks
 
 VOCAB = 12
 
 
 def _model(kind, positions, num_kv_heads=None):
-    cfg = models.ModelConfig(
-        kind=kind,
-        vocab_size=VOCAB,
-        d_model=32,
-        num_heads=4,
-        num_kv_heads=num_kv_heads,
-        num_layers=2,
-        num_decoder_layers=2,
-        d_ff=48,
-        max_len=32,
-        positions=positions,
-    )
-    graphdef, params = training.init_model(cfg, jax.random.key(0, impl="rbg"))
+    wider = {**WIDER, "num_kv_heads": num_kv_heads}
+    graphdef, params = tiny_params(kind, **wider, max_len=32, positions=positions)
     return nnx.merge(graphdef, params)
-
-
-def jitted(model, fn):
-    """fn(model) under one jit (eager op-by-op dispatch would dominate the test time)."""
-    graphdef, params = nnx.split(model)
-    return jax.jit(lambda p: fn(nnx.merge(graphdef, p)))(params)
 
 
 def _tokens(shape, seed):

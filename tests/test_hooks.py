@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import ROOT, tiny_model
+from helpers import ROOT, jitted, tiny_model
 
 from kit import tasks
 from kit.analysis import patching
@@ -56,7 +56,7 @@ def test_read_points_agree_with_the_formula():
     model = build("decoder_only", positions="rope")
     x = tokens(B=2, T=5)
     key_mask = jnp.array([[True] * 5, [False, True, True, True, True]])
-    _, aux = model(x, key_mask, hooks=Hooks(read="decoder.1.attn.*"))
+    _, aux = jitted(model, lambda m: m(x, key_mask, hooks=Hooks(read="decoder.1.attn.*")))
     c = {k.split(".")[-1]: np.asarray(v, np.float64) for k, v in aux["activations"].items()}
     q, k, v = c["q"], c["k"], c["v"]
     scores = np.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(q.shape[-1])
@@ -79,7 +79,7 @@ def test_writes_replace_add_zero_and_mean():
     src = tokens()
     lengths = jnp.array([6, 6, 6], jnp.int32)
     point = "encoder.0.resid_post"
-    _, aux = model(src, lengths, hooks=Hooks(read=point))
+    _, aux = jitted(model, lambda m: m(src, lengths, hooks=Hooks(read=point)))
     x = aux["activations"][point]
     fixed = jax.random.normal(jax.random.key(3), x.shape)
     where = jnp.zeros((1, 6, 1)).at[0, 2, 0].set(1.0)  # position 2 only
@@ -90,9 +90,15 @@ def test_writes_replace_add_zero_and_mean():
         "mean": (Edit("mean"), jnp.broadcast_to(x.mean(0), x.shape)),
         "where": (Edit("replace", fixed, where=where), x.at[:, 2].set(fixed[:, 2])),
     }
-    for name, (edit, expected) in cases.items():
-        _, aux = model(src, lengths, hooks=Hooks(read=point, write={point: edit}))
-        np.testing.assert_allclose(aux["activations"][point], expected, atol=1e-6, err_msg=name)
+
+    def written(m):
+        return {
+            name: m(src, lengths, hooks=Hooks(read=point, write={point: edit}))[1]["activations"]
+            for name, (edit, _) in cases.items()
+        }
+
+    for name, got in jitted(model, written).items():
+        np.testing.assert_allclose(got[point], cases[name][1], atol=1e-6, err_msg=name)
     # The logits follow what was written: the rest of the forward reads it.
     logits, _ = model(src, lengths, hooks=Hooks(write={point: Edit("replace", fixed)}))
     layer = model.encoder.layers[1]
@@ -111,7 +117,7 @@ def test_writing_weights_changes_the_output_as_the_formula_says():
     hooks = Hooks(
         read=("*.v", "*.heads"), write={"encoder.0.attn.weights": Edit("replace", uniform)}
     )
-    _, aux = model(src, lengths, hooks=hooks)
+    _, aux = jitted(model, lambda m: m(src, lengths, hooks=hooks))
     c = aux["activations"]
     mean_v = jnp.broadcast_to(c["encoder.0.attn.v"].mean(1, keepdims=True), (2, 4, 2, 8))
     np.testing.assert_allclose(c["encoder.0.attn.heads"], mean_v, rtol=1e-5, atol=1e-6)

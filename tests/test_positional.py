@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import tiny_model
 
 from kit import positional
 
@@ -122,18 +123,7 @@ def test_a_run_with_randomized_positions_trains_and_evaluates(tiny_run, position
 def test_cross_attention_has_no_positions_under_relative_encodings(positions):
     """Relative encodings act in self-attention only: the decoder reads the encoder's
     memory by content, so permuting the memory's rows leaves its output unchanged."""
-    from kit import models
-
-    cfg = models.ModelConfig(
-        kind="encoder_decoder",
-        vocab_size=9,
-        d_model=16,
-        num_heads=2,
-        d_ff=32,
-        max_len=16,
-        positions=positions,
-    )
-    model = models.build(cfg, jax.random.key(0))
+    model = tiny_model("encoder_decoder", vocab_size=9, positions=positions)
     memory = jax.random.normal(jax.random.key(1), (2, 7, 16))
     lengths = jnp.array([7, 7], jnp.int32)
     tgt = jnp.array([[1, 4, 5, 6], [1, 7, 8, 4]], jnp.int32)

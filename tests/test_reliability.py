@@ -47,14 +47,9 @@ def read_bytes(path):
 # ---------------------------------------------------------------- kill and resume
 
 
-def crash_run(point, workdir, cache):
+def crash_run(point, workdir):
     """experiments/train.py in a fresh process, killed at `point` ("none": never)."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-    env.update(
-        JAX_COMPILATION_CACHE_DIR=cache,
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-    )
     command = [
         sys.executable,
         os.path.join(ROOT, "tests", "crash_run.py"),
@@ -74,12 +69,11 @@ def temporary_folders(workdir):
 
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory):
-    """(workdir, cache): the uninterrupted run that the resumed ones must equal."""
-    cache = str(tmp_path_factory.mktemp("cache"))
+    """The workdir of the uninterrupted run that the resumed ones must equal."""
     straight = str(tmp_path_factory.mktemp("straight"))
-    done = crash_run("none:0", straight, cache)
+    done = crash_run("none:0", straight)
     assert done.returncode == 0, done.stderr[-3000:]
-    return straight, cache
+    return straight
 
 
 def assert_same_run(straight, resumed):
@@ -97,33 +91,33 @@ def assert_same_run(straight, resumed):
 def test_killed_runs_resume_to_the_uninterrupted_result_bit_for_bit(tmp_path, straight_run):
     """SIGKILL at 4 points in one workdir, the same command rerun each time (each rerun
     also shows that a killed run leaves no lock behind)."""
-    straight, cache = straight_run
+    straight = straight_run
     resumed = str(tmp_path / "resumed")
 
     def latest():
         return checkpoint.Checkpointer(os.path.join(resumed, "checkpoints")).latest_step()
 
     # 1. Between checkpoints: before step 3 (checkpoint 2 is complete).
-    killed = crash_run("batch:3", resumed, cache)
+    killed = crash_run("batch:3", resumed)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert latest() == 2
     # 2. During the save of checkpoint 4 (resumed from 2): written, not committed.
-    killed = crash_run("save:4", resumed, cache)
+    killed = crash_run("save:4", resumed)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     # (Checked first: opening a Checkpointer, as latest() does, removes such folders.)
     assert temporary_folders(resumed), "the cut save should leave its temporary folder"
     assert latest() == 2
     # 3. In the middle of the metrics line of step 7 (resumed from 2, saved 4 and 6).
-    killed = crash_run("metrics:7", resumed, cache)
+    killed = crash_run("metrics:7", resumed)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert latest() == 6
     assert temporary_folders(resumed) == []  # the partial checkpoint was cleaned up
     assert not read_bytes(os.path.join(resumed, "metrics.jsonl")).endswith(b"\n")
     # 4. Right after the last checkpoint, before the command returns.
-    killed = crash_run("after_save:8", resumed, cache)
+    killed = crash_run("after_save:8", resumed)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert latest() == 8
-    done = crash_run("none:0", resumed, cache)
+    done = crash_run("none:0", resumed)
     assert done.returncode == 0, done.stderr[-3000:]
     assert_same_run(straight, resumed)
 
@@ -136,7 +130,7 @@ def test_signals_stop_at_a_step_save_and_resume_bit_for_bit(tmp_path, straight_r
     """SIGINT and SIGTERM at 5 points in one workdir (checkpoints every 2 steps,
     evaluations every 4), the same command rerun each time. (A run fetches its first
     batch while it compiles, so a signal there counts as one during start-up.)"""
-    straight, cache = straight_run
+    straight = straight_run
     resumed = str(tmp_path / "resumed")
     steps = [
         # (faults, exit status, the line printed, latest checkpoint after)
@@ -154,13 +148,13 @@ def test_signals_stop_at_a_step_save_and_resume_bit_for_bit(tmp_path, straight_r
         ("in_save:6:INT", 130, "interrupted at step 6 (SIGINT): checkpoint saved", 6),
     ]
     for faults, status, line, latest in steps:
-        stopped = crash_run(faults, resumed, cache)
+        stopped = crash_run(faults, resumed)
         assert stopped.returncode == status, (faults, stopped.stderr[-3000:])
         assert stopped.stdout.strip().splitlines()[-1] == line + "; run the same command to resume"
         assert "Traceback" not in stopped.stderr, stopped.stderr[-3000:]
         ckpt = checkpoint.Checkpointer(os.path.join(resumed, "checkpoints"))
         assert ckpt.latest_step() == latest, faults
-    done = crash_run("none:0", resumed, cache)
+    done = crash_run("none:0", resumed)
     assert done.returncode == 0, done.stderr[-3000:]
     assert_same_run(straight, resumed)
 
@@ -170,8 +164,8 @@ def test_ctrl_c_from_outside_and_a_second_run_on_a_locked_workdir(tmp_path):
     """As a user does it: train.py (through crash_run.py with no fault, which handles
     SIGINT as a terminal's foreground process does) while it trains; a second run on
     its workdir is refused; then Ctrl-C from outside."""
-    workdir, cache = str(tmp_path / "run"), str(tmp_path / "cache")
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", JAX_COMPILATION_CACHE_DIR=cache)
+    workdir = str(tmp_path / "run")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
     command = [
         sys.executable,
         os.path.join(ROOT, "tests", "crash_run.py"),

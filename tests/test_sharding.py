@@ -61,7 +61,7 @@ def single_device_run(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("data,model", [(8, 1), (4, 2), (2, 4)])
+@pytest.mark.parametrize("data,model", [(8, 1), (2, 4)])  # data only; both axes
 def test_mesh_matches_one_device(tmp_path, single_device_run, data, model):
     workdir = str(tmp_path)
     training.train_and_evaluate(tiny_config(data=data, model=model), workdir, progress=False)

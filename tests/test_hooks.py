@@ -3,6 +3,7 @@ forwards, jax.nn and models whose answer is known by construction."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -311,7 +312,7 @@ def test_patch_command_writes_its_report(tiny_run, tmp_path):
     ]
     script = [sys.executable, os.path.join(ROOT, "experiments", "patch.py")]
     done = subprocess.run(
-        [*script, *args, "--right=Mark", "--wrong=Mary", f"--out={out}"],
+        [*script, *args, "--answers=Mark,Mary", f"--out={out}"],
         capture_output=True,
         text=True,
     )
@@ -319,11 +320,15 @@ def test_patch_command_writes_its_report(tiny_run, tmp_path):
     report = json.loads((out / "patching.json").read_text())
     np.testing.assert_allclose(report["positions"][0], np.eye(8)[4], atol=1e-4)
     assert (out / "patching.png").stat().st_size > 10_000
-    assert "data:image/png;base64," in (out / "index.html").read_text()
+    page = (out / "index.html").read_text()
+    data = re.search(r'id="attention-data">(.*?)</script>', page).group(1)
+    shown = json.loads(data)
+    assert shown["start"]["view"] == "patching" and len(shown["examples"]) == 2
+    np.testing.assert_allclose(shown["patching"]["heads"], report["heads"])
     bad = subprocess.run(
-        [*script, *args, "--right=Mark", f"--out={tmp_path / 'bad'}"],
+        [*script, *args, "--answers=Mark", f"--out={tmp_path / 'bad'}"],
         capture_output=True,
         text=True,
     )
-    assert bad.returncode == 1 and "right, wrong: give both" in bad.stderr
+    assert bad.returncode == 1 and "answers: expected RIGHT,WRONG" in bad.stderr
     assert not (tmp_path / "bad").exists()

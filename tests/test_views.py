@@ -153,10 +153,10 @@ def test_diff_view_figure_is_b_minus_a_on_a_centred_scale(tmp_path):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"layer": 2}, r"layer: expected an index in \[0, 2\), given 2"),
-        ({"layer": 0, "head": 3}, r"head: expected an index in \[0, 3\), given 3"),
+        ({"layer": 2}, r"layer: expected a valid index in \[0, 2\), given 2"),
+        ({"layer": 0, "head": 3}, r"head: expected a valid index in \[0, 3\), given 3"),
         ({"head": 1}, r"head: give layer too"),
-        ({"example": 1}, r"example: expected an index in \[0, 1\), given 1"),
+        ({"example": 1}, r"example: expected a valid index in \[0, 1\), given 1"),
         ({"set_name": "decoder"}, r"set_name: expected one of \['cross'\], given 'decoder'"),
     ],
 )

@@ -466,7 +466,10 @@ def test_attention_html_rejects_bias_without_vectors_and_causal_cross():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"view": "graph"}, r"view: expected one of head, model, neuron, diff, given 'graph'"),
+        (
+            {"view": "graph"},
+            r"view: expected one of head, model, neuron, diff, patching, given 'graph'",
+        ),
         ({"layer": 2}, r"layer: expected a layer .* index in \[0, 2\), given 2"),
         ({"layer": 1.0}, r"layer: expected an integer index"),
         ({"head": 3}, r"head: expected a head \(N=3\) index in \[0, 3\), given 3"),
@@ -803,3 +806,100 @@ def test_head_view_from_arrays_keeps_long_tokens_whole(browser, tmp_path, measur
     assert sorted(t for t, _, _ in boxes) == sorted(tokens * 2)
     for token, x, w in boxes:
         assert x >= 0 and x + w <= width, (token, x, w, width)
+
+
+def patching_result(L=2, N=3, T=4, seed=0):
+    """A TextPatching with known values: one head and one position carry the answer."""
+    from kit.analysis.patching import TextPatching
+
+    rng = np.random.default_rng(seed)
+    heads = np.zeros((L, N))
+    heads[1, 2] = 0.8
+    heads[0, 0] = -0.4
+    positions = np.zeros((L, T))
+    positions[0, 2] = 1.0
+    return TextPatching(
+        clean_tokens=tokens(T, "c"),
+        corrupt_tokens=[*tokens(T, "c")[:2], "other", *tokens(T, "c")[3:]],
+        position=T - 1,
+        right="yes",
+        wrong="no",
+        clean=2.5,
+        corrupt=-1.0,
+        head_points=[f"encoder.{l}.attn.heads" for l in range(L)],
+        position_points=[f"encoder.{l}.resid_pre" for l in range(L)],
+        heads=heads,
+        heads_attribution=heads + rng.normal(0, 0.1, heads.shape),
+        positions=positions,
+        positions_attribution=positions * 0.7,
+    )
+
+
+def test_patching_view_embeds_the_result_and_names_bad_fields():
+    result = patching_result()
+    examples = make_examples("self", batch=2, T=4)
+    data = embedded_data(viewer.attention_html(examples, view="patching", patching=result))
+    got = data["patching"]
+    np.testing.assert_array_equal(got["heads"], result.heads)
+    np.testing.assert_array_equal(got["positions_attribution"], result.positions_attribution)
+    assert got["corrupt_tokens"][2] == "other" and got["position"] == 3
+    # The to_json() dict a run writes reads the same.
+    from_json = embedded_data(viewer.attention_html(examples, patching=result.to_json()))
+    assert from_json["patching"] == got
+    with pytest.raises(ValueError, match=r"^view: 'patching' needs patching="):
+        viewer.attention_html(examples, view="patching")
+    bad = {
+        "heads": (np.zeros((3, 3)), r"^patching: heads: expected shape \[2, N\]"),
+        "positions": (np.zeros((2, 5)), r"^patching: positions: expected shape \[2, 4\]"),
+        "heads_attribution": (np.full((2, 3), np.nan), "heads_attribution: expected finite"),
+        "position": (4, r"^patching: position: expected a token index in \[0, 4\)"),
+        "corrupt_tokens": (["a"], r"^patching: corrupt_tokens: 1 tokens"),
+    }
+    for field, (value, match) in bad.items():
+        edited = {**result.to_json(), field: value}
+        with pytest.raises(ValueError, match=match):
+            viewer.attention_html(examples, patching=edited)
+    with pytest.raises(ValueError, match=r"^patching: right: missing"):
+        viewer.attention_html(
+            examples, patching={k: v for k, v in result.to_json().items() if k != "right"}
+        )
+
+
+@pytest.mark.browser
+def test_patching_view_heatmaps_and_hover(open_page):
+    result = patching_result()
+    examples = make_examples("self", batch=2, T=4)
+    page = open_page(views.patching_view(result, examples[:1], examples[1:]).html())
+    assert page.locator("#patching-view").is_visible() and page.locator("#set-label").is_hidden()
+    assert page.locator("canvas.patching-cell").count() == 4
+    summary = page.locator("#patching-summary").text_content()
+    assert '"yes" (clean) vs "no" (corrupted)' in summary and "2.500 clean" in summary
+    # One diverging scale from -1 to 1 (no value is larger): 0 is white, 1 the red end.
+    heads = 'canvas.patching-cell[data-field="heads"]'
+    rgb = thumb_pixels(page, heads, {"S": 3, "at": [[1, 2], [0, 0], [0, 1]]})
+    expected = [
+        255 + (np.array(end) - 255) * t
+        for end, t in (([178, 24, 43], 0.8), ([33, 102, 172], 0.4), ([255] * 3, 0))
+    ]
+    np.testing.assert_allclose(rgb, np.round(expected), atol=1)
+    positions = 'canvas.patching-cell[data-field="positions"]'
+    assert thumb_pixels(page, positions, {"S": 4, "at": [[0, 2]]}) == [[178, 24, 43]]
+    labels = page.locator(".patching-columns").nth(2).locator("span").all_text_contents()
+    assert labels == ["c0", "c1", "c2/other", "c3"]
+    size = int(page.get_attribute(heads, "data-cell"))
+    page.hover(heads, position={"x": 2 * size + 2, "y": size + 2})  # layer 1, head 2
+    text = page.locator("#patching-readout").text_content()
+    attribution = result.heads_attribution[1, 2]
+    assert (
+        text
+        == f"encoder.1.attn.heads, head 2: activation patching 0.800, attribution {attribution:.3f}"
+    )
+    # The attention of both runs is in the other views.
+    page.select_option("#view", "head")
+    assert page.locator("#example option").count() == 2 and page.locator("line.attn").count() > 0
+
+
+@pytest.mark.browser
+def test_patching_view_is_offered_only_with_a_result(open_page):
+    page = open_page(viewer.attention_html(make_examples("self", batch=1)))
+    assert page.eval_on_selector('#view option[value="patching"]', "o => o.disabled")

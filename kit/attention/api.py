@@ -26,11 +26,10 @@ import numbers
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from kit.attention.chunked import BlockSizes, chunked_from_inputs
 from kit.attention.core import xla_attention
-from kit.attention.inputs import Inputs, check_inputs
+from kit.attention.inputs import Inputs, check_bool, check_inputs
 
 Array = jax.Array
 
@@ -52,11 +51,6 @@ def _check_options(implementation, dropout_rate, dropout_rng) -> None:
         raise ValueError(f"dropout_rate: expected a number in [0, 1), got {dropout_rate!r}")
     if dropout_rate > 0.0 and dropout_rng is None:
         raise ValueError(f"dropout_rng: required when dropout_rate > 0 (got {dropout_rate})")
-
-
-def _check_bool(name: str, value) -> None:
-    if not isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"{name}: expected a bool, got {value!r}")
 
 
 def _choose_implementation(implementation: str | None, x: Inputs, dropout_rate: float) -> str:
@@ -251,7 +245,7 @@ def dot_product_attention(
         key_value_seq_lengths=key_value_seq_lengths,
         local_window_size=local_window_size,
     )
-    _check_bool("return_residual", return_residual)
+    check_bool("return_residual", return_residual)
     out, _, residual = attend(
         x,
         implementation=implementation,
@@ -388,6 +382,6 @@ def chunked_attention(
         local_window_size=local_window_size,
     )
     sizes = BlockSizes(block_q, block_k, backward_block_q, backward_block_k, units_per_step)
-    _check_bool("return_residual", return_residual)
+    check_bool("return_residual", return_residual)
     out, residual = chunked_from_inputs(x, sizes, return_residual=bool(return_residual))
     return (out, residual) if return_residual else out

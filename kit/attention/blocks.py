@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from kit.attention.masks import stat_dtype
 
 Array = jax.Array
 
@@ -73,6 +76,32 @@ def default_block_sizes(
     """
     max_q, max_k = (256, 512) if backward else (512, 256)
     return min(max_q, -(-query_length // 8) * 8), min(max_k, -(-key_length // 8) * 8)
+
+
+class PassDims(NamedTuple):
+    """One example's pass, read from its arrays: q `[B, Tp, N, H]`, k `[B, Sp, K, H]`,
+    G = N // K query heads per key/value head, the block sizes, the statistics'
+    dtype (`masks.stat_dtype`) and the scale in it."""
+
+    Tp: int
+    N: int
+    H: int
+    K: int
+    G: int
+    bq: int
+    bk: int
+    stat: jnp.dtype
+    scale: Array
+
+
+def pass_dims(cfg, q: Array, k: Array) -> PassDims:
+    """The sizes every pass of the chunked kernel starts from."""
+    _, Tp, N, H = q.shape
+    K = k.shape[2]
+    stat = stat_dtype(q.dtype)
+    return PassDims(
+        Tp, N, H, K, N // K, cfg.block_q, cfg.block_k, stat, jnp.asarray(cfg.scale, stat)
+    )
 
 
 def slice_block(x: Array | None, start: Array, size: int, axis: int) -> Array | None:

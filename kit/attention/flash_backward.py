@@ -14,22 +14,16 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from kit.attention import programs
 from kit.attention.blocks import (
     add_block,
     block_live,
     example_rows,
     head_major,
+    pass_dims,
     slice_block,
     swap01,
     varying_like,
-)
-from kit.attention.masks import stat_dtype
-from kit.attention.programs import (
-    block_call,
-    grad_captures,
-    kernel_lists,
-    visit_lists,
-    with_grad_captures,
 )
 
 Array = jax.Array
@@ -80,20 +74,15 @@ def example_backward(
     the gradients of several key blocks, as ring attention does, keeps one
     accumulator and no per-block copy).
     """
-    _, Tp, N, H = q.shape
-    K = k.shape[2]
-    G = N // K
-    bq, bk = cfg.block_q, cfg.block_k
-    stat = stat_dtype(q.dtype)
-    scale = jnp.asarray(cfg.scale, stat)
+    Tp, _, H, K, G, bq, bk, stat, scale = pass_dims(cfg, q, k)
 
     def transposed(x):  # [K|1, G|1, bq|1, bk|1] -> [K|1, bk|1, bq|1, G|1]
         return None if x is None else jnp.transpose(x, (0, 3, 2, 1))
 
     program = cfg.program
-    lists = kernel_lists(cfg, dyn, q_len, kv_len, transpose=True)
+    lists = programs.kernel_lists(cfg, dyn, q_len, kv_len, transpose=True)
     scored = program is not None and program.score is not None
-    grad_caps = grad_captures(program, dyn.captures) if scored else ()
+    grad_caps = programs.grad_captures(program, dyn.captures) if scored else ()
     # Inside shard_map the captures are typed varying like the blocks before the VJP:
     # otherwise the VJP's transpose of that cast would sum each block's cotangent
     # over the devices (the caller sums the total once, `chunked._sum_over_devices`).
@@ -105,8 +94,8 @@ def example_backward(
             s = jnp.where(live, s, 0.0)  # derivative there is inf or nan
 
         def score(s, caps):
-            caps = with_grad_captures(program, dyn.captures, caps)
-            return block_call(program, dyn, "ukqg", at, sizes, s, caps)
+            caps = programs.with_grad_captures(program, dyn.captures, caps)
+            return programs.block_call(program, dyn, "ukqg", at, sizes, s, caps)
 
         return jax.vjp(score, s, grad_caps)
 
@@ -148,7 +137,7 @@ def example_backward(
                 mask_blk = transposed(slice_block(mask_j, i * bq, bq, axis=2))
                 live = _live_t(cfg, i, j, q_len, kv_len, mask_blk, rows)
                 if program is not None and program.mask is not None:
-                    live = live & block_call(program, dyn, "ukqg", at, sizes)
+                    live = live & programs.block_call(program, dyn, "ukqg", at, sizes)
             if scored:
                 s, score_vjp = modded(s, live, at, sizes)
             if live is not None:
@@ -193,7 +182,7 @@ def example_backward(
         zeros = varying_like(jnp.zeros((K, bk, H), stat), q, k, v, d_out, bias, mask, q_len, kv_len)
         inner = (zeros, zeros, *carry)
         if col_lists is not None:  # the block mask's lists
-            dk, dv, *carry = visit_lists(q_step, col_lists, inner)
+            dk, dv, *carry = programs.visit_lists(q_step, col_lists, inner)
             return tuple(carry), (swap01(dk), swap01(dv))
         if cfg.structural_only and cfg.is_causal and bk % bq == 0:
             # On the causal diagonal, query block lo + r sees only the first

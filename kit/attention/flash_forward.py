@@ -17,12 +17,13 @@ from kit.attention.blocks import (
     block_live,
     example_rows,
     head_major,
+    pass_dims,
     position_major,
     slice_block,
     swap01,
     varying_like,
 )
-from kit.attention.masks import MASK_VALUE, stat_dtype
+from kit.attention.masks import MASK_VALUE
 from kit.attention.programs import block_call, kernel_lists, visit_lists
 
 Array = jax.Array
@@ -80,12 +81,7 @@ def example_forward(cfg, b, q, k, v, bias, mask, q_len, kv_len, dyn=None):
     exponential is exactly 0, and since the running max starts at the finite
     MASK_VALUE, a row with no live key so far stays at m = MASK_VALUE, l = 0.
     """
-    _, Tp, N, H = q.shape
-    K = k.shape[2]
-    G = N // K
-    bq, bk = cfg.block_q, cfg.block_k
-    stat = stat_dtype(q.dtype)
-    scale = jnp.asarray(cfg.scale, stat)
+    Tp, N, H, K, G, bq, bk, stat, scale = pass_dims(cfg, q, k)
 
     # In float32 the scale goes into the query block (one pass per query block):
     # scaling each score block instead makes XLA keep a scaled copy for the row max.

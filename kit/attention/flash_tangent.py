@@ -20,23 +20,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from kit.attention.blocks import (
-    example_rows,
-    head_major,
-    position_major,
-    slice_block,
-    swap01,
-    varying_like,
-)
+from kit.attention import blocks, programs
 from kit.attention.flash_forward import block_rows, kv_range, live_pairs
-from kit.attention.masks import stat_dtype
-from kit.attention.programs import (
-    block_call,
-    grad_captures,
-    kernel_lists,
-    visit_lists,
-    with_grad_captures,
-)
 
 Array = jax.Array
 
@@ -53,56 +38,57 @@ def example_tangent(
     function's floating captures (`programs.grad_captures`), and the score
     tangent goes through the score function.
     """
-    _, Tp, N, H = q.shape
-    K = k.shape[2]
-    G = N // K
-    bq, bk = cfg.block_q, cfg.block_k
-    stat = stat_dtype(q.dtype)
-    scale = jnp.asarray(cfg.scale, stat)
+    Tp, N, H, K, G, bq, bk, stat, scale = blocks.pass_dims(cfg, q, k)
 
     def product(x, y):  # [K, rows, H] x [K, bk, H] -> [K, rows, bk]
         return jnp.einsum("uch,ush->ucs", x, y, preferred_element_type=stat)
 
     program = cfg.program
-    lists = kernel_lists(cfg, dyn, q_len, kv_len)
+    lists = programs.kernel_lists(cfg, dyn, q_len, kv_len)
     scored = program is not None and program.score is not None
-    grad_caps = grad_captures(program, dyn.captures) if scored else ()
+    grad_caps = programs.grad_captures(program, dyn.captures) if scored else ()
 
     def q_block(_, xs):
         i, row_lists = xs
         q_blk, dq_blk, out_blk = (
-            head_major(example_rows(x, b, i * bq, bq), K) for x in (q, dq, out)
+            blocks.head_major(blocks.example_rows(x, b, i * bq, bq), K) for x in (q, dq, out)
         )  # [K, bq * G, H]
         lse_blk = lax.dynamic_slice(lse, (b, jnp.int32(0), i * bq * G), (1, K, bq * G))[0]
-        bias_i, mask_i, dbias_i = (slice_block(x, i * bq, bq, axis=2) for x in (bias, mask, dbias))
+        bias_i, mask_i, dbias_i = (
+            blocks.slice_block(x, i * bq, bq, axis=2) for x in (bias, mask, dbias)
+        )
 
         def kv_step(j, carry, masked):
             acc, row = carry  # [K, bq * G, H], [K, bq * G]
             k_blk, v_blk, dk_blk, dv_blk = (
-                swap01(example_rows(x, b, j * bk, bk)) for x in (k, v, dk, dv)
+                blocks.swap01(blocks.example_rows(x, b, j * bk, bk)) for x in (k, v, dk, dv)
             )  # [K, bk, H]
             s = scale * product(q_blk, k_blk)
-            bias_blk = block_rows(slice_block(bias_i, j * bk, bk, axis=3), G, bq)
+            bias_blk = block_rows(blocks.slice_block(bias_i, j * bk, bk, axis=3), G, bq)
             if bias_blk is not None:
                 s = s + bias_blk.astype(stat)
             ds = scale * (product(dq_blk, k_blk) + product(q_blk, dk_blk))
-            dbias_blk = block_rows(slice_block(dbias_i, j * bk, bk, axis=3), G, bq)
+            dbias_blk = block_rows(blocks.slice_block(dbias_i, j * bk, bk, axis=3), G, bq)
             if dbias_blk is not None:
                 ds = ds + dbias_blk.astype(stat)
             at, sizes = {"q": i * bq, "k": j * bk}, {"u": K, "q": bq, "g": G, "k": bk}
             live = None
             if masked:
-                mask_blk = slice_block(mask_i, j * bk, bk, axis=3)
+                mask_blk = blocks.slice_block(mask_i, j * bk, bk, axis=3)
                 live = block_rows(live_pairs(cfg, i, j, q_len, kv_len, mask_blk), G, bq)
                 if program is not None and program.mask is not None:
-                    live = live & block_call(program, dyn, "uqgk", at, sizes).reshape(s.shape)
+                    live = live & programs.block_call(program, dyn, "uqgk", at, sizes).reshape(
+                        s.shape
+                    )
             if scored:  # the tangent through the score function (of the scores and captures)
                 raw = s if live is None else jnp.where(live, s, 0.0)
 
                 def score(s, caps):
-                    caps = with_grad_captures(program, dyn.captures, caps)
+                    caps = programs.with_grad_captures(program, dyn.captures, caps)
                     s4 = s.reshape(K, bq, G, bk)
-                    return block_call(program, dyn, "uqgk", at, sizes, s4, caps).reshape(s.shape)
+                    return programs.block_call(program, dyn, "uqgk", at, sizes, s4, caps).reshape(
+                        s.shape
+                    )
 
                 s, ds = jax.jvp(score, (raw, grad_caps), (ds, tuple(dcaps)))
             if live is not None:
@@ -117,14 +103,14 @@ def example_tangent(
 
         lo, full, hi = kv_range(cfg, i, q_len, kv_len)
         carry = (jnp.zeros((K, bq * G, H), stat), jnp.zeros((K, bq * G), stat))
-        carry = varying_like(carry, q, k, v, dq, dk, dv, lse, bias, mask, q_len, kv_len)
+        carry = blocks.varying_like(carry, q, k, v, dq, dk, dv, lse, bias, mask, q_len, kv_len)
         if row_lists is not None:
-            acc, row = visit_lists(kv_step, row_lists, carry)
+            acc, row = programs.visit_lists(kv_step, row_lists, carry)
         else:
             carry = lax.fori_loop(lo, full, functools.partial(kv_step, masked=False), carry)
             acc, row = lax.fori_loop(full, hi, functools.partial(kv_step, masked=True), carry)
         d_out = acc - row[..., None] * out_blk.astype(stat)
-        return None, position_major(d_out.astype(q.dtype), bq)  # [bq, N, H]
+        return None, blocks.position_major(d_out.astype(q.dtype), bq)  # [bq, N, H]
 
     xs = (jnp.arange(cfg.num_q_blocks, dtype=jnp.int32), lists)
     _, d_out = lax.scan(q_block, None, xs)

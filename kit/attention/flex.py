@@ -29,7 +29,7 @@ from jax import lax
 from kit.attention.blocks import BLOCK_DEAD, block_state
 from kit.attention.chunked import BlockSizes, chunked_from_inputs
 from kit.attention.core import attention_dropout, masked_logsumexp, masked_softmax
-from kit.attention.inputs import Inputs, check_inputs
+from kit.attention.inputs import Inputs, check_bool, check_inputs
 from kit.attention.masks import stat_dtype
 from kit.attention.programs import (
     MASK_ARGS,
@@ -245,8 +245,7 @@ def flex_attention(
         query_seq_lengths=query_seq_lengths,
         key_value_seq_lengths=key_value_seq_lengths,
     )
-    if not isinstance(return_residual, bool):
-        raise ValueError(f"return_residual: expected a bool, got {return_residual!r}")
+    check_bool("return_residual", return_residual)
     out, _, lse = flex_attend(
         x,
         score_mod,

@@ -112,6 +112,12 @@ def keep_split(x: Array | None, dims: tuple[int, ...]) -> Array | None:
     return jax.sharding.reshard(x, kept)
 
 
+def check_bool(name: str, value: Any) -> None:
+    """Raises ValueError naming `name` unless `value` is a Python or numpy bool."""
+    if not isinstance(value, bool | np.bool_):
+        raise ValueError(f"{name}: expected a bool, got {value!r}")
+
+
 def check_rank(name: str, x: Any, ranks: Sequence[int], layout: str) -> None:
     if jnp.ndim(x) not in ranks:
         raise ValueError(

@@ -31,6 +31,20 @@ from kit.training.steps import eval_batches, make_schedule
 _RUN_ONCE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
+class _Program:
+    """A compiled program of `Programs` (a `jax.stages.Compiled`), read as an attribute
+    named as the program; reading it waits for its compile."""
+
+    def __init__(self, doc: str):
+        self.__doc__ = doc
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, programs: Any, owner: type | None = None) -> Any:
+        return self if programs is None else programs._compiled[self.name].result()
+
+
 def _abstract(tree: Any, shardings: Any) -> Any:
     """ShapeDtypeStructs of `tree`'s arrays, placed as `shardings` says."""
     return jax.tree.map(
@@ -144,25 +158,14 @@ class Programs:
         """Runs `fn` on a compile thread once one is free (its result is dropped)."""
         self._pool.submit(fn)
 
-    @property
-    def init(self) -> jax.stages.Compiled:
-        """() -> (a fresh train state, the dropout key)."""
-        return self._compiled["init"].result()
-
-    @property
-    def train_step(self) -> jax.stages.Compiled:
-        """(state, batch, dropout key) -> (state, step metrics); the state is donated."""
-        return self._compiled["train_step"].result()
-
-    @property
-    def learning_rate(self) -> jax.stages.Compiled:
-        """The schedule: an int32 step (0-based) -> the learning rate of that step."""
-        return self._compiled["learning_rate"].result()
-
-    @property
-    def eval_step(self) -> jax.stages.Compiled:
-        """(params, batch) -> the batch's eval sums and per-row results."""
-        return self._compiled["eval_step"].result()
+    init = _Program("() -> (a fresh train state, the dropout key).")
+    train_step = _Program(
+        "(state, batch, dropout key) -> (state, step metrics); the state is donated."
+    )
+    learning_rate = _Program(
+        "The schedule: an int32 step (0-based) -> the learning rate of that step."
+    )
+    eval_step = _Program("(params, batch) -> the batch's eval sums and per-row results.")
 
     def close(self) -> None:
         """Stops the compile threads, dropping the compiles that have not started."""

@@ -14,10 +14,8 @@ suits the character-level toy tasks. Whitespace-only tokens are drawn visibly
 
 from __future__ import annotations
 
-import base64
-import html
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -211,6 +209,65 @@ def plot_patching(result: Any) -> Figure:
     return fig
 
 
+def patching_data(result: Any) -> dict[str, Any]:
+    """A `kit.analysis.patching.TextPatching` (or its `to_json()` mapping) checked and made
+    plain for a page's JSON (the viewer's patching view).
+
+    Raises:
+      ValueError: naming `patching` and the field that is missing or whose shape,
+        tokens or values do not fit the others.
+    """
+
+    def field(name):
+        if isinstance(result, Mapping):
+            if name not in result:
+                raise ValueError(f"patching: {name}: missing")
+            return result[name]
+        if not hasattr(result, name):
+            raise ValueError(
+                f"patching: expected a TextPatching or its to_json() dict, given "
+                f"{type(result).__name__} without {name!r}"
+            )
+        return getattr(result, name)
+
+    tokens = [[_label(t) for t in field(name)] for name in ("clean_tokens", "corrupt_tokens")]
+    T = len(tokens[0])
+    if len(tokens[1]) != T or T == 0:
+        raise ValueError(f"patching: corrupt_tokens: {len(tokens[1])} tokens, clean_tokens {T}")
+    out = {"clean_tokens": tokens[0], "corrupt_tokens": tokens[1]}
+    for grid, points, columns in (
+        ("heads", "head_points", None),
+        ("positions", "position_points", T),
+    ):
+        out[points] = [str(p) for p in field(points)]
+        for name in (grid, f"{grid}_attribution"):
+            values = np.asarray(field(name), np.float64)
+            rows = len(out[points])
+            if (
+                values.ndim != 2
+                or values.shape[0] != rows
+                or (columns or values.shape[1]) != values.shape[1]
+            ):
+                want = f"[{rows}, {'N' if columns is None else columns}]"
+                raise ValueError(f"patching: {name}: expected shape {want}, given {values.shape}")
+            if not np.isfinite(values).all():
+                raise ValueError(f"patching: {name}: expected finite values, given NaN or inf")
+            out[name] = values.tolist()
+    position = field("position")
+    if (
+        isinstance(position, bool)
+        or not isinstance(position, int | np.integer)
+        or not 0 <= position < T
+    ):
+        raise ValueError(
+            f"patching: position: expected a token index in [0, {T}), given {position!r}"
+        )
+    out["position"] = int(position)
+    out.update(right=str(field("right")), wrong=str(field("wrong")))
+    out.update(clean=float(field("clean")), corrupt=float(field("corrupt")))
+    return out
+
+
 def plot_heads(name: str, entry: Any, metric: str) -> Figure:
     """One attention set's pattern scores and per-head ablation (`kit.analysis.heads`),
     a heatmap each, layer by head."""
@@ -246,17 +303,3 @@ def plot_heads(name: str, entry: Any, metric: str) -> Figure:
         fig.colorbar(im, ax=ax, shrink=0.8)
     fig.suptitle(f"{name} attention: pattern scores and ablation", fontsize=10)
     return fig
-
-
-def patching_page(result: Any, png: bytes) -> str:
-    """An offline page: the two texts, the figure `png` (`plot_patching`) and
-    `result.summary()` (a `kit.analysis.patching.TextPatching`)."""
-    image = base64.b64encode(png).decode()
-    return (
-        "<!doctype html><meta charset='utf-8'><title>activation patching</title>"
-        "<body style='font-family:sans-serif'>"
-        f"<p>clean: {html.escape(' '.join(result.clean_tokens))}<br>"
-        f"corrupted: {html.escape(' '.join(result.corrupt_tokens))}</p>"
-        f"<img alt='patching heatmaps' src='data:image/png;base64,{image}'>"
-        f"<pre>{html.escape(result.summary())}</pre></body>\n"
-    )

@@ -79,13 +79,13 @@ def _examples(source: Any, name: str, tokens=None, key_tokens=None) -> list[Mapp
 class View:
     """One attention page, shown inline in notebooks and exported as HTML or figures.
 
-    `title`, `view`, `set_name`, `layer`, `head`, `query` and `compare` are as in
-    `kit.views.viewer.attention_html` (what the page shows first).
-
     Args:
       examples: a list of example dicts as `kit.views.viewer.attention_html` takes them.
       height: the inline frame's height in pixels; by default from the token
         and layer counts.
+      **options: what the page shows first, as `kit.views.viewer.attention_html`
+        takes them: `title`, `view`, `set_name`, `layer`, `head`, `query`,
+        `compare` and `patching`.
 
     Raises:
       ValueError: as `kit.views.viewer.attention_html` does, naming the argument; or
@@ -93,31 +93,13 @@ class View:
     """
 
     def __init__(
-        self,
-        examples: Sequence[Mapping[str, Any]],
-        *,
-        title: str = "kit attention",
-        view: str = "head",
-        set_name: str | None = None,
-        layer: int = 0,
-        head: int | None = None,
-        query: int = 0,
-        compare: Sequence[int] | None = None,
-        height: int | None = None,
+        self, examples: Sequence[Mapping[str, Any]], *, height: int | None = None, **options: Any
     ):
-        self.page = viewer.attention_html(
-            examples,
-            title=title,
-            view=view,
-            set_name=set_name,
-            layer=layer,
-            head=head,
-            query=query,
-            compare=compare,
-        )
+        self.page = viewer.attention_html(examples, **options)
         self.examples = list(examples)
+        compare = options.get("compare")
         self.compare = None if compare is None else (int(compare[0]), int(compare[1]))
-        self.set_name = set_name
+        self.set_name = options.get("set_name")
         if height is None:
             height = self._default_height()
         elif isinstance(height, bool) or not isinstance(height, int) or height <= 0:
@@ -231,11 +213,7 @@ def _layers_heads(weights: Any) -> np.ndarray:
 
 
 def _check_index(value: Any, count: int, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise ValueError(f"{name}: expected an integer index, given {value!r}")
-    if not 0 <= value < count:
-        raise ValueError(f"{name}: expected an index in [0, {count}), given {value}")
-    return int(value)
+    return viewer._index(value, count, name, "valid")  # kit-internal: one index check
 
 
 def _pick_set(
@@ -324,6 +302,16 @@ def diff_view(a: Any, b: Any, *, set_name: str | None = None, title: str | None 
         set_name=set_name,
         compare=(0, 1),
     )
+
+
+def patching_view(result: Any, clean: Any, corrupt: Any, *, title: str | None = None) -> View:
+    """Activation and attribution patching (`result`, a `kit.analysis.patching.TextPatching`)
+    as heatmaps, with the clean and the corrupted run's attention beside it (readings
+    or one-example lists, shown as examples 0 and 1 in the other views)."""
+    (first,), (second,) = _examples_one(clean, "clean"), _examples_one(corrupt, "corrupt")
+    names = first.get("name", "clean"), second.get("name", "corrupt")
+    title = title or f"patching {names[0]} into {names[1]}"
+    return View([first, second], title=title, view="patching", patching=result)
 
 
 def _examples_one(source: Any, name: str) -> list[Mapping[str, Any]]:

@@ -1,4 +1,5 @@
-"""The offline HTML viewer: one self-contained page with four views of attention.
+"""The offline HTML viewer: one self-contained page with four views of attention and
+one of activation patching.
 
 `attention_html(examples, ...)` validates every field and builds the page from
 the package data files `kit/views/assets/viewer.{html,css,js}`; the page loads
@@ -24,6 +25,7 @@ import numpy as np
 from kit.views.figures import (  # kit-internal: one reading of weights and tokens
     _as_layers_heads,
     _check_tokens,
+    patching_data,
 )
 
 # Weights are rounded to this many decimals in the HTML file: finer than the eye
@@ -60,8 +62,9 @@ def _viewer_assets() -> tuple[str, str, str]:
     return page, style, script
 
 
-# The viewer's views; "neuron" needs a set's vectors, "diff" a `compare` pair.
-VIEWS = ("head", "model", "neuron", "diff")
+# The viewer's views; "neuron" needs a set's vectors, "diff" a `compare` pair,
+# "patching" a patching result.
+VIEWS = ("head", "model", "neuron", "diff", "patching")
 
 
 def _check_optional(
@@ -250,6 +253,8 @@ def _start(
         data["compare"] = {"a": a, "b": b}
     elif view == "diff":
         raise ValueError("view: 'diff' needs compare=(a, b), two examples to compare")
+    if view == "patching" and "patching" not in data:
+        raise ValueError("view: 'patching' needs patching=, a TextPatching to show")
     return start
 
 
@@ -263,8 +268,10 @@ def attention_html(
     head: int | None = None,
     query: int = 0,
     compare: Sequence[int] | None = None,
+    patching: Any = None,
 ) -> str:
-    """One self-contained HTML page with four views of attention.
+    """One self-contained HTML page with four views of attention, and a fifth of
+    activation patching.
 
     - head view (`#head-view`), in the spirit of BertViz's: query tokens sit in
       a left column and key tokens in a right one, joined by one line per
@@ -289,6 +296,11 @@ def attention_html(
     - diff view (`#diff-view`, with `compare=(a, b)`): example b's weights minus
       example a's for every layer x head of a set on a diverging colour scale
       centred on 0 (blue less, red more attention in b), and both predictions.
+    - patching view (`#patching-view`, with `patching=`): four heatmaps of a
+      `kit.analysis.patching.TextPatching`, as `kit.views.figures.plot_patching`
+      draws them: each head's output `[L, N]` and the residual stream at each
+      position `[L, T]`, by activation and by attribution patching, on one
+      diverging scale; hovering a cell gives both numbers.
 
     Pickers: the example (`#example`, when several are given), the attention
     set (`#set`), the layer (`#layer`), the view (`#view`) and a checkbox per
@@ -316,7 +328,7 @@ def attention_html(
         "value_norms" `[L, N, S]` (||f(x_s)||, each value through its head's
         slice of the output projection).
       title: page title and heading.
-      view: the view shown first: "head", "model", "neuron" or "diff".
+      view: the view shown first: "head", "model", "neuron", "diff" or "patching".
       set_name: the name of the set shown first (default: the first example's first).
       layer: the layer shown first.
       head: show only this head in the head view (default: all), and pick it
@@ -324,6 +336,8 @@ def attention_html(
       query: the query token the neuron view shows first.
       compare: `(a, b)`, two example indices for the diff view (b - a), of
         the sets they share with equal weights shapes (at least one).
+      patching: a `kit.analysis.patching.TextPatching` (or its `to_json()`
+        dict) for the patching view (`kit.views.figures.patching_data`).
 
     Returns:
       The HTML text.
@@ -333,8 +347,8 @@ def attention_html(
         set's weights have the wrong rank, non-finite values, or a token list
         or optional field whose shape does not match (the message names the
         example, the set and the field); or if `view`, `set_name`, `layer`, `head`,
-        `query` or `compare` is out of range for the data (the message names
-        the argument).
+        `query` or `compare` is out of range for the data, or `patching` does
+        not hold a patching result (the message names the argument).
 
     References:
       Vig, "A Multiscale Visualization of Attention in the Transformer Model",
@@ -343,6 +357,8 @@ def attention_html(
       with Vector Norms", EMNLP 2020. https://arxiv.org/abs/2004.10102
     """
     data = _viewer_data(examples, str(title))
+    if patching is not None:
+        data["patching"] = patching_data(patching)
     data["start"] = _start(data, view, set_name, layer, head, query, compare)
     text = json.dumps(data, ensure_ascii=False, allow_nan=False)
     # "<" as \u003c is still valid JSON, and no "</script>" or "<!--" in a token

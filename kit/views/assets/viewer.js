@@ -132,12 +132,15 @@ function render() {
   for (const section of document.querySelectorAll("section.view")) {
     section.hidden = section.id !== `${state.view}-view`;
   }
-  byId("layer-label").hidden = state.view === "model" || state.view === "diff";
-  byId("example-label").hidden = DATA.examples.length < 2 || state.view === "diff";
-  byId("prediction").hidden = state.view === "diff";
+  const whole = state.view === "diff" || state.view === "patching";  // not one example
+  byId("layer-label").hidden = state.view === "model" || whole;
+  byId("example-label").hidden = DATA.examples.length < 2 || whole;
+  byId("set-label").hidden = state.view === "patching";
+  byId("prediction").hidden = whole;
   const weighted = current().value_norms && (state.view === "head" || state.view === "model");
   byId("value-weighted-label").hidden = !weighted;
-  ({ head: drawHead, model: drawModel, neuron: drawNeuron, diff: drawDiff })[state.view]();
+  ({ head: drawHead, model: drawModel, neuron: drawNeuron, diff: drawDiff,
+     patching: drawPatching })[state.view]();
 }
 
 // --------------------------------------------------------------------------
@@ -502,6 +505,62 @@ function drawDiff() {
 }
 
 // --------------------------------------------------------------------------
+// Patching view: the share of the clean answer that patching each head's output,
+// and the residual stream at each position, brings back into the corrupted run;
+// activation patching beside attribution patching's one-backward-pass estimate.
+
+function drawPatching() {
+  const P = DATA.patching;
+  byId("patching-summary").textContent = `answer at position ${P.position} ` +
+    `(${P.clean_tokens[P.position]}): "${P.right}" (clean) vs "${P.wrong}" (corrupted); ` +
+    `logit difference ${P.clean.toFixed(3)} clean, ${P.corrupt.toFixed(3)} corrupted. ` +
+    "1 = the whole clean answer comes back, 0 = nothing.";
+  const tokens = P.clean_tokens.map((t, i) => (t === P.corrupt_tokens[i] ? t
+    : `${t}/${P.corrupt_tokens[i]}`));
+  const heads = P.heads[0].map((_, n) => `head ${n}`);
+  const panels = [
+    ["heads", "heads: activation patching", P.head_points, heads],
+    ["heads_attribution", "heads: attribution patching", P.head_points, heads],
+    ["positions", "residual stream: activation patching", P.position_points, tokens],
+    ["positions_attribution", "residual stream: attribution patching", P.position_points,
+     tokens],
+  ];
+  const limit = Math.max(1, ...panels.flatMap(([field]) => P[field].flat().map(Math.abs)));
+  const color = (x) => `rgb(${diverging(x / limit).join(",")})`;
+  const cell = Math.max(14, Math.min(36, Math.floor(480 / tokens.length)));
+  byId("patching-panels").replaceChildren(...panels.map(([field, title, rows, columns]) => {
+    const values = P[field];
+    const canvas = element("canvas", { className: "patching-cell",
+                                       dataset: { field, cell: String(cell) } });
+    heatmap(canvas, values, color, cell);
+    canvas.addEventListener("mousemove", (e) => {
+      const box = canvas.getBoundingClientRect();
+      const r = Math.min(rows.length - 1, Math.floor((e.clientY - box.top) / cell));
+      const c = Math.min(columns.length - 1, Math.floor((e.clientX - box.left) / cell));
+      const base = field.replace("_attribution", "");
+      byId("patching-readout").textContent = `${rows[r]}, ${columns[c]}: activation ` +
+        `patching ${P[base][r][c].toFixed(3)}, attribution ` +
+        `${P[`${base}_attribution`][r][c].toFixed(3)}`;
+    });
+    const labels = element("div", { className: "patching-rows" },
+      rows.map((name) => element("span", { textContent: name })));
+    labels.style.gridTemplateRows = `repeat(${rows.length}, ${cell}px)`;
+    const cols = element("div", { className: "patching-columns" },
+      columns.map((name) => element("span", { className: "tok", textContent: name })));
+    cols.style.gridTemplateColumns = `repeat(${columns.length}, ${cell}px)`;
+    return element("figure", { className: "patching-panel" }, [
+      element("figcaption", { textContent: title }),
+      element("div", { className: "patching-body" }, [labels, canvas, element("span"), cols]),
+    ]);
+  }));
+  const scale = element("canvas", { id: "patching-colorbar" });
+  heatmap(scale, Array.from({ length: 6 }, () => Array.from({ length: 101 },
+    (_, i) => limit * (i / 50 - 1))), color, 2);
+  byId("patching-scale").replaceChildren(element("span", { textContent: `−${limit.toFixed(2)} ` }),
+    scale, element("span", { textContent: ` +${limit.toFixed(2)}` }));
+}
+
+// --------------------------------------------------------------------------
 
 byId("view").addEventListener("change", (e) => setView(e.target.value));
 byId("example").addEventListener("change", (e) => setExample(Number(e.target.value)));
@@ -529,8 +588,10 @@ byId("neuron-query").addEventListener("change", (e) => {
   state.neuronQuery = Number(e.target.value);
   render();
 });
-byId("view").querySelector('option[value="diff"]').hidden = !DATA.compare;
-byId("view").querySelector('option[value="diff"]').disabled = !DATA.compare;
+for (const [view, given] of [["diff", DATA.compare], ["patching", DATA.patching]]) {
+  byId("view").querySelector(`option[value="${view}"]`).hidden = !given;
+  byId("view").querySelector(`option[value="${view}"]`).disabled = !given;
+}
 fillSelect(byId("example"), DATA.examples.map((e) => e.name), 0);
 if (START.head !== null) {
   const N = DATA.examples[0].sets[START.set].weights[0].length;

@@ -56,14 +56,22 @@ def test_residual_equals_jax_nn_with_its_layout_and_no_gradient(path, unbatched)
         k, v = (jnp.repeat(x, G, axis=-2) for x in (k, v))
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, return_residual=True)
 
-    (out, lse), vjp = jax.vjp(ours, q, k, v)
-    (ref_out, ref_lse), ref_vjp = jax.vjp(theirs, q, k, v)
+    def with_vjp(f):
+        def run(q, k, v, cotangents):
+            value, vjp = jax.vjp(f, q, k, v)
+            return value, vjp(cotangents)
+
+        return jax.jit(run)
+
+    ours_vjp = with_vjp(ours)
+    (out, lse), grads = ours_vjp(q, k, v, cotangents)
+    (ref_out, ref_lse), ref_grads = with_vjp(theirs)(q, k, v, cotangents)
     assert lse.shape == q.shape[:-1] and lse.dtype == q.dtype
     _close((out, lse), (ref_out, ref_lse))
+    _close(grads, ref_grads, 1e-4)
     # jax.nn's residual carries no gradient: a cotangent sent into it changes nothing.
-    grads = vjp(cotangents)
-    _close(grads, ref_vjp(cotangents), 1e-4)
-    _close(grads, vjp((cotangents[0], jnp.zeros_like(cotangents[1]))), 0.0)
+    _, without = ours_vjp(q, k, v, (cotangents[0], jnp.zeros_like(cotangents[1])))
+    _close(grads, without, 0.0)
 
 
 @pytest.mark.parametrize("path", slow_beyond(PATHS, ["chunked"]))
@@ -71,7 +79,7 @@ def test_residual_is_the_row_logsumexp_and_minus_inf_without_keys(path):
     q, k, v = make_qkv(B=B, T=T, S=S, N=N, K=K)
     bias = normal(jax.random.key(7), (1, N, T, S))
     kw = dict(is_causal=True, query_seq_lengths=Q_LEN, key_value_seq_lengths=KV_LEN)
-    out, lse = _attention(path, return_residual=True, **kw)(q, k, v, bias)
+    out, lse = jax.jit(_attention(path, return_residual=True, **kw))(q, k, v, bias)
     # by hand, in float64 numpy: log sum over the live keys of exp(q.k / sqrt(H) + bias)
     qn, kn = np.asarray(q, np.float64), np.repeat(np.asarray(k, np.float64), N // K, axis=2)
     logits = np.einsum("btnh,bsnh->btns", qn, kn) / 4.0 + np.moveaxis(np.asarray(bias), 1, 2)
@@ -107,7 +115,7 @@ def test_x64_forward_and_gradients(path, dtype):
             return lambda q, k, v: jnp.sum(jnp.sin(attention(q, k, v, **kw)))
 
         ours = jax.jit(jax.value_and_grad(loss(_attention(path)), argnums=(0, 1, 2)))(q, k, v)
-        theirs = jax.value_and_grad(loss(jax.nn.dot_product_attention), argnums=(0, 1, 2))
+        theirs = jax.jit(jax.value_and_grad(loss(jax.nn.dot_product_attention), argnums=(0, 1, 2)))
         with jax.numpy_dtype_promotion("standard"):  # jax.nn is not strict-promotion clean
             ref = theirs(q, k, v)
         assert ours[1][0].dtype == jnp.dtype(dtype)
@@ -120,7 +128,8 @@ def test_x64_forward_and_gradients(path, dtype):
             live = (s <= t) & (s < kw["key_value_seq_lengths"][:, None, None, None])
             p = jax.nn.softmax(jnp.where(live, scores, -jnp.inf), axis=-1)
             expected = jnp.einsum("bnts,bsnh->btnh", p, v)
-            _close(_attention(path)(q, k, v, **kw), expected, 1e-12)
+            ours = jax.jit(lambda q, k, v: _attention(path)(q, k, v, **kw))(q, k, v)
+            _close(ours, expected, 1e-12)
 
 
 # --- meshes: Explicit axes and a user's shard_map ------------------------------------
@@ -140,7 +149,7 @@ def test_explicit_mesh_batch_and_heads_split_without_collectives(path, optimized
     def loss(q, k, v):
         return jnp.sum(_attention(path, is_causal=True)(q, k, v) * g)
 
-    ref = jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
+    ref = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(q, k, v)
     with jax.set_mesh(mesh):
         args = [jax.device_put(x, P("data", None, "model", None)) for x in (q, k, v)]
         forward = jax.jit(_attention(path, is_causal=True))
@@ -148,7 +157,7 @@ def test_explicit_mesh_batch_and_heads_split_without_collectives(path, optimized
         out = forward(*args)
         assert jax.typeof(out).sharding.spec[:3] == ("data", None, "model")
         ours = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(*args)
-    _close(out, _attention(path, is_causal=True)(q, k, v))
+    _close(out, jax.jit(_attention(path, is_causal=True))(q, k, v))
     _close(ours, ref, 1e-4)
 
 
@@ -160,7 +169,7 @@ def test_explicit_mesh_sequence_split_is_gathered(path):
     with jax.set_mesh(mesh):
         args = [jax.device_put(x, P(None, "seq")) for x in (q, k, v)]
         out = jax.jit(_attention(path, is_causal=True))(*args)
-    _close(out, _attention(path, is_causal=True)(q, k, v))
+    _close(out, jax.jit(_attention(path, is_causal=True))(q, k, v))
 
 
 @pytest.mark.parametrize("path", slow_beyond(PATHS, []))
@@ -181,8 +190,9 @@ def test_inside_a_users_shard_map(path):
     split = jax.shard_map(per_device, mesh=mesh, in_specs=P("b"), out_specs=P("b"))
     args = [jax.device_put(x, NamedSharding(mesh, P("b"))) for x in (q, k, v, lengths)]
     out, grads = jax.jit(split)(*args)
-    _close(out, attention(q, k, v, key_value_seq_lengths=lengths))
-    _close(grads, jax.grad(loss, argnums=(0, 1, 2))(q, k, v, lengths), 1e-4)
+    want, want_grads = jax.jit(per_device)(q, k, v, lengths)  # the whole batch on one device
+    _close(out, want)
+    _close(grads, want_grads, 1e-4)
 
 
 # --- derivatives ---------------------------------------------------------------------
@@ -216,7 +226,7 @@ def test_chunked_jvp_equals_the_materialized_path(name):
         return kit.dot_product_attention(q, k, v, *bias, implementation="xla", **kw)
 
     out, d_out = jax.jit(lambda p, t: jax.jvp(ours, p, t))(primals, tangents)
-    ref, d_ref = jax.jvp(theirs, primals, tangents)
+    ref, d_ref = jax.jit(lambda p, t: jax.jvp(theirs, p, t))(primals, tangents)
     _close(out, ref)
     _close(d_out, d_ref, 1e-5)
 
@@ -233,28 +243,37 @@ def _tiny_causal():
 @pytest.mark.slow  # the inner loop keeps a cheaper check of the same contract
 def test_chunked_linearize():
     q, t, f = _tiny_causal()
-    _, tangent = jax.linearize(f("chunked"), q)
-    _close(tangent(t), jax.jvp(f("xla"), (q,), (t,))[1])
+    ours = jax.jit(lambda q, t: jax.linearize(f("chunked"), q)[1](t))(q, t)
+    _close(ours, jax.jit(lambda q, t: jax.jvp(f("xla"), (q,), (t,))[1])(q, t))
 
 
 @pytest.mark.slow
 def test_chunked_jacfwd_and_vmap_of_jvp_and_grad():
     q, t, f = _tiny_causal()
-    _close(jax.jacfwd(f("chunked"))(q), jax.jacrev(f("xla"))(q), 1e-5)
+    _close(jax.jit(jax.jacfwd(f("chunked")))(q), jax.jit(jax.jacrev(f("xla")))(q), 1e-5)
     qs, ts = jnp.stack([q, 2 * q]), jnp.stack([t, -t])
-    ours = jax.vmap(lambda q, t: jax.jvp(f("chunked"), (q,), (t,)))(qs, ts)
-    _close(ours, jax.vmap(lambda q, t: jax.jvp(f("xla"), (q,), (t,)))(qs, ts))
-    grads = jax.vmap(jax.grad(lambda q: jnp.sum(f("chunked")(q) ** 2)))(qs)
-    _close(grads, jax.vmap(jax.grad(lambda q: jnp.sum(f("xla")(q) ** 2)))(qs), 1e-5)
+
+    def jvps(path):
+        return jax.jit(jax.vmap(lambda q, t: jax.jvp(f(path), (q,), (t,))))(qs, ts)
+
+    def grads(path):
+        return jax.jit(jax.vmap(jax.grad(lambda q: jnp.sum(f(path)(q) ** 2))))(qs)
+
+    _close(jvps("chunked"), jvps("xla"))
+    _close(grads("chunked"), grads("xla"), 1e-5)
 
 
 @pytest.mark.slow  # the inner loop keeps a cheaper check of the same contract
 def test_default_path_jvp_at_a_chunked_length():
     q, k, v = make_qkv(B=1, T=512, S=512, N=2, K=2, H=8)
     t = normal(jax.random.key(2), q.shape)
-    out, tangent = jax.jvp(lambda q: kit.dot_product_attention(q, k, v, is_causal=True), (q,), (t,))
-    ref = jax.jvp(lambda q: jax.nn.dot_product_attention(q, k, v, is_causal=True), (q,), (t,))
-    _close((out, tangent), ref, 1e-5)
+
+    def jvp(attention):
+        return jax.jit(
+            lambda q, t: jax.jvp(lambda q: attention(q, k, v, is_causal=True), (q,), (t,))
+        )(q, t)
+
+    _close(jvp(kit.dot_product_attention), jvp(jax.nn.dot_product_attention), 1e-5)
 
 
 def _second_order_setup():
@@ -265,7 +284,7 @@ def _second_order_setup():
         return lambda q: jnp.sum(jnp.sin(attention(q, k, v, is_causal=True)))
 
     def hvp(f):
-        return jax.jvp(jax.grad(f), (q,), (t,))[1]
+        return jax.jit(lambda q, t: jax.jvp(jax.grad(f), (q,), (t,))[1])(q, t)
 
     return q, loss, hvp
 
@@ -284,8 +303,11 @@ def test_second_derivatives_on_the_xla_path_equal_jax_nn():
     ours = loss(functools.partial(kit.dot_product_attention, implementation="xla"))
     theirs = loss(jax.nn.dot_product_attention)
     _close(hvp(ours), hvp(theirs), 1e-5)
-    gg = jax.grad(lambda q: jnp.sum(jax.grad(ours)(q) ** 2))
-    _close(gg(q), jax.grad(lambda q: jnp.sum(jax.grad(theirs)(q) ** 2))(q), 1e-4)
+
+    def grad_of_grad(f):
+        return jax.jit(jax.grad(lambda q: jnp.sum(jax.grad(f)(q) ** 2)))(q)
+
+    _close(grad_of_grad(ours), grad_of_grad(theirs), 1e-4)
 
 
 # --- checkpoint, scan over layers, export --------------------------------------------
@@ -304,7 +326,7 @@ def test_checkpointed_layers_in_scan_and_export(path):
         return jnp.sum(jnp.sin(jax.lax.scan(body, q, None, length=3)[0]))
 
     grad = jax.jit(jax.grad(functools.partial(layers, remat=True)))
-    _close(grad(q), jax.grad(functools.partial(layers, remat=False))(q), 1e-5)
+    _close(grad(q), jax.jit(jax.grad(functools.partial(layers, remat=False)))(q), 1e-5)
     exported = jax.export.export(grad)(q)
     restored = jax.export.deserialize(exported.serialize())
     _close(restored.call(q), grad(q), 0.0)

@@ -50,14 +50,20 @@ def close(a, b, tol):
 
 
 def check_against(flex_fn, dense_fn, args, tol=(2e-5, 2e-4)):
-    """Forward and gradients (w.r.t. every arg) of two functions of the same args."""
-    close(flex_fn(*args), dense_fn(*args), tol[0])
-    weights = jnp.cos(jnp.arange(dense_fn(*args).size, dtype=jnp.float32)).reshape(
-        dense_fn(*args).shape
-    )
+    """Forward and gradients (w.r.t. every arg) of two functions of the same args, each
+    compiled once (forward and backward in one program, as training runs them)."""
     argnums = tuple(range(len(args)))
-    got = jax.grad(lambda *a: jnp.sum(flex_fn(*a) * weights), argnums)(*args)
-    want = jax.grad(lambda *a: jnp.sum(dense_fn(*a) * weights), argnums)(*args)
+
+    def compiled(fn):
+        def loss(*a):
+            out = fn(*a)
+            weights = jnp.cos(jnp.arange(out.size, dtype=jnp.float32)).reshape(out.shape)
+            return jnp.sum(out * weights), out
+
+        return jax.jit(jax.grad(loss, argnums, has_aux=True))(*args)
+
+    (got, got_out), (want, want_out) = compiled(flex_fn), compiled(dense_fn)
+    close(got_out, want_out, tol[0])
     for g, w in zip(got, want, strict=True):
         close(g, w, tol[1])
 
@@ -107,8 +113,9 @@ def test_dead_blocks_are_never_read():
                                  kernel_options=options)  # fmt: skip
         return jnp.sum(out[:, :96] ** 2)  # the queries of documents 0-2
 
-    value, grads = jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k_bad, v_bad)
-    want, want_grads = jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
+    value_and_grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+    value, grads = value_and_grads(q, k_bad, v_bad)
+    want, want_grads = value_and_grads(q, k, v)
     close(value, want, 1e-5)
     close(grads[0][:, :96], want_grads[0][:, :96], 1e-5)
 
@@ -127,10 +134,10 @@ def test_rows_with_no_live_key_are_exact_zeros(impl):
                                  kernel_options=SMALL_BLOCKS)  # fmt: skip
         return out, jnp.sum(out**2)
 
-    out, _ = loss(q, k, v)
+    out, _ = jax.jit(loss)(q, k, v)
     assert np.all(np.asarray(out[1, 10:20]) == 0)
     assert np.all(np.isfinite(np.asarray(out)))
-    grad_q = jax.grad(lambda q: loss(q, k, v)[1])(q)
+    grad_q = jax.jit(jax.grad(lambda q: loss(q, k, v)[1]))(q)
     assert np.all(np.asarray(grad_q[1, 10:20]) == 0)
 
 
@@ -262,12 +269,14 @@ def test_jvp_and_vmap_through_a_captured_table():
         return f
 
     tangents = (jnp.sin(q), jnp.cos(TABLE))
-    got = jax.jvp(run("chunked"), (q, TABLE), tangents)[1]
-    want = jax.jvp(run("xla"), (q, TABLE), tangents)[1]
-    close(got, want, 2e-5)
+
+    def tangent(impl):
+        return jax.jit(lambda p, t: jax.jvp(run(impl), p, t)[1])((q, TABLE), tangents)
+
+    close(tangent("chunked"), tangent("xla"), 2e-5)
     stacked = jnp.stack([TABLE, 2 * TABLE])
-    got = jax.vmap(lambda t: run("chunked")(q, t))(stacked)
-    close(got[1], run("xla")(q, 2 * TABLE), 2e-5)
+    got = jax.jit(jax.vmap(lambda t: run("chunked")(q, t)))(stacked)
+    close(got[1], jax.jit(run("xla"))(q, 2 * TABLE), 2e-5)
 
 
 @pytest.mark.slow
@@ -345,7 +354,7 @@ def test_batch_and_head_mesh_splits_without_collectives(axis_type, optimized):
     def loss(q, k, v, slopes):
         return jnp.sum(_packed_call(q, k, v, slopes, seg) * weights)
 
-    want = jax.value_and_grad(loss, argnums=(0, 1, 2, 3))(q, k, v, SLOPES)
+    want = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))(q, k, v, SLOPES)
     with jax.set_mesh(mesh):
         split = NamedSharding(mesh, P("data", None, "model", None))
         args = [jax.device_put(x, split) for x in (q, k, v)] + [SLOPES]
@@ -375,8 +384,9 @@ def test_inside_a_users_shard_map():
     split = jax.shard_map(per_device, mesh=mesh, in_specs=P("b"), out_specs=P("b"))
     args = [jax.device_put(x, NamedSharding(mesh, P("b"))) for x in (q, k, v, seg)]
     out, grads = jax.jit(split)(*args)
-    close(out, _packed_call(q, k, v, SLOPES, seg), 2e-5)
-    for g, w in zip(grads, jax.grad(loss, argnums=(0, 1, 2))(q, k, v, seg), strict=True):
+    want, want_grads = jax.jit(per_device)(q, k, v, seg)  # the whole batch on one device
+    close(out, want, 2e-5)
+    for g, w in zip(grads, want_grads, strict=True):
         close(g, w, 2e-4)
 
 

@@ -852,6 +852,7 @@ def test_patching_view_embeds_the_result_and_names_bad_fields():
         "heads": (np.zeros((3, 3)), r"^patching: heads: expected shape \[2, N\]"),
         "positions": (np.zeros((2, 5)), r"^patching: positions: expected shape \[2, 4\]"),
         "heads_attribution": (np.full((2, 3), np.nan), "heads_attribution: expected finite"),
+        "positions_attribution": (np.zeros((2, 3)), r"positions_attribution: .* \[2, 4\]"),
         "position": (4, r"^patching: position: expected a token index in \[0, 4\)"),
         "corrupt_tokens": (["a"], r"^patching: corrupt_tokens: 1 tokens"),
     }
@@ -859,6 +860,9 @@ def test_patching_view_embeds_the_result_and_names_bad_fields():
         edited = {**result.to_json(), field: value}
         with pytest.raises(ValueError, match=match):
             viewer.attention_html(examples, patching=edited)
+    wide = {**result.to_json(), "heads_attribution": np.zeros((2, 4))}  # N differs
+    with pytest.raises(ValueError, match=r"heads_attribution: expected shape \[2, 3\]"):
+        viewer.attention_html(examples, patching=wide)
     with pytest.raises(ValueError, match=r"^patching: right: missing"):
         viewer.attention_html(
             examples, patching={k: v for k, v in result.to_json().items() if k != "right"}

@@ -240,14 +240,12 @@ def patching_data(result: Any) -> dict[str, Any]:
         ("positions", "position_points", T),
     ):
         out[points] = [str(p) for p in field(points)]
+        rows = len(out[points])
         for name in (grid, f"{grid}_attribution"):
             values = np.asarray(field(name), np.float64)
-            rows = len(out[points])
-            if (
-                values.ndim != 2
-                or values.shape[0] != rows
-                or (columns or values.shape[1]) != values.shape[1]
-            ):
+            if values.ndim == 2 and columns is None:  # heads: N from the first grid
+                columns = values.shape[1]
+            if values.ndim != 2 or values.shape != (rows, columns):
                 want = f"[{rows}, {'N' if columns is None else columns}]"
                 raise ValueError(f"patching: {name}: expected shape {want}, given {values.shape}")
             if not np.isfinite(values).all():

@@ -251,18 +251,22 @@ def test_multi_head_attention_matches_composition_with_jax_nn(optimized):
     params = jax.tree.map(lambda p: p + 0.1, params)  # nonzero biases
     x = normal(jax.random.key(1), (2, 6, 32))
     context = normal(jax.random.key(2), (2, 9, 32))
-    y, weights = kit.multi_head_attention(params, x, context, return_weights=True)
-    assert weights.shape == (2, 4, 6, 9)
 
     def proj(inp, p):
         y = jnp.einsum("btd,dnh->btnh", inp, p["kernel"])
         return y + p["bias"][None, None] if "bias" in p else y
 
-    out = jax.nn.dot_product_attention(
-        proj(x, params["query"]), proj(context, params["key"]), proj(context, params["value"])
-    )
-    expected = jnp.einsum("btnh,nhd->btd", out, params["out"]["kernel"])
-    expected = expected + params["out"]["bias"][None, None]
+    @jax.jit  # both sides compiled, as users run them
+    def ours_and_composed(params, x, context):
+        out = jax.nn.dot_product_attention(
+            proj(x, params["query"]), proj(context, params["key"]), proj(context, params["value"])
+        )
+        expected = jnp.einsum("btnh,nhd->btd", out, params["out"]["kernel"])
+        expected = expected + params["out"]["bias"][None, None]
+        return kit.multi_head_attention(params, x, context, return_weights=True), expected
+
+    (y, weights), expected = ours_and_composed(params, x, context)
+    assert weights.shape == (2, 4, 6, 9)
     chex.assert_trees_all_close(y, expected, atol=1e-5, rtol=1e-5)
 
 

@@ -156,16 +156,16 @@ def test_fully_masked_rows_are_zero_with_zero_gradients():
     def f(q, k, v):
         return kit.dot_product_attention(q, k, v, mask=mask, query_seq_lengths=lengths)
 
-    out = f(q, k, v)
+    out = jax.jit(f)(q, k, v)
     assert np.all(np.asarray(out[0, 3, 1]) == 0.0)
     assert np.all(np.asarray(out[1]) == 0.0)
     assert np.all(np.asarray(out[0, 6:]) == 0.0)  # beyond query_seq_lengths
-    grads = jax.grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=(0, 1, 2))(q, k, v)
+    grads = jax.jit(jax.grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=(0, 1, 2)))(q, k, v)
     for g in grads:
         assert np.all(np.isfinite(np.asarray(g)))
     dq = np.asarray(grads[0])
     assert np.all(dq[0, 3, 1] == 0.0) and np.all(dq[1] == 0.0) and np.all(dq[0, 6:] == 0.0)
-    weights = kit.attention_weights(q, k, mask=mask, query_seq_lengths=lengths)
+    weights = jax.jit(kit.attention_weights)(q, k, mask=mask, query_seq_lengths=lengths)
     assert np.all(np.asarray(weights[1]) == 0.0)
 
 
@@ -209,16 +209,18 @@ def test_dropout_is_deterministic_and_scaled():
 
 def test_vmapped_heads_equal_batched_einsum(optimized):
     q, k, v = make_qkv(N=4, K=2)
-    out = kit.dot_product_attention(q, k, v, is_causal=True)
-    # An independent batched computation: repeat kv heads, one einsum for all heads.
-    kr = jnp.repeat(k, 2, axis=2)
-    vr = jnp.repeat(v, 2, axis=2)
-    logits = jnp.einsum("btnh,bsnh->bnts", q, kr) / 4.0
-    logits = jnp.where(jnp.tril(jnp.ones((8, 8), bool)), logits, -jnp.inf)
-    expected = jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(logits, axis=-1), vr)
-    chex.assert_trees_all_close(out, expected, atol=1e-5, rtol=1e-5)
+
+    @jax.jit
+    def batched(q, k, v):  # an independent computation: kv heads repeated, one einsum
+        kr, vr = jnp.repeat(k, 2, axis=2), jnp.repeat(v, 2, axis=2)
+        logits = jnp.einsum("btnh,bsnh->bnts", q, kr) / 4.0
+        logits = jnp.where(jnp.tril(jnp.ones((8, 8), bool)), logits, -jnp.inf)
+        return jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(logits, axis=-1), vr)
+
+    out = jax.jit(kit.dot_product_attention, static_argnames="is_causal")(q, k, v, is_causal=True)
+    chex.assert_trees_all_close(out, batched(q, k, v), atol=1e-5, rtol=1e-5)
     # And one head of one example through the single-head core.
-    head, _ = kit.single_head_attention(
+    head, _ = jax.jit(kit.single_head_attention)(
         q[1, :, 3], k[1, :, 1], v[1, :, 1], mask=jnp.tril(jnp.ones((8, 8), bool))
     )
     chex.assert_trees_all_close(head, out[1, :, 3], atol=1e-6, rtol=1e-6)
@@ -451,7 +453,9 @@ def test_forward_mode_matches_jax_nn(optimized):
     tangents = make_qkv(K=2, seed=9)
 
     def run(fn):
-        return jax.jvp(lambda *a: fn(*a, is_causal=True), (q, k, v), tangents)
+        return jax.jit(lambda p, t: jax.jvp(lambda *a: fn(*a, is_causal=True), p, t))(
+            (q, k, v), tangents
+        )
 
     (out, d_out), (ref, d_ref) = run(kit.dot_product_attention), run(jax.nn.dot_product_attention)
     chex.assert_trees_all_close(out, ref, atol=1e-5, rtol=1e-5)

@@ -243,10 +243,10 @@ def patching_data(result: Any) -> dict[str, Any]:
         rows = len(out[points])
         for name in (grid, f"{grid}_attribution"):
             values = np.asarray(field(name), np.float64)
+            want = f"[{rows}, {'N' if columns is None else columns}]"
             if values.ndim == 2 and columns is None:  # heads: N from the first grid
                 columns = values.shape[1]
             if values.ndim != 2 or values.shape != (rows, columns):
-                want = f"[{rows}, {'N' if columns is None else columns}]"
                 raise ValueError(f"patching: {name}: expected shape {want}, given {values.shape}")
             if not np.isfinite(values).all():
                 raise ValueError(f"patching: {name}: expected finite values, given NaN or inf")

@@ -263,22 +263,26 @@ def test_kv_cache_path_ablates_like_the_teacher_forced_path(kind):
     the teacher-forced pass with the same mask predicts at every step."""
     model = build(kind)
     src, lengths = batch()
-    shapes = model.attention_shapes()
-    name = "decoder"
-    mask = model.head_ablation(interp.ablation_mask(shapes, name, layer=0, head=0))
-    if kind == "decoder_only":
-        key_mask = jnp.ones(src.shape, bool)
-        out = decode.greedy_decoder_only(model, src, key_mask, length=4, hooks=mask)
-        full = jnp.concatenate([src, out], axis=1)
-        logits, _ = model(full, jnp.ones(full.shape, bool), hooks=mask)
-        forced = jnp.argmax(logits[:, src.shape[1] - 1 : -1], axis=-1)
-        plain = decode.greedy_decoder_only(model, src, key_mask, length=4)
-    else:
-        out = decode.greedy_encoder_decoder(model, src, lengths, bos=1, length=4, hooks=mask)
-        tgt_in = jnp.concatenate([jnp.ones((src.shape[0], 1), jnp.int32), out[:, :-1]], axis=1)
-        logits, _ = model(src, lengths, tgt_in, hooks=mask)
-        forced = jnp.argmax(logits, axis=-1)
-        plain = decode.greedy_encoder_decoder(model, src, lengths, bos=1, length=4)
+    ablated = interp.ablation_mask(model.attention_shapes(), "decoder", layer=0, head=0)
+
+    def run(model):  # under one jit: eager dispatch of the decoding steps dominated
+        mask = model.head_ablation(ablated)
+        if kind == "decoder_only":
+            key_mask = jnp.ones(src.shape, bool)
+            out = decode.greedy_decoder_only(model, src, key_mask, length=4, hooks=mask)
+            full = jnp.concatenate([src, out], axis=1)
+            logits, _ = model(full, jnp.ones(full.shape, bool), hooks=mask)
+            forced = jnp.argmax(logits[:, src.shape[1] - 1 : -1], axis=-1)
+            plain = decode.greedy_decoder_only(model, src, key_mask, length=4)
+        else:
+            out = decode.greedy_encoder_decoder(model, src, lengths, bos=1, length=4, hooks=mask)
+            tgt_in = jnp.concatenate([jnp.ones((src.shape[0], 1), jnp.int32), out[:, :-1]], 1)
+            logits, _ = model(src, lengths, tgt_in, hooks=mask)
+            forced = jnp.argmax(logits, axis=-1)
+            plain = decode.greedy_encoder_decoder(model, src, lengths, bos=1, length=4)
+        return out, forced, plain
+
+    out, forced, plain = jitted(model, run)
     np.testing.assert_array_equal(np.asarray(out), np.asarray(forced))
     del plain  # the unablated decode runs too: the mask is optional on this path
 
@@ -327,7 +331,7 @@ def test_vectors_reproduce_the_weights_and_the_value_norms():
     model = build("encoder_decoder", positions="rope", num_kv_heads=1)
     src, lengths = batch()
     tgt = src[:, :5]
-    _, aux = model(src, lengths, tgt, hooks=model.attention_hooks())
+    _, aux = jitted(model, lambda m: m(src, lengths, tgt, hooks=m.attention_hooks()))
     aux = model.attention_sets(aux["activations"])
     vec = aux["vectors"]["decoder"]
     q, k = np.asarray(vec["query"], np.float64), np.asarray(vec["key"], np.float64)

@@ -77,18 +77,16 @@ def example_tangent(
                 mask_blk = blocks.slice_block(mask_i, j * bk, bk, axis=3)
                 live = block_rows(live_pairs(cfg, i, j, q_len, kv_len, mask_blk), G, bq)
                 if program is not None and program.mask is not None:
-                    live = live & programs.block_call(program, dyn, "uqgk", at, sizes).reshape(
-                        s.shape
-                    )
+                    keep = programs.block_call(program, dyn, "uqgk", at, sizes)
+                    live = live & keep.reshape(s.shape)
             if scored:  # the tangent through the score function (of the scores and captures)
                 raw = s if live is None else jnp.where(live, s, 0.0)
 
                 def score(s, caps):
                     caps = programs.with_grad_captures(program, dyn.captures, caps)
                     s4 = s.reshape(K, bq, G, bk)
-                    return programs.block_call(program, dyn, "uqgk", at, sizes, s4, caps).reshape(
-                        s.shape
-                    )
+                    scored_blk = programs.block_call(program, dyn, "uqgk", at, sizes, s4, caps)
+                    return scored_blk.reshape(s.shape)
 
                 s, ds = jax.jvp(score, (raw, grad_caps), (ds, tuple(dcaps)))
             if live is not None:

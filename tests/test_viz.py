@@ -860,6 +860,9 @@ def test_patching_view_embeds_the_result_and_names_bad_fields():
         edited = {**result.to_json(), field: value}
         with pytest.raises(ValueError, match=match):
             viewer.attention_html(examples, patching=edited)
+    none = {**result.to_json(), "head_points": []}
+    with pytest.raises(ValueError, match=r"^patching: head_points: expected at least one"):
+        viewer.attention_html(examples, patching=none)
     wide = {**result.to_json(), "heads_attribution": np.zeros((2, 4))}  # N differs
     with pytest.raises(ValueError, match=r"heads_attribution: expected shape \[2, 3\]"):
         viewer.attention_html(examples, patching=wide)

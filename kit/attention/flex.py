@@ -252,7 +252,7 @@ def flex_attention(
         block_mask,
         implementation=implementation,
         sizes=_kernel_options(kernel_options),
-        return_residual=return_residual,
+        return_residual=bool(return_residual),
     )
     return (out, lse) if return_residual else out
 

@@ -241,6 +241,8 @@ def patching_data(result: Any) -> dict[str, Any]:
     ):
         out[points] = [str(p) for p in field(points)]
         rows = len(out[points])
+        if rows == 0:
+            raise ValueError(f"patching: {points}: expected at least one patched point, given none")
         for name in (grid, f"{grid}_attribution"):
             values = np.asarray(field(name), np.float64)
             want = f"[{rows}, {'N' if columns is None else columns}]"

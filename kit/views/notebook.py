@@ -172,7 +172,7 @@ class View:
         """
         figures.figure_format(path)
         if self.compare is None:
-            index = _check_index(example, len(self.examples), "example")
+            index = viewer._index(example, len(self.examples), "example", "valid")
             chosen = self.examples[index]
             name, entry = _pick_set(chosen["attention"], set_name or self.set_name)
             weights = _layers_heads(entry["weights"])
@@ -189,11 +189,11 @@ class View:
         if head is not None and layer is None:
             raise ValueError("head: give layer too (one head of one layer)")
         if layer is not None:
-            layer = _check_index(layer, L, "layer")
+            layer = viewer._index(layer, L, "layer", "valid")
             weights = weights[layer]
             title += f", layer {layer}"
             if head is not None:
-                head = _check_index(head, N, "head")
+                head = viewer._index(head, N, "head", "valid")
                 weights = weights[head]
                 title += f", head {head}"
         return figures.plot_attention(
@@ -210,10 +210,6 @@ def _layers_heads(weights: Any) -> np.ndarray:
     """Checked weights `[T, S]`, `[N, T, S]` or `[L, N, T, S]` -> float64 `[L, N, T, S]`."""
     weights = np.asarray(weights, np.float64)
     return weights.reshape((1,) * (4 - weights.ndim) + weights.shape)
-
-
-def _check_index(value: Any, count: int, name: str) -> int:
-    return viewer._index(value, count, name, "valid")  # kit-internal: one index check
 
 
 def _pick_set(

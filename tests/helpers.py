@@ -89,6 +89,22 @@ def reference_attention(q, k, v, *, scale, mask, bias=None):
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def command_env(devices: int = 1, **extra: str) -> dict[str, str]:
+    """The environment of a command the tests run: CPU with `devices` devices, compiled
+    as the in-process tests compile (XLA's optimizations and its CPU fusion emitters off:
+    see tests/conftest.py)."""
+    flags = ["--xla_cpu_use_fusion_emitters=false"]
+    if devices != 1:
+        flags.append(f"--xla_force_host_platform_device_count={devices}")
+    return dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS=" ".join(flags),
+        JAX_DISABLE_MOST_OPTIMIZATIONS="true",
+        **extra,
+    )
+
+
 def load_config(name: str, variant: str | None = "tiny", **overrides):
     """configs/<name>.py's get_config(variant), with flattened overrides ("model.kind": ...)."""
     from kit import training

@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import ROOT
+from helpers import ROOT, command_env
 
 SCRIPT = os.path.join(ROOT, "experiments", "accelerator_check.py")
 
@@ -56,9 +56,8 @@ def test_the_command_passes_every_check_here_and_says_what_did_not_run(tmp_path)
     out = tmp_path / "report.md"
     # Without XLA's optimization passes, like the rest of the tests: compiling is most
     # of the command's time here, and the numbers it compares do not depend on them.
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", JAX_DISABLE_MOST_OPTIMIZATIONS="true")
     done = subprocess.run(
-        [sys.executable, SCRIPT, f"--out={out}"], env=env, capture_output=True, text=True
+        [sys.executable, SCRIPT, f"--out={out}"], env=command_env(), capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr[-3000:]
     text = out.read_text()

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import ROOT
+from helpers import ROOT, command_env
 
 pytestmark = pytest.mark.slow
 
@@ -16,13 +16,7 @@ LOG_LINE = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d|orbax|xla_bridge|absl", re.M
 
 
 def run(script, *args, env=None):
-    env = dict(
-        os.environ,
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS="",
-        JAX_DISABLE_MOST_OPTIMIZATIONS="true",
-        **(env or {}),
-    )
+    env = command_env(**(env or {}))
     command = [sys.executable, os.path.join(ROOT, "experiments", script), *args]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
 

@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from helpers import ROOT, load_config
+from helpers import ROOT, command_env, load_config
 
 from kit import tasks, training
 from kit.analysis import interp
@@ -65,9 +65,10 @@ def test_span_losses_equal_the_losses_computed_by_hand():
 
 
 def run(*args):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", JAX_DISABLE_MOST_OPTIMIZATIONS="true")
     command = [sys.executable, os.path.join(ROOT, "experiments", "heads.py"), *args]
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    return subprocess.run(
+        command, env=command_env(), capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
 
 
 @pytest.mark.slow

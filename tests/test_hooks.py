@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import ROOT, jitted, tiny_model
+from helpers import ROOT, command_env, jitted, tiny_model
 
 from kit import tasks
 from kit.analysis import patching
@@ -308,6 +308,7 @@ def test_patch_command_writes_its_report(tiny_run, tmp_path):
     script = [sys.executable, os.path.join(ROOT, "experiments", "patch.py")]
     done = subprocess.run(
         [*script, *args, "--answers=Mark,Mary", f"--out={out}"],
+        env=command_env(),
         capture_output=True,
         text=True,
     )
@@ -322,6 +323,7 @@ def test_patch_command_writes_its_report(tiny_run, tmp_path):
     np.testing.assert_allclose(shown["patching"]["heads"], report["heads"])
     bad = subprocess.run(
         [*script, *args, "--answers=Mark", f"--out={tmp_path / 'bad'}"],
+        env=command_env(),
         capture_output=True,
         text=True,
     )

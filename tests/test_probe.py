@@ -212,14 +212,13 @@ def test_visualize_compare_writes_the_diff_view(tiny_run, tmp_path):
     import subprocess
     import sys
 
-    from helpers import ROOT
+    from helpers import ROOT, command_env
 
     def run(*flags):
         command = [sys.executable, os.path.join(ROOT, "experiments", "visualize.py"), *flags]
-        env = dict(
-            os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", JAX_DISABLE_MOST_OPTIMIZATIONS="true"
+        return subprocess.run(
+            command, capture_output=True, text=True, env=command_env(), timeout=300
         )
-        return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
 
     workdir, out = tiny_run("pronoun"), str(tmp_path / "views")
     done = run(f"--workdir={workdir}", f"--out={out}", f"--text={PRONOUN_TEXT}",

@@ -15,7 +15,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import ROOT, TOLERANCES, load_config, normal, reference_attention, slow_beyond
+from helpers import (
+    ROOT,
+    TOLERANCES,
+    command_env,
+    load_config,
+    normal,
+    reference_attention,
+    slow_beyond,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -49,7 +57,7 @@ def read_bytes(path):
 
 def crash_run(point, workdir):
     """experiments/train.py in a fresh process, killed at `point` ("none": never)."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    env = command_env()
     command = [
         sys.executable,
         os.path.join(ROOT, "tests", "crash_run.py"),
@@ -165,7 +173,7 @@ def test_ctrl_c_from_outside_and_a_second_run_on_a_locked_workdir(tmp_path):
     SIGINT as a terminal's foreground process does) while it trains; a second run on
     its workdir is refused; then Ctrl-C from outside."""
     workdir = str(tmp_path / "run")
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    env = command_env()
     command = [
         sys.executable,
         os.path.join(ROOT, "tests", "crash_run.py"),

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import ROOT, load_config, make_qkv, slow_beyond
+from helpers import ROOT, command_env, load_config, make_qkv, slow_beyond
 from jax.sharding import NamedSharding, PartitionSpec
 
 import kit
@@ -188,8 +188,7 @@ def test_two_processes_match_one(tmp_path, single_device_run):
     workdir = str(tmp_path / "run")
     overrides = [f"--config.{k}={v}" for k, v in SHARDED.items()]
     address = f"127.0.0.1:{free_port()}"
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    env = command_env(devices=2)
     procs = []
     try:
         for pid in range(2):

@@ -1,5 +1,6 @@
 """Inputs, tolerances, configs and parameter marks shared by the test modules."""
 
+import contextlib
 import os
 
 import jax
@@ -87,6 +88,19 @@ def reference_attention(q, k, v, *, scale, mask, bias=None):
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@contextlib.contextmanager
+def unoptimized():
+    """Compiles without XLA's optimization passes inside the block, as the suite does
+    by default (tests/conftest.py): for a reference inside a test that takes the
+    `optimized` fixture, where only the code under test needs compiling as users do."""
+    before = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_disable_most_optimizations", before)
 
 
 def command_env(devices: int = 1, **extra: str) -> dict[str, str]:

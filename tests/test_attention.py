@@ -8,7 +8,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import TOLERANCES, live_mask, make_qkv, normal, numpy_mask, slow_beyond
+from helpers import (
+    TOLERANCES,
+    live_mask,
+    make_qkv,
+    normal,
+    numpy_mask,
+    slow_beyond,
+    unoptimized,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -71,7 +79,7 @@ def _run_case(case, dtype, shapes):
 
     grads, out = loss(kit.dot_product_attention)
     # jax.nn's own backward pass mixes dtypes, so the reference runs with standard promotion.
-    with jax.numpy_dtype_promotion("standard"):
+    with jax.numpy_dtype_promotion("standard"), unoptimized():
         # Under jit on CPU, jax.nn asks for an F16_F16_F32 dot that the CPU lacks.
         ref_grads, ref_out = loss(reference, jit=dtype != jnp.float16)
     return out, ref_out, grads, ref_grads

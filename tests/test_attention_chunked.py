@@ -16,6 +16,7 @@ from helpers import (
     normal,
     reference_attention,
     slow_beyond,
+    unoptimized,
 )
 
 import kit
@@ -122,11 +123,12 @@ def test_both_paths_equal_the_formula_with_optimizations_on(optimized, name, dty
         grads, out = jax.jit(jax.grad(loss, argnums=argnums, has_aux=True))(q, k, v, bias)
         return jax.tree.map(lambda g: g.astype(jnp.float32), grads), out
 
-    ref_grads, ref_out = run(
-        lambda q, k, v, bias: reference_attention(
-            q, k, v, scale=scale, mask=jnp.asarray(live), bias=bias
+    with unoptimized():
+        ref_grads, ref_out = run(
+            lambda q, k, v, bias: reference_attention(
+                q, k, v, scale=scale, mask=jnp.asarray(live), bias=bias
+            )
         )
-    )
     fwd_tol, grad_tol = TOLERANCES[dtype]
     for path, attention in paths.items():
         grads, out = run(lambda q, k, v, bias, f=attention: f(q, k, v, bias, mask))

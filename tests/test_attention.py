@@ -85,10 +85,19 @@ def _run_case(case, dtype, shapes):
     return out, ref_out, grads, ref_grads
 
 
+FAST = ["plain", "lengths", "everything"]
+# Every case in float32; the half-precision dtypes on FAST's cases (no mask, dead rows,
+# every option together). tests/test_attention_chunked.py sweeps more against the formula.
+SWEEP = [(n, jnp.float32) for n in CASES] + [
+    (n, d) for d in (jnp.bfloat16, jnp.float16) for n in FAST
+]
+
+
 @pytest.mark.parametrize(
-    "dtype", slow_beyond([jnp.float32, jnp.bfloat16, jnp.float16], [jnp.float32]), ids=str
+    "name, dtype",
+    slow_beyond(SWEEP, [(n, jnp.float32) for n in FAST], several=True),
+    ids=str,
 )
-@pytest.mark.parametrize("name", slow_beyond(list(CASES), ["plain", "lengths", "everything"]))
 def test_matches_jax_nn_forward_and_vjp(optimized, name, dtype):
     out, ref_out, grads, ref_grads = _run_case(CASES[name], dtype, {})
     fwd_tol, grad_tol = TOLERANCES[dtype]

@@ -40,11 +40,14 @@ def _examples_of(packed):
     return out
 
 
-KINDS = [("encoder_decoder", "scan"), ("encoder_only", "copy")]
+# Every encoding on the encoder-decoder, whose encoder is the encoder-only model's stack
+# and whose decoder packs both self- and cross-attention; the encoder-only model once.
+CASES = [("encoder_decoder", "scan", p) for p in POSITIONS] + [("encoder_only", "copy", "alibi")]
 
 
-@pytest.mark.parametrize("positions", slow_beyond(POSITIONS, ["alibi"]))
-@pytest.mark.parametrize("kind, task_name", slow_beyond(KINDS, [KINDS[1]], several=True))
+@pytest.mark.parametrize(
+    "kind, task_name, positions", slow_beyond(CASES, [CASES[-1]], several=True), ids=str
+)
 def test_packed_logits_equal_the_separate_examples(kind, task_name, positions):
     task = tasks.make_task(task_name, length=8, num_symbols=6, split="simple")
     mb = models.MODELS[kind].batch(task.train_batch(0, 3, 12))

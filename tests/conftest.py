@@ -3,6 +3,8 @@
 XLA_FLAGS must be set before jax is first imported, so this runs at collection.
 """
 
+import fcntl
+import hashlib
 import os
 import tempfile
 
@@ -64,25 +66,31 @@ os.environ.update(
 def tiny_run(tmp_path_factory):
     """`tiny_run(name, **overrides)`: the workdir of a finished tiny training run.
 
-    Each distinct run trains once per test process and is shared by every test
-    that only reads it (loading, probing, visualizing, checkpoints). Tests that
-    write copy it first.
+    Each distinct run trains once per test session, in whichever xdist worker asks
+    first (the other waits on a file lock), and is shared by every test that only
+    reads it (loading, probing, visualizing, checkpoints). Tests that write copy it
+    first.
     """
     from helpers import load_config
 
     from kit import training
 
-    runs = {}
+    # Under xdist each worker has its own base folder; their parent is the session's.
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent
 
     def get(name: str, **overrides) -> str:
         config = load_config(name, **overrides)
-        key = config.to_json()
-        if key not in runs:
-            workdir = str(tmp_path_factory.mktemp(f"tiny-{name}"))
-            with jax.numpy_dtype_promotion("standard"):  # optax's Adam: see below
-                training.train_and_evaluate(config, workdir, progress=False)
-            runs[key] = workdir
-        return runs[key]
+        digest = hashlib.sha256(config.to_json().encode()).hexdigest()[:16]
+        workdir = shared / f"tiny-{name}-{digest}"
+        with open(shared / f"tiny-{name}-{digest}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            if not (workdir / "done").exists():
+                with jax.numpy_dtype_promotion("standard"):  # optax's Adam: see below
+                    training.train_and_evaluate(config, str(workdir), progress=False)
+                (workdir / "done").touch()
+        return str(workdir)
 
     return get
 

@@ -27,10 +27,11 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_disable_most_optimizations", True)
 
 # With them off, XLA's CPU fusion emitters still take half of each compile (a tiny
-# train step: 1.9 s with them, 0.9 s without); the loop emitters they replace compile
-# the same HLO. jax has no public default for a compile option, so its compile
+# train step: 1.9 s with them, 0.9 s without); the older emitters they replace take
+# the same fused HLO. jax has no public default for a compile option, so its compile
 # options get the override while optimizations are off: the `optimized` fixture
-# compiles exactly as users do.
+# compiles exactly as users do. (A private jax function: if it is renamed, this
+# import-time line fails with an AttributeError.)
 _compile_options = compiler.get_compile_options
 
 

@@ -34,7 +34,7 @@ def test_every_point_is_read_with_its_shape():
     src = tokens()
     lengths = jnp.array([6, 4, 5], jnp.int32)
     tgt = src[:, :5]
-    logits, aux = model(src, lengths, tgt, hooks=Hooks(read="*"))
+    logits, aux = jitted(model, lambda m: m(src, lengths, tgt, hooks=Hooks(read="*")))
     cache = aux["activations"]
     points = model.hook_points()
     # "bias" is read only where positions are a score function; sinusoidal has none.

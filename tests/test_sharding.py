@@ -51,13 +51,10 @@ def final_params(workdir):
     return jax.device_get(state["params"])
 
 
-@pytest.fixture(scope="module")
-def single_device_run(tmp_path_factory):
-    workdir = str(tmp_path_factory.mktemp("one"))
-    config = tiny_config(data=1, model=1)
-    with jax.numpy_dtype_promotion("standard"):
-        training.train_and_evaluate(config, workdir, progress=False)
-        return losses(workdir), final_params(workdir)
+@pytest.fixture
+def single_device_run(tiny_run):
+    workdir = tiny_run("copy", **SHARDED, **{"mesh.data": 1, "mesh.model": 1})
+    return losses(workdir), final_params(workdir)
 
 
 @pytest.mark.slow

@@ -1,4 +1,5 @@
-"""experiments/train.py that signals itself at chosen points (used by test_reliability.py).
+"""experiments/train.py that signals itself at chosen points (used by test_reliability.py),
+as a command or, through `faults_at`, in the test's own process.
 
     python tests/crash_run.py POINT:STEP[:SIGNAL][,POINT:STEP[:SIGNAL] ...] [train.py flags ...]
 
@@ -17,6 +18,7 @@ jobs do. POINT is one of
   none        never (an uninterrupted run).
 """
 
+import contextlib
 import os
 import runpy
 import signal
@@ -25,24 +27,33 @@ import sys
 from kit import checkpoint, metrics, tasks
 from kit.training import loop
 
+POINTS = {"init", "batch", "eval", "in_save", "save", "after_save", "metrics", "none"}
 
-def main():
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+def parse(spec: str) -> dict[str, list[tuple[int, int]]]:
+    """ "POINT:STEP[:SIGNAL],..." -> {point: [(step, signal number), ...]}."""
     faults = {}
-    for spec in sys.argv[1].split(","):
-        point, at, *name = spec.split(":")
+    for part in spec.split(","):
+        point, at, *name = part.split(":")
         signum = getattr(signal, "SIG" + (name[0] if name else "KILL"))
         faults.setdefault(point, []).append((int(at), signum))
+    unknown = set(faults) - POINTS
+    if unknown:
+        raise SystemExit(f"unknown fault point(s) {sorted(unknown)}")
+    return faults
+
+
+@contextlib.contextmanager
+def faults_at(spec: str):
+    """While entered, a run in this process signals itself at the points `spec` names
+    (the module docstring's syntax), with SIGINT handled as in a terminal."""
+    faults = parse(spec)
 
     def fire(point, step):
         for at, signum in faults.get(point, []):
             if at == step or point == "init":
                 os.kill(os.getpid(), signum)
 
-    points = {"init", "batch", "eval", "in_save", "save", "after_save", "metrics", "none"}
-    unknown = set(faults) - points
-    if unknown:
-        raise SystemExit(f"unknown fault point(s) {sorted(unknown)}")
     real_batch, real_evaluate = tasks.Task.train_batch, loop.evaluate
     real_save, real_fresh = checkpoint.Checkpointer.save, loop._fresh_state
     real_write = metrics.MetricWriter.write
@@ -74,8 +85,13 @@ def main():
             fire("metrics", step)
         real_write(self, step, values)
 
-    tasks.Task.train_batch, loop.evaluate, loop._fresh_state = train_batch, evaluate, fresh_state
-    checkpoint.Checkpointer.save, metrics.MetricWriter.write = save, write
+    patches = [
+        (tasks.Task, "train_batch", train_batch),
+        (loop, "evaluate", evaluate),
+        (loop, "_fresh_state", fresh_state),
+        (checkpoint.Checkpointer, "save", save),
+        (metrics.MetricWriter, "write", write),
+    ]
     if "save" in faults:
         from orbax.checkpoint._src.path import atomicity
 
@@ -86,11 +102,25 @@ def main():
             fire("save", int(name) if name.isdigit() else -1)
             return await real_rename(src, dst)
 
-        atomicity.async_path.rename = rename
+        patches.append((atomicity.async_path, "rename", rename))
+    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        for owner, name, patched in patches:
+            setattr(owner, name, patched)
+        yield
+    finally:
+        for owner, name, original in originals:
+            setattr(owner, name, original)
+        signal.signal(signal.SIGINT, previous)
+
+
+def main():
     here = os.path.dirname(os.path.abspath(__file__))
     script = os.path.join(os.path.dirname(here), "experiments", "train.py")
-    sys.argv = [script, *sys.argv[2:]]
-    runpy.run_path(script, run_name="__main__")
+    with faults_at(sys.argv[1]):
+        sys.argv = [script, *sys.argv[2:]]
+        runpy.run_path(script, run_name="__main__")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from crash_run import faults_at
 from helpers import (
     ROOT,
     TOLERANCES,
@@ -98,9 +99,10 @@ def assert_same_run(straight, resumed):
 @pytest.mark.slow
 def test_killed_runs_resume_to_the_uninterrupted_result_bit_for_bit(tmp_path, straight_run):
     """SIGKILL at 4 points in one workdir, the same command rerun each time (each rerun
-    also shows that a killed run leaves no lock behind). Determinism comes with it: the
-    runs are separate processes of the same config and seed, so their metrics match
-    byte for byte only if each process computes the same numbers."""
+    also shows that a killed run leaves no lock behind), then finished in the test's
+    process. Determinism comes with it: the runs are separate processes of the same
+    config and seed, so their metrics match byte for byte only if each process
+    computes the same numbers."""
     straight = straight_run
     resumed = str(tmp_path / "resumed")
 
@@ -127,8 +129,7 @@ def test_killed_runs_resume_to_the_uninterrupted_result_bit_for_bit(tmp_path, st
     killed = crash_run("after_save:8", resumed)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert latest() == 8
-    done = crash_run("none:0", resumed)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run(tiny_config(), resumed)  # the test's process finishes what four others began
     assert_same_run(straight, resumed)
 
 
@@ -138,9 +139,10 @@ def test_killed_runs_resume_to_the_uninterrupted_result_bit_for_bit(tmp_path, st
 @pytest.mark.slow
 def test_signals_stop_at_a_step_save_and_resume_bit_for_bit(tmp_path, straight_run):
     """SIGINT and SIGTERM at 5 points in one workdir (checkpoints every 2 steps,
-    evaluations every 4), the same command rerun each time. (A run fetches its first
-    batch while it compiles, so a signal there counts as one during start-up.)"""
-    straight = straight_run
+    evaluations every 4), the same run repeated each time: in the test's process
+    (crash_run.faults_at), but for one point where the command stops, as a shell sees
+    it (the other command's Ctrl-C is the next test's). A run fetches its first batch
+    while it compiles, so a signal there counts as one during start-up."""
     resumed = str(tmp_path / "resumed")
     steps = [
         # (faults, exit status, the line printed, latest checkpoint after)
@@ -158,15 +160,20 @@ def test_signals_stop_at_a_step_save_and_resume_bit_for_bit(tmp_path, straight_r
         ("in_save:6:INT", 130, "interrupted at step 6 (SIGINT): checkpoint saved", 6),
     ]
     for faults, status, line, latest in steps:
-        stopped = crash_run(faults, resumed)
-        assert stopped.returncode == status, (faults, stopped.stderr[-3000:])
-        assert stopped.stdout.strip().splitlines()[-1] == line + "; run the same command to resume"
-        assert "Traceback" not in stopped.stderr, stopped.stderr[-3000:]
+        line += "; run the same command to resume"
+        if faults == "eval:4:TERM":
+            stopped = crash_run(faults, resumed)
+            assert stopped.returncode == status, (faults, stopped.stderr[-3000:])
+            assert stopped.stdout.strip().splitlines()[-1] == line
+            assert "Traceback" not in stopped.stderr, stopped.stderr[-3000:]
+        else:
+            with faults_at(faults), pytest.raises(training.Interrupted) as stopped:
+                run(tiny_config(), resumed)
+            assert (str(stopped.value), stopped.value.exit_code) == (line, status)
         ckpt = checkpoint.Checkpointer(os.path.join(resumed, "checkpoints"))
         assert ckpt.latest_step() == latest, faults
-    done = crash_run("none:0", resumed)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert_same_run(straight, resumed)
+    run(tiny_config(), resumed)
+    assert_same_run(straight_run, resumed)
 
 
 @pytest.mark.slow

@@ -28,17 +28,24 @@ jax.config.update("jax_disable_most_optimizations", True)
 
 # With them off, XLA's CPU fusion emitters still take half of each compile (a tiny
 # train step: 1.9 s with them, 0.9 s without); the older emitters they replace take
-# the same fused HLO. jax has no public default for a compile option, so its compile
-# options get the override while optimizations are off: the `optimized` fixture
-# compiles exactly as users do. (A private jax function: if it is renamed, this
-# import-time line fails with an AttributeError.)
+# the same fused HLO. And XLA splits each program's machine-code generation into up to
+# 32 parts for parallel threads: with both cores busy running tests, one part costs
+# less (the same train step: 1.05-1.1 CPU-s split, 0.80-0.84 whole). jax has no public
+# default for a compile option, so its compile options get these overrides while
+# optimizations are off: the `optimized` fixture compiles exactly as users do. (A
+# private jax function: if it is renamed, this import-time line fails with an
+# AttributeError.)
+UNOPTIMIZED_OPTIONS = {
+    "xla_cpu_use_fusion_emitters": False,
+    "xla_cpu_parallel_codegen_split_count": 1,
+}
 _compile_options = compiler.get_compile_options
 
 
 def _get_compile_options(*args, **kwargs):
     options = _compile_options(*args, **kwargs)
     if jax.config.read("jax_disable_most_optimizations"):
-        overrides = [*options.env_option_overrides, ("xla_cpu_use_fusion_emitters", False)]
+        overrides = [*options.env_option_overrides, *UNOPTIMIZED_OPTIONS.items()]
         options.env_option_overrides = overrides
     return options
 

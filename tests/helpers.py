@@ -105,9 +105,9 @@ def unoptimized():
 
 def command_env(devices: int = 1, **extra: str) -> dict[str, str]:
     """The environment of a command the tests run: CPU with `devices` devices, compiled
-    as the in-process tests compile (XLA's optimizations and its CPU fusion emitters off:
-    see tests/conftest.py)."""
-    flags = ["--xla_cpu_use_fusion_emitters=false"]
+    as the in-process tests compile (XLA's optimizations, its CPU fusion emitters and its
+    split code generation off: see tests/conftest.py)."""
+    flags = ["--xla_cpu_use_fusion_emitters=false", "--xla_cpu_parallel_codegen_split_count=1"]
     if devices != 1:
         flags.append(f"--xla_force_host_platform_device_count={devices}")
     return dict(

@@ -1,5 +1,6 @@
 """kit.flex_attention, block masks and the mods library against dense formulas written here."""
 
+import functools
 import math
 
 import jax
@@ -396,6 +397,7 @@ def test_bfloat16_matches_float32_within_its_precision():
     q, k, v = make_qkv(B, T, T, N, K, H=8, seed=11)
     block_mask = kit.create_block_mask(mods.causal, None, None, T, T, block_size=8)
 
+    @functools.partial(jax.jit, static_argnums=0)
     def run(dtype):
         args = (x.astype(dtype) for x in (q, k, v))
         options = {"implementation": "chunked", "kernel_options": SMALL_BLOCKS}

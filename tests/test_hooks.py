@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import ROOT, command_env, jitted, tiny_model
+from helpers import ROOT, command_env, jitted, normal, tiny_model
 
 from kit import tasks
 from kit.analysis import patching
@@ -82,7 +82,7 @@ def test_writes_replace_add_zero_and_mean():
     point = "encoder.0.resid_post"
     _, aux = jitted(model, lambda m: m(src, lengths, hooks=Hooks(read=point)))
     x = aux["activations"][point]
-    fixed = jax.random.normal(jax.random.key(3), x.shape)
+    fixed = normal(jax.random.key(3), x.shape)
     where = jnp.zeros((1, 6, 1)).at[0, 2, 0].set(1.0)  # position 2 only
     cases = {
         "replace": (Edit("replace", fixed), fixed),
@@ -251,7 +251,7 @@ def test_attribution_patching_is_exact_where_the_metric_is_linear():
     points = ["encoder.0.attn.heads"]
     _, c_cache = patching.run_with_cache(lambda h: model(clean, lengths, hooks=h), ["*"])
     _, r_cache = patching.run_with_cache(lambda h: model(corrupt, lengths, hooks=h), ["*"])
-    direction = jax.random.normal(jax.random.key(1), (16,))
+    direction = normal(jax.random.key(1), (16,))
 
     def forward(hooks):  # the attention output at position 4, read through a hook
         _, aux = model(corrupt, lengths, hooks=hooks | Hooks(read="encoder.0.attn.out"))

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import WIDER, load_config, slow_beyond, tiny_params
+from helpers import WIDER, load_config, normal, slow_beyond, tiny_params
 
 from kit import metrics, models, tasks, training
 from kit.models import packing
@@ -20,9 +20,7 @@ def _model(kind, task, positions):
     # T5's tables start at zero: make them matter.
     params = jax.tree.map_with_path(
         lambda path, x: (
-            jax.random.normal(jax.random.key(1), x.shape)
-            if "t5" in jax.tree_util.keystr(path)
-            else x
+            normal(jax.random.key(1), x.shape) if "t5" in jax.tree_util.keystr(path) else x
         ),
         params,
     )

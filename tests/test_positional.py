@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import jitted, tiny_model
+from helpers import jitted, normal, tiny_model
 
 from kit import positional
 
@@ -23,8 +23,8 @@ def test_sinusoidal_matches_the_formula():
 
 
 def test_rope_scores_depend_only_on_relative_position():
-    q = jax.random.normal(jax.random.key(0), (1, 1, 1, 8))
-    k = jax.random.normal(jax.random.key(1), (1, 1, 1, 8))
+    q = normal(jax.random.key(0), (1, 1, 1, 8))
+    k = normal(jax.random.key(1), (1, 1, 1, 8))
 
     def score(p, s):
         rq = positional.apply_rope(q, jnp.array([[p]], jnp.int32))
@@ -124,7 +124,7 @@ def test_cross_attention_has_no_positions_under_relative_encodings(positions):
     """Relative encodings act in self-attention only: the decoder reads the encoder's
     memory by content, so permuting the memory's rows leaves its output unchanged."""
     model = tiny_model("encoder_decoder", vocab_size=9, positions=positions)
-    memory = jax.random.normal(jax.random.key(1), (2, 7, 16))
+    memory = normal(jax.random.key(1), (2, 7, 16))
     lengths = jnp.array([7, 7], jnp.int32)
     tgt = jnp.array([[1, 4, 5, 6], [1, 7, 8, 4]], jnp.int32)
     order = jnp.array([3, 0, 6, 1, 5, 2, 4])

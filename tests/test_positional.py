@@ -1,5 +1,6 @@
 """kit.positional against hand-computed values and the properties that define them."""
 
+import functools
 import math
 
 import jax
@@ -49,9 +50,10 @@ def test_alibi_bias_hand_computed():
         np.testing.assert_allclose(bias[n], expected, rtol=1e-6)
 
 
-def _rows_read(cfg, positions, key):
-    """Which rows of the sinusoidal table of R rows the embedder read at each position:
-    found by matching what it added to the token embedding against the formula's rows."""
+@functools.partial(jax.jit, static_argnums=0)
+def _distances(cfg, positions, key):
+    """Squared distances `[T, R]` between what the embedder added to the token embedding
+    at each position and each row of the sinusoidal table of R rows."""
     from flax import nnx
 
     from kit.models.text import Embedder
@@ -60,9 +62,15 @@ def _rows_read(cfg, positions, key):
     tokens = jnp.zeros_like(positions)
     added = embed(tokens, positions, key) - embed.tokens[...][0][None, None]
     table = positional.sinusoidal(cfg.random_positions, cfg.d_model)
-    distance = jnp.sum((added[0][:, None, :] - table[None]) ** 2, axis=-1)
-    assert float(jnp.min(distance, axis=-1).max()) < 1e-8  # each is a row of the table
-    return np.asarray(jnp.argmin(distance, axis=-1))
+    return jnp.sum((added[0][:, None, :] - table[None]) ** 2, axis=-1)
+
+
+def _rows_read(cfg, positions, key):
+    """Which rows of the sinusoidal table the embedder read at each position: found by
+    matching what it added to the token embedding against the formula's rows."""
+    distance = np.asarray(_distances(cfg, positions, key))
+    assert distance.min(axis=-1).max() < 1e-8  # each is a row of the table
+    return distance.argmin(axis=-1)
 
 
 def test_randomized_positions_read_sorted_distinct_rows_of_the_wide_table():

@@ -15,6 +15,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax
 import pytest
+from helpers import UNOPTIMIZED_OPTIONS, optimizations
 from jax._src import compiler
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
@@ -34,11 +35,8 @@ jax.config.update("jax_disable_most_optimizations", True)
 # default for a compile option, so its compile options get these overrides while
 # optimizations are off: the `optimized` fixture compiles exactly as users do. (A
 # private jax function: if it is renamed, this import-time line fails with an
-# AttributeError.)
-UNOPTIMIZED_OPTIONS = {
-    "xla_cpu_use_fusion_emitters": False,
-    "xla_cpu_parallel_codegen_split_count": 1,
-}
+# AttributeError.) The options are helpers.UNOPTIMIZED_OPTIONS, which commands get as
+# XLA_FLAGS (helpers.command_env).
 _compile_options = compiler.get_compile_options
 
 
@@ -109,9 +107,8 @@ def tiny_run(tmp_path_factory):
 @pytest.fixture
 def optimized():
     """Compiles with XLA's full optimization passes inside the test."""
-    jax.config.update("jax_disable_most_optimizations", False)
-    yield
-    jax.config.update("jax_disable_most_optimizations", True)
+    with optimizations(True):
+        yield
 
 
 @pytest.fixture

@@ -95,24 +95,36 @@ def reference_attention(q, k, v, *, scale, mask, bias=None):
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# XLA's CPU options while its optimizations are off, in the tests' processes
+# (tests/conftest.py says why) and in the commands they run (command_env).
+UNOPTIMIZED_OPTIONS = {
+    "xla_cpu_use_fusion_emitters": False,
+    "xla_cpu_parallel_codegen_split_count": 1,
+}
+
+
 @contextlib.contextmanager
-def unoptimized():
-    """Compiles without XLA's optimization passes inside the block, as the suite does
-    by default (tests/conftest.py): for a reference inside a test that takes the
-    `optimized` fixture, where only the code under test needs compiling as users do."""
+def optimizations(enabled: bool):
+    """Compiles with (or without) XLA's optimization passes inside the block."""
     before = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
+    jax.config.update("jax_disable_most_optimizations", not enabled)
     try:
         yield
     finally:
         jax.config.update("jax_disable_most_optimizations", before)
 
 
+def unoptimized():
+    """Compiles without XLA's optimization passes inside the block, as the suite does
+    by default (tests/conftest.py): for a reference inside a test that takes the
+    `optimized` fixture, where only the code under test needs compiling as users do."""
+    return optimizations(False)
+
+
 def command_env(devices: int = 1, **extra: str) -> dict[str, str]:
     """The environment of a command the tests run: CPU with `devices` devices, compiled
-    as the in-process tests compile (XLA's optimizations, its CPU fusion emitters and its
-    split code generation off: see tests/conftest.py)."""
-    flags = ["--xla_cpu_use_fusion_emitters=false", "--xla_cpu_parallel_codegen_split_count=1"]
+    as the in-process tests compile (XLA's optimizations off, UNOPTIMIZED_OPTIONS)."""
+    flags = [f"--{name}={str(value).lower()}" for name, value in UNOPTIMIZED_OPTIONS.items()]
     if devices != 1:
         flags.append(f"--xla_force_host_platform_device_count={devices}")
     return dict(

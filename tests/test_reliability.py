@@ -103,7 +103,6 @@ def test_killed_runs_resume_to_the_uninterrupted_result_bit_for_bit(tmp_path, st
     process. Determinism comes with it: the runs are separate processes of the same
     config and seed, so their metrics match byte for byte only if each process
     computes the same numbers."""
-    straight = straight_run
     resumed = str(tmp_path / "resumed")
 
     def latest():
@@ -130,7 +129,7 @@ def test_killed_runs_resume_to_the_uninterrupted_result_bit_for_bit(tmp_path, st
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert latest() == 8
     run(tiny_config(), resumed)  # the test's process finishes what four others began
-    assert_same_run(straight, resumed)
+    assert_same_run(straight_run, resumed)
 
 
 # ---------------------------------------------------------------- Ctrl-C, SIGTERM, lock, disk
@@ -159,9 +158,10 @@ def test_signals_stop_at_a_step_save_and_resume_bit_for_bit(tmp_path, straight_r
         ("init:0:TERM", 143, "interrupted at step 4 (SIGTERM): checkpoint saved", 4),
         ("in_save:6:INT", 130, "interrupted at step 6 (SIGINT): checkpoint saved", 6),
     ]
+    through_the_command = "eval:4:TERM"
     for faults, status, line, latest in steps:
         line += "; run the same command to resume"
-        if faults == "eval:4:TERM":
+        if faults == through_the_command:
             stopped = crash_run(faults, resumed)
             assert stopped.returncode == status, (faults, stopped.stderr[-3000:])
             assert stopped.stdout.strip().splitlines()[-1] == line

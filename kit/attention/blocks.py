@@ -142,6 +142,32 @@ def block_live(cfg, t0, num_t, s0, num_s, q_len, kv_len, *, keys_first=False) ->
     return _pair_live(cfg, t[:, None], s[None, :], q_len, kv_len)
 
 
+def block_band(cfg, outer: Array, q_len, kv_len, *, keys_first=False) -> tuple[Array, Array]:
+    """`[lo, hi)`: the key blocks that query block `outer` meets, or with `keys_first`
+    the query blocks that key block `outer` meets, under the causal, window and length
+    rules (the lengths are left out where `cfg.structural_only`). The one loop-range
+    rule for both passes: query t meets key s for t - left <= s <= t + right, with
+    right at most 0 when causal, so key s meets queries s - right <= t <= s + left."""
+    left, right = cfg.window if cfg.window is not None else (None, None)
+    if cfg.is_causal:
+        right = 0 if right is None else min(right, 0)
+    own, other, count = cfg.block_q, cfg.block_k, cfg.num_k_blocks
+    own_len, other_len, before, after = q_len, kv_len, left, right
+    if keys_first:
+        own, other, count = cfg.block_k, cfg.block_q, cfg.num_q_blocks
+        own_len, other_len, before, after = kv_len, q_len, right, left
+    first = outer * own
+    lo, hi = jnp.int32(0), jnp.int32(count)
+    if before is not None:
+        lo = jnp.maximum(lo, (first - before) // other)
+    if after is not None:
+        hi = jnp.minimum(hi, (first + own - 1 + after) // other + 1)
+    if cfg.structural_only:
+        return lo, hi
+    hi = jnp.minimum(hi, -(-other_len // other))
+    return lo, jnp.maximum(jnp.where(first < own_len, hi, lo), lo)  # padding rows meet none
+
+
 # Block states, one per (query block, key block): no pair live, some, all.
 BLOCK_DEAD, BLOCK_PARTIAL, BLOCK_FULL = 0, 1, 2
 

@@ -17,6 +17,7 @@ from jax import lax
 from kit.attention import programs
 from kit.attention.blocks import (
     add_block,
+    block_band,
     block_live,
     example_rows,
     head_major,
@@ -40,21 +41,13 @@ def _live_t(cfg, i, j, q_len, kv_len, mask_t, rows=None) -> Array:
 
 def _q_range(cfg, j, q_len, kv_len) -> tuple[Array, Array, Array]:
     """Query blocks for key block j: [lo, full) need a mask, [full, hi) do not."""
-    first_s = j * cfg.block_k
-    last_s = first_s + cfg.block_k - 1
-    lo, hi = jnp.int32(0), jnp.int32(cfg.num_q_blocks)
-    if cfg.is_causal:
-        lo = jnp.maximum(lo, first_s // cfg.block_q)
-    if cfg.structural_only:
-        full = jnp.maximum(lo, -(-last_s // cfg.block_q)) if cfg.is_causal else lo
-        return lo, jnp.minimum(full, hi), hi
-    hi = jnp.minimum(hi, -(-q_len // cfg.block_q))
-    if cfg.window is not None:
-        left, right = cfg.window
-        lo = jnp.maximum(lo, (first_s - right) // cfg.block_q)
-        hi = jnp.minimum(hi, (last_s + left) // cfg.block_q + 1)
-    hi = jnp.maximum(jnp.where(first_s < kv_len, hi, lo), lo)
-    return lo, hi, hi
+    lo, hi = block_band(cfg, j, q_len, kv_len, keys_first=True)
+    if not cfg.structural_only:
+        return lo, hi, hi
+    if cfg.is_causal:  # from the first query block wholly at or below the diagonal
+        last_s = j * cfg.block_k + cfg.block_k - 1
+        return lo, jnp.minimum(jnp.maximum(lo, -(-last_s // cfg.block_q)), hi), hi
+    return lo, lo, hi
 
 
 def example_backward(

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from kit.attention.blocks import (
+    block_band,
     block_live,
     example_rows,
     head_major,
@@ -49,21 +50,12 @@ def live_pairs(cfg, i, j, q_len, kv_len, mask_blk, first=0) -> Array:
 
 def kv_range(cfg, i, q_len, kv_len) -> tuple[Array, Array, Array]:
     """Key blocks for query block i: [lo, full) need no mask, [full, hi) do."""
-    first_t = i * cfg.block_q
-    last_t = first_t + cfg.block_q - 1
-    lo, hi = jnp.int32(0), jnp.int32(cfg.num_k_blocks)
-    if cfg.is_causal:
-        hi = jnp.minimum(hi, last_t // cfg.block_k + 1)
-    if cfg.structural_only:
-        full = jnp.minimum(hi, (first_t + 1) // cfg.block_k) if cfg.is_causal else hi
-        return lo, full, hi
-    hi = jnp.minimum(hi, -(-kv_len // cfg.block_k))
-    if cfg.window is not None:
-        left, right = cfg.window
-        lo = jnp.maximum(lo, (first_t - left) // cfg.block_k)
-        hi = jnp.minimum(hi, (last_t + right) // cfg.block_k + 1)
-    hi = jnp.maximum(jnp.where(first_t < q_len, hi, lo), lo)  # padding queries do nothing
-    return lo, lo, hi
+    lo, hi = block_band(cfg, i, q_len, kv_len)
+    if not cfg.structural_only:
+        return lo, lo, hi
+    if cfg.is_causal:  # the blocks wholly at or below the diagonal
+        return lo, jnp.minimum(hi, (i * cfg.block_q + 1) // cfg.block_k), hi
+    return lo, hi, hi
 
 
 def example_forward(cfg, b, q, k, v, bias, mask, q_len, kv_len, dyn=None):

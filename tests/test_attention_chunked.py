@@ -20,6 +20,9 @@ from helpers import (
 )
 
 import kit
+from kit.attention.blocks import BlockConfig
+from kit.attention.flash_backward import _q_range
+from kit.attention.flash_forward import kv_range
 
 # T and S are not multiples of the blocks (8 x 16) on purpose.
 B, T, S, N = 2, 37, 45, 4
@@ -179,6 +182,49 @@ def test_chunked_trims_the_causal_diagonal(T, S):
     # with a bias, whose gradient covers the skipped pairs too.
     case = CASES["causal"] | {"bias": (B, N, T, S)}
     _compare(case, T=T, S=S, blocks=(24, 8), backward=(8, 24))
+
+
+def test_loop_ranges_hold_every_live_block_and_skip_masks_only_on_full_ones():
+    """Both passes' loop ranges (kv_range, _q_range: blocks.block_band) on random
+    block configs, against the live pairs counted with numpy: every block with a live
+    pair is inside its range, and the blocks a range runs without a mask have every
+    pair live."""
+    rng = np.random.default_rng(0)
+    for _ in range(60):
+        bq, bk, nq, nk = rng.choice([1, 2, 3, 5, 8], 2).tolist() + rng.integers(1, 6, 2).tolist()
+        causal, structural = bool(rng.random() < 0.5), bool(rng.random() < 0.3)
+        window = None
+        if not structural and rng.random() < 0.6:
+            window = (int(rng.integers(0, 11)), int(rng.integers(-3, 11)))
+        cfg = BlockConfig(
+            scale=1.0,
+            is_causal=causal,
+            window=window,
+            block_q=bq,
+            block_k=bk,
+            num_q_blocks=nq,
+            num_k_blocks=nk,
+            structural_only=structural,
+            units_per_step=1,
+            backward_blocks=(bq, bk),
+        )
+        Tp, Sp = nq * bq, nk * bk
+        q_len, kv_len = (Tp, Sp) if structural else rng.integers(0, [Tp + 1, Sp + 1]).tolist()
+        t, s = np.arange(Tp)[:, None], np.arange(Sp)[None, :]
+        live = (t < q_len) & (s < kv_len) & ((s <= t) | (not causal))
+        if window is not None:
+            live &= (s >= t - window[0]) & (s <= t + window[1])
+        live = live.reshape(nq, bq, nk, bk)
+        some, every = live.any(axis=(1, 3)), live.all(axis=(1, 3))
+        lengths = jnp.int32(q_len), jnp.int32(kv_len)
+        for i in range(nq):  # forward: [lo, full) without a mask, [full, hi) with one
+            lo, full, hi = map(int, kv_range(cfg, jnp.int32(i), *lengths))
+            assert all(lo <= j < hi for j in np.flatnonzero(some[i])), (cfg, i)
+            assert every[i, lo:full].all(), (cfg, i)
+        for j in range(nk):  # backward: [lo, full) with a mask, [full, hi) without
+            lo, full, hi = map(int, _q_range(cfg, jnp.int32(j), *lengths))
+            assert all(lo <= i < hi for i in np.flatnonzero(some[:, j])), (cfg, j)
+            assert every[full:hi, j].all(), (cfg, j)
 
 
 @pytest.mark.slow  # the inner loop keeps a cheaper check of the same contract

@@ -242,9 +242,6 @@ def patch_text(
             "patching pairs the two runs position by position"
         )
 
-    def forward_of(ids):
-        return lambda hooks: model.text_logits(task, ids, hooks)[:2]
-
     points = [p for p in model.hook_points() if p.endswith((".attn.heads", ".resid_pre"))]
     read = Hooks(read=tuple(points))
     c_logits, c_aux, tokens = model.text_logits(task, ids_clean, read)
@@ -259,8 +256,8 @@ def patch_text(
     metric = logit_difference(position, right, wrong)
     m_clean, m_corrupt = float(metric(c_logits)), float(metric(r_logits))
 
-    def forward(hooks):
-        return forward_of(ids_corrupt)(hooks)[0]
+    def forward(hooks):  # the corrupted run's logits, under `hooks`
+        return model.text_logits(task, ids_corrupt, hooks)[0]
 
     heads = [p for p in points if p.endswith(".heads")]
     resid = [p for p in points if p.endswith(".resid_pre")]

@@ -55,7 +55,10 @@ def test_train_command_is_quiet_and_informative(tmp_path):
     assert list(timing) == [*phases, "checkpoint", "other", "total"]
     assert all(timing[name] > 0 for name in phases) and timing["checkpoint"] >= 0
     assert 0 <= timing["other"] < 0.05 * timing["total"], timing
-    assert lines[-2].endswith(f"whole command {timing['total']:.1f} s")
+    # The line rounds the total to 0.1 s, the JSON to 1e-4 s: 4.64996 prints as 4.6 and
+    # stores as 4.65 (a CI run failed on comparing 4.6 with the stored value re-rounded).
+    printed = lines[-2].rpartition("whole command ")[2]
+    assert printed.endswith(" s") and abs(float(printed[:-2]) - timing["total"]) <= 0.0501
     assert set(summary["compile_seconds"]) == {"init", "train_step", "eval_step", "learning_rate"}
 
     # The same command resumes; with --verbosity=1 the library logs are shown.

@@ -20,7 +20,7 @@ from helpers import (
 )
 
 import kit
-from kit.attention.blocks import BlockConfig
+from kit.attention.chunked import BlockSizes, block_config
 from kit.attention.flash_backward import _q_range
 from kit.attention.flash_forward import kv_range
 
@@ -196,19 +196,8 @@ def test_loop_ranges_hold_every_live_block_and_skip_masks_only_on_full_ones():
         window = None
         if not structural and rng.random() < 0.6:
             window = (int(rng.integers(0, 11)), int(rng.integers(-3, 11)))
-        cfg = BlockConfig(
-            scale=1.0,
-            is_causal=causal,
-            window=window,
-            block_q=bq,
-            block_k=bk,
-            num_q_blocks=nq,
-            num_k_blocks=nk,
-            structural_only=structural,
-            units_per_step=1,
-            backward_blocks=(bq, bk),
-        )
         Tp, Sp = nq * bq, nk * bk
+        cfg = block_config(Tp, Sp, 1.0, causal, window, structural, BlockSizes(bq, bk))
         q_len, kv_len = (Tp, Sp) if structural else rng.integers(0, [Tp + 1, Sp + 1]).tolist()
         t, s = np.arange(Tp)[:, None], np.arange(Sp)[None, :]
         live = (t < q_len) & (s < kv_len) & ((s <= t) | (not causal))

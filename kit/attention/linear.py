@@ -53,7 +53,9 @@ def _batch_linear_call(args, dims, *, callee, transpose_thunk, num_callee_consts
         def one(residuals, cotangents):
             return transpose_fn(*t_consts, *residuals, *cotangents)
 
-        return jax.vmap(one, in_axes=(res_axes, 0))(residuals, tuple(cotangents))
+        # jaxpr_as_fun returns a list; linear_call wants the transpose's output in
+        # the linear arguments' own container (a tuple), or it raises a TypeError.
+        return tuple(jax.vmap(one, in_axes=(res_axes, 0))(residuals, tuple(cotangents)))
 
     out = linear_call(fun, transpose, residuals, linear)
     return out, [0] * len(out)

@@ -406,3 +406,118 @@ def test_bfloat16_matches_float32_within_its_precision():
     low = run(jnp.bfloat16)
     assert low.dtype == jnp.bfloat16
     close(low.astype(jnp.float32), run(jnp.float32), 2e-2)
+
+
+# --- random block masks, per-head masks, T != S, GQA: forward, gradients, tangents ------
+
+
+def _random_mask_case(seed=0):
+    """q, k, v (T=45 != S=70, 4 query heads over 2 key/value heads), a random mask
+    `[B, N, T, S]` that differs by example and head: whole 16-blocks dead at random,
+    random elements dead inside the live ones (partial blocks), and fully dead rows
+    (row 5 of every head of example 0; row 20 of head 1 only)."""
+    B, T, S, N, K = 2, 45, 70, 4, 2
+    q, k, v = make_qkv(B, T, S, N, K, H=8, seed=seed)
+    rng = np.random.default_rng(seed)
+    blocks = rng.random((B, N, -(-T // 16), -(-S // 16))) < 0.6
+    table = np.repeat(np.repeat(blocks, 16, axis=2), 16, axis=3)[:, :, :T, :S]
+    table &= rng.random((B, N, T, S)) < 0.7
+    table[0, :, 5] = False
+    table[:, 1, 20] = False
+    table = jnp.asarray(table)
+    slopes = jnp.array([0.5, -0.3, 0.2, 0.1])
+    bias = normal(jax.random.key(seed + 1), (B, N, T, S))  # a captured table, differentiated
+    return q, k, v, table, slopes, bias
+
+
+def _random_mask_flex(table, B, N, T, S):
+    block_mask = kit.create_block_mask(
+        lambda b, h, q_idx, kv_idx: table[b, h, q_idx, kv_idx], B, N, T, S, block_size=16
+    )
+
+    def flex(q, k, v, slopes, bias):
+        def score(s, b, h, q_idx, kv_idx):
+            return s + slopes[h] * (kv_idx - q_idx).astype(s.dtype) + bias[b, h, q_idx, kv_idx]
+
+        return kit.flex_attention(q, k, v, score, block_mask, implementation="chunked",
+                                  kernel_options=SMALL_BLOCKS)  # fmt: skip
+
+    return block_mask, flex
+
+
+def _random_mask_dense(table, B, N, T, S):
+    _, h, t, s = grids(B, N, T, S)
+
+    def reference(q, k, v, slopes, bias):
+        return dense(
+            q, k, v, scores=lambda x: x + slopes[h] * (s - t).astype(x.dtype) + bias, mask=table
+        )
+
+    return reference
+
+
+def test_random_per_head_block_mask_forward_and_gradients():
+    q, k, v, table, slopes, bias = _random_mask_case()
+    B, T, N = q.shape[:3]
+    S = k.shape[1]
+    block_mask, flex = _random_mask_flex(table, B, N, T, S)
+    states = np.asarray(block_mask.sparsity())
+    assert 0 < states < 1  # some blocks dead, some live
+    out = jax.jit(flex)(q, k, v, slopes, bias)
+    # the fully dead rows are exact zeros
+    assert not np.any(np.asarray(out[0, 5])) and not np.any(np.asarray(out[:, 20, 1]))
+    check_against(flex, _random_mask_dense(table, B, N, T, S), (q, k, v, slopes, bias))
+
+
+def test_random_per_head_block_mask_tangents():
+    # The tangent kernel with a block mask and a score function with captures,
+    # evaluated, against jax.jvp of the formula.
+    q, k, v, table, slopes, bias = _random_mask_case(seed=2)
+    B, T, N = q.shape[:3]
+    S = k.shape[1]
+    _, flex = _random_mask_flex(table, B, N, T, S)
+    reference = _random_mask_dense(table, B, N, T, S)
+    primals = (q, k, v, slopes, bias)
+    tangents = tuple(normal(jax.random.key(20 + i), x.shape) for i, x in enumerate(primals))
+
+    def jvp(f):
+        return jax.jit(lambda p, t: jax.jvp(f, p, t))(primals, tangents)
+
+    (out, d_out), (want, d_want) = jvp(flex), jvp(reference)
+    close(out, want, 2e-5)
+    close(d_out, d_want, 1e-4)
+
+
+def test_nan_in_dead_blocks_reaches_no_gradient_with_partly_live_blocks():
+    """NaN keys and values in blocks the mask leaves dead reach neither the output nor
+    dq, dk or dv, where the documents' edges cut blocks (partly live blocks)."""
+    B, T, N, H = 1, 128, 2, 8
+    q, k, v = make_qkv(B, T, T, N, N, H, seed=4)
+    seg = jnp.asarray(np.searchsorted([27, 61, 96], np.arange(T), side="right"))[None]
+    mask_mod = kit.and_masks(mods.causal, mods.documents(seg))
+    block_mask = kit.create_block_mask(mask_mod, None, None, T, T, block_size=32)
+    # key block 3 (96..127, document 3) is dead for query blocks 0-2, whose blocks the
+    # documents' edges at 27 and 61 cut
+    poisoned = (jnp.arange(T) >= 96)[None, :, None, None]
+    k_bad, v_bad = jnp.where(poisoned, jnp.nan, k), jnp.where(poisoned, jnp.nan, v)
+    options = {"block_q": 32, "block_k": 32, "backward_block_q": 32, "backward_block_k": 32}
+
+    def loss(q, k, v):
+        out = kit.flex_attention(q, k, v, None, block_mask, implementation="chunked",
+                                 kernel_options=options)  # fmt: skip
+        weights = jnp.cos(jnp.arange(96 * N * H, dtype=jnp.float32)).reshape(1, 96, N, H)
+        return jnp.sum(out[:, :96] * weights)  # the queries of documents 0-2
+
+    value, grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(q, k_bad, v_bad)
+    t, s = grids(1, 1, T, T)[2:]
+    mask = (s <= t) & (seg[:, None, :, None] == seg[:, None, None, :])
+
+    def reference(q, k, v):
+        out = dense(q, k, v, mask=mask)
+        weights = jnp.cos(jnp.arange(96 * N * H, dtype=jnp.float32)).reshape(1, 96, N, H)
+        return jnp.sum(out[:, :96] * weights)
+
+    want, want_grads = jax.jit(jax.value_and_grad(reference, argnums=(0, 1, 2)))(q, k, v)
+    close(value, want, 1e-5)
+    for got, ref in zip(grads, want_grads, strict=True):
+        close(got[:, :96], ref[:, :96], 1e-5)

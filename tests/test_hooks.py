@@ -267,6 +267,41 @@ def test_attribution_patching_is_exact_where_the_metric_is_linear():
     assert np.abs(effect).max() > 1e-3
 
 
+def test_attribution_patching_takes_the_gradient_at_the_corrupted_run():
+    """A quadratic metric m(o) = (o · d)^2 of the attention output o, which is linear
+    in the heads: patching head n moves o · d by L_n (the linear metric's effect), so
+    by hand the attribution (the gradient at the corrupted run o_r) is 2 (o_r · d) L_n
+    and the patching effect is that plus L_n^2. A gradient taken at the clean run
+    would give 2 (o_c · d) L_n instead."""
+    model = build("encoder_only", num_layers=1, feed_forward=False)
+    clean, corrupt = corrupted_pair()
+    lengths = jnp.array([5], jnp.int32)
+    points = ["encoder.0.attn.heads"]
+    _, c_cache = patching.run_with_cache(lambda h: model(clean, lengths, hooks=h), ["*"])
+    _, r_cache = patching.run_with_cache(lambda h: model(corrupt, lengths, hooks=h), ["*"])
+    direction = normal(jax.random.key(1), (16,))
+
+    def forward(hooks):
+        _, aux = model(corrupt, lengths, hooks=hooks | Hooks(read="encoder.0.attn.out"))
+        return aux["activations"]["encoder.0.attn.out"]
+
+    def linear(out):
+        return out[0, 4] @ direction
+
+    def quadratic(out):
+        return (out[0, 4] @ direction) ** 2
+
+    o_r = float(linear(r_cache["encoder.0.attn.out"]))
+    o_c = float(linear(c_cache["encoder.0.attn.out"]))
+    moves = patching.patch_heads(forward, linear, c_cache, points) - o_r  # L_n, [1, N]
+    estimate = patching.attribution_patching(forward, quadratic, c_cache, r_cache, points, keep=2)
+    effect = patching.patch_heads(forward, quadratic, c_cache, points) - o_r**2
+    np.testing.assert_allclose(estimate, 2 * o_r * moves, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(effect, estimate + moves**2, rtol=1e-4, atol=1e-5)
+    # the check can tell the two runs' gradients apart
+    assert np.abs(2 * o_c * moves - 2 * o_r * moves).max() > 1e-2
+
+
 def test_patching_errors_are_named():
     with pytest.raises(ValueError, match=r"^points: \['x'\] not in the cache"):
         patching.patch_heads(lambda h: None, lambda y: y, {}, ["x"])

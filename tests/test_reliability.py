@@ -1,9 +1,9 @@
 """Reliability: killed runs resume exactly, non-finite steps, numerics under stress,
 determinism, no unpickling, a property sweep of bad inputs, a sweep of config fields."""
 
-import contextlib
 import errno
 import functools
+import math
 import os
 import pickle
 import re
@@ -429,28 +429,19 @@ def test_loading_never_unpickles(tmp_path, straight_run):
 
 # ---------------------------------------------------------------- property sweep
 
-ARGUMENTS = (
-    "query",
-    "key",
-    "value",
-    "bias",
-    "mask",
-    "query_seq_lengths",
-    "key_value_seq_lengths",
-    "local_window_size",
-    "scale",
-    "is_causal",
-    "implementation",
-)
 SWEEP_EXAMPLES = 12
 
 
 @st.composite
 def attention_calls(draw):
-    """A call to kit.dot_product_attention, valid or not, and the mask it means if valid."""
+    """A call to kit.dot_product_attention, the mask it means if valid, and its defects:
+    {argument name: what is wrong} by the contract, empty for a valid call."""
     B, T, S = draw(st.integers(1, 3)), draw(st.integers(1, 12)), draw(st.integers(1, 12))
     K = draw(st.sampled_from([1, 2, 3]))
     N = K * draw(st.sampled_from([1, 2, 3])) + draw(st.sampled_from([0] * 7 + [1]))  # 1: invalid
+    defects = {}
+    if N % K:
+        defects["key"] = "K does not divide N"
     H = draw(st.sampled_from([4, 8]))
     dtype = draw(st.sampled_from([jnp.float32, jnp.bfloat16, jnp.float16]))
     seed = draw(st.integers(0, 2**16))
@@ -458,8 +449,14 @@ def attention_calls(draw):
     q = normal(rq, (B, T, N, H), dtype)
     k_shape = (B, S, K, draw(st.sampled_from([H] * 7 + [H + 1])))  # H + 1: invalid
     k = normal(rk, k_shape, draw(st.sampled_from([dtype] * 7 + [jnp.float32])))
+    if k.shape[-1] != H:
+        defects["key"] = "head dim"
+    if k.dtype != dtype:
+        defects["key"] = "dtype"
     v = normal(rv, (B, S, K, H), dtype)
     kwargs = {"implementation": draw(st.sampled_from(["xla", "chunked", None] * 2 + ["flash"]))}
+    if kwargs["implementation"] == "flash":
+        defects["implementation"] = "unknown"
     live = np.ones((B, N, T, S), bool)
     if draw(st.booleans()):
         kwargs["is_causal"] = True
@@ -467,19 +464,25 @@ def attention_calls(draw):
     if draw(st.booleans()):
         shape = draw(st.sampled_from([(B, N, T, S), (1, 1, T, S), (B, 1, 1, S), (B, T, S)]))
         kwargs["bias"] = normal(rb, shape, dtype)
+        if len(shape) == 3 and B not in (1, N):  # [B, T, S] reads as [1, B, T, S]
+            defects["bias"] = "does not broadcast"
     if draw(st.booleans()):
         shape = draw(st.sampled_from([(B, N, T, S), (B, 1, T, S), (1, 1, 1, S), (B, N, S, T)]))
         density = draw(st.sampled_from([0.3, 0.8]))
         mask = np.random.default_rng(seed).random(shape) < density
         kwargs["mask"] = jnp.asarray(mask)
-        with contextlib.suppress(ValueError):  # a mask that broadcasts is valid
+        try:  # a mask that broadcasts is valid
             live &= np.broadcast_to(mask, live.shape)
+        except ValueError:
+            defects["mask"] = "does not broadcast"
     for name, length in (("query_seq_lengths", T), ("key_value_seq_lengths", S)):
         if draw(st.booleans()):
             n = draw(st.sampled_from([B, B, B, B + 1]))  # B + 1: invalid
             lengths = np.array([draw(st.integers(0, length)) for _ in range(n)], np.int32)
             kwargs[name] = jnp.asarray(lengths)
-            if n == B:
+            if n != B:
+                defects[name] = "not one per example"
+            else:
                 pos = np.arange(length)[None, :] < lengths[:, None]  # [B, T|S]
                 live &= pos[:, None, :, None] if name.startswith("query") else pos[:, None, None]
     if draw(st.booleans()):
@@ -489,14 +492,18 @@ def attention_calls(draw):
             left, right = (window, window) if isinstance(window, int) else window
             t, s = np.arange(T)[:, None], np.arange(S)[None, :]
             live &= (s >= t - left) & (s <= t + right)
+        else:
+            defects["local_window_size"] = "negative or not a pair"
     if draw(st.booleans()):
         kwargs["scale"] = draw(st.sampled_from([0.5, 2.0, float("nan")]))
-    return q, k, v, kwargs, live
+        if math.isnan(kwargs["scale"]):
+            defects["scale"] = "not finite"
+    return q, k, v, kwargs, live, defects
 
 
 @pytest.fixture(scope="module")
 def sweep_counts():
-    """Counts the sweep's calls; at the end it must have seen both kinds."""
+    """Counts the sweep's valid and invalid calls; at the end it must have seen both."""
     counts = {"accepted": 0, "rejected": 0}
     yield counts
     print(f"property sweep: {counts}")
@@ -512,20 +519,21 @@ def sweep_counts():
 )
 @given(call=attention_calls())
 def test_property_sweep_right_answer_or_a_named_value_error(sweep_counts, call):
-    q, k, v, kwargs, live = call
+    q, k, v, kwargs, live, defects = call
     arrays = {name: x for name, x in kwargs.items() if isinstance(x, jax.Array)}
     options = {name: x for name, x in kwargs.items() if name not in arrays}
     attention = jax.jit(
         lambda q, k, v, arrays: kit.dot_product_attention(q, k, v, **arrays, **options)
     )
-    try:
-        out = attention(q, k, v, arrays)
-    except ValueError as error:
+    if defects:  # refused, naming an argument that is wrong
         sweep_counts["rejected"] += 1
-        name = re.match(r"(\w+)", str(error)).group(1)
-        assert name in ARGUMENTS, str(error)
+        with pytest.raises(ValueError) as error:
+            attention(q, k, v, arrays)
+        name = re.match(r"(\w+)", str(error.value)).group(1)
+        assert name in defects, (defects, str(error.value))
         return
     sweep_counts["accepted"] += 1
+    out = attention(q, k, v, arrays)  # a valid call: any error fails the test
     assert out.shape == q.shape and out.dtype == q.dtype
     got = np.asarray(out.astype(jnp.float32))
     assert np.all(np.isfinite(got))

@@ -57,38 +57,38 @@ def _inputs(K, axes, seed=0):
     return (*out, jnp.asarray(mask))
 
 
-def _derivatives_under_vmap(attention, axes, tangent_axes, primals, tangents, cotangent):
-    """vmap of derivatives: the output, vjp's four cotangents, jvp's and linearize's
-    tangent, and grad of a nonlinear loss, for each example."""
+def _five(f, primals, tangents, cotangent, every=True):
+    """f's output, vjp's four cotangents, jvp's and linearize's tangent, and grad of a
+    nonlinear loss, at `primals` (q, k, v, bias); without `every`, the first three
+    (linearize and grad are made of the same two passes, the tangent and the backward)."""
+    out, vjp = jax.vjp(f, *primals)
+    _, d_out = jax.jvp(f, primals, tangents)
+    if not every:
+        return out, vjp(cotangent), d_out
+    _, linear = jax.linearize(f, *primals)
+    grads = jax.grad(lambda *a: jnp.sum(jnp.sin(f(*a)) ** 2), argnums=(0, 1, 2, 3))
+    return out, vjp(cotangent), d_out, linear(*tangents), grads(*primals)
+
+
+def _derivatives_under_vmap(attention, axes, tangent_axes, primals, tangents, cotangent, every):
+    """vmap of `_five` for each example."""
 
     def one(q, k, v, bias, mask, tangents, cotangent):
-        def f(q, k, v, bias):
-            return attention(q, k, v, bias, mask)
-
-        out, vjp = jax.vjp(f, q, k, v, bias)
-        _, d_out = jax.jvp(f, (q, k, v, bias), tangents)
-        _, linear = jax.linearize(f, q, k, v, bias)
-        grads = jax.grad(lambda *a: jnp.sum(jnp.sin(f(*a)) ** 2), argnums=(0, 1, 2, 3))
-        return out, vjp(cotangent), d_out, linear(*tangents), grads(q, k, v, bias)
+        f = lambda q, k, v, bias: attention(q, k, v, bias, mask)  # noqa: E731
+        return _five(f, (q, k, v, bias), tangents, cotangent, every)
 
     in_axes = (*axes, tangent_axes, 0)
     return jax.jit(jax.vmap(one, in_axes=in_axes))(*primals, tangents, cotangent)
 
 
-def _derivatives_of_vmap(attention, axes, tangent_axes, primals, tangents, cotangent):
-    """Derivatives of the vmapped function (JAX's tests: jax.vjp(jax.vmap(...))): the
-    same five results, an unbatched argument's cotangent summed over the examples."""
+def _derivatives_of_vmap(attention, axes, tangent_axes, primals, tangents, cotangent, every):
+    """`_five` of the vmapped function (JAX's tests: jax.vjp(jax.vmap(...))); an
+    unbatched argument's cotangent is summed over the examples."""
     assert tangent_axes == axes[:4]  # tangents shaped as their primals
 
     def run(q, k, v, bias, mask, tangents, cotangent):
-        def f(q, k, v, bias):
-            return jax.vmap(attention, in_axes=axes)(q, k, v, bias, mask)
-
-        out, vjp = jax.vjp(f, q, k, v, bias)
-        _, d_out = jax.jvp(f, (q, k, v, bias), tangents)
-        _, linear = jax.linearize(f, q, k, v, bias)
-        grads = jax.grad(lambda *a: jnp.sum(jnp.sin(f(*a)) ** 2), argnums=(0, 1, 2, 3))
-        return out, vjp(cotangent), d_out, linear(*tangents), grads(q, k, v, bias)
+        f = lambda *a: jax.vmap(attention, in_axes=axes)(*a, mask)  # noqa: E731
+        return _five(f, (q, k, v, bias), tangents, cotangent, every)
 
     return jax.jit(run)(*primals, tangents, cotangent)
 
@@ -96,7 +96,7 @@ def _derivatives_of_vmap(attention, axes, tangent_axes, primals, tangents, cotan
 ORDERS = {"vmap_of": _derivatives_under_vmap, "of_vmap": _derivatives_of_vmap}
 
 
-def _check(K, axes, tangent_axes=None, order="of_vmap"):
+def _check(K, axes, tangent_axes=None, order="of_vmap", every=True):
     """Both attentions' derivatives under (or of) vmap with `axes` for (q, k, v, bias,
     mask) and `tangent_axes` (default: the primals') for the four tangents."""
     tangent_axes = axes[:4] if tangent_axes is None else tangent_axes
@@ -104,8 +104,8 @@ def _check(K, axes, tangent_axes=None, order="of_vmap"):
     tangents = _inputs(K, (*tangent_axes, None), seed=1)[:4]
     cotangent = normal(jax.random.key(9), (V_SIZE, T, N, H))
     derivatives = ORDERS[order]
-    got = derivatives(chunked, axes, tangent_axes, primals, tangents, cotangent)
-    want = derivatives(formula, axes, tangent_axes, primals, tangents, cotangent)
+    got = derivatives(chunked, axes, tangent_axes, primals, tangents, cotangent, every)
+    want = derivatives(formula, axes, tangent_axes, primals, tangents, cotangent, every)
     chex.assert_trees_all_close(got, want, atol=2e-5, rtol=2e-5)
 
 
@@ -133,8 +133,9 @@ def test_derivatives_and_vmap(order, axes, K):
     _check(K, axes, order=order)
 
 
-# Every batching once (each compile costs about 2.5 s), the orders and the head
-# groupings taking turns.
+# Every batching once, the orders and the head groupings taking turns: vjp and jvp,
+# which exercise the batched linear_call both ways (each compile of all five cost 2.5-4
+# s of the suite; these two, about half).
 SWEEP = [
     (a, ("of_vmap", "vmap_of")[i % 2], (4, 1, 2)[i % 3])
     for i, a in enumerate(a for a in ALL_AXES if a != (None,) * 5)
@@ -144,7 +145,7 @@ SWEEP = [
 @pytest.mark.slow
 @pytest.mark.parametrize("axes, order, K", SWEEP)
 def test_derivatives_and_vmap_every_batching(axes, order, K):
-    _check(K, axes, order=order)
+    _check(K, axes, order=order, every=False)
 
 
 def test_unbatched_tangents_of_batched_primals():

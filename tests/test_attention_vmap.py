@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import normal
+from helpers import normal, slow_beyond
 
 import kit
 
@@ -122,12 +122,16 @@ ALL_AXES = list(itertools.product((0, None), repeat=5))
 
 @pytest.mark.parametrize(
     "order, axes, K",
-    [
-        ("of_vmap", FAST_AXES[0], 2),
-        ("of_vmap", FAST_AXES[2], 4),
-        ("vmap_of", FAST_AXES[1], 2),
-        ("vmap_of", FAST_AXES[3], 4),
-    ],
+    slow_beyond(
+        [
+            ("of_vmap", FAST_AXES[0], 2),
+            ("vmap_of", FAST_AXES[3], 4),
+            ("of_vmap", FAST_AXES[2], 4),
+            ("vmap_of", FAST_AXES[1], 2),
+        ],
+        [("of_vmap", FAST_AXES[0], 2), ("vmap_of", FAST_AXES[3], 4)],
+        several=True,
+    ),
 )
 def test_derivatives_and_vmap(order, axes, K):
     _check(K, axes, order=order)
@@ -148,11 +152,18 @@ def test_derivatives_and_vmap_every_batching(axes, order, K):
     _check(K, axes, order=order, every=False)
 
 
-def test_unbatched_tangents_of_batched_primals():
+@pytest.mark.parametrize(
+    "K, axes, tangent_axes",
+    slow_beyond(
+        [(2, (0, 0, 0, 0, 0), (None,) * 4), (4, (0, None, 0, None, 0), (0, None, None, None))],
+        [(2, (0, 0, 0, 0, 0), (None,) * 4)],
+        several=True,
+    ),
+)
+def test_unbatched_tangents_of_batched_primals(K, axes, tangent_axes):
     # vmap(jvp) with the tangents the same for every example: the linear arguments
     # of the batched linear_call are unbatched (its broadcast branch).
-    _check(2, (0, 0, 0, 0, 0), (None, None, None, None), order="vmap_of")
-    _check(4, (0, None, 0, None, 0), (0, None, None, None), order="vmap_of")
+    _check(K, axes, tangent_axes, order="vmap_of")
 
 
 def test_vmap_of_grad_of_an_unbatched_argument():

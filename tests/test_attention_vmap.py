@@ -113,7 +113,11 @@ def _check(K, axes, tangent_axes=None, order="of_vmap", every=True):
 # batched, bias and mask not) and the keys' side batched, the queries not.
 @pytest.mark.parametrize(
     "order, axes, K",
-    [("of_vmap", (0, 0, 0, None, None), 2), ("vmap_of", (None, 0, 0, 0, None), 4)],
+    slow_beyond(
+        [("of_vmap", (0, 0, 0, None, None), 2), ("vmap_of", (None, 0, 0, 0, None), 4)],
+        [("of_vmap", (0, 0, 0, None, None), 2)],
+        several=True,
+    ),
 )
 def test_derivatives_and_vmap(order, axes, K):
     _check(K, axes, order=order)
@@ -161,7 +165,7 @@ def test_derivatives_and_vmap_every_batching(axes, order, K):
 def test_unbatched_tangents_of_batched_primals(K, axes, tangent_axes):
     # vmap(jvp) with the tangents the same for every example: the linear arguments
     # of the batched linear_call are unbatched (its broadcast branch).
-    _check(K, axes, tangent_axes, order="vmap_of")
+    _check(K, axes, tangent_axes, order="vmap_of", every=False)
 
 
 def test_vmap_of_grad_of_an_unbatched_argument():

@@ -242,23 +242,31 @@ def test_patching_everything_gives_the_clean_metric_and_nothing_the_corrupt_one(
     assert float(patched) != pytest.approx(float(metric(c_logits)))
 
 
-def test_attribution_patching_is_exact_where_the_metric_is_linear():
-    """The metric read straight off the last layer's attention output (linear in its
-    heads): the attribution equals the patching effect, head by head."""
+def _attention_output_patching():
+    """A one-layer attention-only model's clean and corrupted caches, its heads as the
+    patched point, the corrupted run's attention output as `forward(hooks)`, and the
+    linear metric o · d at position 4 (the output is linear in the heads)."""
     model = build("encoder_only", num_layers=1, feed_forward=False)
     clean, corrupt = corrupted_pair()
     lengths = jnp.array([5], jnp.int32)
-    points = ["encoder.0.attn.heads"]
     _, c_cache = patching.run_with_cache(lambda h: model(clean, lengths, hooks=h), ["*"])
     _, r_cache = patching.run_with_cache(lambda h: model(corrupt, lengths, hooks=h), ["*"])
     direction = normal(jax.random.key(1), (16,))
 
-    def forward(hooks):  # the attention output at position 4, read through a hook
+    def forward(hooks):  # the attention output, read through a hook
         _, aux = model(corrupt, lengths, hooks=hooks | Hooks(read="encoder.0.attn.out"))
         return aux["activations"]["encoder.0.attn.out"]
 
-    def metric(out):
+    def linear(out):
         return out[0, 4] @ direction
+
+    return c_cache, r_cache, ["encoder.0.attn.heads"], forward, linear
+
+
+def test_attribution_patching_is_exact_where_the_metric_is_linear():
+    """The metric read straight off the last layer's attention output (linear in its
+    heads): the attribution equals the patching effect, head by head."""
+    c_cache, r_cache, points, forward, metric = _attention_output_patching()
 
     base = float(metric(r_cache["encoder.0.attn.out"]))
     effect = patching.patch_heads(forward, metric, c_cache, points) - base
@@ -273,23 +281,10 @@ def test_attribution_patching_takes_the_gradient_at_the_corrupted_run():
     by hand the attribution (the gradient at the corrupted run o_r) is 2 (o_r · d) L_n
     and the patching effect is that plus L_n^2. A gradient taken at the clean run
     would give 2 (o_c · d) L_n instead."""
-    model = build("encoder_only", num_layers=1, feed_forward=False)
-    clean, corrupt = corrupted_pair()
-    lengths = jnp.array([5], jnp.int32)
-    points = ["encoder.0.attn.heads"]
-    _, c_cache = patching.run_with_cache(lambda h: model(clean, lengths, hooks=h), ["*"])
-    _, r_cache = patching.run_with_cache(lambda h: model(corrupt, lengths, hooks=h), ["*"])
-    direction = normal(jax.random.key(1), (16,))
-
-    def forward(hooks):
-        _, aux = model(corrupt, lengths, hooks=hooks | Hooks(read="encoder.0.attn.out"))
-        return aux["activations"]["encoder.0.attn.out"]
-
-    def linear(out):
-        return out[0, 4] @ direction
+    c_cache, r_cache, points, forward, linear = _attention_output_patching()
 
     def quadratic(out):
-        return (out[0, 4] @ direction) ** 2
+        return linear(out) ** 2
 
     o_r = float(linear(r_cache["encoder.0.attn.out"]))
     o_c = float(linear(c_cache["encoder.0.attn.out"]))

@@ -41,9 +41,9 @@ class MultiHeadAttention(nnx.Module):
     (`kit.hooks`). `decode_step` runs the same path through a KV cache.
 
     Parameters: query `[D, N, H]`, key and value `[D, K, H]`, out `[N, H, D]`
-    kernels, each with a bias but the key's (see kit.init_attention_params),
-    stored in float32 and cast to `dtype` for the computation; `x` comes in
-    `dtype` too. The softmax runs in float32 whatever `dtype` (kit.attention).
+    kernels, each with a bias but the key's (see kit.init_attention_params; `key_bias`
+    adds one), stored in float32 and cast to `dtype` for the computation; `x` comes
+    in `dtype` too. The softmax runs in float32 whatever `dtype` (kit.attention).
     """
 
     def __init__(
@@ -55,6 +55,7 @@ class MultiHeadAttention(nnx.Module):
         head_dim: int | None = None,
         dropout_rate: float = 0.0,
         rope: bool = False,
+        key_bias: bool = False,
         implementation: str | None = None,
         dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
@@ -62,6 +63,8 @@ class MultiHeadAttention(nnx.Module):
         params = attention.init_attention_params(
             rngs.params(), d_model, num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim
         )
+        if key_bias:  # for checkpoints that have one (GPT-2); zero, as the others
+            params["key"]["bias"] = jnp.zeros_like(params["value"]["bias"])
         self.query = nnx.Dict({n: nnx.Param(a) for n, a in params["query"].items()})
         self.key = nnx.Dict({n: nnx.Param(a) for n, a in params["key"].items()})
         self.value = nnx.Dict({n: nnx.Param(a) for n, a in params["value"].items()})
@@ -246,6 +249,8 @@ class TransformerBlock(nnx.Module):
         feed_forward: bool = True,
         dropout_rate: float = 0.0,
         rope: bool = False,
+        norm_eps: float = 1e-6,
+        key_bias: bool = False,
         dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ):
@@ -256,12 +261,13 @@ class TransformerBlock(nnx.Module):
                 num_kv_heads=num_kv_heads,
                 dropout_rate=dropout_rate,
                 rope=use_rope,
+                key_bias=key_bias,
                 dtype=dtype,
                 rngs=rngs,
             )
 
         def norm() -> nnx.LayerNorm:  # statistics in float32, output in dtype
-            return nnx.LayerNorm(d_model, dtype=dtype, rngs=rngs)
+            return nnx.LayerNorm(d_model, epsilon=norm_eps, dtype=dtype, rngs=rngs)
 
         self.norm_self = norm()
         self.self_attention = mha(rope)

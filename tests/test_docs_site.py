@@ -35,7 +35,12 @@ API_PAGES = {
         "kit.attention.mods",
         "kit.attention.mods.alibi",
     ],
-    "api/models.html": ["kit.models.ModelConfig", "kit.models.build", "kit.models.EncoderDecoder"],
+    "api/models.html": [
+        "kit.models.ModelConfig",
+        "kit.models.build",
+        "kit.models.EncoderDecoder",
+        "kit.pretrained.load",
+    ],
     "api/training.html": ["kit.training.train_and_evaluate", "kit.training.load_checkpoint"],
     "api/interpretability.html": [
         "kit.analysis.interp.head_scores",

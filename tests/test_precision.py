@@ -37,7 +37,7 @@ def _objective(graphdef, mb, implementation=None):
     def objective(params):
         model = nnx.merge(graphdef, params)
         if implementation is not None:  # the copy task's lengths pick xla by default
-            for _, module in model.iter_modules():
+            for _, module in nnx.iter_modules(model):
                 if isinstance(module, kit.nn.MultiHeadAttention):
                     module.implementation = implementation
         logits, _ = model.teacher_forced(mb)

@@ -49,6 +49,13 @@ class ModelConfig:
     # The computation's dtype; parameters (and so gradients, optimizer state and
     # checkpoints) stay float32, and the softmax and the loss run in float32.
     dtype: str = "float32"
+    # What pretrained architectures need (kit.pretrained): LayerNorm's epsilon (flax's
+    # default 1e-6; GPT-2 1e-5), a bias on the key projection (GPT-2's fused c_attn has
+    # one; the softmax cancels it, but the hook point "k" shows it), and an output head
+    # tied to the token embedding (logits = x E^T, no bias).
+    norm_eps: float = 1e-6
+    key_bias: bool = False
+    tie_embeddings: bool = False
 
 
 class TaskModel(nnx.Module):
@@ -261,6 +268,8 @@ class Stack(nnx.Module):
                 feed_forward=cfg.feed_forward,
                 dropout_rate=cfg.dropout_rate,
                 rope=cfg.positions == "rope",
+                norm_eps=cfg.norm_eps,
+                key_bias=cfg.key_bias,
                 dtype=cfg.dtype,
                 rngs=rngs,
             )
@@ -270,7 +279,7 @@ class Stack(nnx.Module):
         # set of parameters for it.
         shared = block() if cfg.share_layers else None
         self.layers = nnx.List([shared or block() for _ in range(num_layers)])
-        self.norm = nnx.LayerNorm(cfg.d_model, dtype=cfg.dtype, rngs=rngs)
+        self.norm = nnx.LayerNorm(cfg.d_model, epsilon=cfg.norm_eps, dtype=cfg.dtype, rngs=rngs)
         self.alibi = cfg.positions == "alibi"
         # T5's learned relative-position bias, one table per stack shared by its layers.
         self.t5 = (

@@ -12,13 +12,17 @@ from kit.models.common import ModelConfig
 Array = jax.Array
 # Randomized positions draw from fold_in(the dropout key, this), apart from dropout's.
 RANDOM_STREAM = 1 << 20
+# Vocabularies larger than this are looked up by a gather (see Embedder).
+GATHER_ABOVE = 4096
 
 
 class Embedder(nnx.Module):
     """Token embedding plus absolute positions (sinusoidal or learned), if any.
 
-    Lookups are one-hot matmuls: for toy vocabularies they are faster on CPU
-    than a gather, whose gradient is a scatter.
+    Lookups are one-hot matmuls for toy vocabularies, where they are faster on CPU
+    than a gather (whose gradient is a scatter); above `GATHER_ABOVE` tokens (a
+    pretrained vocabulary: GPT-2's one-hot [T, 50257] product would cost 2 T V D
+    FLOPs) they are gathers.
 
     With `cfg.random_positions` = R > 0 (Ruoss et al., "Randomized Positional
     Encodings Boost Length Generalization of Transformers", 2023), the table has R
@@ -46,12 +50,20 @@ class Embedder(nnx.Module):
     def __call__(self, tokens: Array, positions: Array, key: Array | None = None) -> Array:
         """tokens, positions `[B, T]` -> `[B, T, D]` in the computation dtype.
         `key`: the draw of randomized positions (see the class), if any."""
+        T = tokens.shape[-1]
+        if (self.learned is not None or self.sinusoidal) and self.positions < T:
+            raise ValueError(
+                f"tokens: {T} positions, but the model has {self.positions} (its max_len)"
+            )
         if self.random:
             key = jax.random.key(0) if key is None else jax.random.fold_in(key, RANDOM_STREAM)
             ids = jax.random.choice(key, self.random, (self.positions,), replace=False)
             positions = jnp.sort(ids).astype(jnp.int32)[positions]
         table = self.tokens[...].astype(self.dtype)
-        x = jax.nn.one_hot(tokens, table.shape[0], dtype=self.dtype) @ table
+        if table.shape[0] > GATHER_ABOVE:
+            x = jnp.take(table, tokens, axis=0)
+        else:
+            x = jax.nn.one_hot(tokens, table.shape[0], dtype=self.dtype) @ table
         if self.learned is not None:
             learned = self.learned[...].astype(self.dtype)
             x = x + jax.nn.one_hot(positions, self.max_len, dtype=self.dtype) @ learned
@@ -61,3 +73,7 @@ class Embedder(nnx.Module):
                 self.dtype
             )
         return x
+
+    def attend(self, x: Array) -> Array:
+        """`x [..., D]` -> logits `[..., V]` through the token table (a tied head)."""
+        return x @ self.tokens[...].astype(x.dtype).T

@@ -28,7 +28,6 @@ import numpy as np
 from flax import nnx
 
 from kit import models
-from kit.training.config import COMPUTE_DTYPES
 
 Tensors = dict[str, np.ndarray]
 
@@ -141,8 +140,8 @@ def load(path_or_name: str | os.PathLike, *, dtype: str = "float32") -> nnx.Modu
         the kit does not load (listing those it does), a missing tensor (its key),
         a tensor of the wrong shape (its key and both shapes), a bad dtype.
     """
-    if dtype not in COMPUTE_DTYPES:
-        raise ValueError(f"dtype: expected one of {COMPUTE_DTYPES}, got {dtype!r}")
+    if dtype not in models.COMPUTE_DTYPES:
+        raise ValueError(f"dtype: expected one of {models.COMPUTE_DTYPES}, got {dtype!r}")
     folder = _folder(path_or_name)
     with open(os.path.join(folder, "config.json")) as f:
         config = json.load(f)

@@ -15,7 +15,7 @@ only through these, so a new kind is one class and one entry in `MODELS`.
 
 from flax import nnx
 
-from kit.models.common import POSITIONS, ModelConfig, Stack, TaskModel
+from kit.models.common import COMPUTE_DTYPES, POSITIONS, ModelConfig, Stack, TaskModel
 from kit.models.text import DecoderOnly, Embedder, EncoderDecoder, EncoderOnly
 from kit.models.vision import VisionTransformer
 
@@ -34,6 +34,7 @@ def build(cfg: ModelConfig, rng) -> nnx.Module:
 
 
 __all__ = [
+    "COMPUTE_DTYPES",
     "KINDS",
     "MODELS",
     "POSITIONS",

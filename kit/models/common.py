@@ -20,6 +20,9 @@ Array = jax.Array
 # "none": no position information at all (the decoder still has its causal mask).
 # "alibi" and "t5" are score functions (kit.mods): no [T, S] bias is ever built.
 POSITIONS = ("sinusoidal", "learned", "rope", "alibi", "t5", "none")
+# The computation's dtypes a model takes (ModelConfig.dtype); float16 trains only with
+# loss scaling, which the kit does not do.
+COMPUTE_DTYPES = ("float32", "bfloat16")
 # T5's relative-position buckets (Raffel et al., 2020): 32 buckets up to distance 128.
 T5_BUCKETS, T5_MAX_DISTANCE = 32, 128
 

@@ -188,7 +188,7 @@ def number(
 
 
 # The computation dtypes a model trains in (config.model.dtype).
-COMPUTE_DTYPES = ("float32", "bfloat16")
+COMPUTE_DTYPES = models.COMPUTE_DTYPES
 
 
 def _check_dtype(dtype: str) -> None:

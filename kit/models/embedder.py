@@ -77,3 +77,16 @@ class Embedder(nnx.Module):
     def attend(self, x: Array) -> Array:
         """`x [..., D]` -> logits `[..., V]` through the token table (a tied head)."""
         return x @ self.tokens[...].astype(x.dtype).T
+
+
+def output_head(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Linear | None:
+    """A text model's output head: a biased D -> V projection, or None when it is tied
+    to the token embedding (`cfg.tie_embeddings`; `head_logits` then reads `attend`)."""
+    if cfg.tie_embeddings:
+        return None
+    return nnx.Linear(cfg.d_model, cfg.vocab_size, dtype=cfg.dtype, rngs=rngs)
+
+
+def head_logits(model, x: Array) -> Array:
+    """The logits of a text model (one with `embed` and `head`) from its last states."""
+    return model.embed.attend(x) if model.head is None else model.head(x)

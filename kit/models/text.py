@@ -12,7 +12,7 @@ from flax import nnx
 from kit import decode, tasks
 from kit.models import packing
 from kit.models.common import ModelConfig, Stack, TaskModel, attention_pass, until_eos
-from kit.models.embedder import Embedder
+from kit.models.embedder import Embedder, head_logits, output_head
 
 Array = jax.Array
 
@@ -20,18 +20,6 @@ Array = jax.Array
 def _positions(tokens: Array, start: Array | int = 0) -> Array:
     B, T = tokens.shape
     return jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
-
-
-def _head(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Linear | None:
-    """The output head: a biased D -> V projection, or None when it is tied to the
-    token embedding (`cfg.tie_embeddings`)."""
-    if cfg.tie_embeddings:
-        return None
-    return nnx.Linear(cfg.d_model, cfg.vocab_size, dtype=cfg.dtype, rngs=rngs)
-
-
-def _logits(model, x: Array) -> Array:
-    return model.embed.attend(x) if model.head is None else model.head(x)
 
 
 def _encode(model, src, src_lengths, dropout_rng, tap, packed=None):
@@ -168,7 +156,7 @@ class EncoderDecoder(TaskModel):
         self.embed = Embedder(cfg, rngs=rngs)
         self.encoder = Stack(cfg, cfg.num_layers, cross=False, rngs=rngs)
         self.decoder = Stack(cfg, cfg.num_decoder_layers, cross=True, rngs=rngs)
-        self.head = _head(cfg, rngs)
+        self.head = output_head(cfg, rngs)
 
     def encode(self, src, src_lengths, *, dropout_rng=None, hooks=None, packed=None):
         """src `[B, S]`, src_lengths `[B]` -> memory `[B, S, D]`, aux."""
@@ -202,7 +190,7 @@ class EncoderDecoder(TaskModel):
             dropout_rng=dropout_rng,
             tap=tap.scope("decoder"),
         )
-        return _logits(self, x), _aux(hooks, tap, caches)
+        return head_logits(self, x), _aux(hooks, tap, caches)
 
     def __call__(
         self,
@@ -299,7 +287,7 @@ class DecoderOnly(TaskModel):
         self.cfg = cfg
         self.embed = Embedder(cfg, rngs=rngs)
         self.decoder = Stack(cfg, cfg.num_layers, cross=False, rngs=rngs)
-        self.head = _head(cfg, rngs)
+        self.head = output_head(cfg, rngs)
 
     def __call__(
         self,
@@ -328,7 +316,7 @@ class DecoderOnly(TaskModel):
             dropout_rng=dropout_rng,
             tap=tap.scope("decoder"),
         )
-        return _logits(self, x), _aux(hooks, tap, caches)
+        return head_logits(self, x), _aux(hooks, tap, caches)
 
 
 class EncoderOnly(TaskModel):
@@ -400,11 +388,11 @@ class EncoderOnly(TaskModel):
         self.cfg = cfg
         self.embed = Embedder(cfg, rngs=rngs)
         self.encoder = Stack(cfg, cfg.num_layers, cross=False, rngs=rngs)
-        self.head = _head(cfg, rngs)
+        self.head = output_head(cfg, rngs)
 
     def __call__(self, src, src_lengths, *, dropout_rng=None, hooks=None, packed=None):
         """src `[B, T]` -> per-position logits `[B, T, V]`, aux. `hooks` reads and
         writes "encoder.<l>..." points (`hook_points()`)."""
         tap = self.tap(hooks)
         x = _encode(self, src, src_lengths, dropout_rng, tap, packed)
-        return _logits(self, x), _aux(hooks, tap)
+        return head_logits(self, x), _aux(hooks, tap)

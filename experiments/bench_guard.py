@@ -47,6 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+from benchtools import matmul_peak
 
 import kit
 from kit import mods
@@ -93,19 +94,6 @@ def commit() -> str:
         return out.stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-
-
-def matmul_peak() -> float:
-    """GFLOP/s of the fastest of 10 runs of a 2048^3 float32 matmul."""
-    a = jnp.ones((2048, 2048), jnp.float32)
-    run = jax.jit(jnp.matmul)
-    jax.block_until_ready(run(a, a))
-    best = math.inf
-    for _ in range(10):
-        start = time.perf_counter()
-        jax.block_until_ready(run(a, a))
-        best = min(best, time.perf_counter() - start)
-    return 2 * 2048**3 / best / 1e9
 
 
 def paths():

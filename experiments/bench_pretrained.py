@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+from benchtools import matmul_peak, median_seconds
 from flax import nnx
 
 from kit import decode, pretrained
@@ -62,29 +63,6 @@ def write_random_gpt2(folder: str, V=50257, P=1024, D=768, L=12, N=12) -> None:
         json.dump(config, f)
 
 
-def median_seconds(run, *args) -> float:
-    jax.block_until_ready(run(*args))
-    times = []
-    for _ in range(FLAGS.repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(run(*args))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
-
-
-def matmul_peak() -> float:
-    a = jnp.ones((2048, 2048), jnp.float32)
-    run = jax.jit(jnp.matmul)
-    jax.block_until_ready(run(a, a))
-    best = min(
-        (lambda s: (jax.block_until_ready(run(a, a)), time.perf_counter() - s)[1])(
-            time.perf_counter()
-        )
-        for _ in range(10)
-    )
-    return 2 * 2048**3 / best / 1e9
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -104,7 +82,7 @@ def main(argv):
     T = FLAGS.length
     tokens = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (1, T)), jnp.int32)
     forward = jax.jit(lambda t: model(t, jnp.ones(t.shape, bool))[0])
-    seconds = median_seconds(forward, tokens)
+    seconds = median_seconds(forward, tokens, repeats=FLAGS.repeats)
     flops = 2 * params * T + 2 * cfg.num_layers * T * T * cfg.d_model
     prompt = tokens[:, : FLAGS.prompt]
     generate = jax.jit(
@@ -112,7 +90,7 @@ def main(argv):
             model, t, jnp.ones(t.shape, bool), length=FLAGS.new_tokens
         )
     )
-    gen_seconds = median_seconds(generate, prompt)
+    gen_seconds = median_seconds(generate, prompt, repeats=FLAGS.repeats)
     print(
         f"{params / 1e6:.0f}M parameters, loaded in {loaded:.1f} s; matmul peak {peak:.0f} GFLOP/s"
     )

@@ -1,0 +1,39 @@
+"""Timing helpers the newer benchmarks share (bench_guard.py, bench_pretrained.py).
+
+Imported as `benchtools` by scripts run from experiments/ (their folder is on sys.path).
+"""
+
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def fastest_seconds(run, *args, tries: int = 10) -> float:
+    """The fastest of `tries` runs after an untimed one: for peaks, not for medians."""
+    jax.block_until_ready(run(*args))
+    best = math.inf
+    for _ in range(tries):
+        start = time.perf_counter()
+        jax.block_until_ready(run(*args))
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def matmul_peak() -> float:
+    """GFLOP/s of the fastest of 10 runs of a 2048^3 float32 matmul."""
+    a = jnp.ones((2048, 2048), jnp.float32)
+    return 2 * 2048**3 / fastest_seconds(jax.jit(jnp.matmul), a, a) / 1e9
+
+
+def median_seconds(run, *args, repeats: int) -> float:
+    """The median of `repeats` timed runs after an untimed one."""
+    jax.block_until_ready(run(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(run(*args))
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))

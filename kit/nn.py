@@ -34,6 +34,18 @@ def _fold(rng: Array | None, index: int) -> Array | None:
     return None if rng is None else jax.random.fold_in(rng, index)
 
 
+# Where a block's norms sit: before each sublayer ("pre") or after its residual ("post").
+NORM_POSITIONS = ("pre", "post")
+
+
+def layer_norm(d_model: int, eps: float, rms: bool, dtype: Any, rngs: nnx.Rngs) -> nnx.Module:
+    """LayerNorm, or with `rms` RMSNorm (no mean, no bias: T5); statistics in float32,
+    output in `dtype`."""
+    if rms:
+        return nnx.RMSNorm(d_model, epsilon=eps, dtype=dtype, rngs=rngs)
+    return nnx.LayerNorm(d_model, epsilon=eps, dtype=dtype, rngs=rngs)
+
+
 class MultiHeadAttention(nnx.Module):
     """Multi-head / grouped-query attention: owns the parameters and composes the
     functional pieces (`kit.project_qkv`, RoPE, `kit.dot_product_attention` or
@@ -56,6 +68,7 @@ class MultiHeadAttention(nnx.Module):
         dropout_rate: float = 0.0,
         rope: bool = False,
         key_bias: bool = False,
+        scale: float | None = None,
         implementation: str | None = None,
         dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
@@ -72,6 +85,7 @@ class MultiHeadAttention(nnx.Module):
         self.dropout_rate = dropout_rate
         self.rope = rope
         self.implementation = implementation
+        self.scale = scale  # None: 1/sqrt(H); T5 takes 1 (its init folds the scaling in)
         self.dtype = jnp.dtype(dtype)
 
     def params(self) -> dict[str, dict[str, Array]]:
@@ -117,7 +131,11 @@ class MultiHeadAttention(nnx.Module):
         q, k, v = attention.project_qkv(self.params(), x, context)
         if context is None:
             q, k, v = self._rope(x, positions)(q, k, v)
-        options = {"is_causal": is_causal, "key_value_seq_lengths": key_value_seq_lengths}
+        options = {
+            "is_causal": is_causal,
+            "key_value_seq_lengths": key_value_seq_lengths,
+            "scale": self.scale,
+        }
         return self._attend(q, k, v, bias, mask, score_mod, block_mask, options, dropout_rng, tap)
 
     def decode_step(
@@ -159,7 +177,9 @@ class MultiHeadAttention(nnx.Module):
         mask = cache_mask if mask is None else mask & cache_mask
         # With a score function the cache mask goes into a block mask
         # (kit.attention.flex.with_dense), on the materialized path.
-        y = self._attend(q, k, v, None, mask, score_mod, None, {}, None, tap, "xla")
+        y = self._attend(
+            q, k, v, None, mask, score_mod, None, {"scale": self.scale}, None, tap, "xla"
+        )
         return y, {"key": k, "value": v, "index": index + T}
 
     def _attend(
@@ -209,33 +229,57 @@ class MultiHeadAttention(nnx.Module):
         return process_heads
 
 
+# The feed-forward's nonlinearity (ModelConfig.activation): GELU's tanh form (jax's
+# default; GPT-2's gelu_new, T5 v1.1's gated-gelu), GELU exact (BERT, ViT), ReLU (the
+# original Transformer, T5 v1.0).
+ACTIVATIONS = {
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "relu": jax.nn.relu,
+}
+
+
 class FeedForward(nnx.Module):
-    """Position-wise MLP: D -> F (GELU) -> D, computed in `dtype` (float32 parameters)."""
+    """Position-wise MLP: D -> F (`activation`) -> D, computed in `dtype` (float32
+    parameters). `gated` (T5 v1.1, Shazeer 2020): activation(x W_gate) * (x W_up), then
+    down."""
 
     def __init__(
         self,
         d_model: int,
         d_ff: int,
         *,
+        activation: str = "gelu_tanh",
+        gated: bool = False,
         dropout_rate: float = 0.0,
         dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ):
+        if activation not in ACTIVATIONS:
+            raise ValueError(
+                f"activation: expected one of {tuple(ACTIVATIONS)}, got {activation!r}"
+            )
         self.up = nnx.Linear(d_model, d_ff, dtype=dtype, rngs=rngs)
+        self.gate = nnx.Linear(d_model, d_ff, dtype=dtype, rngs=rngs) if gated else None
         self.down = nnx.Linear(d_ff, d_model, dtype=dtype, rngs=rngs)
+        self.activation = activation
         self.dropout_rate = dropout_rate
 
     def __call__(self, x: Array, *, dropout_rng: Array | None = None) -> Array:
-        h = dropout(jax.nn.gelu(self.up(x)), self.dropout_rate, dropout_rng)
-        return self.down(h)
+        act = ACTIVATIONS[self.activation]
+        h = act(self.up(x)) if self.gate is None else act(self.gate(x)) * self.up(x)
+        return self.down(dropout(h, self.dropout_rate, dropout_rng))
 
 
 class TransformerBlock(nnx.Module):
-    """Pre-LayerNorm block: self-attention, optional cross-attention, optional feed-forward.
+    """A block: self-attention, optional cross-attention, optional feed-forward.
 
-    x = x + Dropout(SelfAttn(LN(x))); x = x + Dropout(CrossAttn(LN(x), memory));
-    x = x + Dropout(FFN(LN(x))). Without `feed_forward` the block is attention
-    only (as in the induction-head models of Olsson et al., 2022).
+    Pre-LayerNorm (`norm_position="pre"`, GPT-2, T5, ViT): x = x + Dropout(SelfAttn(LN(x)));
+    x = x + Dropout(CrossAttn(LN(x), memory)); x = x + Dropout(FFN(LN(x))).
+    Post-LayerNorm ("post", the original Transformer and BERT): x = LN(x + Dropout(SelfAttn(x)))
+    and so on. `rms_norm` (T5): the norms are RMSNorm, no mean and no bias. Without
+    `feed_forward` the block is attention only (as in the induction-head models of
+    Olsson et al., 2022).
     """
 
     def __init__(
@@ -250,10 +294,20 @@ class TransformerBlock(nnx.Module):
         dropout_rate: float = 0.0,
         rope: bool = False,
         norm_eps: float = 1e-6,
+        norm_position: str = "pre",
+        rms_norm: bool = False,
         key_bias: bool = False,
+        scale_attention: bool = True,
+        activation: str = "gelu_tanh",
+        gated: bool = False,
         dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ):
+        if norm_position not in NORM_POSITIONS:
+            raise ValueError(
+                f"norm_position: expected one of {NORM_POSITIONS}, got {norm_position!r}"
+            )
+
         def mha(use_rope: bool) -> MultiHeadAttention:
             return MultiHeadAttention(
                 d_model,
@@ -262,12 +316,13 @@ class TransformerBlock(nnx.Module):
                 dropout_rate=dropout_rate,
                 rope=use_rope,
                 key_bias=key_bias,
+                scale=None if scale_attention else 1.0,
                 dtype=dtype,
                 rngs=rngs,
             )
 
-        def norm() -> nnx.LayerNorm:  # statistics in float32, output in dtype
-            return nnx.LayerNorm(d_model, epsilon=norm_eps, dtype=dtype, rngs=rngs)
+        def norm() -> nnx.Module:
+            return layer_norm(d_model, norm_eps, rms_norm, dtype, rngs)
 
         self.norm_self = norm()
         self.self_attention = mha(rope)
@@ -275,11 +330,26 @@ class TransformerBlock(nnx.Module):
         self.cross_attention = mha(False) if cross_attention else None
         self.norm_ff = norm() if feed_forward else None
         self.feed_forward = (
-            FeedForward(d_model, d_ff, dropout_rate=dropout_rate, dtype=dtype, rngs=rngs)
+            FeedForward(
+                d_model,
+                d_ff,
+                activation=activation,
+                gated=gated,
+                dropout_rate=dropout_rate,
+                dtype=dtype,
+                rngs=rngs,
+            )
             if feed_forward
             else None
         )
         self.dropout_rate = dropout_rate
+        self.post = norm_position == "post"
+
+    def _sublayer(self, norm, x, run, rng) -> Array:
+        """x + Dropout(run(norm(x))) before the norm, or norm(x + Dropout(run(x))) after."""
+        if self.post:
+            return norm(x + dropout(run(x), self.dropout_rate, rng))
+        return x + dropout(run(norm(x)), self.dropout_rate, rng)
 
     def __call__(
         self,
@@ -308,42 +378,51 @@ class TransformerBlock(nnx.Module):
         tap = tap if tap is not None else Tap(None)
         x = tap("resid_pre", x)
         new_cache = None
-        if cache is None:
-            h = self.self_attention(
-                self.norm_self(x),
-                mask=mask,
-                score_mod=self_score_mod,
-                block_mask=self_block_mask,
-                is_causal=is_causal,
-                key_value_seq_lengths=lengths,
-                positions=positions,
-                dropout_rng=_fold(dropout_rng, 0),
-                tap=tap.scope("attn"),
-            )
-        else:  # decoding: the KV cache path (lengths are in the cache's mask)
+
+        def self_attention(h):
+            nonlocal new_cache
+            if cache is None:
+                return self.self_attention(
+                    h,
+                    mask=mask,
+                    score_mod=self_score_mod,
+                    block_mask=self_block_mask,
+                    is_causal=is_causal,
+                    key_value_seq_lengths=lengths,
+                    positions=positions,
+                    dropout_rng=_fold(dropout_rng, 0),
+                    tap=tap.scope("attn"),
+                )
+            # decoding: the KV cache path (lengths are in the cache's mask)
             h, new_cache = self.self_attention.decode_step(
-                self.norm_self(x),
+                h,
                 cache,
                 mask=mask,
                 score_mod=self_score_mod,
                 positions=positions,
                 tap=tap.scope("attn"),
             )
-        x = x + dropout(h, self.dropout_rate, _fold(dropout_rng, 1))
+            return h
+
+        x = self._sublayer(self.norm_self, x, self_attention, _fold(dropout_rng, 1))
         if self.cross_attention is not None:
-            h = self.cross_attention(
-                self.norm_cross(x),
-                memory,
-                key_value_seq_lengths=memory_lengths,
-                block_mask=cross_block_mask,
-                dropout_rng=_fold(dropout_rng, 2),
-                tap=tap.scope("cross"),
-            )
-            x = x + dropout(h, self.dropout_rate, _fold(dropout_rng, 3))
+
+            def cross_attention(h):
+                return self.cross_attention(
+                    h,
+                    memory,
+                    key_value_seq_lengths=memory_lengths,
+                    block_mask=cross_block_mask,
+                    dropout_rng=_fold(dropout_rng, 2),
+                    tap=tap.scope("cross"),
+                )
+
+            x = self._sublayer(self.norm_cross, x, cross_attention, _fold(dropout_rng, 3))
         x = tap("resid_mid", x)
         if self.feed_forward is not None:
-            h = tap(
-                "mlp_out", self.feed_forward(self.norm_ff(x), dropout_rng=_fold(dropout_rng, 4))
-            )
-            x = x + dropout(h, self.dropout_rate, _fold(dropout_rng, 5))
+
+            def feed_forward(h):
+                return tap("mlp_out", self.feed_forward(h, dropout_rng=_fold(dropout_rng, 4)))
+
+            x = self._sublayer(self.norm_ff, x, feed_forward, _fold(dropout_rng, 5))
         return tap("resid_post", x), new_cache

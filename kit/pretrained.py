@@ -7,12 +7,30 @@ transformers: the tensors are read with `safetensors`' numpy API (`pip install
 "jax-attention-kit[pretrained]"`), and a hub name is fetched with `huggingface_hub` where
 a network exists.
 
-Families so far: GPT-2 (`GPT2LMHeadModel` / `GPT2Model` files, with or without the
-`transformer.` prefix): the decoder-only model with learned positions, pre-LayerNorm
-blocks with epsilon `layer_norm_epsilon`, GELU in its tanh form (`gelu_new`, jax's
-default), a bias on the key projection and the head tied to the token embedding. GPT-2's
-`Conv1D` weights are stored `[in, out]`, as the kit's kernels; its fused `c_attn`
-`[D, 3D]` is split into the query, key and value `[D, N, H]`.
+Families so far, each checked against transformers itself
+(experiments/against_transformers.py) and against a numpy forward written from its
+definition (tests/test_pretrained.py):
+
+- GPT-2 (`GPT2LMHeadModel` / `GPT2Model` files, with or without the `transformer.`
+  prefix): the decoder-only model with learned positions, pre-LayerNorm blocks with
+  epsilon `layer_norm_epsilon`, GELU in its tanh form (`gelu_new`), a bias on the key
+  projection and the head tied to the token embedding. GPT-2's `Conv1D` weights are
+  stored `[in, out]`, as the kit's kernels; its fused `c_attn` `[D, 3D]` is split into
+  the query, key and value `[D, N, H]`.
+- BERT (`BertForMaskedLM`, or `BertModel` with its pooler; `bert.` prefix or none;
+  LayerNorm's legacy `gamma`/`beta` names): the encoder-only model with post-LayerNorm
+  blocks (epsilon `layer_norm_eps`, 1e-12), exact GELU, token-type embeddings and a
+  LayerNorm on the embedding; the masked-LM head's transform (dense, GELU, LayerNorm)
+  and the decoder tied to the token embedding with its own bias. `model.encode` gives
+  the last states, `model.pool` the pooler's output. A `BertModel` has no masked-LM
+  head: its kit model's logits are the last states times the token embedding.
+- ViT (`ViTForImageClassification`, `vit.` prefix): the vision transformer with
+  pre-LayerNorm blocks (epsilon 1e-12), exact GELU, a class token, learned positions
+  and the patch convolution as the kit's patch projection over p x p x C pixels
+  (images `[B, H, W, C]`: transformers' `pixel_values` `[B, C, H, W]` transposed).
+
+transformers' torch Linear weights are `[out, in]` and become the kit's `[in, out]`
+kernels; separate query, key and value projections become `[D, N, H]`.
 """
 
 from __future__ import annotations
@@ -30,15 +48,89 @@ from flax import nnx
 from kit import models
 
 Tensors = dict[str, np.ndarray]
+State = dict[tuple, tuple[str, Any]]
 
 
-def _gpt2_config(config: dict[str, Any], dtype: str) -> models.ModelConfig:
-    activation = config.get("activation_function", "gelu_new")
-    if activation not in ("gelu_new", "gelu_pytorch_tanh"):
+class _Reader:
+    """A checkpoint's tensors by key, checked as they are read: a missing key or a
+    shape other than the config's is a ValueError naming the key."""
+
+    def __init__(self, family: str, tensors: Tensors, prefixes: tuple[str, ...] = ()):
+        # Keys with or without the task model's prefix ("transformer.", "bert.", "vit."),
+        # and LayerNorm's legacy gamma/beta names.
+        self.family = family
+        self.tensors = {}
+        for key, value in tensors.items():
+            for prefix in prefixes:
+                key = key.removeprefix(prefix)
+            key = key.replace("LayerNorm.gamma", "LayerNorm.weight")
+            key = key.replace("LayerNorm.beta", "LayerNorm.bias")
+            self.tensors[key] = value
+
+    def has(self, key: str) -> bool:
+        return key in self.tensors
+
+    def get(self, key: str, shape: tuple[int, ...]) -> np.ndarray:
+        if key not in self.tensors:
+            raise ValueError(
+                f"checkpoint: tensor {key!r} is missing (a {self.family} checkpoint has it)"
+            )
+        x = self.tensors[key]
+        if tuple(x.shape) != shape:
+            raise ValueError(
+                f"checkpoint: tensor {key!r} has shape {tuple(x.shape)}, but the config "
+                f"needs {shape}"
+            )
+        return x
+
+    def linear(self, key: str, d_in: int, d_out: int, bias: bool = True) -> dict:
+        """A torch Linear `key` (weight [out, in]) as the kit's kernel [in, out] and bias."""
+        out = {"kernel": (key + ".weight", self.get(key + ".weight", (d_out, d_in)).T)}
+        if bias:
+            out["bias"] = (key + ".bias", self.get(key + ".bias", (d_out,)))
+        return out
+
+    def norm(self, key: str, d: int, bias: bool = True) -> dict:
+        out = {"scale": (key + ".weight", self.get(key + ".weight", (d,)))}
+        if bias:
+            out["bias"] = (key + ".bias", self.get(key + ".bias", (d,)))
+        return out
+
+    def attention(self, keys: dict[str, str], cfg: models.ModelConfig, bias: bool = True):
+        """Separate torch Linear query, key, value and output projections as the kit's
+        `[D, N, H]` and `[N, H, D]` kernels (and `[N, H]`, `[D]` biases)."""
+        D, N = cfg.d_model, cfg.num_heads
+        H = D // N
+        out = {}
+        for name in ("query", "key", "value"):
+            for leaf, (at, x) in self.linear(keys[name], D, D, bias).items():
+                out[(name, leaf)] = (at, x.reshape((D, N, H) if leaf == "kernel" else (N, H)))
+        for leaf, (at, x) in self.linear(keys["out"], D, D, bias).items():
+            out[("out", leaf)] = (at, x.reshape(N, H, D) if leaf == "kernel" else x)
+        return out
+
+
+def _put(state: State, where: tuple, pairs: dict) -> None:
+    """state[where + leaf] = pair, for each leaf (a name or a tuple of names)."""
+    for leaf, pair in pairs.items():
+        state[(*where, *(leaf if isinstance(leaf, tuple) else (leaf,)))] = pair
+
+
+def _activation(config: dict[str, Any], key: str, family: str, supported: dict) -> str:
+    theirs = config.get(key, next(iter(supported)))
+    if theirs not in supported:
         raise ValueError(
-            f"config.json: activation_function {activation!r} is not supported for gpt2 "
-            "(the kit's feed-forward is GELU's tanh form: gelu_new, gelu_pytorch_tanh)"
+            f"config.json: {key} {theirs!r} is not supported for {family} (the kit "
+            f"runs {', '.join(sorted(supported))})"
         )
+    return supported[theirs]
+
+
+# transformers' names of the activations the kit's feed-forward runs (kit.nn.ACTIVATIONS).
+_GELU = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
+
+
+def _gpt2_config(config: dict[str, Any], tensors: Tensors, dtype: str) -> models.ModelConfig:
     d_model, num_heads = int(config["n_embd"]), int(config["n_head"])
     return models.ModelConfig(
         kind="decoder_only",
@@ -53,72 +145,204 @@ def _gpt2_config(config: dict[str, Any], dtype: str) -> models.ModelConfig:
         norm_eps=float(config.get("layer_norm_epsilon", 1e-5)),
         key_bias=True,
         tie_embeddings=True,
+        activation=_activation(
+            config,
+            "activation_function",
+            "gpt2",
+            {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"},
+        ),
     )
 
 
-def _gpt2_state(cfg: models.ModelConfig, tensors: Tensors) -> dict[tuple, tuple[str, Any]]:
+def _gpt2_state(cfg: models.ModelConfig, tensors: Tensors) -> State:
     """The kit state's path -> (checkpoint key, array) of a GPT-2 checkpoint."""
-    tensors = {k.removeprefix("transformer."): v for k, v in tensors.items()}
-    D, N = cfg.d_model, cfg.num_heads
+    read = _Reader("gpt2", tensors, ("transformer.",))
+    D, N, F = cfg.d_model, cfg.num_heads, cfg.d_ff
     H = D // N
-
-    def get(key: str, shape: tuple[int, ...]) -> np.ndarray:
-        if key not in tensors:
-            raise ValueError(f"checkpoint: tensor {key!r} is missing (a gpt2 checkpoint has it)")
-        x = tensors[key]
-        if tuple(x.shape) != shape:
-            raise ValueError(
-                f"checkpoint: tensor {key!r} has shape {tuple(x.shape)}, but the config "
-                f"needs {shape}"
-            )
-        return x
-
-    state = {
-        ("embed", "tokens"): ("wte.weight", get("wte.weight", (cfg.vocab_size, D))),
-        ("embed", "learned"): ("wpe.weight", get("wpe.weight", (cfg.max_len, D))),
-        ("decoder", "norm", "scale"): ("ln_f.weight", get("ln_f.weight", (D,))),
-        ("decoder", "norm", "bias"): ("ln_f.bias", get("ln_f.bias", (D,))),
+    state: State = {
+        ("embed", "tokens"): ("wte.weight", read.get("wte.weight", (cfg.vocab_size, D))),
+        ("embed", "learned"): ("wpe.weight", read.get("wpe.weight", (cfg.max_len, D))),
     }
+    _put(state, ("decoder", "norm"), read.norm("ln_f", D))
     for i in range(cfg.num_layers):
         h, layer = f"h.{i}.", ("decoder", "layers", i)
-        qkv = get(h + "attn.c_attn.weight", (D, 3 * D))
-        qkv_bias = get(h + "attn.c_attn.bias", (3 * D,))
+        # Conv1D weights are [in, out], as the kit's kernels; c_attn fuses q, k and v.
+        qkv = read.get(h + "attn.c_attn.weight", (D, 3 * D))
+        qkv_bias = read.get(h + "attn.c_attn.bias", (3 * D,))
         for j, name in enumerate(("query", "key", "value")):
             at = f"{h}attn.c_attn[{name}]"
-            state[(*layer, "self_attention", name, "kernel")] = (
-                at,
-                qkv[:, j * D : (j + 1) * D].reshape(D, N, H),
-            )
-            state[(*layer, "self_attention", name, "bias")] = (
-                at,
-                qkv_bias[j * D : (j + 1) * D].reshape(N, H),
-            )
-        proj = get(h + "attn.c_proj.weight", (D, D))
-        state[(*layer, "self_attention", "out", "kernel")] = (
-            h + "attn.c_proj",
-            proj.reshape(N, H, D),
+            _put(state, (*layer, "self_attention", name), {
+                "kernel": (at, qkv[:, j * D : (j + 1) * D].reshape(D, N, H)),
+                "bias": (at, qkv_bias[j * D : (j + 1) * D].reshape(N, H)),
+            })  # fmt: skip
+        proj = read.get(h + "attn.c_proj.weight", (D, D))
+        _put(state, (*layer, "self_attention", "out"), {
+            "kernel": (h + "attn.c_proj", proj.reshape(N, H, D)),
+            "bias": (h + "attn.c_proj.bias", read.get(h + "attn.c_proj.bias", (D,))),
+        })  # fmt: skip
+        _put(state, (*layer, "norm_self"), read.norm(h + "ln_1", D))
+        _put(state, (*layer, "norm_ff"), read.norm(h + "ln_2", D))
+        for ours, theirs, shape in (("up", "mlp.c_fc", (D, F)), ("down", "mlp.c_proj", (F, D))):
+            _put(state, (*layer, "feed_forward", ours), {
+                "kernel": (h + theirs + ".weight", read.get(h + theirs + ".weight", shape)),
+                "bias": (h + theirs + ".bias", read.get(h + theirs + ".bias", shape[1:])),
+            })  # fmt: skip
+    return state
+
+
+def _bert_config(config: dict[str, Any], tensors: Tensors, dtype: str) -> models.ModelConfig:
+    """BertForMaskedLM (the masked-LM head: transform, tied decoder with a bias) or
+    BertModel (the pooler, no head: the kit's logits are then the last states times
+    the token embedding, with no transform)."""
+    kind = config.get("position_embedding_type", "absolute")
+    if kind != "absolute":
+        raise ValueError(
+            f"config.json: position_embedding_type {kind!r} is not supported for bert "
+            "(the kit loads 'absolute')"
         )
-        state[(*layer, "self_attention", "out", "bias")] = (
-            h + "attn.c_proj.bias",
-            get(h + "attn.c_proj.bias", (D,)),
+    keys = {k.removeprefix("bert.") for k in tensors}
+    mlm = "cls.predictions.transform.dense.weight" in keys
+    return models.ModelConfig(
+        kind="encoder_only",
+        vocab_size=int(config["vocab_size"]),
+        d_model=int(config["hidden_size"]),
+        num_heads=int(config["num_attention_heads"]),
+        num_layers=int(config["num_hidden_layers"]),
+        d_ff=int(config["intermediate_size"]),
+        max_len=int(config.get("max_position_embeddings", 512)),
+        positions="learned",
+        dtype=dtype,
+        norm_eps=float(config.get("layer_norm_eps", 1e-12)),
+        key_bias=True,
+        tie_embeddings=True,
+        norm_position="post",
+        activation=_activation(config, "hidden_act", "bert", _GELU),
+        type_vocab_size=int(config.get("type_vocab_size", 2)),
+        embed_norm=True,
+        head_transform=mlm,
+        head_bias=mlm,
+        pooler="pooler.dense.weight" in keys,
+    )
+
+
+def _bert_state(cfg: models.ModelConfig, tensors: Tensors) -> State:
+    read = _Reader("bert", tensors, ("bert.",))
+    D, F, V = cfg.d_model, cfg.d_ff, cfg.vocab_size
+    e = "embeddings."
+    state: State = {}
+    _put(state, ("embed",), {
+        "tokens": (e + "word_embeddings.weight", read.get(e + "word_embeddings.weight", (V, D))),
+        "learned": (
+            e + "position_embeddings.weight",
+            read.get(e + "position_embeddings.weight", (cfg.max_len, D)),
+        ),
+        "types": (
+            e + "token_type_embeddings.weight",
+            read.get(e + "token_type_embeddings.weight", (cfg.type_vocab_size, D)),
+        ),
+    })  # fmt: skip
+    _put(state, ("embed", "norm"), read.norm(e + "LayerNorm", D))
+    for i in range(cfg.num_layers):
+        h, layer = f"encoder.layer.{i}.", ("encoder", "layers", i)
+        a = h + "attention."
+        names = {n: f"{a}self.{n}" for n in ("query", "key", "value")}
+        _put(
+            state,
+            (*layer, "self_attention"),
+            read.attention({**names, "out": a + "output.dense"}, cfg),
         )
-        pairs = {
-            "norm_self": ("ln_1", (D,), (D,)),
-            "norm_ff": ("ln_2", (D,), (D,)),
-            "feed_forward.up": ("mlp.c_fc", (D, cfg.d_ff), (cfg.d_ff,)),
-            "feed_forward.down": ("mlp.c_proj", (cfg.d_ff, D), (D,)),
-        }
-        for ours, (theirs, weight_shape, bias_shape) in pairs.items():
-            where = (*layer, *ours.split("."))
-            weight = "scale" if ours.startswith("norm") else "kernel"
-            w_key, b_key = f"{h}{theirs}.weight", f"{h}{theirs}.bias"
-            state[(*where, weight)] = (w_key, get(w_key, weight_shape))
-            state[(*where, "bias")] = (b_key, get(b_key, bias_shape))
+        _put(state, (*layer, "norm_self"), read.norm(a + "output.LayerNorm", D))
+        _put(state, (*layer, "feed_forward", "up"), read.linear(h + "intermediate.dense", D, F))
+        _put(state, (*layer, "feed_forward", "down"), read.linear(h + "output.dense", F, D))
+        _put(state, (*layer, "norm_ff"), read.norm(h + "output.LayerNorm", D))
+    if cfg.pooler:
+        _put(state, ("pooler",), read.linear("pooler.dense", D, D))
+    if cfg.head_transform:
+        t = "cls.predictions.transform."
+        _put(state, ("head_transform", "dense"), read.linear(t + "dense", D, D))
+        _put(state, ("head_transform", "norm"), read.norm(t + "LayerNorm", D))
+        bias = "cls.predictions.bias"
+        if not read.has(bias):  # older checkpoints keep it on the decoder
+            bias = "cls.predictions.decoder.bias"
+        state[("embed", "head_bias")] = (bias, read.get(bias, (V,)))
+    return state
+
+
+def _vit_config(config: dict[str, Any], tensors: Tensors, dtype: str) -> models.ModelConfig:
+    """ViTForImageClassification: pre-LN blocks, a class token, conv patches (the
+    kit's patch projection over p x p x C pixels), the classifier on the class token."""
+    if not any(k.startswith("classifier.") for k in tensors):
+        raise ValueError(
+            "checkpoint: no classifier.weight: the kit loads ViTForImageClassification "
+            "checkpoints (a ViTModel has no head)"
+        )
+    labels = config.get("id2label") or {}
+    return models.ModelConfig(
+        kind="vision_transformer",
+        vocab_size=int(config.get("num_labels") or len(labels) or 2),
+        d_model=int(config["hidden_size"]),
+        num_heads=int(config["num_attention_heads"]),
+        num_layers=int(config["num_hidden_layers"]),
+        d_ff=int(config["intermediate_size"]),
+        positions="learned",
+        patch_size=int(config["patch_size"]),
+        image_size=int(config["image_size"]),
+        channels=int(config.get("num_channels", 3)),
+        dtype=dtype,
+        norm_eps=float(config.get("layer_norm_eps", 1e-12)),
+        key_bias=bool(config.get("qkv_bias", True)),
+        activation=_activation(config, "hidden_act", "vit", _GELU),
+    )
+
+
+def _vit_state(cfg: models.ModelConfig, tensors: Tensors) -> State:
+    read = _Reader("vit", tensors, ("vit.",))
+    D, F, p, C = cfg.d_model, cfg.d_ff, cfg.patch_size, cfg.channels
+    P = (cfg.image_size // p) ** 2
+    e = "embeddings."
+    conv = e + "patch_embeddings.projection"
+    # The conv's [D, C, p, p] as the kit's kernel over each patch's pixels in row-major
+    # order, channels last: [p * p * C, D].
+    kernel = read.get(conv + ".weight", (D, C, p, p)).transpose(2, 3, 1, 0).reshape(p * p * C, D)
+    state: State = {
+        ("class_token",): (e + "cls_token", read.get(e + "cls_token", (1, 1, D)).reshape(D)),
+        ("learned",): (
+            e + "position_embeddings",
+            read.get(e + "position_embeddings", (1, P + 1, D)).reshape(P + 1, D),
+        ),
+        ("patch_embed", "kernel"): (conv + ".weight", kernel),
+        ("patch_embed", "bias"): (conv + ".bias", read.get(conv + ".bias", (D,))),
+    }
+    bias = cfg.key_bias
+    for i in range(cfg.num_layers):
+        h, layer = f"encoder.layer.{i}.", ("encoder", "layers", i)
+        a = h + "attention."
+        names = {n: f"{a}attention.{n}" for n in ("query", "key", "value")}
+        attn = read.attention({**names, "out": a + "output.dense"}, cfg, bias)
+        if not bias:  # no q/k/v biases in the checkpoint: the kit's query and value ones are 0
+            H = D // cfg.num_heads
+            zero = np.zeros((cfg.num_heads, H), np.float32)
+            attn[("query", "bias")] = attn[("value", "bias")] = ("(qkv_bias false)", zero)
+            attn[("out", "bias")] = (
+                a + "output.dense.bias",
+                read.get(a + "output.dense.bias", (D,)),
+            )
+        _put(state, (*layer, "self_attention"), attn)
+        _put(state, (*layer, "norm_self"), read.norm(h + "layernorm_before", D))
+        _put(state, (*layer, "feed_forward", "up"), read.linear(h + "intermediate.dense", D, F))
+        _put(state, (*layer, "feed_forward", "down"), read.linear(h + "output.dense", F, D))
+        _put(state, (*layer, "norm_ff"), read.norm(h + "layernorm_after", D))
+    _put(state, ("encoder", "norm"), read.norm("layernorm", D))
+    _put(state, ("head",), read.linear("classifier", D, cfg.vocab_size))
     return state
 
 
 # model_type -> (the kit ModelConfig of a config.json, the kit state of its tensors)
-FAMILIES: dict[str, tuple[Callable, Callable]] = {"gpt2": (_gpt2_config, _gpt2_state)}
+FAMILIES: dict[str, tuple[Callable, Callable]] = {
+    "gpt2": (_gpt2_config, _gpt2_state),
+    "bert": (_bert_config, _bert_state),
+    "vit": (_vit_config, _vit_state),
+}
 
 
 def load(path_or_name: str | os.PathLike, *, dtype: str = "float32") -> nnx.Module:
@@ -152,8 +376,9 @@ def load(path_or_name: str | os.PathLike, *, dtype: str = "float32") -> nnx.Modu
             f"{', '.join(sorted(FAMILIES))}"
         )
     make_config, make_state = FAMILIES[model_type]
-    cfg = make_config(config, dtype)
-    state = make_state(cfg, _tensors(folder))
+    tensors = _tensors(folder)
+    cfg = make_config(config, tensors, dtype)
+    state = make_state(cfg, tensors)
     abstract = nnx.eval_shape(lambda: models.build(cfg, jax.random.key(0)))
     graphdef, params = nnx.split(abstract)
     leaves = dict(nnx.to_flat_state(params))

@@ -167,3 +167,284 @@ def test_bad_checkpoints_name_what_is_wrong(tmp_path):
     too_long = jnp.zeros((1, P + 1), jnp.int32)
     with pytest.raises(ValueError, match=r"tokens: 17 positions, but the model has 16"):
         model(too_long, jnp.ones(too_long.shape, bool))
+
+
+# ---------------------------------------------------------------- BERT
+
+
+def _normal(rng):
+    def normal(*shape, scale=0.2):
+        return (scale * rng.standard_normal(shape)).astype(np.float32)
+
+    return normal
+
+
+def linear(normal, name, d_in, d_out):
+    """A torch Linear's tensors: weight [out, in], bias [out]."""
+    return {name + ".weight": normal(d_out, d_in), name + ".bias": normal(d_out)}
+
+
+def layer_norm(normal, name, d):
+    return {name + ".weight": 1 + normal(d), name + ".bias": normal(d)}
+
+
+BERT_F, TYPES = 24, 2
+
+
+def bert_weights(seed=0, *, mlm=True, pooler=True, legacy=False) -> dict[str, np.ndarray]:
+    """BertForMaskedLM's tensors ("bert." prefix; the tied decoder is not stored) with
+    random values; `legacy`: LayerNorm as gamma/beta, as old TF-converted files."""
+    normal = _normal(np.random.default_rng(seed))
+    e = "bert.embeddings."
+    w = {
+        e + "word_embeddings.weight": normal(V, D, scale=1.0),
+        e + "position_embeddings.weight": normal(P, D),
+        e + "token_type_embeddings.weight": normal(TYPES, D),
+        **layer_norm(normal, e + "LayerNorm", D),
+    }
+    for i in range(L):
+        h = f"bert.encoder.layer.{i}."
+        for name in ("query", "key", "value"):
+            w.update(linear(normal, f"{h}attention.self.{name}", D, D))
+        w.update(linear(normal, h + "attention.output.dense", D, D))
+        w.update(layer_norm(normal, h + "attention.output.LayerNorm", D))
+        w.update(linear(normal, h + "intermediate.dense", D, BERT_F))
+        w.update(linear(normal, h + "output.dense", BERT_F, D))
+        w.update(layer_norm(normal, h + "output.LayerNorm", D))
+    if pooler:
+        w.update(linear(normal, "bert.pooler.dense", D, D))
+    if mlm:
+        t = "cls.predictions."
+        w.update(linear(normal, t + "transform.dense", D, D))
+        w.update(layer_norm(normal, t + "transform.LayerNorm", D))
+        w[t + "bias"] = normal(V)
+    if legacy:
+        w = {
+            k.replace("LayerNorm.weight", "LayerNorm.gamma").replace(
+                "LayerNorm.bias", "LayerNorm.beta"
+            ): v
+            for k, v in w.items()
+        }
+    return w
+
+
+def write_checkpoint(folder, config, weights):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    save_file(weights, str(folder / "model.safetensors"))
+    return folder
+
+
+BERT_EPS = 1e-12
+
+
+def bert_config(**overrides):
+    return {
+        "model_type": "bert",
+        "vocab_size": V,
+        "hidden_size": D,
+        "num_hidden_layers": L,
+        "num_attention_heads": N,
+        "intermediate_size": BERT_F,
+        "hidden_act": "gelu",
+        "max_position_embeddings": P,
+        "type_vocab_size": TYPES,
+        "layer_norm_eps": BERT_EPS,
+        **overrides,
+    }
+
+
+def _ln(x, w, name, eps):
+    mu = x.mean(-1, keepdims=True)
+    var = ((x - mu) ** 2).mean(-1, keepdims=True)
+    return (x - mu) / np.sqrt(var + eps) * w[name + ".weight"] + w[name + ".bias"]
+
+
+def _lin(x, w, name):
+    return x @ w[name + ".weight"].T + w[name + ".bias"]
+
+
+_erf = np.vectorize(math.erf)
+
+
+def gelu_exact(x):
+    return 0.5 * x * (1 + _erf(x / math.sqrt(2)))
+
+
+def _softmax(scores):
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    return p / p.sum(-1, keepdims=True)
+
+
+def reference_bert(w, ids, types, length):
+    """BERT's forward (Devlin et al., 2019; transformers' BertForMaskedLM layout) over
+    one text `[T]` whose first `length` tokens are real (the rest padding), in float64:
+    (MLM logits [T, V], attention weights [L, N, T, T], pooled [D])."""
+    w = {k.removeprefix("bert."): v.astype(np.float64) for k, v in w.items()}
+    T, H = len(ids), D // N
+    e = "embeddings."
+    x = w[e + "word_embeddings.weight"][ids] + w[e + "position_embeddings.weight"][:T]
+    x = _ln(x + w[e + "token_type_embeddings.weight"][types], w, e + "LayerNorm", BERT_EPS)
+    live = np.arange(T) < length
+    maps = []
+    for i in range(L):
+        h = f"encoder.layer.{i}."
+        q, k, v = (
+            _lin(x, w, f"{h}attention.self.{n}").reshape(T, N, H).transpose(1, 0, 2)
+            for n in ("query", "key", "value")
+        )
+        p = _softmax(np.where(live, q @ k.transpose(0, 2, 1) / math.sqrt(H), -np.inf))
+        maps.append(p)
+        z = (p @ v).transpose(1, 0, 2).reshape(T, D)
+        x = _ln(
+            x + _lin(z, w, h + "attention.output.dense"),
+            w,
+            h + "attention.output.LayerNorm",
+            BERT_EPS,
+        )
+        f = gelu_exact(_lin(x, w, h + "intermediate.dense"))
+        x = _ln(x + _lin(f, w, h + "output.dense"), w, h + "output.LayerNorm", BERT_EPS)
+    pooled = np.tanh(_lin(x[0], w, "pooler.dense")) if "pooler.dense.weight" in w else None
+    t = "cls.predictions.transform."
+    y = _ln(gelu_exact(_lin(x, w, t + "dense")), w, t + "LayerNorm", BERT_EPS)
+    logits = y @ w[e + "word_embeddings.weight"].T + w["cls.predictions.bias"]
+    return logits, np.stack(maps), pooled
+
+
+def test_bert_logits_attention_and_pooler_equal_the_definition(tmp_path):
+    weights = bert_weights(legacy=True)
+    model = pretrained.load(write_checkpoint(tmp_path / "bert", bert_config(), weights))
+    plain = {k.replace("gamma", "weight").replace("beta", "bias"): v for k, v in weights.items()}
+    ids = IDS[:9]
+    types = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1], np.int32)
+    length = 7  # two padding tokens: attention_mask [1] * 7 + [0] * 2
+    args = (jnp.asarray(ids)[None], jnp.asarray([length]))
+    kwargs = {"token_types": jnp.asarray(types)[None], "hooks": model.attention_hooks()}
+    logits, aux = jax.jit(lambda *a: model(*a, **kwargs))(*args)
+    weights_by_layer = model.attention_sets(aux["activations"])["encoder"][0]
+    want_logits, want_maps, want_pooled = reference_bert(plain, ids, types, length)
+    np.testing.assert_allclose(logits[0], want_logits, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(weights_by_layer, want_maps, rtol=1e-4, atol=1e-5)
+    pooled = model.pool(model.encode(*args, token_types=kwargs["token_types"]))
+    np.testing.assert_allclose(pooled[0], want_pooled, rtol=1e-4, atol=1e-5)
+
+
+def test_bert_without_token_types_reads_type_zero_and_a_base_model_loads(tmp_path):
+    weights = bert_weights(seed=3, mlm=True, pooler=False)
+    model = pretrained.load(write_checkpoint(tmp_path / "mlm", bert_config(), weights))
+    assert model.pooler is None
+    ids = IDS[:6]
+    logits, _ = model(jnp.asarray(ids)[None], jnp.asarray([6]))
+    want, _, _ = reference_bert(weights, ids, np.zeros(6, np.int32), 6)
+    np.testing.assert_allclose(logits[0], want, rtol=1e-4, atol=1e-4)
+    # A BertModel file: no "bert." prefix, a pooler, no masked-LM head.
+    base = {k.removeprefix("bert."): v for k, v in bert_weights(seed=4, mlm=False).items()}
+    model = pretrained.load(write_checkpoint(tmp_path / "base", bert_config(), base))
+    assert model.head_transform is None and model.embed.head_bias is None
+    gpt2 = pretrained.load(write_gpt2(tmp_path / "gpt2", gpt2_weights()))
+    with pytest.raises(ValueError, match=r"token_types: this model has no token-type"):
+        gpt2.embed(jnp.asarray(ids)[None], jnp.arange(6)[None], None, jnp.zeros((1, 6), jnp.int32))
+    with pytest.raises(ValueError, match=r"position_embedding_type 'relative_key' is not"):
+        config = bert_config(position_embedding_type="relative_key")
+        pretrained.load(write_checkpoint(tmp_path / "relative", config, weights))
+    with pytest.raises(ValueError, match=r"hidden_act 'swish' is not supported for bert"):
+        pretrained.load(
+            write_checkpoint(tmp_path / "swish", bert_config(hidden_act="swish"), weights)
+        )
+
+
+# ---------------------------------------------------------------- ViT
+
+IMAGE, PATCH, CHANNELS, CLASSES, VIT_F = 8, 4, 3, 5, 20
+VIT_EPS = 1e-12
+
+
+def vit_weights(seed=0) -> dict[str, np.ndarray]:
+    """ViTForImageClassification's tensors ("vit." prefix) with random values."""
+    normal = _normal(np.random.default_rng(seed))
+    e = "vit.embeddings."
+    patches = (IMAGE // PATCH) ** 2
+    w = {
+        e + "cls_token": normal(1, 1, D),
+        e + "position_embeddings": normal(1, patches + 1, D),
+        e + "patch_embeddings.projection.weight": normal(D, CHANNELS, PATCH, PATCH),
+        e + "patch_embeddings.projection.bias": normal(D),
+    }
+    for i in range(L):
+        h = f"vit.encoder.layer.{i}."
+        for name in ("query", "key", "value"):
+            w.update(linear(normal, f"{h}attention.attention.{name}", D, D))
+        w.update(linear(normal, h + "attention.output.dense", D, D))
+        w.update(layer_norm(normal, h + "layernorm_before", D))
+        w.update(linear(normal, h + "intermediate.dense", D, VIT_F))
+        w.update(linear(normal, h + "output.dense", VIT_F, D))
+        w.update(layer_norm(normal, h + "layernorm_after", D))
+    w.update(layer_norm(normal, "vit.layernorm", D))
+    w.update(linear(normal, "classifier", D, CLASSES))
+    return w
+
+
+def vit_config(**overrides):
+    return {
+        "model_type": "vit",
+        "hidden_size": D,
+        "num_hidden_layers": L,
+        "num_attention_heads": N,
+        "intermediate_size": VIT_F,
+        "hidden_act": "gelu",
+        "layer_norm_eps": VIT_EPS,
+        "image_size": IMAGE,
+        "patch_size": PATCH,
+        "num_channels": CHANNELS,
+        "qkv_bias": True,
+        "id2label": {str(i): f"class {i}" for i in range(CLASSES)},
+        **overrides,
+    }
+
+
+def reference_vit(w, pixels):
+    """ViT's forward (Dosovitskiy et al., 2021; transformers' layout) over one image
+    `[C, H, W]` in float64: (class logits [CLASSES], attention weights [L, N, T, T])."""
+    w = {k.removeprefix("vit."): v.astype(np.float64) for k, v in w.items()}
+    e = "embeddings."
+    g = IMAGE // PATCH
+    # The patch convolution, stride = kernel = PATCH, written as a sum over each patch.
+    grid = pixels.reshape(CHANNELS, g, PATCH, g, PATCH)
+    conv = w[e + "patch_embeddings.projection.weight"]
+    x = np.einsum("cripj,dcij->rpd", grid, conv).reshape(g * g, D)
+    x = x + w[e + "patch_embeddings.projection.bias"]
+    x = np.concatenate([w[e + "cls_token"][0], x]) + w[e + "position_embeddings"][0]
+    T, H = len(x), D // N
+    maps = []
+    for i in range(L):
+        h = f"encoder.layer.{i}."
+        y = _ln(x, w, h + "layernorm_before", VIT_EPS)
+        q, k, v = (
+            _lin(y, w, f"{h}attention.attention.{n}").reshape(T, N, H).transpose(1, 0, 2)
+            for n in ("query", "key", "value")
+        )
+        p = _softmax(q @ k.transpose(0, 2, 1) / math.sqrt(H))
+        maps.append(p)
+        x = x + _lin((p @ v).transpose(1, 0, 2).reshape(T, D), w, h + "attention.output.dense")
+        f = gelu_exact(_lin(_ln(x, w, h + "layernorm_after", VIT_EPS), w, h + "intermediate.dense"))
+        x = x + _lin(f, w, h + "output.dense")
+    return _lin(_ln(x, w, "layernorm", VIT_EPS)[0], w, "classifier"), np.stack(maps)
+
+
+def test_vit_logits_and_attention_equal_the_definition(tmp_path):
+    weights = vit_weights()
+    model = pretrained.load(write_checkpoint(tmp_path / "vit", vit_config(), weights))
+    assert model.cfg.vocab_size == CLASSES and model.cfg.channels == CHANNELS
+    pixels = np.random.default_rng(7).standard_normal((2, CHANNELS, IMAGE, IMAGE))
+    images = jnp.asarray(pixels.transpose(0, 2, 3, 1), jnp.float32)  # [B, H, W, C]
+    logits, aux = jax.jit(lambda x: model(x, hooks=model.attention_hooks()))(images)
+    maps = model.attention_sets(aux["activations"])["encoder"]
+    for b in range(2):
+        want_logits, want_maps = reference_vit(weights, pixels[b])
+        np.testing.assert_allclose(logits[b], want_logits, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(maps[b], want_maps, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match=r"images: expected \[B, 8, 8, 3\], got \[2, 8, 8\]"):
+        model(images[..., 0])
+    base = {k: v for k, v in weights.items() if not k.startswith("classifier")}
+    with pytest.raises(ValueError, match=r"no classifier\.weight"):
+        pretrained.load(write_checkpoint(tmp_path / "base", vit_config(), base))

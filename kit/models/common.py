@@ -59,6 +59,26 @@ class ModelConfig:
     norm_eps: float = 1e-6
     key_bias: bool = False
     tie_embeddings: bool = False
+    # Norms before each sublayer ("pre") or after its residual ("post": BERT, whose
+    # stack then ends without a norm); RMSNorm instead of LayerNorm (T5).
+    norm_position: str = "pre"
+    rms_norm: bool = False
+    # False: no 1/sqrt(H) on the scores (T5, whose initialization folds it in).
+    scale_attention: bool = True
+    # The feed-forward's nonlinearity (kit.nn.ACTIVATIONS) and whether it is gated.
+    activation: str = "gelu_tanh"
+    gated: bool = False
+    # BERT: token-type (segment) embeddings, a LayerNorm on the embedding, the masked-LM
+    # head's transform (dense, activation, LayerNorm) and a bias on the tied head, and
+    # the pooler (dense and tanh on the first token).
+    type_vocab_size: int = 0
+    embed_norm: bool = False
+    head_transform: bool = False
+    head_bias: bool = False
+    pooler: bool = False
+    # vision_transformer: colour channels per pixel (images [B, H, W] when 1, else
+    # [B, H, W, C]).
+    channels: int = 1
 
 
 class TaskModel(nnx.Module):
@@ -272,7 +292,12 @@ class Stack(nnx.Module):
                 dropout_rate=cfg.dropout_rate,
                 rope=cfg.positions == "rope",
                 norm_eps=cfg.norm_eps,
+                norm_position=cfg.norm_position,
+                rms_norm=cfg.rms_norm,
                 key_bias=cfg.key_bias,
+                scale_attention=cfg.scale_attention,
+                activation=cfg.activation,
+                gated=cfg.gated,
                 dtype=cfg.dtype,
                 rngs=rngs,
             )
@@ -282,7 +307,12 @@ class Stack(nnx.Module):
         # set of parameters for it.
         shared = block() if cfg.share_layers else None
         self.layers = nnx.List([shared or block() for _ in range(num_layers)])
-        self.norm = nnx.LayerNorm(cfg.d_model, epsilon=cfg.norm_eps, dtype=cfg.dtype, rngs=rngs)
+        # Post-norm blocks end normalized: the stack adds no norm of its own.
+        self.norm = (
+            nn.layer_norm(cfg.d_model, cfg.norm_eps, cfg.rms_norm, cfg.dtype, rngs)
+            if cfg.norm_position == "pre"
+            else None
+        )
         self.alibi = cfg.positions == "alibi"
         # T5's learned relative-position bias, one table per stack shared by its layers.
         self.t5 = (
@@ -357,4 +387,5 @@ class Stack(nnx.Module):
                 **block_kwargs,
             )
             new_caches.append(cache)
-        return self.norm(x), (None if caches is None else new_caches)
+        x = x if self.norm is None else self.norm(x)
+        return x, (None if caches is None else new_caches)

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kit import positional
+from kit import nn, positional
 from kit.models.common import ModelConfig
 
 Array = jax.Array
@@ -45,11 +45,35 @@ class Embedder(nnx.Module):
             else None
         )
         self.sinusoidal = cfg.positions == "sinusoidal"
+        self.types = (
+            nnx.Param(init(rngs.params(), (cfg.type_vocab_size, cfg.d_model)) * 0.02)
+            if cfg.type_vocab_size
+            else None
+        )
+        self.norm = (
+            nn.layer_norm(cfg.d_model, cfg.norm_eps, cfg.rms_norm, cfg.dtype, rngs)
+            if cfg.embed_norm
+            else None
+        )
+        # The tied head's bias (BERT's masked-LM decoder has one; GPT-2's has none).
+        self.head_bias = (
+            nnx.Param(jnp.zeros((cfg.vocab_size,), jnp.float32))
+            if cfg.tie_embeddings and cfg.head_bias
+            else None
+        )
         self.dtype = jnp.dtype(cfg.dtype)
 
-    def __call__(self, tokens: Array, positions: Array, key: Array | None = None) -> Array:
+    def __call__(
+        self,
+        tokens: Array,
+        positions: Array,
+        key: Array | None = None,
+        token_types: Array | None = None,
+    ) -> Array:
         """tokens, positions `[B, T]` -> `[B, T, D]` in the computation dtype.
-        `key`: the draw of randomized positions (see the class), if any."""
+        `key`: the draw of randomized positions (see the class), if any.
+        `token_types` `[B, T]` (BERT's segments; default all 0) for a model with
+        `type_vocab_size`; the embedding's LayerNorm (`embed_norm`) comes last."""
         T = tokens.shape[-1]
         if (self.learned is not None or self.sinusoidal) and self.positions < T:
             raise ValueError(
@@ -72,11 +96,20 @@ class Embedder(nnx.Module):
             x = x + positional.sinusoidal(self.max_len, table.shape[1])[positions].astype(
                 self.dtype
             )
-        return x
+        if self.types is not None:
+            types = jnp.zeros_like(tokens) if token_types is None else token_types
+            x = x + jnp.take(self.types[...].astype(self.dtype), types, axis=0)
+        elif token_types is not None:
+            raise ValueError("token_types: this model has no token-type embedding")
+        return x if self.norm is None else self.norm(x)
 
     def attend(self, x: Array) -> Array:
         """`x [..., D]` -> logits `[..., V]` through the token table (a tied head)."""
-        return x @ self.tokens[...].astype(x.dtype).T
+        logits = x @ self.tokens[...].astype(x.dtype).T
+        if self.head_bias is not None:
+            bias = self.head_bias[...].astype(x.dtype)
+            logits = logits + bias.reshape((1,) * (logits.ndim - 1) + bias.shape)
+        return logits
 
 
 def output_head(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Linear | None:
@@ -87,6 +120,26 @@ def output_head(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Linear | None:
     return nnx.Linear(cfg.d_model, cfg.vocab_size, dtype=cfg.dtype, rngs=rngs)
 
 
+class HeadTransform(nnx.Module):
+    """BERT's masked-LM transform before the head: dense D -> D, activation, LayerNorm."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.dense = nnx.Linear(cfg.d_model, cfg.d_model, dtype=cfg.dtype, rngs=rngs)
+        self.norm = nn.layer_norm(cfg.d_model, cfg.norm_eps, cfg.rms_norm, cfg.dtype, rngs)
+        self.activation = cfg.activation
+
+    def __call__(self, x: Array) -> Array:
+        return self.norm(nn.ACTIVATIONS[self.activation](self.dense(x)))
+
+
+def head_transform(cfg: ModelConfig, rngs: nnx.Rngs) -> HeadTransform | None:
+    """The transform before the output head (`cfg.head_transform`), or None."""
+    return HeadTransform(cfg, rngs) if cfg.head_transform else None
+
+
 def head_logits(model, x: Array) -> Array:
-    """The logits of a text model (one with `embed` and `head`) from its last states."""
+    """The logits of a text model (one with `embed`, `head` and `head_transform`)
+    from its last states."""
+    if model.head_transform is not None:
+        x = model.head_transform(x)
     return model.embed.attend(x) if model.head is None else model.head(x)

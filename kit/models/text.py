@@ -12,7 +12,7 @@ from flax import nnx
 from kit import decode, tasks
 from kit.models import packing
 from kit.models.common import ModelConfig, Stack, TaskModel, attention_pass, until_eos
-from kit.models.embedder import Embedder, head_logits, output_head
+from kit.models.embedder import Embedder, head_logits, head_transform, output_head
 
 Array = jax.Array
 
@@ -22,12 +22,12 @@ def _positions(tokens: Array, start: Array | int = 0) -> Array:
     return jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
 
 
-def _encode(model, src, src_lengths, dropout_rng, tap, packed=None):
+def _encode(model, src, src_lengths, dropout_rng, tap, packed=None, token_types=None):
     """The bidirectional encoder stack of `model` over src `[B, S]` -> `[B, S, D]`.
     `packed`: a packed batch's src_positions and src_segments (`kit.models.packing`)."""
     positions = _positions(src) if packed is None else packed["src_positions"]
     x, _ = model.encoder(
-        model.embed(src, positions, dropout_rng),
+        model.embed(src, positions, dropout_rng, token_types),
         positions=positions,
         segments=None if packed is None else packed["src_segments"],
         lengths=src_lengths,
@@ -156,6 +156,7 @@ class EncoderDecoder(TaskModel):
         self.embed = Embedder(cfg, rngs=rngs)
         self.encoder = Stack(cfg, cfg.num_layers, cross=False, rngs=rngs)
         self.decoder = Stack(cfg, cfg.num_decoder_layers, cross=True, rngs=rngs)
+        self.head_transform = head_transform(cfg, rngs)
         self.head = output_head(cfg, rngs)
 
     def encode(self, src, src_lengths, *, dropout_rng=None, hooks=None, packed=None):
@@ -287,6 +288,7 @@ class DecoderOnly(TaskModel):
         self.cfg = cfg
         self.embed = Embedder(cfg, rngs=rngs)
         self.decoder = Stack(cfg, cfg.num_layers, cross=False, rngs=rngs)
+        self.head_transform = head_transform(cfg, rngs)
         self.head = output_head(cfg, rngs)
 
     def __call__(
@@ -388,11 +390,49 @@ class EncoderOnly(TaskModel):
         self.cfg = cfg
         self.embed = Embedder(cfg, rngs=rngs)
         self.encoder = Stack(cfg, cfg.num_layers, cross=False, rngs=rngs)
+        self.head_transform = head_transform(cfg, rngs)
         self.head = output_head(cfg, rngs)
+        # BERT's pooler: dense and tanh on the first token's last state.
+        self.pooler = (
+            nnx.Linear(cfg.d_model, cfg.d_model, dtype=cfg.dtype, rngs=rngs) if cfg.pooler else None
+        )
 
-    def __call__(self, src, src_lengths, *, dropout_rng=None, hooks=None, packed=None):
+    def __call__(
+        self,
+        src,
+        src_lengths,
+        *,
+        token_types=None,
+        dropout_rng=None,
+        hooks=None,
+        packed=None,
+    ):
         """src `[B, T]` -> per-position logits `[B, T, V]`, aux. `hooks` reads and
-        writes "encoder.<l>..." points (`hook_points()`)."""
+        writes "encoder.<l>..." points (`hook_points()`). `token_types` `[B, T]`:
+        BERT's segment ids (a model with `type_vocab_size`)."""
         tap = self.tap(hooks)
-        x = _encode(self, src, src_lengths, dropout_rng, tap, packed)
+        x = self.encode(
+            src,
+            src_lengths,
+            token_types=token_types,
+            dropout_rng=dropout_rng,
+            tap=tap,
+            packed=packed,
+        )
         return head_logits(self, x), _aux(hooks, tap)
+
+    def encode(
+        self, src, src_lengths, *, token_types=None, dropout_rng=None, tap=None, packed=None
+    ):
+        """The encoder's last states `[B, T, D]` (before the head)."""
+        tap = tap if tap is not None else self.tap(None)
+        return _encode(self, src, src_lengths, dropout_rng, tap, packed, token_types)
+
+    def pool(self, states):
+        """BERT's pooled output `[B, D]`: tanh(dense(first token's last state)).
+
+        Raises:
+          ValueError: for a model without a pooler (`model.pooler`)."""
+        if self.pooler is None:
+            raise ValueError("model.pooler: this model has no pooler")
+        return jnp.tanh(self.pooler(states[:, 0]))

@@ -29,17 +29,20 @@ CLASS_TOKEN = 0
 
 
 def patchify(images: Array, patch_size: int) -> Array:
-    """`[B, H, W]` -> `[B, (H / p) * (W / p), p * p]`: row-major patches, each row-major.
+    """`[B, H, W]` or `[B, H, W, C]` -> `[B, (H / p) * (W / p), p * p * C]`: row-major
+    patches, each row-major with its channels last.
 
     Raises:
       ValueError: naming `patch_size` when it does not divide H and W.
     """
-    B, H, W = images.shape
+    if images.ndim == 3:
+        images = images[..., None]
+    B, H, W, C = images.shape
     p = patch_size
     if H % p or W % p:
         raise ValueError(f"patch_size: must divide the image size {H}x{W}, got {p}")
-    x = images.reshape(B, H // p, p, W // p, p)  # [B, rows, p, cols, p]
-    return jnp.swapaxes(x, 2, 3).reshape(B, (H // p) * (W // p), p * p)
+    x = images.reshape(B, H // p, p, W // p, p, C)  # [B, rows, p, cols, p, C]
+    return jnp.swapaxes(x, 2, 3).reshape(B, (H // p) * (W // p), p * p * C)
 
 
 def sinusoidal_2d(grid: int, dim: int) -> Array:
@@ -60,7 +63,9 @@ class VisionTransformer(TaskModel):
         self.cfg = cfg
         grid = cfg.image_size // cfg.patch_size
         init = nnx.initializers.normal(0.02)
-        self.patch_embed = nnx.Linear(cfg.patch_size**2, cfg.d_model, dtype=cfg.dtype, rngs=rngs)
+        self.patch_embed = nnx.Linear(
+            cfg.patch_size**2 * cfg.channels, cfg.d_model, dtype=cfg.dtype, rngs=rngs
+        )
         self.class_token = nnx.Param(init(rngs.params(), (cfg.d_model,)))
         self.learned = (
             nnx.Param(init(rngs.params(), (grid * grid + 1, cfg.d_model)))
@@ -78,10 +83,16 @@ class VisionTransformer(TaskModel):
         dropout_rng=None,
         hooks=None,
     ):
-        """images `[B, H, W]` -> class logits `[B, C]` and aux. `hooks` reads and
+        """images `[B, H, W]` (or `[B, H, W, C]` with `cfg.channels` C > 1) -> class
+        logits `[B, classes]` and aux. `hooks` reads and
         writes "encoder.<l>..." points (`hook_points()`), over T = 1 + number of
         patches tokens, the class token first."""
         tap = self.tap(hooks)
+        want = (self.cfg.image_size,) * 2 + ((self.cfg.channels,) if self.cfg.channels > 1 else ())
+        if tuple(images.shape[1:]) != want:
+            raise ValueError(
+                f"images: expected [B, {', '.join(map(str, want))}], got {list(images.shape)}"
+            )
         x = self.patch_embed(patchify(images, self.cfg.patch_size))  # [B, P, D]
         B, P, D = x.shape
         cls = jnp.broadcast_to(self.class_token[...].astype(x.dtype), (B, 1, D))

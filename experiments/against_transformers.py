@@ -1,0 +1,182 @@
+"""kit.pretrained against transformers itself: tiny checkpoints that transformers
+initializes and saves, loaded by the kit, logits and every attention map compared.
+
+    python experiments/against_transformers.py --python=/path/to/venv/bin/python
+
+torch and transformers are never the kit's dependencies: --python names an interpreter
+of a throwaway virtual environment that has them (`pip install torch==2.13.0
+transformers safetensors`). That interpreter runs this file with --write: it builds
+tiny models of each family (random weights, transformers' own initialization),
+`save_pretrained`s them (safetensors) and records their outputs on fixed inputs with
+output_attentions=True, and GPT-2's greedy `generate`. This interpreter (the kit's)
+then loads each folder with `kit.pretrained.load` and prints the largest relative
+difference of the logits and of the attention maps (the tolerance is 1e-4), and
+whether the generated ids are the same. Exits 1 if any family is off.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+FAMILIES = ("gpt2", "bert", "bert_base", "vit")
+IDS = [[3, 17, 5, 5, 39, 0, 12, 8, 21, 33]]
+TYPES = [[0, 0, 0, 0, 1, 1, 1, 1, 1, 1]]
+MASK = [[1, 1, 1, 1, 1, 1, 1, 1, 0, 0]]  # BERT: the last two tokens are padding
+GENERATE = {"prompt": 4, "new": 8}
+
+
+def write(root: str) -> None:
+    """In the torch environment: save each family's tiny model and its outputs."""
+    import numpy as np
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(0)
+    # "eager": the attention transformers can return (its sdpa path returns none).
+    small = dict(num_hidden_layers=2, num_attention_heads=4, hidden_size=32, intermediate_size=37)
+    eager = dict(attn_implementation="eager")
+    models = {
+        "gpt2": tf.GPT2LMHeadModel(
+            tf.GPT2Config(
+                vocab_size=40,
+                n_positions=16,
+                n_embd=32,
+                n_layer=2,
+                n_head=4,
+                bos_token_id=None,
+                eos_token_id=None,
+                **eager,
+            )
+        ),
+        "bert": tf.BertForMaskedLM(
+            tf.BertConfig(vocab_size=40, max_position_embeddings=16, **small, **eager)
+        ),
+        "bert_base": tf.BertModel(
+            tf.BertConfig(vocab_size=40, max_position_embeddings=16, **small, **eager)
+        ),
+        "vit": tf.ViTForImageClassification(
+            tf.ViTConfig(image_size=8, patch_size=4, num_channels=3, num_labels=5, **small, **eager)
+        ),
+    }
+    for name, model in models.items():
+        model.eval()
+        # transformers' init leaves LayerNorms at 1 and 0 and biases at 0: perturb them
+        # so that a swapped weight and bias, or a missing bias, shows.
+        with torch.no_grad():
+            for key, p in model.named_parameters():
+                if key.endswith("bias") or "LayerNorm" in key or "layernorm" in key or "ln_" in key:
+                    p.add_(0.1 * torch.randn_like(p))
+        folder = os.path.join(root, name)
+        model.save_pretrained(folder, safe_serialization=True)
+        out = {}
+        with torch.no_grad():
+            if name == "vit":
+                pixels = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 3, 8, 8)))
+                result = model(pixel_values=pixels.float(), output_attentions=True)
+                out["pixel_values"] = pixels.numpy()
+            elif name.startswith("bert"):
+                result = model(
+                    input_ids=torch.tensor(IDS),
+                    token_type_ids=torch.tensor(TYPES),
+                    attention_mask=torch.tensor(MASK),
+                    output_attentions=True,
+                )
+            else:
+                result = model(input_ids=torch.tensor(IDS), output_attentions=True)
+                prompt = torch.tensor(IDS)[:, : GENERATE["prompt"]]
+                ids = model.generate(
+                    prompt,
+                    max_new_tokens=GENERATE["new"],
+                    do_sample=False,
+                    pad_token_id=0,
+                    attention_mask=torch.ones_like(prompt),
+                )
+                out["generated"] = ids.numpy()
+        if name == "bert_base":
+            out["logits"] = result.last_hidden_state.numpy()
+            out["pooled"] = result.pooler_output.numpy()
+        else:
+            out["logits"] = result.logits.numpy()
+        out["attentions"] = np.stack([a.numpy() for a in result.attentions], axis=1)
+        np.savez(os.path.join(folder, "outputs.npz"), **out)
+    with open(os.path.join(root, "versions.json"), "w") as f:
+        json.dump({"torch": torch.__version__, "transformers": tf.__version__}, f)
+
+
+def _relative(got, want) -> float:
+    import numpy as np
+
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-30))
+
+
+def check(root: str) -> bool:
+    """In the kit's environment: load each folder and compare with transformers' outputs."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from kit import decode, pretrained
+
+    with open(os.path.join(root, "versions.json")) as f:
+        print("transformers side:", json.load(f))
+    ok = True
+    for name in FAMILIES:
+        folder = os.path.join(root, name)
+        want = dict(np.load(os.path.join(folder, "outputs.npz")))
+        model = pretrained.load(folder)
+        hooks = model.attention_hooks()
+        extra = ""
+        if name == "vit":
+            images = jnp.asarray(want["pixel_values"].transpose(0, 2, 3, 1), jnp.float32)
+            logits, aux = model(images, hooks=hooks)
+        elif name.startswith("bert"):
+            ids, lengths = jnp.asarray(IDS), jnp.asarray(np.sum(MASK, axis=1))
+            types = jnp.asarray(TYPES)
+            logits, aux = model(ids, lengths, token_types=types, hooks=hooks)
+            if name == "bert_base":  # no head: the last hidden state and the pooler
+                logits = model.encode(ids, lengths, token_types=types)
+                pooled = _relative(model.pool(logits), want["pooled"])
+                extra = f"  pooler {pooled:.1e}"
+                ok &= pooled < 1e-4
+        else:
+            ids = jnp.asarray(IDS)
+            logits, aux = model(ids, jnp.ones(ids.shape, bool), hooks=hooks)
+            prompt = ids[:, : GENERATE["prompt"]]
+            new = decode.greedy_decoder_only(
+                model, prompt, jnp.ones(prompt.shape, bool), length=GENERATE["new"]
+            )
+            same = np.asarray(jnp.concatenate([prompt, new], axis=1)).tolist()
+            same = same == want["generated"].tolist()
+            extra = f"  generate {'same ids' if same else 'DIFFERENT ids'}"
+            ok &= same
+        (attention_set,) = model.ATTENTION_SETS
+        maps = model.attention_sets(aux["activations"])[attention_set]
+        logit_error = _relative(logits, want["logits"])
+        map_error = _relative(maps, want["attentions"])
+        good = logit_error < 1e-4 and map_error < 1e-4
+        ok &= good
+        print(
+            f"{name:10s} {'ok ' if good else 'OFF'} logits {logit_error:.1e}  "
+            f"attention maps {map_error:.1e} ({maps.shape[1]} layers x {maps.shape[2]} heads)"
+            f"{extra}"
+        )
+    return ok
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) == 3 and argv[1] == "--write":
+        write(argv[2])
+        return 0
+    python = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--python=")), None)
+    if python is None:
+        print(__doc__)
+        return 2
+    with tempfile.TemporaryDirectory() as root:
+        subprocess.run([python, os.path.abspath(__file__), "--write", root], check=True)
+        return 0 if check(root) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -20,10 +20,11 @@ import subprocess
 import sys
 import tempfile
 
-FAMILIES = ("gpt2", "bert", "bert_base", "vit")
+FAMILIES = ("gpt2", "bert", "bert_base", "vit", "t5_v1_0", "t5_v1_1")
 IDS = [[3, 17, 5, 5, 39, 0, 12, 8, 21, 33]]
 TYPES = [[0, 0, 0, 0, 1, 1, 1, 1, 1, 1]]
 MASK = [[1, 1, 1, 1, 1, 1, 1, 1, 0, 0]]  # BERT: the last two tokens are padding
+DECODER_IDS = [[0, 7, 7, 30, 2, 11]]  # T5: the start token (0), then any tokens
 GENERATE = {"prompt": 4, "new": 8}
 
 
@@ -37,6 +38,16 @@ def write(root: str) -> None:
     # "eager": the attention transformers can return (its sdpa path returns none).
     small = dict(num_hidden_layers=2, num_attention_heads=4, hidden_size=32, intermediate_size=37)
     eager = dict(attn_implementation="eager")
+    t5 = dict(
+        vocab_size=40,
+        d_model=32,
+        d_kv=8,
+        d_ff=37,
+        num_layers=2,
+        num_heads=4,
+        eos_token_id=None,
+        decoder_start_token_id=0,
+    )
     models = {
         "gpt2": tf.GPT2LMHeadModel(
             tf.GPT2Config(
@@ -59,6 +70,17 @@ def write(root: str) -> None:
         "vit": tf.ViTForImageClassification(
             tf.ViTConfig(image_size=8, patch_size=4, num_channels=3, num_labels=5, **small, **eager)
         ),
+        # v1.0: ReLU, head tied and scaled; v1.1: gated GELU, untied head, and heads whose
+        # width is not d_model / num_heads (as t5-v1_1-small's 6 heads of 64 in 512).
+        "t5_v1_0": tf.T5ForConditionalGeneration(tf.T5Config(**t5, **eager)),
+        "t5_v1_1": tf.T5ForConditionalGeneration(
+            tf.T5Config(
+                **{**t5, "num_heads": 3, "d_kv": 8},
+                feed_forward_proj="gated-gelu",
+                tie_word_embeddings=False,
+                **eager,
+            )
+        ),
     }
     for name, model in models.items():
         model.eval()
@@ -76,6 +98,20 @@ def write(root: str) -> None:
                 pixels = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 3, 8, 8)))
                 result = model(pixel_values=pixels.float(), output_attentions=True)
                 out["pixel_values"] = pixels.numpy()
+            elif name.startswith("t5"):
+                result = model(
+                    input_ids=torch.tensor(IDS),
+                    attention_mask=torch.tensor(MASK),
+                    decoder_input_ids=torch.tensor(DECODER_IDS),
+                    output_attentions=True,
+                )
+                ids = model.generate(
+                    torch.tensor(IDS),
+                    attention_mask=torch.tensor(MASK),
+                    max_new_tokens=GENERATE["new"],
+                    do_sample=False,
+                )
+                out["generated"] = ids.numpy()
             elif name.startswith("bert"):
                 result = model(
                     input_ids=torch.tensor(IDS),
@@ -99,7 +135,12 @@ def write(root: str) -> None:
             out["pooled"] = result.pooler_output.numpy()
         else:
             out["logits"] = result.logits.numpy()
-        out["attentions"] = np.stack([a.numpy() for a in result.attentions], axis=1)
+        if name.startswith("t5"):
+            for kind in ("encoder", "decoder", "cross"):
+                maps = getattr(result, f"{kind}_attentions")
+                out[f"attentions_{kind}"] = np.stack([a.numpy() for a in maps], axis=1)
+        else:
+            out["attentions"] = np.stack([a.numpy() for a in result.attentions], axis=1)
         np.savez(os.path.join(folder, "outputs.npz"), **out)
     with open(os.path.join(root, "versions.json"), "w") as f:
         json.dump({"torch": torch.__version__, "transformers": tf.__version__}, f)
@@ -131,6 +172,13 @@ def check(root: str) -> bool:
         if name == "vit":
             images = jnp.asarray(want["pixel_values"].transpose(0, 2, 3, 1), jnp.float32)
             logits, aux = model(images, hooks=hooks)
+        elif name.startswith("t5"):
+            src, lengths = jnp.asarray(IDS), jnp.asarray(np.sum(MASK, axis=1))
+            logits, aux = model(src, lengths, jnp.asarray(DECODER_IDS), hooks=hooks)
+            new = decode.greedy_encoder_decoder(model, src, lengths, bos=0, length=GENERATE["new"])
+            same = [[0, *np.asarray(new[0]).tolist()]] == want["generated"].tolist()
+            extra = f"  generate {'same ids' if same else 'DIFFERENT ids'}"
+            ok &= same
         elif name.startswith("bert"):
             ids, lengths = jnp.asarray(IDS), jnp.asarray(np.sum(MASK, axis=1))
             types = jnp.asarray(TYPES)
@@ -151,10 +199,17 @@ def check(root: str) -> bool:
             same = same == want["generated"].tolist()
             extra = f"  generate {'same ids' if same else 'DIFFERENT ids'}"
             ok &= same
-        (attention_set,) = model.ATTENTION_SETS
-        maps = model.attention_sets(aux["activations"])[attention_set]
+        sets = model.attention_sets(aux["activations"])
+        if name.startswith("t5"):
+            map_error = max(
+                _relative(sets[k], want[f"attentions_{k}"]) for k in sets if k != "vectors"
+            )
+            maps = sets["encoder"]
+        else:
+            (attention_set,) = model.ATTENTION_SETS
+            maps = sets[attention_set]
+            map_error = _relative(maps, want["attentions"])
         logit_error = _relative(logits, want["logits"])
-        map_error = _relative(maps, want["attentions"])
         good = logit_error < 1e-4 and map_error < 1e-4
         ok &= good
         print(

@@ -18,12 +18,12 @@ Array = jax.Array
 def init_caches(cfg: Any, num_layers: int, batch: int, length: int, dtype=None):
     """Empty caches for `num_layers` layers: `[B, Smax, K, H]` zeros, index 0.
 
-    `cfg` is a `kit.models.ModelConfig` (d_model, num_heads, num_kv_heads, dtype:
+    `cfg` is a `kit.models.ModelConfig` (d_model, num_heads, num_kv_heads, head_dim, dtype:
     the caches' dtype unless `dtype` is given).
     """
     dtype = jnp.dtype(cfg.dtype if dtype is None else dtype)
     kv_heads = cfg.num_kv_heads or cfg.num_heads
-    shape = (batch, length, kv_heads, cfg.d_model // cfg.num_heads)
+    shape = (batch, length, kv_heads, cfg.head_dim or cfg.d_model // cfg.num_heads)
     return [
         {"key": jnp.zeros(shape, dtype), "value": jnp.zeros(shape, dtype), "index": jnp.int32(0)}
         for _ in range(num_layers)

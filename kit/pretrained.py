@@ -337,11 +337,129 @@ def _vit_state(cfg: models.ModelConfig, tensors: Tensors) -> State:
     return state
 
 
+# T5's feed_forward_proj -> (the kit's activation, gated); transformers runs "gated-gelu"
+# with gelu_new, GELU's tanh form.
+_T5_FEED_FORWARD = {
+    "relu": ("relu", False),
+    "gelu": ("gelu", False),
+    "gated-gelu": ("gelu_tanh", True),
+    "gated-relu": ("relu", True),
+}
+
+
+def _t5_config(config: dict[str, Any], tensors: Tensors, dtype: str) -> models.ModelConfig:
+    """T5 (v1.0: ReLU, the head reading the last states scaled by d_model ** -0.5;
+    v1.1 / flan: gated GELU, no scaling, often an untied head): the encoder-decoder
+    model with RMSNorm before each sublayer, no 1/sqrt(d) in attention, no biases (the
+    kit's are zero) and T5's relative-position bias as a score function, one table per
+    stack."""
+    proj = config.get("feed_forward_proj", "relu")
+    if proj not in _T5_FEED_FORWARD:
+        raise ValueError(
+            f"config.json: feed_forward_proj {proj!r} is not supported for t5 (the kit "
+            f"runs {', '.join(sorted(_T5_FEED_FORWARD))})"
+        )
+    activation, gated = _T5_FEED_FORWARD[proj]
+    buckets = int(config.get("relative_attention_num_buckets", 32))
+    distance = int(config.get("relative_attention_max_distance", 128))
+    if (buckets, distance) != (models.common.T5_BUCKETS, models.common.T5_MAX_DISTANCE):
+        raise ValueError(
+            f"config.json: relative_attention_num_buckets {buckets} and _max_distance "
+            f"{distance}; the kit's T5 positions have {models.common.T5_BUCKETS} and "
+            f"{models.common.T5_MAX_DISTANCE}"
+        )
+    # Files written by transformers 4 say tie_word_embeddings false for v1.1 and store
+    # lm_head.weight; transformers 5 writes scale_decoder_outputs (v1.0's scaling) and
+    # always ties. The head is its own where the file has one.
+    scale = config.get("scale_decoder_outputs", config.get("tie_word_embeddings", True))
+    layers = int(config["num_layers"])
+    return models.ModelConfig(
+        kind="encoder_decoder",
+        vocab_size=int(config["vocab_size"]),
+        d_model=int(config["d_model"]),
+        num_heads=int(config["num_heads"]),
+        head_dim=int(config["d_kv"]),
+        num_layers=layers,
+        num_decoder_layers=int(config.get("num_decoder_layers") or layers),
+        d_ff=int(config["d_ff"]),
+        # Relative positions only: no table limits the length (the views' max_len).
+        max_len=int(config.get("n_positions", 512)),
+        positions="t5",
+        dtype=dtype,
+        norm_eps=float(config.get("layer_norm_epsilon", 1e-6)),
+        rms_norm=True,
+        scale_attention=False,
+        activation=activation,
+        gated=gated,
+        tie_embeddings="lm_head.weight" not in tensors,
+        scale_head_input=bool(scale),
+    )
+
+
+def _t5_state(cfg: models.ModelConfig, tensors: Tensors) -> State:
+    read = _Reader("t5", tensors)
+    D, F, V, N = cfg.d_model, cfg.d_ff, cfg.vocab_size, cfg.num_heads
+    H = cfg.head_dim
+    shared = "shared.weight" if read.has("shared.weight") else "encoder.embed_tokens.weight"
+    state: State = {("embed", "tokens"): (shared, read.get(shared, (V, D)))}
+
+    def zero(*shape):  # a kit bias where T5 has none
+        return ("(none in T5)", np.zeros(shape, np.float32))
+
+    def attention(key: str) -> dict:
+        out = {}
+        for ours, theirs in (("query", "q"), ("key", "k"), ("value", "v")):
+            w = read.get(f"{key}.{theirs}.weight", (N * H, D))
+            out[(ours, "kernel")] = (f"{key}.{theirs}.weight", w.T.reshape(D, N, H))
+        w = read.get(f"{key}.o.weight", (D, N * H))
+        out[("out", "kernel")] = (f"{key}.o.weight", w.T.reshape(N, H, D))
+        out[("query", "bias")] = out[("value", "bias")] = zero(N, H)
+        out[("out", "bias")] = zero(D)
+        return out
+
+    def feed_forward(key: str) -> dict:
+        ups = {"gate": "wi_0", "up": "wi_1"} if cfg.gated else {"up": "wi"}
+        out = {}
+        for ours, theirs in ups.items():
+            w = read.get(f"{key}.{theirs}.weight", (F, D))
+            out[(ours, "kernel")] = (f"{key}.{theirs}.weight", w.T)
+            out[(ours, "bias")] = zero(F)
+        out[("down", "kernel")] = (f"{key}.wo.weight", read.get(f"{key}.wo.weight", (D, F)).T)
+        out[("down", "bias")] = zero(D)
+        return out
+
+    for stack, layers in (("encoder", cfg.num_layers), ("decoder", cfg.num_decoder_layers)):
+        bias = f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+        state[(stack, "t5")] = (bias, read.get(bias, (models.common.T5_BUCKETS, N)))
+        state[(stack, "norm", "scale")] = (
+            f"{stack}.final_layer_norm.weight",
+            read.get(f"{stack}.final_layer_norm.weight", (D,)),
+        )
+        for i in range(layers):
+            b, layer = f"{stack}.block.{i}.layer.", (stack, "layers", i)
+            _put(state, (*layer, "self_attention"), attention(b + "0.SelfAttention"))
+            _put(state, (*layer, "norm_self"), read.norm(b + "0.layer_norm", D, bias=False))
+            ff = 1
+            if stack == "decoder":
+                _put(state, (*layer, "cross_attention"), attention(b + "1.EncDecAttention"))
+                _put(state, (*layer, "norm_cross"), read.norm(b + "1.layer_norm", D, bias=False))
+                ff = 2
+            _put(state, (*layer, "feed_forward"), feed_forward(f"{b}{ff}.DenseReluDense"))
+            _put(state, (*layer, "norm_ff"), read.norm(f"{b}{ff}.layer_norm", D, bias=False))
+    if not cfg.tie_embeddings:
+        _put(state, ("head",), {
+            "kernel": ("lm_head.weight", read.get("lm_head.weight", (V, D)).T),
+            "bias": zero(V),
+        })  # fmt: skip
+    return state
+
+
 # model_type -> (the kit ModelConfig of a config.json, the kit state of its tensors)
 FAMILIES: dict[str, tuple[Callable, Callable]] = {
     "gpt2": (_gpt2_config, _gpt2_state),
     "bert": (_bert_config, _bert_state),
     "vit": (_vit_config, _vit_state),
+    "t5": (_t5_config, _t5_state),
 }
 
 

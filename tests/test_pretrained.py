@@ -448,3 +448,186 @@ def test_vit_logits_and_attention_equal_the_definition(tmp_path):
     base = {k: v for k, v in weights.items() if not k.startswith("classifier")}
     with pytest.raises(ValueError, match=r"no classifier\.weight"):
         pretrained.load(write_checkpoint(tmp_path / "base", vit_config(), base))
+
+
+# ---------------------------------------------------------------- T5
+
+T5_F, T5_EPS = 20, 1e-6
+
+
+def t5_weights(seed, *, heads, d_kv, gated, lm_head) -> dict[str, np.ndarray]:
+    """T5ForConditionalGeneration's tensors (no biases anywhere; the relative-position
+    table only in block 0 of each stack), random values."""
+    normal = _normal(np.random.default_rng(seed))
+    inner = heads * d_kv
+    w = {"shared.weight": normal(V, D, scale=1.0)}
+
+    def attention(key):
+        for n in ("q", "k", "v"):
+            w[f"{key}.{n}.weight"] = normal(inner, D)
+        w[f"{key}.o.weight"] = normal(D, inner)
+
+    def feed_forward(key):
+        for n in ("wi_0", "wi_1") if gated else ("wi",):
+            w[f"{key}.{n}.weight"] = normal(T5_F, D)
+        w[f"{key}.wo.weight"] = normal(D, T5_F)
+
+    for stack in ("encoder", "decoder"):
+        w[f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"] = normal(
+            32, heads, scale=1.0
+        )
+        for i in range(L):
+            b = f"{stack}.block.{i}.layer."
+            attention(b + "0.SelfAttention")
+            norms = [b + "0.layer_norm"]
+            if stack == "decoder":
+                attention(b + "1.EncDecAttention")
+                norms.append(b + "1.layer_norm")
+            ff = 2 if stack == "decoder" else 1
+            feed_forward(f"{b}{ff}.DenseReluDense")
+            norms.append(f"{b}{ff}.layer_norm")
+            w.update({n + ".weight": 1 + normal(D) for n in norms})
+        w[f"{stack}.final_layer_norm.weight"] = 1 + normal(D)
+    if lm_head:
+        w["lm_head.weight"] = normal(V, D)
+    return w
+
+
+def t5_bucket(relative, bidirectional, buckets=32, max_distance=128):
+    """T5's bucket of key position minus query position (Raffel et al., 2020): exact
+    buckets for short distances, logarithmic ones up to max_distance; both directions
+    apart when bidirectional, else only the past."""
+    out = 0
+    if bidirectional:
+        buckets //= 2
+        out = buckets if relative > 0 else 0
+        distance = abs(relative)
+    else:
+        distance = max(-relative, 0)
+    exact = buckets // 2
+    if distance < exact:
+        return out + distance
+    log = math.log(distance / exact) / math.log(max_distance / exact)
+    return out + min(exact + int(log * (buckets - exact)), buckets - 1)
+
+
+def reference_t5(w, src, length, tgt, *, heads, d_kv, gated, scale_output):
+    """T5's forward in float64 over one source `[S]` (its first `length` tokens real)
+    and decoder input `[T]`: (logits [T, V], {set: attention [L, N, T, S]})."""
+    w = {k: v.astype(np.float64) for k, v in w.items()}
+
+    def rms(x, name):
+        return x / np.sqrt((x**2).mean(-1, keepdims=True) + T5_EPS) * w[name + ".weight"]
+
+    def attention(key, x, memory, bias, live):
+        q, k, v = (
+            (a @ w[f"{key}.{n}.weight"].T).reshape(len(a), heads, d_kv).transpose(1, 0, 2)
+            for n, a in (("q", x), ("k", memory), ("v", memory))
+        )
+        p = _softmax(np.where(live, q @ k.transpose(0, 2, 1) + bias, -np.inf))  # no 1/sqrt(d)
+        z = (p @ v).transpose(1, 0, 2).reshape(len(x), heads * d_kv)
+        return z @ w[f"{key}.o.weight"].T, p
+
+    def feed_forward(key, x):
+        if gated:
+            gate = x @ w[key + ".wi_0.weight"].T
+            gelu = 0.5 * gate * (1 + np.tanh(math.sqrt(2 / math.pi) * (gate + 0.044715 * gate**3)))
+            h = gelu * (x @ w[key + ".wi_1.weight"].T)
+        else:
+            h = np.maximum(x @ w[key + ".wi.weight"].T, 0)
+        return h @ w[key + ".wo.weight"].T
+
+    def position_bias(stack, T, S, bidirectional):
+        table = w[f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
+        buckets = [[t5_bucket(s - t, bidirectional) for s in range(S)] for t in range(T)]
+        return table[np.array(buckets)].transpose(2, 0, 1)  # [N, T, S]
+
+    maps = {"encoder": [], "decoder": [], "cross": []}
+    S, T = len(src), len(tgt)
+    live_src = np.arange(S) < length
+    x = w["shared.weight"][src]
+    bias = position_bias("encoder", S, S, True)
+    for i in range(L):
+        b = f"encoder.block.{i}.layer."
+        n = rms(x, b + "0.layer_norm")
+        h, p = attention(b + "0.SelfAttention", n, n, bias, live_src)
+        maps["encoder"].append(p)
+        x = x + h
+        x = x + feed_forward(b + "1.DenseReluDense", rms(x, b + "1.layer_norm"))
+    memory = rms(x, "encoder.final_layer_norm")
+    y = w["shared.weight"][tgt]
+    bias = position_bias("decoder", T, T, False)
+    causal = np.tril(np.ones((T, T), bool))
+    for i in range(L):
+        b = f"decoder.block.{i}.layer."
+        n = rms(y, b + "0.layer_norm")
+        h, p = attention(b + "0.SelfAttention", n, n, bias, causal)
+        maps["decoder"].append(p)
+        y = y + h
+        n = rms(y, b + "1.layer_norm")
+        h, p = attention(b + "1.EncDecAttention", n, memory, 0.0, live_src)
+        maps["cross"].append(p)
+        y = y + h
+        y = y + feed_forward(b + "2.DenseReluDense", rms(y, b + "2.layer_norm"))
+    y = rms(y, "decoder.final_layer_norm")
+    if scale_output:
+        y = y * D**-0.5
+    head = w.get("lm_head.weight", w["shared.weight"])
+    return y @ head.T, {k: np.stack(v) for k, v in maps.items()}
+
+
+def t5_config(heads, d_kv, gated, **overrides):
+    return {
+        "model_type": "t5",
+        "vocab_size": V,
+        "d_model": D,
+        "d_kv": d_kv,
+        "d_ff": T5_F,
+        "num_layers": L,
+        "num_heads": heads,
+        "feed_forward_proj": "gated-gelu" if gated else "relu",
+        "layer_norm_epsilon": T5_EPS,
+        **overrides,
+    }
+
+
+# v1.0 (ReLU, tied head on scaled states); v1.1 as transformers 4 wrote it (gated GELU,
+# tie_word_embeddings false, lm_head stored) and as transformers 5 writes it (no
+# lm_head, scale_decoder_outputs false); heads of 8 wide, 3 of them in D = 16.
+T5_KINDS = {
+    "v1.0": (dict(heads=2, d_kv=8, gated=False), {}, False, True),
+    "v1.1": (dict(heads=3, d_kv=8, gated=True), {"tie_word_embeddings": False}, True, False),
+    "v1.1, transformers 5": (
+        dict(heads=3, d_kv=8, gated=True),
+        {"scale_decoder_outputs": False},
+        False,
+        False,
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", list(T5_KINDS))
+def test_t5_logits_attention_and_generation_equal_the_definition(tmp_path, kind):
+    shape, extra, lm_head, scale = T5_KINDS[kind]
+    weights = t5_weights(5, **shape, lm_head=lm_head)
+    model = pretrained.load(write_checkpoint(tmp_path / "t5", t5_config(**shape, **extra), weights))
+    src, length = IDS, 8  # two padding tokens; distances up to 9 reach the log buckets
+    # 12 decoder tokens: past distances from 10 on fall in other buckets one-directionally
+    # (16 exact) than both ways (8 exact, then logarithmic).
+    tgt = np.array([0, 7, 7, 30, 2, 11, 4, 19, 19, 1, 25, 6], np.int32)
+    args = (jnp.asarray(src)[None], jnp.asarray([length]), jnp.asarray(tgt)[None])
+    logits, aux = jax.jit(lambda *a: model(*a, hooks=model.attention_hooks()))(*args)
+    sets = model.attention_sets(aux["activations"])
+    want_logits, want_maps = reference_t5(weights, src, length, tgt, **shape, scale_output=scale)
+    np.testing.assert_allclose(logits[0], want_logits, rtol=1e-4, atol=1e-4)
+    for name, maps in want_maps.items():
+        np.testing.assert_allclose(sets[name][0], maps, rtol=1e-4, atol=1e-5, err_msg=name)
+    # Greedy generation from the start token (0) against argmax of full forwards.
+    new = jax.jit(lambda s, n: decode.greedy_encoder_decoder(model, s, n, bos=0, length=5))(
+        args[0], args[1]
+    )
+    ids = [0]
+    for _ in range(5):
+        step, _ = reference_t5(weights, src, length, np.array(ids), **shape, scale_output=scale)
+        ids.append(int(np.argmax(step[-1])))
+    assert np.asarray(new[0]).tolist() == ids[1:]

@@ -76,6 +76,10 @@ class ModelConfig:
     head_transform: bool = False
     head_bias: bool = False
     pooler: bool = False
+    # Per-head width when it is not d_model / num_heads (T5 v1.1: 512 wide, 6 heads of 64),
+    # and T5 v1.0's head, which reads the last states scaled by d_model ** -0.5.
+    head_dim: int | None = None
+    scale_head_input: bool = False
     # vision_transformer: colour channels per pixel (images [B, H, W] when 1, else
     # [B, H, W, C]).
     channels: int = 1
@@ -287,6 +291,7 @@ class Stack(nnx.Module):
                 cfg.num_heads,
                 cfg.d_ff,
                 num_kv_heads=cfg.num_kv_heads,
+                head_dim=cfg.head_dim,
                 cross_attention=cross,
                 feed_forward=cfg.feed_forward,
                 dropout_rate=cfg.dropout_rate,

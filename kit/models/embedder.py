@@ -142,4 +142,6 @@ def head_logits(model, x: Array) -> Array:
     from its last states."""
     if model.head_transform is not None:
         x = model.head_transform(x)
+    if model.cfg.scale_head_input:  # T5 v1.0
+        x = x * jnp.asarray(model.cfg.d_model**-0.5, x.dtype)
     return model.embed.attend(x) if model.head is None else model.head(x)

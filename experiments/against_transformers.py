@@ -154,11 +154,12 @@ def _relative(got, want) -> float:
 
 
 def check(root: str) -> bool:
-    """In the kit's environment: load each folder and compare with transformers' outputs."""
-    import jax.numpy as jnp
+    """In the kit's environment: load each folder and compare with transformers' outputs,
+    through transformers' own call convention (`kit.hf`): the same keyword arguments,
+    `output_attentions=True`, `generate`."""
     import numpy as np
 
-    from kit import decode, pretrained
+    from kit import pretrained
 
     with open(os.path.join(root, "versions.json")) as f:
         print("transformers side:", json.load(f))
@@ -167,49 +168,52 @@ def check(root: str) -> bool:
         folder = os.path.join(root, name)
         want = dict(np.load(os.path.join(folder, "outputs.npz")))
         model = pretrained.load(folder)
-        hooks = model.attention_hooks()
         extra = ""
         if name == "vit":
-            images = jnp.asarray(want["pixel_values"].transpose(0, 2, 3, 1), jnp.float32)
-            logits, aux = model(images, hooks=hooks)
+            out = model(pixel_values=want["pixel_values"], output_attentions=True)
         elif name.startswith("t5"):
-            src, lengths = jnp.asarray(IDS), jnp.asarray(np.sum(MASK, axis=1))
-            logits, aux = model(src, lengths, jnp.asarray(DECODER_IDS), hooks=hooks)
-            new = decode.greedy_encoder_decoder(model, src, lengths, bos=0, length=GENERATE["new"])
-            same = [[0, *np.asarray(new[0]).tolist()]] == want["generated"].tolist()
+            ids, mask = np.array(IDS), np.array(MASK)
+            out = model(
+                input_ids=ids,
+                attention_mask=mask,
+                decoder_input_ids=np.array(DECODER_IDS),
+                output_attentions=True,
+            )
+            new = model.generate(ids, attention_mask=mask, max_new_tokens=GENERATE["new"])
+            same = np.asarray(new).tolist() == want["generated"].tolist()
             extra = f"  generate {'same ids' if same else 'DIFFERENT ids'}"
             ok &= same
         elif name.startswith("bert"):
-            ids, lengths = jnp.asarray(IDS), jnp.asarray(np.sum(MASK, axis=1))
-            types = jnp.asarray(TYPES)
-            logits, aux = model(ids, lengths, token_types=types, hooks=hooks)
+            out = model(
+                input_ids=np.array(IDS),
+                token_type_ids=np.array(TYPES),
+                attention_mask=np.array(MASK),
+                output_attentions=True,
+            )
             if name == "bert_base":  # no head: the last hidden state and the pooler
-                logits = model.encode(ids, lengths, token_types=types)
-                pooled = _relative(model.pool(logits), want["pooled"])
+                out = out.replace(logits=out.last_hidden_state)
+                pooled = _relative(out.pooler_output, want["pooled"])
                 extra = f"  pooler {pooled:.1e}"
                 ok &= pooled < 1e-4
         else:
-            ids = jnp.asarray(IDS)
-            logits, aux = model(ids, jnp.ones(ids.shape, bool), hooks=hooks)
+            ids = np.array(IDS)
+            out = model(input_ids=ids, output_attentions=True)
             prompt = ids[:, : GENERATE["prompt"]]
-            new = decode.greedy_decoder_only(
-                model, prompt, jnp.ones(prompt.shape, bool), length=GENERATE["new"]
-            )
-            same = np.asarray(jnp.concatenate([prompt, new], axis=1)).tolist()
-            same = same == want["generated"].tolist()
+            new = model.generate(prompt, max_new_tokens=GENERATE["new"])
+            same = np.asarray(new).tolist() == want["generated"].tolist()
             extra = f"  generate {'same ids' if same else 'DIFFERENT ids'}"
             ok &= same
-        sets = model.attention_sets(aux["activations"])
         if name.startswith("t5"):
+            kinds = ("encoder", "decoder", "cross")
             map_error = max(
-                _relative(sets[k], want[f"attentions_{k}"]) for k in sets if k != "vectors"
+                _relative(np.stack(getattr(out, f"{k}_attentions"), 1), want[f"attentions_{k}"])
+                for k in kinds
             )
-            maps = sets["encoder"]
+            maps = np.stack(out.encoder_attentions, 1)
         else:
-            (attention_set,) = model.ATTENTION_SETS
-            maps = sets[attention_set]
+            maps = np.stack(out.attentions, 1)
             map_error = _relative(maps, want["attentions"])
-        logit_error = _relative(logits, want["logits"])
+        logit_error = _relative(out.logits, want["logits"])
         good = logit_error < 1e-4 and map_error < 1e-4
         ok &= good
         print(

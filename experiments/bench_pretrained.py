@@ -13,6 +13,8 @@ the matmul peak measured in the same run (the fastest of 10 runs of a 2048^3 mat
 
 import json
 import os
+import resource
+import subprocess
 import tempfile
 import time
 
@@ -31,6 +33,39 @@ flags.DEFINE_integer("length", 1024, "Tokens of the forward pass (B=1).")
 flags.DEFINE_integer("prompt", 32, "Prompt tokens of the generation.")
 flags.DEFINE_integer("new_tokens", 128, "Tokens generated greedily.")
 flags.DEFINE_integer("repeats", 3, "Timed runs per figure (the median is printed).")
+flags.DEFINE_string(
+    "torch_python",
+    None,
+    "An interpreter with torch and transformers (a throwaway virtual environment, never the "
+    "kit's): transformers' GPT2LMHeadModel on the same files is timed in the same run.",
+)
+
+# transformers' side, run by --torch_python: the same figures on the same folder.
+TORCH_SIDE = """
+import json, sys, time
+import torch, transformers
+folder, T, prompt, new, repeats = sys.argv[1], *map(int, sys.argv[2:6])
+start = time.perf_counter()
+model = transformers.GPT2LMHeadModel.from_pretrained(folder).eval()
+loaded = time.perf_counter() - start
+g = torch.Generator().manual_seed(1)
+tokens = torch.randint(0, model.config.vocab_size, (1, T), generator=g)
+def median(f):
+    f()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter(); f(); times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+with torch.no_grad():
+    forward = median(lambda: model(tokens))
+    ids = tokens[:, :prompt]
+    generate = median(lambda: model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+        do_sample=False, pad_token_id=0))
+print(json.dumps({"load": loaded, "forward": forward, "generate": generate,
+                  "versions": [torch.__version__, transformers.__version__],
+                  "threads": torch.get_num_threads()}))
+"""
 
 
 def write_random_gpt2(folder: str, V=50257, P=1024, D=768, L=12, N=12) -> None:
@@ -71,9 +106,23 @@ def main(argv):
         if folder is None:
             folder = tmp
             write_random_gpt2(folder)
-        start = time.perf_counter()
-        model = pretrained.load(folder)
-        loaded = time.perf_counter() - start
+        measure(folder)
+
+
+def _rss_gb() -> float:
+    """This process's peak resident memory so far (Linux: ru_maxrss is in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def measure(folder: str) -> None:
+    size = sum(
+        os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder) if "safetensors" in f
+    )
+    before = _rss_gb()
+    start = time.perf_counter()
+    model = pretrained.load(folder)
+    loaded = time.perf_counter() - start
+    load_peak = _rss_gb() - before
     cfg = model.cfg
     if FLAGS.length > cfg.max_len or FLAGS.prompt + FLAGS.new_tokens > cfg.max_len:
         raise app.UsageError(f"--length, --prompt + --new_tokens: at most {cfg.max_len}")
@@ -92,7 +141,9 @@ def main(argv):
     )
     gen_seconds = median_seconds(generate, prompt, repeats=FLAGS.repeats)
     print(
-        f"{params / 1e6:.0f}M parameters, loaded in {loaded:.1f} s; matmul peak {peak:.0f} GFLOP/s"
+        f"{params / 1e6:.0f}M parameters, loaded in {loaded:.1f} s, peak memory "
+        f"+{load_peak:.2f} GB for {size / 2**30:.2f} GB of safetensors "
+        f"({load_peak / (size / 2**30):.1f}x); matmul peak {peak:.0f} GFLOP/s"
     )
     print(
         f"forward B=1 T={T}: {1e3 * seconds:.0f} ms, {flops / seconds / 1e9:.0f} GFLOP/s "
@@ -103,6 +154,26 @@ def main(argv):
         f"{gen_seconds:.2f} s, {FLAGS.new_tokens / gen_seconds:.1f} tokens/s "
         "(the prompt's pass included)"
     )
+    if FLAGS.torch_python:
+        args = [str(a) for a in (folder, T, FLAGS.prompt, FLAGS.new_tokens, FLAGS.repeats)]
+        out = subprocess.run(
+            [FLAGS.torch_python, "-c", TORCH_SIDE, *args], capture_output=True, text=True
+        )
+        if out.returncode:
+            raise SystemExit(f"--torch_python failed:\n{out.stderr[-2000:]}")
+        theirs = json.loads(out.stdout.strip().splitlines()[-1])
+        share = 100 * flops / theirs["forward"] / 1e9 / peak
+        torch_version, transformers_version = theirs["versions"]
+        print(
+            f"transformers {transformers_version} (torch {torch_version}, "
+            f"{theirs['threads']} threads), same files: loaded in {theirs['load']:.1f} s; "
+            f"forward {1e3 * theirs['forward']:.0f} ms ({share:.0f}% of peak); "
+            f"generation {FLAGS.new_tokens / theirs['generate']:.1f} tokens/s"
+        )
+        print(
+            f"kit / transformers: forward time {seconds / theirs['forward']:.2f}x, generation "
+            f"speed {theirs['generate'] / gen_seconds:.2f}x"
+        )
 
 
 if __name__ == "__main__":

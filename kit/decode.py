@@ -30,6 +30,12 @@ def init_caches(cfg: Any, num_layers: int, batch: int, length: int, dtype=None):
     ]
 
 
+def argmax(logits: Array, step: Any = None) -> Array:
+    """The most likely token of each row: logits `[B, V]` -> int32 `[B]`."""
+    del step
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+
 def greedy_encoder_decoder(
     model: Any,
     src: Array,
@@ -40,14 +46,18 @@ def greedy_encoder_decoder(
     forbid: int | None = None,
     until: Array | None = None,
     hooks: Any = None,
+    select: Any = None,
 ) -> Array:
     """Greedy decoding: src `[B, S]` -> tokens `[B, length]` (the BOS is not included).
+    `select(logits [B, V], step)` -> tokens `[B]` picks each token instead of the argmax
+    (a sampler: `kit.pretrained.sampler`).
 
     With `forbid` (a token) and `until` (int `[B]`), row b never emits that token
     at its first until[b] steps: decoding to a given length with end-of-sequence
     forbidden (Lake & Baroni's "given the true output length").
     `hooks`' writes (`kit.hooks.Hooks`) go to every model call; its reads are dropped."""
     hooks = None if hooks is None else hooks.without_reads()
+    select = argmax if select is None else select
     memory, _ = model.encode(src, src_lengths, hooks=hooks)
     caches = init_caches(model.cfg, model.cfg.num_decoder_layers, src.shape[0], length)
 
@@ -58,7 +68,7 @@ def greedy_encoder_decoder(
         if forbid is not None:
             banned = (jnp.arange(logits.shape[-1]) == forbid)[None, :] & (t < until)[:, None]
             logits = jnp.where(banned, -jnp.inf, logits)
-        token = jnp.argmax(logits, axis=-1).astype(jnp.int32)[:, None]
+        token = select(logits, t)[:, None]
         return (aux["caches"], token), token[:, 0]
 
     start = jnp.full((src.shape[0], 1), bos, jnp.int32)
@@ -67,22 +77,30 @@ def greedy_encoder_decoder(
 
 
 def greedy_decoder_only(
-    model: Any, prompt: Array, prompt_mask: Array, *, length: int, hooks: Any = None
+    model: Any,
+    prompt: Array,
+    prompt_mask: Array,
+    *,
+    length: int,
+    hooks: Any = None,
+    select: Any = None,
 ) -> Array:
     """Greedy continuation of prompt `[B, P]` (mask `[B, P]`, False = padding) -> `[B, length]`.
 
-    `hooks`' writes (`kit.hooks.Hooks`) go to every model call; its reads are dropped."""
+    `hooks`' writes (`kit.hooks.Hooks`) go to every model call; its reads are dropped.
+    `select(logits [B, V], step)` -> tokens `[B]` picks each token instead of the argmax."""
     hooks = None if hooks is None else hooks.without_reads()
+    select = argmax if select is None else select
     B, P = prompt.shape
     key_mask = jnp.concatenate([prompt_mask, jnp.ones((B, length), bool)], axis=1)
     caches = init_caches(model.cfg, model.cfg.num_layers, B, P + length)
     logits, aux = model(prompt, key_mask, caches=caches, start=0, hooks=hooks)
-    first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+    first = select(logits[:, -1], 0)
 
     def step(carry, t):
         caches, token = carry
         logits, aux = model(token[:, None], key_mask, caches=caches, start=P + t, hooks=hooks)
-        nxt = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+        nxt = select(logits[:, -1], t + 1)
         return (aux["caches"], nxt), nxt
 
     _, rest = jax.lax.scan(step, (aux["caches"], first), jnp.arange(length - 1, dtype=jnp.int32))

@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kit import models
+from kit import hf, models
 
 Tensors = dict[str, np.ndarray]
 State = dict[tuple, tuple[str, Any]]
@@ -474,8 +474,12 @@ def load(path_or_name: str | os.PathLike, *, dtype: str = "float32") -> nnx.Modu
         a bfloat16 or float16 checkpoint loads either way.
 
     Returns:
-      The kit model (`kit.models`), e.g. a `DecoderOnly` for GPT-2: `model(tokens,
-      key_mask)` gives logits, `kit.decode.greedy_decoder_only` generates.
+      The kit model (`kit.models`): a `DecoderOnly` for GPT-2, an `EncoderOnly` for
+      BERT, an `EncoderDecoder` for T5, a `VisionTransformer` for ViT, which also takes
+      transformers' call convention (`kit.hf`): `model(input_ids=...,
+      output_attentions=True).logits`, `model.generate(ids, max_new_tokens=...)`.
+      `model.tokenizer`: the folder's tokenizer.json as a `tokenizers.Tokenizer`, or
+      None.
 
     Raises:
       ValueError: naming what is wrong: a folder without config.json, a model_type
@@ -497,7 +501,8 @@ def load(path_or_name: str | os.PathLike, *, dtype: str = "float32") -> nnx.Modu
     tensors = _tensors(folder)
     cfg = make_config(config, tensors, dtype)
     state = make_state(cfg, tensors)
-    abstract = nnx.eval_shape(lambda: models.build(cfg, jax.random.key(0)))
+    kind = hf.CLASSES[cfg.kind]
+    abstract = nnx.eval_shape(lambda: kind(cfg, rngs=nnx.Rngs(params=jax.random.key(0))))
     graphdef, params = nnx.split(abstract)
     leaves = dict(nnx.to_flat_state(params))
     missing = sorted(set(leaves) - set(state))
@@ -511,7 +516,24 @@ def load(path_or_name: str | os.PathLike, *, dtype: str = "float32") -> nnx.Modu
                 f"model's {'.'.join(map(str, path))} is {tuple(variable.shape)}"
             )
         variable.set_value(jnp.asarray(np.asarray(array, np.float32)))
-    return nnx.merge(graphdef, nnx.from_flat_state(leaves))
+    model = nnx.merge(graphdef, nnx.from_flat_state(leaves))
+    model.tokenizer = _tokenizer(folder)
+    return model
+
+
+def _tokenizer(folder: str):
+    """The folder's tokenizer.json as a `tokenizers.Tokenizer`, or None without one."""
+    path = os.path.join(folder, "tokenizer.json")
+    if not os.path.exists(path):
+        return None
+    try:
+        import tokenizers
+    except ImportError as error:
+        raise ValueError(
+            f"path_or_name: {folder!r} has a tokenizer.json, which needs the tokenizers "
+            'package (pip install "jax-attention-kit[pretrained]")'
+        ) from error
+    return tokenizers.Tokenizer.from_file(path)
 
 
 def _folder(path_or_name: str | os.PathLike) -> str:

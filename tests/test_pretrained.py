@@ -278,14 +278,15 @@ def _softmax(scores):
 
 def reference_bert(w, ids, types, length):
     """BERT's forward (Devlin et al., 2019; transformers' BertForMaskedLM layout) over
-    one text `[T]` whose first `length` tokens are real (the rest padding), in float64:
-    (MLM logits [T, V], attention weights [L, N, T, T], pooled [D])."""
+    one text `[T]` whose first `length` tokens are real (the rest padding) or whose
+    `length` is a mask `[T]` (True = token), in float64: (MLM logits [T, V], attention
+    weights [L, N, T, T], pooled [D])."""
     w = {k.removeprefix("bert."): v.astype(np.float64) for k, v in w.items()}
     T, H = len(ids), D // N
     e = "embeddings."
     x = w[e + "word_embeddings.weight"][ids] + w[e + "position_embeddings.weight"][:T]
     x = _ln(x + w[e + "token_type_embeddings.weight"][types], w, e + "LayerNorm", BERT_EPS)
-    live = np.arange(T) < length
+    live = np.arange(T) < length if np.ndim(length) == 0 else np.asarray(length, bool)
     maps = []
     for i in range(L):
         h = f"encoder.layer.{i}."
@@ -631,3 +632,108 @@ def test_t5_logits_attention_and_generation_equal_the_definition(tmp_path, kind)
         step, _ = reference_t5(weights, src, length, np.array(ids), **shape, scale_output=scale)
         ids.append(int(np.argmax(step[-1])))
     assert np.asarray(new[0]).tolist() == ids[1:]
+
+
+# ---------------------------------------------------------------- transformers' convention
+
+
+def test_the_transformers_convention_gives_logits_and_every_attention_map(tmp_path):
+    # BERT with a padding gap in the middle (transformers' attention_mask may have one).
+    weights = bert_weights(seed=6)
+    bert = pretrained.load(write_checkpoint(tmp_path / "bert", bert_config(), weights))
+    ids, types = IDS[:9], np.array([0, 0, 0, 1, 1, 1, 1, 1, 1], np.int32)
+    mask = np.array([1, 1, 0, 1, 1, 1, 1, 0, 0], np.int32)
+    out = bert(
+        input_ids=ids[None], attention_mask=mask[None], token_type_ids=types[None],
+        output_attentions=True,
+    )  # fmt: skip
+    logits, maps, pooled = reference_bert(weights, ids, types, mask)
+    np.testing.assert_allclose(out.logits[0], logits, rtol=1e-4, atol=1e-4)
+    assert len(out.attentions) == L and out.attentions[0].shape == (1, N, 9, 9)
+    np.testing.assert_allclose(np.stack(out.attentions)[:, 0], maps, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(out.pooler_output[0], pooled, rtol=1e-4, atol=1e-5)
+    # Positional calls are still the kit model's own (hooks, views, decode).
+    kit_logits, _ = bert(jnp.asarray(ids)[None], jnp.asarray([9]), token_types=types[None])
+    assert kit_logits.shape == (1, 9, V)
+    # T5: encoder, decoder and cross maps; ViT: pixel_values [B, C, H, W].
+    shape, extra, lm_head, scale = T5_KINDS["v1.1"]
+    t5w = t5_weights(8, **shape, lm_head=lm_head)
+    t5 = pretrained.load(write_checkpoint(tmp_path / "t5", t5_config(**shape, **extra), t5w))
+    tgt = np.array([0, 7, 7, 30], np.int32)
+    out = t5(
+        input_ids=IDS[None], attention_mask=(np.arange(10) < 8)[None], decoder_input_ids=tgt[None],
+        output_attentions=True,
+    )  # fmt: skip
+    logits, maps = reference_t5(t5w, IDS, 8, tgt, **shape, scale_output=scale)
+    np.testing.assert_allclose(out.logits[0], logits, rtol=1e-4, atol=1e-4)
+    for name in ("encoder", "decoder", "cross"):
+        got = np.stack(getattr(out, f"{name}_attentions"))[:, 0]
+        np.testing.assert_allclose(got, maps[name], rtol=1e-4, atol=1e-5, err_msg=name)
+    vitw = vit_weights(seed=2)
+    vit = pretrained.load(write_checkpoint(tmp_path / "vit", vit_config(), vitw))
+    pixels = np.random.default_rng(3).standard_normal((1, CHANNELS, IMAGE, IMAGE))
+    out = vit(pixel_values=pixels.astype(np.float32), output_attentions=True)
+    logits, maps = reference_vit(vitw, pixels[0])
+    np.testing.assert_allclose(out.logits[0], logits, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.stack(out.attentions)[:, 0], maps, rtol=1e-4, atol=1e-5)
+    # Inputs a kind does not take, and T5's right padding, are refused by name.
+    with pytest.raises(ValueError, match=r"pixel_values: a encoder-only model takes no such"):
+        bert(input_ids=ids[None], pixel_values=pixels)
+    with pytest.raises(ValueError, match=r"decoder_input_ids: an encoder-decoder call needs"):
+        t5(input_ids=IDS[None])
+    with pytest.raises(ValueError, match=r"attention_mask: an encoder-decoder model reads right"):
+        gap = np.array([[1, 0, 1, 1, 1, 1, 1, 1, 1, 1]])
+        t5(input_ids=IDS[None], attention_mask=gap, decoder_input_ids=tgt[None])
+    with pytest.raises(ValueError, match=r"attention_mask: expected the shape of input_ids"):
+        bert(input_ids=ids[None], attention_mask=mask[None, :5])
+
+
+def test_generate_greedy_and_sampled(tmp_path):
+    weights = gpt2_weights(seed=9)
+    model = pretrained.load(write_gpt2(tmp_path / "gpt2", weights))
+    prompt = IDS[None, :4]
+    greedy = np.asarray(model.generate(prompt, max_new_tokens=6))
+    ids = list(IDS[:4])
+    for _ in range(6):
+        ids.append(int(np.argmax(reference_logits(weights, np.array(ids))[-1])))
+    assert greedy.tolist() == [ids]  # prompt + new, as transformers returns them
+    # top_k=1 is greedy whatever the temperature; top_k=3 draws only among each step's
+    # three most likely tokens (of the reference's logits at the drawn prefix).
+    key = jax.random.key(4)
+    one = model.generate(prompt, max_new_tokens=6, temperature=2.0, top_k=1, rng=key)
+    assert np.asarray(one).tolist() == [ids]
+    drawn = np.asarray(model.generate(prompt, max_new_tokens=6, temperature=5.0, top_k=3, rng=key))[
+        0
+    ]
+    for t in range(4, 10):
+        top3 = np.argsort(reference_logits(weights, drawn[:t])[-1])[-3:]
+        assert drawn[t] in top3
+    assert drawn.tolist() != ids  # at temperature 5 the draw leaves the argmax somewhere
+    again = model.generate(prompt, max_new_tokens=6, temperature=5.0, top_k=3, rng=key)
+    assert np.asarray(again)[0].tolist() == drawn.tolist()  # the same key, the same draw
+    with pytest.raises(ValueError, match=r"max_new_tokens: expected 1 to 12 .* got 13"):
+        model.generate(prompt, max_new_tokens=13)
+    with pytest.raises(ValueError, match=r"rng: sampling \(temperature > 0\) needs"):
+        model.generate(prompt, max_new_tokens=2, temperature=1.0)
+    with pytest.raises(ValueError, match=r"temperature: expected >= 0, got -1"):
+        model.generate(prompt, max_new_tokens=2, temperature=-1)
+    with pytest.raises(ValueError, match=r"top_k: expected at least 1, got 0"):
+        model.generate(prompt, max_new_tokens=2, temperature=1.0, top_k=0, rng=key)
+
+
+def test_a_tokenizer_json_in_the_folder_is_model_tokenizer(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    text = ["Mark told Sam that he was leaving .", "Sam told Mark that she was staying ."]
+    tokenizer.train_from_iterator(text, trainers.WordLevelTrainer(special_tokens=["[UNK]"]))
+    folder = write_gpt2(tmp_path / "gpt2", gpt2_weights())
+    assert pretrained.load(folder).tokenizer is None
+    tokenizer.save(str(folder / "tokenizer.json"))
+    model = pretrained.load(folder)
+    encoded = model.tokenizer.encode("Mark told Sam that he was leaving .")
+    assert encoded.tokens == ["Mark", "told", "Sam", "that", "he", "was", "leaving", "."]
+    assert encoded.ids == tokenizer.encode("Mark told Sam that he was leaving .").ids
+    logits = model(input_ids=np.array([encoded.ids])).logits
+    assert logits.shape == (1, 8, V)

@@ -22,12 +22,17 @@ def _positions(tokens: Array, start: Array | int = 0) -> Array:
     return jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
 
 
-def _encode(model, src, src_lengths, dropout_rng, tap, packed=None, token_types=None):
+def _encode(
+    model, src, src_lengths, dropout_rng, tap, packed=None, token_types=None, key_mask=None
+):
     """The bidirectional encoder stack of `model` over src `[B, S]` -> `[B, S, D]`.
-    `packed`: a packed batch's src_positions and src_segments (`kit.models.packing`)."""
+    `packed`: a packed batch's src_positions and src_segments (`kit.models.packing`).
+    `key_mask` bool `[B, S]` (False = padding, anywhere): instead of src_lengths."""
     positions = _positions(src) if packed is None else packed["src_positions"]
+    extra = {} if key_mask is None else {"mask": key_mask[:, None, None, :]}
     x, _ = model.encoder(
         model.embed(src, positions, dropout_rng, token_types),
+        **extra,
         positions=positions,
         segments=None if packed is None else packed["src_segments"],
         lengths=src_lengths,
@@ -422,11 +427,20 @@ class EncoderOnly(TaskModel):
         return head_logits(self, x), _aux(hooks, tap)
 
     def encode(
-        self, src, src_lengths, *, token_types=None, dropout_rng=None, tap=None, packed=None
+        self,
+        src,
+        src_lengths,
+        *,
+        token_types=None,
+        key_mask=None,
+        dropout_rng=None,
+        tap=None,
+        packed=None,
     ):
-        """The encoder's last states `[B, T, D]` (before the head)."""
+        """The encoder's last states `[B, T, D]` (before the head). `key_mask` bool
+        `[B, T]` (False = padding, anywhere) may stand for `src_lengths` (None)."""
         tap = tap if tap is not None else self.tap(None)
-        return _encode(self, src, src_lengths, dropout_rng, tap, packed, token_types)
+        return _encode(self, src, src_lengths, dropout_rng, tap, packed, token_types, key_mask)
 
     def pool(self, states):
         """BERT's pooled output `[B, D]`: tanh(dense(first token's last state)).

@@ -1,0 +1,345 @@
+"""transformers' call convention on the kit's models, for checkpoints `kit.pretrained` loads.
+
+`kit.pretrained.load` returns one of the classes here: the kit's own model kind (a
+`DecoderOnly` for GPT-2, an `EncoderOnly` for BERT, an `EncoderDecoder` for T5, a
+`VisionTransformer` for ViT) that also answers as transformers' models do:
+
+    out = model(input_ids=ids, attention_mask=mask, output_attentions=True)
+    out.logits, out.attentions          # per layer [B, N, T, S]
+    model.generate(ids, max_new_tokens=20)                 # greedy, with the KV cache
+    model.generate(ids, max_new_tokens=20, temperature=0.8, top_k=40, rng=key)
+
+A call with positional arguments is the kit model's own (`model(tokens, key_mask)`),
+so hooks, `kit.analysis`, `kit.views` and `kit.decode` work unchanged; `model.tokenizer`
+is the checkpoint's `tokenizers.Tokenizer` (None without a tokenizer.json).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from kit import decode, models
+from kit.models.embedder import head_logits
+
+Array = jax.Array
+
+
+@struct.dataclass
+class Output:
+    """What a transformers-style call returns (a pytree: it can leave a jit).
+
+    logits: `[B, T, V]` (ViT: `[B, classes]`). attentions: a tuple of `[B, N, T, S]`
+    per layer, with `output_attentions` (T5: encoder_attentions, decoder_attentions,
+    cross_attentions). last_hidden_state `[B, T, D]` and pooler_output `[B, D]`:
+    BERT's encoder output and pooler (a `BertModel` checkpoint's outputs)."""
+
+    logits: Array
+    attentions: tuple | None = None
+    encoder_attentions: tuple | None = None
+    decoder_attentions: tuple | None = None
+    cross_attentions: tuple | None = None
+    last_hidden_state: Array | None = None
+    pooler_output: Array | None = None
+
+
+def _per_layer(maps: Array | None) -> tuple | None:
+    """`[B, L, N, T, S]` -> L arrays `[B, N, T, S]`, as transformers gives them."""
+    return None if maps is None else tuple(maps[:, i] for i in range(maps.shape[1]))
+
+
+def _mask(attention_mask: Any, input_ids: Array) -> Array:
+    """attention_mask (1 = token, 0 = padding; default all tokens) as bool `[B, T]`."""
+    if attention_mask is None:
+        return jnp.ones(input_ids.shape, bool)
+    mask = jnp.asarray(attention_mask)
+    if mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask: expected the shape of input_ids {tuple(input_ids.shape)}, "
+            f"got {tuple(mask.shape)}"
+        )
+    return mask.astype(bool)
+
+
+def _ids(name: str, ids: Any) -> Array:
+    ids = jnp.asarray(ids)
+    if ids.ndim != 2 or not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise ValueError(f"{name}: expected integer ids [B, T], got {ids.dtype} {list(ids.shape)}")
+    return ids.astype(jnp.int32)
+
+
+def _unexpected(kind: str, given: dict[str, Any]) -> None:
+    extra = sorted(k for k, v in given.items() if v is not None)
+    if extra:
+        raise ValueError(f"{', '.join(extra)}: a {kind} model takes no such input")
+
+
+def _check_sampling(temperature: float, top_k: int | None, rng: Any) -> None:
+    if temperature < 0:
+        raise ValueError(f"temperature: expected >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k: expected at least 1, got {top_k}")
+    if temperature > 0 and rng is None:
+        raise ValueError("rng: sampling (temperature > 0) needs a jax.random key")
+
+
+def sampler(temperature: Any, top_k: int | None, rng: Any):
+    """A token picker for `kit.decode` (`select`): a draw from softmax(logits /
+    temperature) over the top_k most likely tokens (all with None), from `rng` folded
+    with the step. `temperature` and `rng` may be traced."""
+
+    def select(logits: Array, step: Array) -> Array:
+        logits = logits.astype(jnp.float32) / temperature
+        if top_k is not None and top_k < logits.shape[-1]:
+            kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+            logits = jnp.where(logits < kth, -jnp.inf, logits)
+        return jax.random.categorical(jax.random.fold_in(rng, step), logits).astype(jnp.int32)
+
+    return select
+
+
+class _Calls:
+    """The convention's shared parts; `tokenizer` is set by `kit.pretrained.load`."""
+
+    tokenizer: Any = None
+
+    def _with_maps(self, args: tuple, output_attentions: bool):
+        hooks = self.attention_hooks() if output_attentions else None
+        logits, aux = super().__call__(*args, hooks=hooks)  # type: ignore[misc]
+        sets = self.attention_sets(aux["activations"]) if output_attentions else {}
+        return logits, sets
+
+
+class PretrainedDecoderOnly(_Calls, models.DecoderOnly):
+    """GPT-2: `model(input_ids=, attention_mask=, output_attentions=)`, `generate`."""
+
+    def __call__(
+        self,
+        *args,
+        input_ids=None,
+        attention_mask=None,
+        output_attentions=False,
+        token_type_ids=None,
+        decoder_input_ids=None,
+        pixel_values=None,
+        **kwargs,
+    ):
+        if input_ids is None:
+            _unexpected("decoder-only", {"attention_mask": attention_mask})
+            return super().__call__(*args, **kwargs)
+        _unexpected(
+            "decoder-only",
+            {
+                "token_type_ids": token_type_ids,
+                "decoder_input_ids": decoder_input_ids,
+                "pixel_values": pixel_values,
+            },
+        )
+        ids = _ids("input_ids", input_ids)
+        logits, sets = self._with_maps((ids, _mask(attention_mask, ids)), output_attentions)
+        return Output(logits=logits, attentions=_per_layer(sets.get("decoder")))
+
+    def generate(
+        self,
+        input_ids,
+        *,
+        max_new_tokens: int = 20,
+        attention_mask=None,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        rng=None,
+    ) -> Array:
+        """The prompt and `max_new_tokens` more `[B, T + new]`, as transformers'
+        generate returns them: greedy by default, through the KV cache, in one jit.
+
+        Raises:
+          ValueError: naming `max_new_tokens` when the prompt and the new tokens
+            pass the model's positions, and as `sampler`."""
+        ids = _ids("input_ids", input_ids)
+        if max_new_tokens < 1 or ids.shape[1] + max_new_tokens > self.cfg.max_len:
+            raise ValueError(
+                f"max_new_tokens: expected 1 to {self.cfg.max_len - ids.shape[1]} (the "
+                f"prompt's {ids.shape[1]} and the new tokens within the model's "
+                f"{self.cfg.max_len} positions), got {max_new_tokens}"
+            )
+        _check_sampling(temperature, top_k, rng)
+        mask = _mask(attention_mask, ids)
+        new = _jit_generate(self, ids, mask, max_new_tokens, temperature, top_k, rng)
+        return jnp.concatenate([ids, new], axis=1)
+
+
+class PretrainedEncoderOnly(_Calls, models.EncoderOnly):
+    """BERT: `model(input_ids=, attention_mask=, token_type_ids=, output_attentions=)`."""
+
+    def __call__(
+        self,
+        *args,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        output_attentions=False,
+        decoder_input_ids=None,
+        pixel_values=None,
+        **kwargs,
+    ):
+        if input_ids is None:
+            _unexpected("encoder-only", {"attention_mask": attention_mask})
+            return super().__call__(*args, **kwargs)
+        _unexpected(
+            "encoder-only", {"decoder_input_ids": decoder_input_ids, "pixel_values": pixel_values}
+        )
+        ids = _ids("input_ids", input_ids)
+        mask = _mask(attention_mask, ids)
+        types = None if token_type_ids is None else _ids("token_type_ids", token_type_ids)
+        hooks = self.attention_hooks() if output_attentions else None
+        tap = self.tap(hooks)
+        states = self.encode(ids, None, token_types=types, key_mask=mask, tap=tap)
+        logits = head_logits(self, states)
+        sets = self.attention_sets(tap.cache) if output_attentions else {}
+        return Output(
+            logits=logits,
+            attentions=_per_layer(sets.get("encoder")),
+            last_hidden_state=states,
+            pooler_output=None if self.pooler is None else self.pool(states),
+        )
+
+
+class PretrainedEncoderDecoder(_Calls, models.EncoderDecoder):
+    """T5: `model(input_ids=, attention_mask=, decoder_input_ids=, output_attentions=)`,
+    `generate` (decoder ids from the start token, 0)."""
+
+    START = 0  # T5's decoder_start_token_id (its pad token)
+
+    def __call__(
+        self,
+        *args,
+        input_ids=None,
+        attention_mask=None,
+        decoder_input_ids=None,
+        output_attentions=False,
+        token_type_ids=None,
+        pixel_values=None,
+        **kwargs,
+    ):
+        if input_ids is None:
+            _unexpected("encoder-decoder", {"attention_mask": attention_mask})
+            return super().__call__(*args, **kwargs)
+        _unexpected(
+            "encoder-decoder", {"token_type_ids": token_type_ids, "pixel_values": pixel_values}
+        )
+        if decoder_input_ids is None:
+            raise ValueError("decoder_input_ids: an encoder-decoder call needs them")
+        ids = _ids("input_ids", input_ids)
+        lengths = _lengths(_mask(attention_mask, ids))
+        tgt = _ids("decoder_input_ids", decoder_input_ids)
+        logits, sets = self._with_maps((ids, lengths, tgt), output_attentions)
+        return Output(
+            logits=logits,
+            encoder_attentions=_per_layer(sets.get("encoder")),
+            decoder_attentions=_per_layer(sets.get("decoder")),
+            cross_attentions=_per_layer(sets.get("cross")),
+        )
+
+    def generate(
+        self,
+        input_ids,
+        *,
+        max_new_tokens: int = 20,
+        attention_mask=None,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        rng=None,
+    ) -> Array:
+        """Decoder ids `[B, 1 + new]` from the start token, as transformers' generate
+        returns them (it stops at the end-of-sequence token; these do not)."""
+        ids = _ids("input_ids", input_ids)
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens: expected at least 1, got {max_new_tokens}")
+        _check_sampling(temperature, top_k, rng)
+        lengths = _lengths(_mask(attention_mask, ids))
+        new = _jit_generate(self, ids, lengths, max_new_tokens, temperature, top_k, rng)
+        start = jnp.full((ids.shape[0], 1), self.START, jnp.int32)
+        return jnp.concatenate([start, new], axis=1)
+
+
+class PretrainedVisionTransformer(_Calls, models.VisionTransformer):
+    """ViT: `model(pixel_values=[B, C, H, W], output_attentions=)`."""
+
+    def __call__(
+        self,
+        *args,
+        pixel_values=None,
+        output_attentions=False,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        decoder_input_ids=None,
+        **kwargs,
+    ):
+        if pixel_values is None:
+            return super().__call__(*args, **kwargs)
+        _unexpected(
+            "vision",
+            {
+                "input_ids": input_ids,
+                "attention_mask": attention_mask,
+                "token_type_ids": token_type_ids,
+                "decoder_input_ids": decoder_input_ids,
+            },
+        )
+        pixels = jnp.asarray(pixel_values)
+        if pixels.ndim != 4:
+            raise ValueError(f"pixel_values: expected [B, C, H, W], got {list(pixels.shape)}")
+        images = jnp.transpose(pixels, (0, 2, 3, 1))
+        if self.cfg.channels == 1:
+            images = images[..., 0]
+        logits, sets = self._with_maps((images,), output_attentions)
+        return Output(logits=logits, attentions=_per_layer(sets.get("encoder")))
+
+
+def _lengths(mask: Array) -> Array:
+    """The per-row token count of a right-padded mask (the kit's encoder-decoder reads
+    lengths). A concrete mask with a gap or left padding is refused."""
+    if not isinstance(mask, jax.core.Tracer):
+        host = np.asarray(mask)
+        counts = host.sum(axis=1)
+        if not (host == (np.arange(host.shape[1])[None] < counts[:, None])).all():
+            raise ValueError(
+                "attention_mask: an encoder-decoder model reads right-padded inputs "
+                "(ones, then zeros)"
+            )
+    return jnp.sum(mask, axis=1, dtype=jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6))
+def _generate(graphdef, state, first, second, length, greedy, top_k, temperature, rng):
+    model = nnx.merge(graphdef, state)
+    select = decode.argmax if greedy else sampler(temperature, top_k, rng)
+    if isinstance(model, models.EncoderDecoder):
+        return decode.greedy_encoder_decoder(
+            model, first, second, bos=model.START, length=length, select=select
+        )
+    return decode.greedy_decoder_only(model, first, second, length=length, select=select)
+
+
+def _jit_generate(model, first, second, length, temperature, top_k, rng):
+    """Generation in one jit per model structure, length and top_k (the temperature
+    and the key are traced)."""
+    graphdef, state = nnx.split(model)
+    greedy = temperature == 0
+    rng = jax.random.key(0) if rng is None else rng
+    temperature = jnp.float32(1.0 if greedy else temperature)
+    return _generate(graphdef, state, first, second, length, greedy, top_k, temperature, rng)
+
+
+CLASSES = {
+    "decoder_only": PretrainedDecoderOnly,
+    "encoder_only": PretrainedEncoderOnly,
+    "encoder_decoder": PretrainedEncoderDecoder,
+    "vision_transformer": PretrainedVisionTransformer,
+}

@@ -6,6 +6,8 @@
     python experiments/visualize.py --workdir=runs/pronoun \
         --text="Mark told Sam that he was leaving." --compare="Mark told Anna that he was leaving."
     python experiments/visualize.py --workdir=runs/digits --image=0
+    python experiments/visualize.py --pretrained=path/to/bert-base-uncased \
+        --text="Mark told Sam that he was leaving."
 
 Loads config.json and the latest checkpoint of the workdir. With --text it runs
 the model on the text (greedy decoding where it decodes), writes
@@ -22,14 +24,20 @@ Transformer), it draws the held-out image under every layer and head's
 attention from the class token and under the attention rollout. Library logs
 (absl, orbax, jax) appear only with --verbosity=1 or higher; a bad flag value
 ends in one line naming it.
+
+With --pretrained=FOLDER (a Hugging Face checkpoint, `kit.pretrained.load`; its
+tokenizer.json reads the text) instead of --workdir: the same views with the model's
+own tokens; a decoder (GPT-2, T5) first continues the text by --new_tokens greedily.
+Output goes to --out (default ./attention).
 """
 
 import os
 import sys
 
 from absl import app, flags
+from flax import nnx
 
-from kit import training
+from kit import hf, pretrained, training
 from kit.analysis import probe
 
 FLAGS = flags.FLAGS
@@ -40,11 +48,29 @@ flags.DEFINE_string(
 )
 flags.DEFINE_integer("image", None, "Index of a held-out image (Vision Transformer).")
 flags.DEFINE_string("out", None, "Output folder (default: <workdir>/attention).")
-flags.mark_flags_as_required(["workdir"])
+flags.DEFINE_string("pretrained", None, "A Hugging Face checkpoint folder (instead of --workdir).")
+flags.DEFINE_integer("new_tokens", 8, "With --pretrained: tokens a decoder generates first.")
+
+
+def _load(image: bool):
+    """(task, graphdef, params) of --workdir's latest checkpoint or of --pretrained."""
+    if FLAGS.pretrained is None:
+        _, setup, state = training.load_checkpoint(FLAGS.workdir)
+        return setup.task, setup.trainer.graphdef, state["params"]
+    if image:
+        raise ValueError("image: --image reads a workdir's held-out images; use --text")
+    model = pretrained.load(FLAGS.pretrained)
+    name = os.path.basename(os.path.normpath(FLAGS.pretrained))
+    task = hf.TokenizerTask.for_model(model, name, FLAGS.new_tokens)
+    graphdef, params = nnx.split(model)
+    return task, graphdef, params
 
 
 def main(_):
-    out = FLAGS.out or os.path.join(FLAGS.workdir, "attention")
+    if (FLAGS.workdir is None) == (FLAGS.pretrained is None):
+        sys.exit("error: workdir: give exactly one of --workdir and --pretrained")
+    default = "attention" if FLAGS.workdir is None else os.path.join(FLAGS.workdir, "attention")
+    out = FLAGS.out or default
     training.report.quiet_library_logs(FLAGS.verbosity)
     if (FLAGS.text is None) == (FLAGS.image is None):
         sys.exit("error: text: give exactly one of --text and --image")
@@ -53,17 +79,16 @@ def main(_):
     if os.path.exists(out) and not os.path.isdir(out):
         sys.exit(f"error: out: {out} exists and is not a folder; use another --out")
     try:
-        _, setup, state = training.load_checkpoint(FLAGS.workdir)
-        graphdef, params = setup.trainer.graphdef, state["params"]
+        task, graphdef, params = _load(FLAGS.image is not None)
         if FLAGS.image is not None:
-            reading = probe.read_image(setup.task, graphdef, params, FLAGS.image)
+            reading = probe.read_image(task, graphdef, params, FLAGS.image)
         elif FLAGS.compare is not None:
             comparison = probe.compare(
-                setup.task, graphdef, params, FLAGS.text, FLAGS.compare, names=("text", "compare")
+                task, graphdef, params, FLAGS.text, FLAGS.compare, names=("text", "compare")
             )
             reading = comparison.a
         else:
-            reading = probe.read_attention(setup.task, graphdef, params, FLAGS.text)
+            reading = probe.read_attention(task, graphdef, params, FLAGS.text)
     except ValueError as error:
         sys.exit(f"error: {error}")
     if FLAGS.image is not None:

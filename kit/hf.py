@@ -103,6 +103,72 @@ def sampler(temperature: Any, top_k: int | None, rng: Any):
     return select
 
 
+class TokenizerTask:
+    """A pretrained model's tokenizer in the place of a kit task, for the probe, patching
+    and the views (`kit.analysis`): `encode`, `split` (the tokens as text, GPT-2's "Ġ"
+    and SentencePiece's "▁" shown as spaces dropped), `vocab` (token strings by id),
+    `decode`, and the lengths a reading may take (`src_len`: the model's positions;
+    `tgt_len`: tokens generated for a reading).
+
+    Raises (`for_model`):
+      ValueError: naming `model.tokenizer` when the checkpoint has none."""
+
+    def __init__(
+        self, tokenizer: Any, vocab_size: int, max_len: int, *, name: str, new_tokens: int
+    ):
+        self.tokenizer = tokenizer
+        self.name = name
+        self.src_len = max_len
+        self.tgt_len = new_tokens
+        self.words = False
+        by_id = {i: t for t, i in tokenizer.get_vocab().items()}
+        self.vocab = [by_id.get(i, f"<{i}>") for i in range(vocab_size)]
+
+    @classmethod
+    def for_model(cls, model: Any, name: str, new_tokens: int = 8) -> TokenizerTask:
+        if getattr(model, "tokenizer", None) is None:
+            raise ValueError(
+                "model.tokenizer: the checkpoint has no tokenizer.json; the commands read "
+                "text through it"
+            )
+        return cls(
+            model.tokenizer,
+            model.cfg.vocab_size,
+            model.cfg.max_len,
+            name=name,
+            new_tokens=new_tokens,
+        )
+
+    def encode(self, text: str, name: str = "text") -> list[int]:
+        ids = self.tokenizer.encode(text).ids
+        if not ids:
+            raise ValueError(f"{name}: no tokens in {text!r}")
+        bad = [i for i in ids if i >= len(self.vocab)]
+        if bad:
+            raise ValueError(f"{name}: token ids {bad} are outside the model's {len(self.vocab)}")
+        return ids
+
+    def token_id(self, text: str, name: str = "text") -> int:
+        """The id of `text` when the tokenizer reads it as one token (" Mary" in GPT-2).
+
+        Raises:
+          ValueError: naming `name` when `text` is no token or several."""
+        ids = self.tokenizer.encode(text).ids
+        if len(ids) != 1:
+            raise ValueError(f"{name}: {text!r} is {len(ids)} tokens for this tokenizer, not one")
+        return ids[0]
+
+    def split(self, text: str) -> list[str]:
+        return [_shown(t) for t in self.tokenizer.encode(text).tokens]
+
+    def decode(self, ids: Any) -> str:
+        return self.tokenizer.decode([int(i) for i in ids])
+
+
+def _shown(token: str) -> str:
+    return token.replace("Ġ", "").replace("▁", "") or token
+
+
 class _Calls:
     """The convention's shared parts; `tokenizer` is set by `kit.pretrained.load`."""
 
@@ -172,6 +238,30 @@ class PretrainedDecoderOnly(_Calls, models.DecoderOnly):
         new = _jit_generate(self, ids, mask, max_new_tokens, temperature, top_k, rng)
         return jnp.concatenate([ids, new], axis=1)
 
+    def text_logits(self, task, ids, hooks=None):
+        """The tokens as they are (no separator): position t predicts token t + 1."""
+        x = jnp.asarray([ids], jnp.int32)
+        logits, aux = models.DecoderOnly.__call__(self, x, jnp.ones(x.shape, bool), hooks=hooks)
+        return logits, aux, [_shown(task.vocab[i]) for i in ids]
+
+    def read_text(self, task, ids, words):
+        """Greedy continuation by `task.tgt_len` tokens (fewer where the model's
+        positions end), then one pass over text and continuation; query t is labelled
+        with the token it predicts."""
+        new = min(task.tgt_len, self.cfg.max_len - len(ids))
+        out = np.asarray(ids)
+        if new > 0:
+            out = np.asarray(self.generate(np.asarray([ids]), max_new_tokens=new))[0]
+        tokens = jnp.asarray([out], jnp.int32)
+        graphdef, params = nnx.split(self)
+        _, sets = jax.jit(
+            lambda p, t: models.common.attention_pass(graphdef, p, t, jnp.ones(t.shape, bool))
+        )(params, tokens)
+        read = [_shown(task.vocab[i]) for i in out]
+        nxt = np.asarray(self(input_ids=out[None]).logits[0].argmax(-1))
+        predicted = [_shown(task.vocab[i]) for i in nxt]
+        return task.decode(out[len(ids) :]), None, sets, {"decoder": (predicted, read)}
+
 
 class PretrainedEncoderOnly(_Calls, models.EncoderOnly):
     """BERT: `model(input_ids=, attention_mask=, token_type_ids=, output_attentions=)`."""
@@ -207,6 +297,20 @@ class PretrainedEncoderOnly(_Calls, models.EncoderOnly):
             last_hidden_state=states,
             pooler_output=None if self.pooler is None else self.pool(states),
         )
+
+    def text_logits(self, task, ids, hooks=None):
+        """The tokens as the model reads them: the prediction at each position (BERT's
+        masked-LM head)."""
+        x = jnp.asarray([ids], jnp.int32)
+        logits, aux = models.EncoderOnly.__call__(self, x, jnp.asarray([len(ids)]), hooks=hooks)
+        return logits, aux, [_shown(task.vocab[i]) for i in ids]
+
+    def read_text(self, task, ids, words):
+        """One pass; the prediction is the most likely token at each position."""
+        logits, aux = self.text_logits(task, ids, self.attention_hooks())[:2]
+        sets = self.attention_sets(aux["activations"])
+        best = np.asarray(jnp.argmax(logits[0], axis=-1))
+        return task.decode(best), None, sets, {"encoder": (words, words)}
 
 
 class PretrainedEncoderDecoder(_Calls, models.EncoderDecoder):
@@ -265,6 +369,26 @@ class PretrainedEncoderDecoder(_Calls, models.EncoderDecoder):
         new = _jit_generate(self, ids, lengths, max_new_tokens, temperature, top_k, rng)
         start = jnp.full((ids.shape[0], 1), self.START, jnp.int32)
         return jnp.concatenate([start, new], axis=1)
+
+    def read_text(self, task, ids, words):
+        """Greedy decoding of `task.tgt_len` tokens from the start token, then one
+        teacher-forced pass; decoder queries are labelled with the token each
+        position predicts, keys with the token each position reads."""
+        src = np.asarray([ids])
+        out = np.asarray(self.generate(src, max_new_tokens=task.tgt_len))[0]
+        graphdef, params = nnx.split(self)
+        lengths = jnp.asarray([len(ids)], jnp.int32)
+        _, sets = jax.jit(lambda p, s, n, t: models.common.attention_pass(graphdef, p, s, n, t))(
+            params, jnp.asarray(src, jnp.int32), lengths, jnp.asarray([out], jnp.int32)
+        )
+        read = [_shown(task.vocab[i]) for i in out]
+        produced = [*read[1:], "…"]
+        tokens = {
+            "encoder": (words, words),
+            "decoder": (produced, read),
+            "cross": (produced, words),
+        }
+        return task.decode(out[1:]), None, sets, tokens
 
 
 class PretrainedVisionTransformer(_Calls, models.VisionTransformer):

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from flax import nnx
 from safetensors.numpy import save_file
 
 from kit import decode, pretrained
@@ -721,19 +722,151 @@ def test_generate_greedy_and_sampled(tmp_path):
         model.generate(prompt, max_new_tokens=2, temperature=1.0, top_k=0, rng=key)
 
 
-def test_a_tokenizer_json_in_the_folder_is_model_tokenizer(tmp_path):
+TEXTS = [
+    "Mark told Sam that he was leaving .",
+    "When Mary and John went to the store , John gave a drink to",
+    "When Mary and John went to the store , Mary gave a drink to",
+]
+
+
+def write_tokenizer(folder):
+    """A word-level tokenizer trained here on TEXTS (22 words, within V), saved as
+    tokenizer.json; returns it."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.WordLevel(unk_token="[UNK]"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    text = ["Mark told Sam that he was leaving .", "Sam told Mark that she was staying ."]
-    tokenizer.train_from_iterator(text, trainers.WordLevelTrainer(special_tokens=["[UNK]"]))
+    tokenizer.train_from_iterator(TEXTS, trainers.WordLevelTrainer(special_tokens=["[UNK]"]))
+    assert tokenizer.get_vocab_size() <= V
+    tokenizer.save(str(folder / "tokenizer.json"))
+    return tokenizer
+
+
+def test_a_tokenizer_json_in_the_folder_is_model_tokenizer(tmp_path):
     folder = write_gpt2(tmp_path / "gpt2", gpt2_weights())
     assert pretrained.load(folder).tokenizer is None
-    tokenizer.save(str(folder / "tokenizer.json"))
+    tokenizer = write_tokenizer(folder)
     model = pretrained.load(folder)
     encoded = model.tokenizer.encode("Mark told Sam that he was leaving .")
     assert encoded.tokens == ["Mark", "told", "Sam", "that", "he", "was", "leaving", "."]
     assert encoded.ids == tokenizer.encode("Mark told Sam that he was leaving .").ids
     logits = model(input_ids=np.array([encoded.ids])).logits
     assert logits.shape == (1, 8, V)
+
+
+# ---------------------------------------------------------------- the tools on loaded models
+
+
+def test_probe_patching_and_head_measures_read_a_loaded_model(tmp_path):
+    from kit import hf
+    from kit.analysis import heads, patching, probe
+
+    bert_w = bert_weights(seed=11)
+    folder = write_checkpoint(tmp_path / "bert", bert_config(), bert_w)
+    with pytest.raises(ValueError, match=r"model\.tokenizer: the checkpoint has no tokenizer"):
+        hf.TokenizerTask.for_model(pretrained.load(folder), "bert")
+    tokenizer = write_tokenizer(folder)
+    bert = pretrained.load(folder)
+    task = hf.TokenizerTask.for_model(bert, "bert")
+    # The probe's reading: the tokenizer's tokens, the maps of the definition, the
+    # prediction its argmax.
+    reading = probe.read_attention(task, *nnx.split(bert), TEXTS[0])
+    ids = np.array(tokenizer.encode(TEXTS[0]).ids)
+    logits, maps, _ = reference_bert(bert_w, ids, np.zeros(len(ids), int), len(ids))
+    entry = reading.attention["encoder"]
+    assert entry["key_tokens"] == TEXTS[0].split()
+    np.testing.assert_allclose(entry["weights"], maps, rtol=1e-4, atol=1e-5)
+    assert reading.prediction == tokenizer.decode(logits.argmax(-1).tolist())
+    # Head ablation's metric with every head kept: the definition's mean cross-entropy
+    # of each token at its own position, padding left out (texts of 8 and 14 tokens).
+    tokens, mask = heads.text_batch(task, TEXTS[:2], bert.cfg.max_len)
+    assert tokens.shape == (2, 14) and mask.sum() == 8 + 14 and (tokens[0, 8:] == -1).all()
+    measure = heads.text_loss(bert, tokens, mask)
+    want = []
+    for row, live in zip(tokens, mask, strict=True):
+        ref, _, _ = reference_bert(bert_w, np.where(live, row, 0), np.zeros(14, int), live)
+        shifted = ref - ref.max(-1, keepdims=True)
+        logp = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+        want += [-logp[t, row[t]] for t in np.flatnonzero(live)]
+    shapes = bert.attention_shapes()
+    kept = measure({n: np.ones(s, np.float32) for n, s in shapes.items()})
+    np.testing.assert_allclose(kept, np.mean(want), rtol=1e-4)
+    assert measure({n: np.zeros(s, np.float32) for n, s in shapes.items()}) != kept
+    # Patching a loaded GPT-2: the answers by the tokenizer, read at the last position.
+    gpt2_w = gpt2_weights(seed=12)
+    folder = write_gpt2(tmp_path / "gpt2", gpt2_w)
+    write_tokenizer(folder)
+    gpt2 = pretrained.load(folder)
+    task = hf.TokenizerTask.for_model(gpt2, "gpt2")
+    result = patching.patch_text(gpt2, task, TEXTS[1], TEXTS[2], answers=("Mary", "John"))
+    mary, john = (tokenizer.encode(w).ids[0] for w in ("Mary", "John"))
+    for text, got in ((TEXTS[1], result.clean), (TEXTS[2], result.corrupt)):
+        ref = reference_logits(gpt2_w, np.array(tokenizer.encode(text).ids))
+        np.testing.assert_allclose(got, ref[-1, mary] - ref[-1, john], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match=r"answers: 'Mary John' is 2 tokens"):
+        patching.patch_text(gpt2, task, TEXTS[1], TEXTS[2], answers=("Mary John", "John"))
+
+
+@pytest.mark.slow
+def test_the_commands_run_on_loaded_checkpoints(tmp_path):
+    """visualize.py, patch.py and heads.py with --pretrained, generate.py on GPT-2, BERT
+    and T5 folders with a tokenizer (commands in fresh processes, as users run them)."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers import ROOT, command_env
+
+    gpt2 = write_gpt2(tmp_path / "gpt2", gpt2_weights(seed=13))
+    bert = write_checkpoint(tmp_path / "bert", bert_config(), bert_weights(seed=14))
+    shape, extra, lm_head, _ = T5_KINDS["v1.0"]
+    t5 = write_checkpoint(
+        tmp_path / "t5", t5_config(**shape, **extra), t5_weights(15, **shape, lm_head=lm_head)
+    )
+    for folder in (gpt2, bert, t5):
+        write_tokenizer(folder)
+    (tmp_path / "texts.txt").write_text("\n".join(TEXTS) + "\n")
+
+    def run(script, *args):
+        command = [sys.executable, os.path.join(ROOT, "experiments", script), *args]
+        done = subprocess.run(
+            command, env=command_env(), capture_output=True, text=True, timeout=300
+        )
+        return done
+
+    views = run(
+        "visualize.py", f"--pretrained={t5}", f"--text={TEXTS[0]}", f"--out={tmp_path / 'v'}"
+    )
+    assert views.returncode == 0, views.stderr[-3000:]
+    for name in ("encoder.png", "decoder.png", "cross.png", "index.html"):
+        assert (tmp_path / "v" / name).stat().st_size > 1000
+    patch = run(
+        "patch.py", f"--pretrained={gpt2}", f"--clean={TEXTS[1]}", f"--corrupt={TEXTS[2]}",
+        "--answers=Mary,John", f"--out={tmp_path / 'p'}",
+    )  # fmt: skip
+    assert patch.returncode == 0, patch.stderr[-3000:]
+    assert "answer at position 13: 'Mary' (clean) vs 'John'" in patch.stdout
+    report = json.loads((tmp_path / "p" / "patching.json").read_text())
+    assert len(report["positions"]) == L
+    heads = run(
+        "heads.py",
+        f"--pretrained={bert}",
+        f"--texts={tmp_path / 'texts.txt'}",
+        f"--out={tmp_path / 'h'}",
+    )
+    assert heads.returncode == 0, heads.stderr[-3000:]
+    result = json.loads((tmp_path / "h" / "heads.json").read_text())
+    assert result["metric"] == "loss" and np.shape(
+        result["sets"]["encoder"]["ablation"]["per_head"]
+    ) == (L, N)
+    generated = run(
+        "generate.py", f"--pretrained={gpt2}", "--prompt=Mark told Sam", "--max_new_tokens=4"
+    )
+    assert generated.returncode == 0, generated.stderr[-3000:]
+    prompt = [write_tokenizer(gpt2).encode("Mark told Sam").ids]
+    want = pretrained.load(gpt2).generate(np.array(prompt), max_new_tokens=4)
+    assert f"ids:       {np.asarray(want)[0, 3:].tolist()}" in generated.stdout
+    bad = run("heads.py", f"--pretrained={bert}")
+    assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1].startswith("error: texts:")
+    both = run("visualize.py", f"--pretrained={bert}", f"--workdir={tmp_path}", "--text=Mark")
+    assert both.returncode == 1 and "give exactly one of --workdir and --pretrained" in both.stderr

@@ -151,3 +151,76 @@ def antecedent_table(antecedent: Mapping[str, Any], ablated: Any, metric: str) -
         f"{a['spearman_value_weighted_vs_drop']:.2f}"
     )
     return "\n".join(lines)
+
+
+def text_batch(task, texts: list[str], max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Texts through a pretrained model's tokenizer (`kit.hf.TokenizerTask`) as right-
+    padded ids `[B, T]` (-1 at padding) and their mask.
+
+    Raises:
+      ValueError: naming `texts` when there are none or one passes `max_len` tokens."""
+    if not texts:
+        raise ValueError("texts: expected at least one text")
+    ids = [task.encode(text, f"texts[{i}]") for i, text in enumerate(texts)]
+    longest = max(map(len, ids))
+    if longest > max_len:
+        raise ValueError(f"texts: {longest} tokens in a text; the model has {max_len} positions")
+    tokens = np.full((len(ids), longest), -1, np.int32)
+    for i, row in enumerate(ids):
+        tokens[i, : len(row)] = row
+    return tokens, tokens >= 0
+
+
+def text_loss(model, tokens: np.ndarray, mask: np.ndarray):
+    """`loss(head mask)` of a pretrained text model over a text batch (`text_batch`): the
+    mean cross-entropy of each next token (a decoder-only model) or of each token at its
+    own position (an encoder-only model's masked-LM head, nothing masked), with the heads
+    that the mask zeroes ablated (`model.head_ablation`). One compiled program for every
+    mask.
+
+    Raises:
+      ValueError: naming `model.kind` for an encoder-decoder or vision model."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    kind = model.cfg.kind
+    if kind not in ("decoder_only", "encoder_only"):
+        raise ValueError(
+            f"model.kind: head ablation over texts reads a decoder_only or encoder_only "
+            f"model's per-position predictions, not {kind}"
+        )
+    graphdef, params = nnx.split(model)
+    ids = jnp.asarray(np.where(mask, tokens, 0))
+    live = jnp.asarray(mask)
+
+    @jax.jit
+    def loss(params, head_mask):
+        m = nnx.merge(graphdef, params)
+        hooks = m.head_ablation(head_mask)
+        if kind == "decoder_only":
+            logits, _ = m(ids, live, hooks=hooks)
+            logits, targets, weights = logits[:, :-1], ids[:, 1:], live[:, 1:] & live[:, :-1]
+        else:
+            lengths = jnp.sum(live, axis=1, dtype=jnp.int32)
+            logits, _ = m(ids, lengths, hooks=hooks)
+            targets, weights = ids, live
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+        weights = weights.astype(jnp.float32)
+        return jnp.sum(nll * weights) / jnp.sum(weights)
+
+    def measure(head_mask: Mapping[str, np.ndarray]) -> float:
+        masks = {k: jnp.asarray(v, jnp.float32) for k, v in head_mask.items()}
+        return float(loss(params, masks))
+
+    return measure
+
+
+def text_pattern_scores(model, tokens: np.ndarray, mask: np.ndarray):
+    """Pattern scores (`interp.head_scores`) of every head of a pretrained text model
+    over a text batch (`text_batch`), padding ignored: set -> {score: `[L, N]` lists}."""
+    out = model(input_ids=np.where(mask, tokens, 0), attention_mask=mask, output_attentions=True)
+    (name,) = model.ATTENTION_SETS
+    weights = np.stack([np.asarray(a) for a in out.attentions], axis=1)  # [B, L, N, T, S]
+    scores = interp.head_scores(weights, tokens, ignore=[-1])
+    return {name: {k: _nan_to_none(v) for k, v in scores.items()}}

@@ -226,8 +226,9 @@ def patch_text(
     number of tokens) in `model`, a kind with per-position logits
     (`model.text_logits`), read at `position` (default: the last position where
     the two runs predict different tokens) as the logit difference between
-    `answers` (right, wrong; default: each run's prediction there). Returns a
-    `TextPatching`.
+    `answers` (right, wrong; default: each run's prediction there; with `answers` and
+    no `position`, the last position, where a prompt's next token is predicted).
+    Returns a `TextPatching`.
 
     Raises:
       ValueError: naming `corrupt` for a token count other than `clean`'s,
@@ -289,6 +290,8 @@ def patch_text(
 def _answer_ids(task: Any, answers: Any) -> tuple[int, int]:
     if not isinstance(answers, tuple | list) or len(answers) != 2:
         raise ValueError(f"answers: expected (right, wrong) tokens, got {answers!r}")
+    if hasattr(task, "token_id"):  # a pretrained model's tokenizer (kit.hf.TokenizerTask)
+        return task.token_id(answers[0], "answers"), task.token_id(answers[1], "answers")
     unknown = [a for a in answers if a not in task.vocab]
     if unknown:
         raise ValueError(f"answers: {unknown} not in the {task.name} vocabulary")
@@ -297,6 +300,8 @@ def _answer_ids(task: Any, answers: Any) -> tuple[int, int]:
 
 def _answer_position(clean, corrupt, position, length: int, answers) -> int:
     differ = np.flatnonzero(np.asarray(jnp.argmax(clean, -1) != jnp.argmax(corrupt, -1)))
+    if position is None and answers is not None:  # named answers: the next token's
+        return length - 1
     if position is None:
         if not len(differ):
             raise ValueError(

@@ -22,7 +22,7 @@ BERT, whose every position predicts) instead of --workdir:
     python experiments/patch.py --pretrained=path/to/gpt2 \
         --clean="When Mary and John went to the store, John gave a drink to" \
         --corrupt="When Mary and John went to the store, Mary gave a drink to" \
-        --answers=" Mary"," John"
+        --answers=ĠMary,ĠJohn  # the vocabulary's tokens for " Mary", " John"
 
 Output goes to --out (default ./patch).
 """

@@ -149,10 +149,14 @@ class TokenizerTask:
         return ids
 
     def token_id(self, text: str, name: str = "text") -> int:
-        """The id of `text` when the tokenizer reads it as one token (" Mary" in GPT-2).
+        """The id of `text`: a token of the vocabulary as it is written there ("ĠMary",
+        GPT-2's " Mary"), else the one token the tokenizer reads it as.
 
         Raises:
           ValueError: naming `name` when `text` is no token or several."""
+        vocab = self.tokenizer.get_vocab()
+        if text in vocab:
+            return vocab[text]
         ids = self.tokenizer.encode(text).ids
         if len(ids) != 1:
             raise ValueError(f"{name}: {text!r} is {len(ids)} tokens for this tokenizer, not one")

@@ -589,6 +589,45 @@ def test_neuron_view_equals_the_models_weights(open_page):
         np.testing.assert_allclose(softmax, entry["weights"][layer, head, query], rtol=1e-5)
 
 
+@pytest.mark.browser
+def test_a_loaded_bert_in_the_head_and_neuron_views(open_page, tmp_path):
+    """A Hugging Face BERT (written by the test, with a tokenizer trained there), read by
+    the probe: the head view draws the definition's weights over the tokenizer's tokens,
+    and the neuron view's softmax of the model's q and k gives them back."""
+    from flax import nnx
+    from test_pretrained import (
+        TEXTS,
+        bert_config,
+        bert_weights,
+        reference_bert,
+        write_checkpoint,
+        write_tokenizer,
+    )
+
+    from kit import hf, pretrained
+    from kit.analysis import probe
+
+    weights = bert_weights(seed=21)
+    folder = write_checkpoint(tmp_path / "bert", bert_config(), weights)
+    tokenizer = write_tokenizer(folder)
+    model = pretrained.load(folder)
+    task = hf.TokenizerTask.for_model(model, "bert")
+    reading = probe.read_attention(task, *nnx.split(model), TEXTS[0])
+    ids = np.array(tokenizer.encode(TEXTS[0]).ids)
+    _, maps, _ = reference_bert(weights, ids, np.zeros(len(ids), int), len(ids))
+    page = open_page(viewer.attention_html([{"attention": reading.attention}]))
+    shown = page.eval_on_selector_all(".token.key", "els => els.map(e => e.textContent)")
+    assert [t.strip() for t in shown] == TEXTS[0].split()
+    assert lines(page) == expected_lines(maps[0], heads=range(maps.shape[1]))
+    page = open_page(viewer.attention_html([{"attention": reading.attention}], view="neuron"))
+    page.select_option("#layer", "1")
+    page.select_option("#neuron-head", "1")
+    page.select_option("#neuron-query", "4")  # "he"
+    rows, _, _ = neuron_readout(page)
+    softmax = np.array([float(r["weight"]) for r in rows])
+    np.testing.assert_allclose(softmax, maps[1, 1, 4], rtol=1e-4, atol=1e-5)
+
+
 def thumb_pixels(page, selector, cells):
     """RGB at the centre of each (t, s) cell of a heatmap canvas with cells["S"] columns."""
     return page.eval_on_selector(

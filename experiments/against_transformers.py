@@ -11,7 +11,9 @@ tiny models of each family (random weights, transformers' own initialization),
 output_attentions=True, and GPT-2's greedy `generate`. This interpreter (the kit's)
 then loads each folder with `kit.pretrained.load` and prints the largest relative
 difference of the logits and of the attention maps (the tolerance is 1e-4), and
-whether the generated ids are the same. Exits 1 if any family is off.
+whether the generated ids are the same; it saves each model back with
+`kit.pretrained.save`, and the torch interpreter (--read) opens those folders in
+transformers and compares their logits with its own. Exits 1 if any family is off.
 """
 
 import json
@@ -146,6 +148,46 @@ def write(root: str) -> None:
         json.dump({"torch": torch.__version__, "transformers": tf.__version__}, f)
 
 
+def read(root: str) -> None:
+    """In the torch environment: transformers opens the folders the kit saved
+    (`kit.pretrained.save`, <family>-kit) and runs the same inputs; prints the largest
+    relative difference from its own model's logits, one line per family."""
+    import numpy as np
+    import torch
+    import transformers as tf
+
+    classes = {
+        "gpt2": tf.GPT2LMHeadModel,
+        "bert": tf.BertForMaskedLM,
+        "bert_base": tf.BertModel,
+        "vit": tf.ViTForImageClassification,
+        "t5_v1_0": tf.T5ForConditionalGeneration,
+        "t5_v1_1": tf.T5ForConditionalGeneration,
+    }
+    for name, kind in classes.items():
+        want = np.load(os.path.join(root, name, "outputs.npz"))
+        model = kind.from_pretrained(os.path.join(root, name + "-kit")).eval()
+        with torch.no_grad():
+            if name == "vit":
+                got = model(pixel_values=torch.from_numpy(want["pixel_values"]).float()).logits
+            elif name.startswith("t5"):
+                got = model(
+                    input_ids=torch.tensor(IDS),
+                    attention_mask=torch.tensor(MASK),
+                    decoder_input_ids=torch.tensor(DECODER_IDS),
+                ).logits
+            elif name.startswith("bert"):
+                result = model(
+                    input_ids=torch.tensor(IDS),
+                    token_type_ids=torch.tensor(TYPES),
+                    attention_mask=torch.tensor(MASK),
+                )
+                got = result.last_hidden_state if name == "bert_base" else result.logits
+            else:
+                got = model(input_ids=torch.tensor(IDS)).logits
+        print(json.dumps({"family": name, "error": _relative(got.numpy(), want["logits"])}))
+
+
 def _relative(got, want) -> float:
     import numpy as np
 
@@ -168,6 +210,7 @@ def check(root: str) -> bool:
         folder = os.path.join(root, name)
         want = dict(np.load(os.path.join(folder, "outputs.npz")))
         model = pretrained.load(folder)
+        pretrained.save(model, folder + "-kit")  # read back by transformers below
         extra = ""
         if name == "vit":
             out = model(pixel_values=want["pixel_values"], output_attentions=True)
@@ -225,8 +268,8 @@ def check(root: str) -> bool:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) == 3 and argv[1] == "--write":
-        write(argv[2])
+    if len(argv) == 3 and argv[1] in ("--write", "--read"):
+        (write if argv[1] == "--write" else read)(argv[2])
         return 0
     python = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--python=")), None)
     if python is None:
@@ -234,7 +277,20 @@ def main(argv: list[str]) -> int:
         return 2
     with tempfile.TemporaryDirectory() as root:
         subprocess.run([python, os.path.abspath(__file__), "--write", root], check=True)
-        return 0 if check(root) else 1
+        ok = check(root)
+        back = subprocess.run(
+            [python, os.path.abspath(__file__), "--read", root],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        print("transformers opening the folders kit.pretrained.save wrote:")
+        for line in back.stdout.splitlines():
+            row = json.loads(line)
+            good = row["error"] < 1e-4
+            ok &= good
+            print(f"{row['family']:10s} {'ok ' if good else 'OFF'} logits {row['error']:.1e}")
+        return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ kernels; separate query, key and value projections become `[D, N, H]`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Callable
@@ -51,6 +52,24 @@ Tensors = dict[str, np.ndarray]
 State = dict[tuple, tuple[str, Any]]
 
 
+class _Recording:
+    """In place of a checkpoint's tensors, for `save`: each tensor asked for is made of
+    its elements' global indices, so that the family's table (the same one `load`
+    reads with) tells where each element of each kit parameter goes."""
+
+    def __init__(self):
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.offsets: dict[str, int] = {}
+        self.size = 0
+
+    def get(self, key: str, shape: tuple[int, ...]) -> np.ndarray:
+        if key not in self.offsets:
+            self.shapes[key], self.offsets[key] = tuple(shape), self.size
+            self.size += int(np.prod(shape))
+        start = self.offsets[key]
+        return np.arange(start, start + int(np.prod(shape)), dtype=np.int64).reshape(shape)
+
+
 class _Reader:
     """A checkpoint's tensors by key, checked as they are read: a missing key or a
     shape other than the config's is a ValueError naming the key."""
@@ -59,7 +78,10 @@ class _Reader:
         # Keys with or without the task model's prefix ("transformer.", "bert.", "vit."),
         # and LayerNorm's legacy gamma/beta names.
         self.family = family
+        self.recording = tensors if isinstance(tensors, _Recording) else None
         self.tensors = {}
+        if self.recording is not None:
+            return
         for key, value in tensors.items():
             for prefix in prefixes:
                 key = key.removeprefix(prefix)
@@ -68,9 +90,11 @@ class _Reader:
             self.tensors[key] = value
 
     def has(self, key: str) -> bool:
-        return key in self.tensors
+        return self.recording is not None or key in self.tensors
 
     def get(self, key: str, shape: tuple[int, ...]) -> np.ndarray:
+        if self.recording is not None:
+            return self.recording.get(key, shape)
         if key not in self.tensors:
             raise ValueError(
                 f"checkpoint: tensor {key!r} is missing (a {self.family} checkpoint has it)"
@@ -534,6 +558,193 @@ def _tokenizer(folder: str):
             'package (pip install "jax-attention-kit[pretrained]")'
         ) from error
     return tokenizers.Tokenizer.from_file(path)
+
+
+def _gpt2_json(cfg: models.ModelConfig) -> dict[str, Any]:
+    act = {"gelu_tanh": "gelu_new", "gelu": "gelu"}.get(cfg.activation, cfg.activation)
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "vocab_size": cfg.vocab_size,
+        "n_positions": cfg.max_len,
+        "n_embd": cfg.d_model,
+        "n_layer": cfg.num_layers,
+        "n_head": cfg.num_heads,
+        "n_inner": cfg.d_ff,
+        "layer_norm_epsilon": cfg.norm_eps,
+        "activation_function": act,
+        "tie_word_embeddings": True,
+    }
+
+
+def _bert_json(cfg: models.ModelConfig) -> dict[str, Any]:
+    act = {"gelu_tanh": "gelu_new"}.get(cfg.activation, cfg.activation)
+    return {
+        "architectures": ["BertForMaskedLM" if cfg.head_transform else "BertModel"],
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "intermediate_size": cfg.d_ff,
+        "hidden_act": act,
+        "max_position_embeddings": cfg.max_len,
+        "type_vocab_size": cfg.type_vocab_size,
+        "layer_norm_eps": cfg.norm_eps,
+        "position_embedding_type": "absolute",
+    }
+
+
+def _t5_json(cfg: models.ModelConfig) -> dict[str, Any]:
+    proj = {v: k for k, v in _T5_FEED_FORWARD.items()}.get((cfg.activation, cfg.gated), "?")
+    return {
+        "architectures": ["T5ForConditionalGeneration"],
+        "vocab_size": cfg.vocab_size,
+        "d_model": cfg.d_model,
+        "d_kv": cfg.head_dim or cfg.d_model // cfg.num_heads,
+        "d_ff": cfg.d_ff,
+        "num_layers": cfg.num_layers,
+        "num_decoder_layers": cfg.num_decoder_layers,
+        "num_heads": cfg.num_heads,
+        "relative_attention_num_buckets": models.common.T5_BUCKETS,
+        "relative_attention_max_distance": models.common.T5_MAX_DISTANCE,
+        "layer_norm_epsilon": cfg.norm_eps,
+        "feed_forward_proj": proj,
+        # Both ways of saying the head's scaling: transformers 4 reads tie_word_embeddings,
+        # 5 reads scale_decoder_outputs.
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "scale_decoder_outputs": cfg.scale_head_input,
+        "n_positions": cfg.max_len,
+        "decoder_start_token_id": 0,
+        "pad_token_id": 0,
+        "eos_token_id": 1,
+    }
+
+
+def _vit_json(cfg: models.ModelConfig) -> dict[str, Any]:
+    return {
+        "architectures": ["ViTForImageClassification"],
+        "hidden_size": cfg.d_model,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "intermediate_size": cfg.d_ff,
+        "hidden_act": cfg.activation,
+        "layer_norm_eps": cfg.norm_eps,
+        "image_size": cfg.image_size,
+        "patch_size": cfg.patch_size,
+        "num_channels": cfg.channels,
+        "qkv_bias": cfg.key_bias,
+        "num_labels": cfg.vocab_size,
+        "id2label": {str(i): f"LABEL_{i}" for i in range(cfg.vocab_size)},
+        "label2id": {f"LABEL_{i}": i for i in range(cfg.vocab_size)},
+    }
+
+
+# kind -> (model_type, its config.json, the file's keys that shape the config, the
+# prefix of the keys in the file (none for the keys starting with the exception)).
+_SAVES: dict[str, tuple[str, Callable, Callable, Callable]] = {
+    "decoder_only": ("gpt2", _gpt2_json, lambda cfg: {}, lambda key: "transformer." + key),
+    "encoder_only": (
+        "bert",
+        _bert_json,
+        lambda cfg: {
+            **({"cls.predictions.transform.dense.weight": None} if cfg.head_transform else {}),
+            **({"pooler.dense.weight": None} if cfg.pooler else {}),
+        },
+        lambda key: key,  # prefixed below when the file is a BertForMaskedLM
+    ),
+    "encoder_decoder": (
+        "t5",
+        _t5_json,
+        lambda cfg: {} if cfg.tie_embeddings else {"lm_head.weight": None},
+        lambda key: key,
+    ),
+    "vision_transformer": (
+        "vit",
+        _vit_json,
+        lambda cfg: {"classifier.weight": None},
+        lambda key: key if key.startswith("classifier.") else "vit." + key,
+    ),
+}
+# What a config may hold that no checkpoint records (the kit model's training choices).
+_NOT_IN_FILES = ("dropout_rate", "dtype", "key_bias")
+
+
+def save(model: nnx.Module, path: str | os.PathLike) -> str:
+    """Writes `model` in the Hugging Face layout (config.json, model.safetensors in
+    float32, and tokenizer.json when `model.tokenizer` is set) to the folder `path`, for
+    transformers, BertViz or `load`: `load(save(m, p))` equals `m`.
+
+    The model's architecture must be one of the families (`FAMILIES`): a decoder-only
+    model as GPT-2 (learned positions, the head tied, pre-LayerNorm), an encoder-only
+    one as BERT, an encoder-decoder as T5, a vision transformer as ViT. A kit model
+    without GPT-2's or BERT's key bias saves with a zero one (the same function).
+
+    Returns:
+      The folder.
+
+    Raises:
+      ValueError: naming the model option a family's file cannot hold (its value and
+        the family's), a parameter of the model with no place in the file (e.g. a
+        nonzero bias, which T5 has none of), or `path` when it is a file.
+    """
+    cfg = model.cfg
+    if cfg.kind not in _SAVES:
+        raise ValueError(f"model: a {cfg.kind} model has no Hugging Face family")
+    model_type, to_json, keys, prefix = _SAVES[cfg.kind]
+    make_config, make_state = FAMILIES[model_type]
+    config = {"model_type": model_type, **to_json(cfg)}
+    expected = make_config(config, keys(cfg), cfg.dtype)
+    for field in dataclasses.fields(cfg):
+        ours, theirs = getattr(cfg, field.name), getattr(expected, field.name)
+        if field.name not in _NOT_IN_FILES and ours != theirs:
+            raise ValueError(
+                f"model.{field.name}: {ours!r}, but a {model_type} checkpoint holds "
+                f"{theirs!r}; this model has no Hugging Face family to be saved as"
+            )
+    recording = _Recording()
+    table = make_state(expected, recording)
+    params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    extra = sorted(".".join(map(str, p)) for p in set(params) - set(table))
+    if extra:
+        raise ValueError(f"model: parameters {extra} have no place in a {model_type} checkpoint")
+    flat = np.full(recording.size, np.nan, np.float32)
+    for where, (key, index) in table.items():
+        name = ".".join(map(str, where))
+        value = params.get(where)
+        value = np.zeros(index.shape, np.float32) if value is None else np.asarray(value[...])
+        if key.startswith("("):  # a parameter the family does not have: it must be zero
+            if np.any(value != 0):
+                raise ValueError(
+                    f"model.{name}: nonzero, but a {model_type} checkpoint has no such parameter"
+                )
+            continue
+        flat[index] = value.astype(np.float32)
+    tensors = {}
+    for key, shape in recording.shapes.items():
+        start = recording.offsets[key]
+        tensors[key] = flat[start : start + int(np.prod(shape))].reshape(shape)
+    unwritten = sorted(k for k, v in tensors.items() if np.isnan(v).any())
+    if unwritten:  # a table that reads a tensor element no parameter fills
+        raise ValueError(f"checkpoint: tensors {unwritten} got no value from the model")
+    mlm = model_type == "bert" and cfg.head_transform
+    names = {
+        key: ("bert." + key if mlm and not key.startswith("cls.") else prefix(key))
+        for key in tensors
+    }
+    folder = os.fspath(path)
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ValueError(f"path: {folder!r} is a file")
+    os.makedirs(folder, exist_ok=True)
+    from safetensors.numpy import save_file
+
+    save_file(
+        {names[k]: np.ascontiguousarray(v) for k, v in tensors.items()},
+        os.path.join(folder, "model.safetensors"),
+    )
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f, indent=1)
+    if getattr(model, "tokenizer", None) is not None:
+        model.tokenizer.save(os.path.join(folder, "tokenizer.json"))
+    return folder
 
 
 def _folder(path_or_name: str | os.PathLike) -> str:

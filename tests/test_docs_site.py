@@ -40,6 +40,7 @@ API_PAGES = {
         "kit.models.build",
         "kit.models.EncoderDecoder",
         "kit.pretrained.load",
+        "kit.pretrained.save",
         "kit.hf.Output",
     ],
     "api/training.html": ["kit.training.train_and_evaluate", "kit.training.load_checkpoint"],

@@ -179,10 +179,31 @@ class _Calls:
     tokenizer: Any = None
 
     def _with_maps(self, args: tuple, output_attentions: bool):
-        hooks = self.attention_hooks() if output_attentions else None
-        logits, aux = super().__call__(*args, hooks=hooks)  # type: ignore[misc]
-        sets = self.attention_sets(aux["activations"]) if output_attentions else {}
-        return logits, sets
+        """The kit model's call on `args` in one jit (an eager T5 call compiled its
+        score function's pieces one by one: seconds), with the maps by set."""
+        graphdef, state = nnx.split(self)
+        return _maps_call(graphdef, state, bool(output_attentions), args)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _maps_call(graphdef, state, output_attentions: bool, args: tuple):
+    model = nnx.merge(graphdef, state)
+    hooks = model.attention_hooks() if output_attentions else None
+    logits, aux = super(_Calls, model).__call__(*args, hooks=hooks)
+    if not output_attentions:
+        return logits, {}
+    sets = model.attention_sets(aux["activations"])
+    return logits, {name: sets[name] for name in model.ATTENTION_SETS}
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _encoder_call(graphdef, state, output_attentions: bool, ids, mask, types):
+    model = nnx.merge(graphdef, state)
+    tap = model.tap(model.attention_hooks() if output_attentions else None)
+    states = model.encode(ids, None, token_types=types, key_mask=mask, tap=tap)
+    maps = model.attention_sets(tap.cache)["encoder"] if output_attentions else None
+    pooled = None if model.pooler is None else model.pool(states)
+    return head_logits(model, states), maps, states, pooled
 
 
 class PretrainedDecoderOnly(_Calls, models.DecoderOnly):
@@ -290,16 +311,15 @@ class PretrainedEncoderOnly(_Calls, models.EncoderOnly):
         ids = _ids("input_ids", input_ids)
         mask = _mask(attention_mask, ids)
         types = None if token_type_ids is None else _ids("token_type_ids", token_type_ids)
-        hooks = self.attention_hooks() if output_attentions else None
-        tap = self.tap(hooks)
-        states = self.encode(ids, None, token_types=types, key_mask=mask, tap=tap)
-        logits = head_logits(self, states)
-        sets = self.attention_sets(tap.cache) if output_attentions else {}
+        graphdef, state = nnx.split(self)
+        logits, maps, states, pooled = _encoder_call(
+            graphdef, state, bool(output_attentions), ids, mask, types
+        )
         return Output(
             logits=logits,
-            attentions=_per_layer(sets.get("encoder")),
+            attentions=_per_layer(maps),
             last_hidden_state=states,
-            pooler_output=None if self.pooler is None else self.pool(states),
+            pooler_output=pooled,
         )
 
     def text_logits(self, task, ids, hooks=None):

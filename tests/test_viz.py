@@ -589,6 +589,7 @@ def test_neuron_view_equals_the_models_weights(open_page):
         np.testing.assert_allclose(softmax, entry["weights"][layer, head, query], rtol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.browser
 def test_a_loaded_bert_in_the_head_and_neuron_views(open_page, tmp_path):
     """A Hugging Face BERT (written by the test, with a tokenizer trained there), read by

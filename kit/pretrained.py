@@ -1,13 +1,15 @@
-"""Hugging Face checkpoints in the kit's own models: `kit.pretrained.load(path_or_name)`.
+"""Hugging Face checkpoints in the kit's own models: `load(path_or_name)` and `save`.
 
 A checkpoint folder in the Hugging Face layout (config.json, and model.safetensors or a
-sharded model.safetensors.index.json) becomes a kit model (`kit.models`), so that its
-hooks, `kit.analysis`, `kit.views` and decoding work on it unchanged. No torch and no
+sharded model.safetensors.index.json, and tokenizer.json when present) becomes a kit
+model (`kit.models`), so that its hooks, `kit.analysis`, `kit.views` and decoding work on
+it unchanged; it also answers in transformers' call convention (`kit.hf`). `save` writes
+a model back in that layout, through the same tensor tables. No torch and no
 transformers: the tensors are read with `safetensors`' numpy API (`pip install
 "jax-attention-kit[pretrained]"`), and a hub name is fetched with `huggingface_hub` where
 a network exists.
 
-Families so far, each checked against transformers itself
+The families, each checked against transformers itself
 (experiments/against_transformers.py) and against a numpy forward written from its
 definition (tests/test_pretrained.py):
 

@@ -73,12 +73,6 @@ def _ids(name: str, ids: Any) -> Array:
     return ids.astype(jnp.int32)
 
 
-def _unexpected(kind: str, given: dict[str, Any]) -> None:
-    extra = sorted(k for k, v in given.items() if v is not None)
-    if extra:
-        raise ValueError(f"{', '.join(extra)}: a {kind} model takes no such input")
-
-
 def _check_sampling(temperature: float, top_k: int | None, rng: Any) -> None:
     if temperature < 0:
         raise ValueError(f"temperature: expected >= 0, got {temperature}")
@@ -173,10 +167,44 @@ def _shown(token: str) -> str:
     return token.replace("Ġ", "").replace("▁", "") or token
 
 
+# transformers' keyword inputs; a call with any of them is a transformers-style call.
+KEYWORDS = (
+    "input_ids",
+    "attention_mask",
+    "token_type_ids",
+    "decoder_input_ids",
+    "pixel_values",
+    "output_attentions",
+)
+
+
 class _Calls:
-    """The convention's shared parts; `tokenizer` is set by `kit.pretrained.load`."""
+    """The convention's shared parts; `tokenizer` is set by `kit.pretrained.load`.
+
+    A call with transformers' keywords (`KEYWORDS`) goes to the class's `_keywords`
+    with the inputs it takes (`INPUTS`, the first required); any other call is the kit
+    model's own."""
 
     tokenizer: Any = None
+    KIND: str = ""
+    INPUTS: tuple[str, ...] = ()
+
+    def __call__(self, *args, **kwargs):
+        given = {k: kwargs.pop(k) for k in KEYWORDS if k in kwargs}
+        if not given:
+            return super().__call__(*args, **kwargs)  # type: ignore[misc]
+        if args or kwargs:
+            raise ValueError(
+                f"{', '.join(given)}: transformers' inputs come alone, without the kit "
+                "model's own arguments"
+            )
+        output_attentions = bool(given.pop("output_attentions", False))
+        extra = sorted(k for k, v in given.items() if v is not None and k not in self.INPUTS)
+        if extra:
+            raise ValueError(f"{', '.join(extra)}: this {self.KIND} model takes no such input")
+        if given.get(self.INPUTS[0]) is None:
+            raise ValueError(f"{self.INPUTS[0]}: this {self.KIND} model's call needs them")
+        return self._keywords(output_attentions, *(given.get(k) for k in self.INPUTS))
 
     def _with_maps(self, args: tuple, output_attentions: bool):
         """The kit model's call on `args` in one jit (an eager T5 call compiled its
@@ -209,28 +237,9 @@ def _encoder_call(graphdef, state, output_attentions: bool, ids, mask, types):
 class PretrainedDecoderOnly(_Calls, models.DecoderOnly):
     """GPT-2: `model(input_ids=, attention_mask=, output_attentions=)`, `generate`."""
 
-    def __call__(
-        self,
-        *args,
-        input_ids=None,
-        attention_mask=None,
-        output_attentions=False,
-        token_type_ids=None,
-        decoder_input_ids=None,
-        pixel_values=None,
-        **kwargs,
-    ):
-        if input_ids is None:
-            _unexpected("decoder-only", {"attention_mask": attention_mask})
-            return super().__call__(*args, **kwargs)
-        _unexpected(
-            "decoder-only",
-            {
-                "token_type_ids": token_type_ids,
-                "decoder_input_ids": decoder_input_ids,
-                "pixel_values": pixel_values,
-            },
-        )
+    KIND, INPUTS = "decoder-only", ("input_ids", "attention_mask")
+
+    def _keywords(self, output_attentions, input_ids, attention_mask):
         ids = _ids("input_ids", input_ids)
         logits, sets = self._with_maps((ids, _mask(attention_mask, ids)), output_attentions)
         return Output(logits=logits, attentions=_per_layer(sets.get("decoder")))
@@ -266,7 +275,7 @@ class PretrainedDecoderOnly(_Calls, models.DecoderOnly):
     def text_logits(self, task, ids, hooks=None):
         """The tokens as they are (no separator): position t predicts token t + 1."""
         x = jnp.asarray([ids], jnp.int32)
-        logits, aux = models.DecoderOnly.__call__(self, x, jnp.ones(x.shape, bool), hooks=hooks)
+        logits, aux = self(x, jnp.ones(x.shape, bool), hooks=hooks)
         return logits, aux, [_shown(task.vocab[i]) for i in ids]
 
     def read_text(self, task, ids, words):
@@ -279,35 +288,20 @@ class PretrainedDecoderOnly(_Calls, models.DecoderOnly):
             out = np.asarray(self.generate(np.asarray([ids]), max_new_tokens=new))[0]
         tokens = jnp.asarray([out], jnp.int32)
         graphdef, params = nnx.split(self)
-        _, sets = jax.jit(
+        logits, sets = jax.jit(
             lambda p, t: models.common.attention_pass(graphdef, p, t, jnp.ones(t.shape, bool))
         )(params, tokens)
         read = [_shown(task.vocab[i]) for i in out]
-        nxt = np.asarray(self(input_ids=out[None]).logits[0].argmax(-1))
-        predicted = [_shown(task.vocab[i]) for i in nxt]
+        predicted = [_shown(task.vocab[i]) for i in np.asarray(logits[0].argmax(-1))]
         return task.decode(out[len(ids) :]), None, sets, {"decoder": (predicted, read)}
 
 
 class PretrainedEncoderOnly(_Calls, models.EncoderOnly):
     """BERT: `model(input_ids=, attention_mask=, token_type_ids=, output_attentions=)`."""
 
-    def __call__(
-        self,
-        *args,
-        input_ids=None,
-        attention_mask=None,
-        token_type_ids=None,
-        output_attentions=False,
-        decoder_input_ids=None,
-        pixel_values=None,
-        **kwargs,
-    ):
-        if input_ids is None:
-            _unexpected("encoder-only", {"attention_mask": attention_mask})
-            return super().__call__(*args, **kwargs)
-        _unexpected(
-            "encoder-only", {"decoder_input_ids": decoder_input_ids, "pixel_values": pixel_values}
-        )
+    KIND, INPUTS = "encoder-only", ("input_ids", "attention_mask", "token_type_ids")
+
+    def _keywords(self, output_attentions, input_ids, attention_mask, token_type_ids):
         ids = _ids("input_ids", input_ids)
         mask = _mask(attention_mask, ids)
         types = None if token_type_ids is None else _ids("token_type_ids", token_type_ids)
@@ -326,7 +320,7 @@ class PretrainedEncoderOnly(_Calls, models.EncoderOnly):
         """The tokens as the model reads them: the prediction at each position (BERT's
         masked-LM head)."""
         x = jnp.asarray([ids], jnp.int32)
-        logits, aux = models.EncoderOnly.__call__(self, x, jnp.asarray([len(ids)]), hooks=hooks)
+        logits, aux = self(x, jnp.asarray([len(ids)]), hooks=hooks)
         return logits, aux, [_shown(task.vocab[i]) for i in ids]
 
     def read_text(self, task, ids, words):
@@ -343,23 +337,10 @@ class PretrainedEncoderDecoder(_Calls, models.EncoderDecoder):
 
     START = 0  # T5's decoder_start_token_id (its pad token)
 
-    def __call__(
-        self,
-        *args,
-        input_ids=None,
-        attention_mask=None,
-        decoder_input_ids=None,
-        output_attentions=False,
-        token_type_ids=None,
-        pixel_values=None,
-        **kwargs,
-    ):
-        if input_ids is None:
-            _unexpected("encoder-decoder", {"attention_mask": attention_mask})
-            return super().__call__(*args, **kwargs)
-        _unexpected(
-            "encoder-decoder", {"token_type_ids": token_type_ids, "pixel_values": pixel_values}
-        )
+    KIND = "encoder-decoder"
+    INPUTS = ("input_ids", "attention_mask", "decoder_input_ids")
+
+    def _keywords(self, output_attentions, input_ids, attention_mask, decoder_input_ids):
         if decoder_input_ids is None:
             raise ValueError("decoder_input_ids: an encoder-decoder call needs them")
         ids = _ids("input_ids", input_ids)
@@ -418,28 +399,9 @@ class PretrainedEncoderDecoder(_Calls, models.EncoderDecoder):
 class PretrainedVisionTransformer(_Calls, models.VisionTransformer):
     """ViT: `model(pixel_values=[B, C, H, W], output_attentions=)`."""
 
-    def __call__(
-        self,
-        *args,
-        pixel_values=None,
-        output_attentions=False,
-        input_ids=None,
-        attention_mask=None,
-        token_type_ids=None,
-        decoder_input_ids=None,
-        **kwargs,
-    ):
-        if pixel_values is None:
-            return super().__call__(*args, **kwargs)
-        _unexpected(
-            "vision",
-            {
-                "input_ids": input_ids,
-                "attention_mask": attention_mask,
-                "token_type_ids": token_type_ids,
-                "decoder_input_ids": decoder_input_ids,
-            },
-        )
+    KIND, INPUTS = "vision", ("pixel_values",)
+
+    def _keywords(self, output_attentions, pixel_values):
         pixels = jnp.asarray(pixel_values)
         if pixels.ndim != 4:
             raise ValueError(f"pixel_values: expected [B, C, H, W], got {list(pixels.shape)}")

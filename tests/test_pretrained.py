@@ -684,7 +684,7 @@ def test_the_transformers_convention_gives_logits_and_every_attention_map(tmp_pa
     np.testing.assert_allclose(out.logits[0], logits, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(np.stack(out.attentions)[:, 0], maps, rtol=1e-4, atol=1e-5)
     # Inputs a kind does not take, and T5's right padding, are refused by name.
-    with pytest.raises(ValueError, match=r"pixel_values: a encoder-only model takes no such"):
+    with pytest.raises(ValueError, match=r"pixel_values: this encoder-only model takes no such"):
         bert(input_ids=ids[None], pixel_values=pixels)
     with pytest.raises(ValueError, match=r"decoder_input_ids: an encoder-decoder call needs"):
         t5(input_ids=IDS[None])
@@ -693,6 +693,10 @@ def test_the_transformers_convention_gives_logits_and_every_attention_map(tmp_pa
         t5(input_ids=IDS[None], attention_mask=gap, decoder_input_ids=tgt[None])
     with pytest.raises(ValueError, match=r"attention_mask: expected the shape of input_ids"):
         bert(input_ids=ids[None], attention_mask=mask[None, :5])
+    with pytest.raises(ValueError, match=r"pixel_values: this vision model's call needs"):
+        vit(output_attentions=True)
+    with pytest.raises(ValueError, match=r"input_ids: transformers' inputs come alone"):
+        bert(ids[None], input_ids=ids[None])
 
 
 @pytest.mark.slow  # the inner loop keeps GPT-2's greedy generation against the definition

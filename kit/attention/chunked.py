@@ -253,7 +253,7 @@ def block_config(
     )
 
 
-def _mask_blocks(sizes: BlockSizes, T: int, S: int, mask_block: tuple[int, int]) -> BlockSizes:
+def mask_blocks(sizes: BlockSizes, T: int, S: int, mask_block: tuple[int, int]) -> BlockSizes:
     """Block sizes that are whole multiples of a block mask's (`mask_block`)."""
     mq, mk = mask_block
     auto_q, auto_k = default_block_sizes(T, S)
@@ -319,7 +319,7 @@ def chunked_from_inputs(
     masked_program = program is not None and program.mask is not None
     unmasked = x.mask is None and not x.lengths_given and x.window is None and not masked_program
     if block_mask is not None:
-        sizes = _mask_blocks(sizes, T, S, block_mask.block_size)
+        sizes = mask_blocks(sizes, T, S, block_mask.block_size)
     cfg = block_config(T, S, x.scale, x.is_causal, x.window, unmasked, sizes)
     cfg = dataclasses.replace(cfg, program=program)
     Tp, Sp = cfg.padded_lengths

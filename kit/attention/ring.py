@@ -80,7 +80,7 @@ class _Ring:
         return lax.ppermute(x, self.axis_name, perm)
 
 
-def _by_row(lse: Array, G: int) -> Array:
+def by_row(lse: Array, G: int) -> Array:
     """The kernel's lse `[B, K, Tp * G]` in the output's `[B, Tp, N]` layout."""
     B, K, rows = lse.shape
     return jnp.swapaxes(lse.reshape(B, K, rows // G, G), 1, 2).reshape(B, rows // G, K * G)
@@ -113,7 +113,7 @@ def _ring_forward(ring: _Ring, q, k, v, kv_len):
                 cfg, q, k, v, None, None, q_len, ring.key_lengths(kv_len, src)
             )
             new = jnp.logaddexp(lse, lse_b)
-            w_a, w_b = (jnp.exp(_by_row(x - new, N // K))[..., None] for x in (lse, lse_b))
+            w_a, w_b = (jnp.exp(by_row(x - new, N // K))[..., None] for x in (lse, lse_b))
             return w_a * out + w_b * out_b.astype(stat), new
 
         out, lse = _run(ring, r, compute, lambda: (out, lse))

@@ -1,0 +1,399 @@
+"""Context parallelism: a model's attention with the sequence split over a mesh axis.
+
+`kit.ring_attention` splits one call's sequence; a model also needs what its
+attention reads beside q, k and v to follow the split: the positions a score
+function measures distances in (ALiBi, T5), the segment ids of packed examples,
+the padding, and, for causal attention, where each token sits in its row. Here
+these are *sides*: dicts of `[B, L]` arrays, one for the queries and one for the
+keys, split like q and k (`"index"`: the token's place in its row, what the
+causal mask compares; `"positions"`: what the score function reads; optional
+`"segments"` and `"live"`, a bool key mask). The mask is built from them, so a
+token's place in the array does not matter: the rows may be permuted.
+
+Two strategies (MaxText's `context_parallel_strategy`):
+
+- `"all_gather"`: each device keeps its queries and gathers all keys and values
+  (and their sides) along the axis, then runs `kit.flex_attention`; the
+  gradients of the gathered keys are summed back (reduce-scatter). Simple, one
+  collective, but each device holds all S keys and values while it attends.
+- `"ring"`: keys and values (with their sides) pass around the ring as in
+  `kit.ring_attention`, each device merging its partial results by log-sum-exp;
+  the backward passes them around again with their gradients, so a device never
+  holds more than its own block and the one visiting. Each step runs the chunked
+  kernel with the mask and score functions of the block it holds (block masks
+  rebuilt per step, dead blocks skipped), and the score function's learned
+  arrays (`extras`, e.g. T5's table) get their gradients summed over the steps.
+
+Load balance for causal attention (`zigzag_order`): the row is cut into 2P
+chunks and device i holds chunks i and 2P - 1 - i (Brandon et al.'s "striped"
+and the zig-zag order of ring-flash-attention and MaxText's
+`reorder_causal_load_balanced`), so every device has the same number of live
+(query, key) pairs. The permutation is applied once to a batch's sequences
+(tokens, positions, segment ids, targets and loss weights); the sides carry the
+original places.
+
+References:
+  Liu, Zaharia & Abbeel, "Ring Attention with Blockwise Transformers for
+  Near-Infinite Context", 2023.
+  Brandon et al., "Striped Attention: Faster Ring Attention for Causal
+  Transformers", 2023.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from kit.attention.blocks import BlockConfig, default_block_sizes
+from kit.attention.chunked import BlockSizes, block_config, mask_blocks, pad_axis, program_arrays
+from kit.attention.flex import create_block_mask, flex_attention
+from kit.attention.masks import MASK_VALUE, stat_dtype
+from kit.attention.passes import backward_from_delta, dq_from_transposed, forward_all, row_delta
+from kit.attention.programs import differentiable, make_program
+from kit.attention.ring import by_row
+
+Array = jax.Array
+
+STRATEGIES = ("all_gather", "ring")
+# The block masks' granularity (and so the kernel's smallest block) along each side.
+MASK_BLOCK = 128
+
+
+def zigzag_order(length: int, parts: int) -> np.ndarray:
+    """The load-balanced order of a row of `length` tokens over `parts` devices:
+    int32 `[length]`, slot -> the token's original place. The row is cut into
+    2 * parts chunks; device i (slots [i L / P, (i + 1) L / P)) holds chunks i
+    and 2 * parts - 1 - i, so under a causal mask every device has the same
+    number of live pairs.
+
+    Raises:
+      ValueError: if 2 * parts does not divide `length`.
+    """
+    if length % (2 * parts):
+        raise ValueError(
+            f"length: the zig-zag order cuts the row into 2 x {parts} chunks, "
+            f"which does not divide {length}"
+        )
+    chunks = np.arange(length, dtype=np.int32).reshape(2 * parts, -1)
+    pairs = [(chunks[i], chunks[2 * parts - 1 - i]) for i in range(parts)]
+    return np.concatenate([c for pair in pairs for c in pair])
+
+
+def live_blocks_per_device(order: np.ndarray, parts: int, block: int) -> np.ndarray:
+    """Causal work per device of a row laid out in `order` (`[L]`, slot -> place),
+    cut into blocks of `block` slots: how many (query block, key block) pairs of
+    the device's queries against every key block hold a live pair (some key at or
+    before some query). int `[parts]`; max / mean is the imbalance."""
+    L = len(order)
+    if L % (block * parts):
+        raise ValueError(f"block: {parts} devices x blocks of {block} do not divide {L}")
+    blocks = np.asarray(order).reshape(L // block, block)
+    live = blocks.min(axis=1)[None, :] <= blocks.max(axis=1)[:, None]
+    return live.reshape(parts, -1, live.shape[1]).sum(axis=(1, 2))
+
+
+@dataclasses.dataclass(frozen=True)
+class SequenceSplit:
+    """Where and how a model's sequences are split (static).
+
+    Attributes:
+      mesh: the device mesh.
+      strategy: "all_gather" or "ring".
+      axis: the mesh axis the sequence is split over.
+      batch_axis: the mesh axis splitting the batch, or None.
+      balance: permute causal sequences into the zig-zag order (`zigzag_order`).
+    """
+
+    mesh: Mesh
+    strategy: str = "all_gather"
+    axis: str = "seq"
+    batch_axis: str | None = "data"
+    balance: bool = True
+
+    def __post_init__(self):
+        if not isinstance(self.mesh, Mesh):
+            raise ValueError(f"mesh: expected a jax.sharding.Mesh, got {type(self.mesh).__name__}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy: expected one of {STRATEGIES}, got {self.strategy!r}")
+        if self.axis not in self.mesh.axis_names:
+            raise ValueError(
+                f"axis: expected one of the mesh's axes {self.mesh.axis_names}, got {self.axis!r}"
+            )
+
+    @property
+    def size(self) -> int:
+        return self.mesh.shape[self.axis]
+
+    def order(self, length: int, causal: bool) -> np.ndarray | None:
+        """The permutation of a row of `length` tokens (None: kept in place)."""
+        if not (causal and self.balance):
+            return None
+        return zigzag_order(length, self.size)
+
+    def spec(self, batch: int) -> PartitionSpec:
+        """`[B, L, ...]` split by batch (where the batch axis divides B) and sequence."""
+        data = self.batch_axis
+        if data not in self.mesh.axis_names or batch % self.mesh.shape[data]:
+            data = None
+        return PartitionSpec(data, self.axis)
+
+    def constrain(self, x: Array) -> Array:
+        """`x [B, L, ...]` laid out split by batch and sequence (under jit)."""
+        spec = self.spec(x.shape[0])
+        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
+
+
+def _mask_mod(q_side: dict, k_side: dict, causal: bool) -> Callable:
+    """The mask function of the sides: live keys, causal by place, same segment."""
+
+    def mask(b, h, q_idx, kv_idx):
+        ok = jnp.bool_(True)
+        if "live" in k_side:
+            ok = k_side["live"][b, kv_idx]
+        if causal:
+            ok = ok & (k_side["index"][b, kv_idx] <= q_side["index"][b, q_idx])
+        if "segments" in q_side:
+            ok = ok & (q_side["segments"][b, q_idx] == k_side["segments"][b, kv_idx])
+        return ok
+
+    return mask
+
+
+def _mods(score_fn, q_side, k_side, extras, causal):
+    score = None if score_fn is None else score_fn(q_side["positions"], k_side["positions"], *extras)
+    return score, _mask_mod(q_side, k_side, causal)
+
+
+def _check_sides(q_side: dict, k_side: dict, B: int, T: int, S: int, causal: bool) -> None:
+    for name, side, length in (("q_side", q_side, T), ("k_side", k_side, S)):
+        if not isinstance(side, dict):
+            raise ValueError(f"{name}: expected a dict of [B, L] arrays, got {type(side).__name__}")
+        unknown = sorted(set(side) - {"index", "positions", "segments", "live"})
+        if unknown:
+            raise ValueError(f"{name}: unknown entries {unknown}")
+        for key, x in side.items():
+            if x.shape != (B, length):
+                raise ValueError(f"{name}[{key!r}]: expected shape {(B, length)}, got {x.shape}")
+    if causal and not ("index" in q_side and "index" in k_side):
+        raise ValueError("q_side: causal attention needs 'index' on both sides")
+    if ("segments" in q_side) != ("segments" in k_side):
+        raise ValueError("q_side: 'segments' must be on both sides or neither")
+
+
+def split_attention(
+    split: SequenceSplit,
+    query: Array,
+    key: Array,
+    value: Array,
+    *,
+    q_side: dict[str, Array],
+    k_side: dict[str, Array],
+    causal: bool = False,
+    score_fn: Callable | None = None,
+    extras: tuple = (),
+    scale: float | None = None,
+) -> Array:
+    """Attention of queries `[B, T, N, H]` to keys and values `[B, S, K, H]` whose
+    sequence axes are split over `split.axis` (`jax.shard_map`).
+
+    The mask is built from the sides (see the module docstring): key `live`,
+    `index` for `causal`, equal `segments`. `score_fn(q_positions, k_positions,
+    *extras) -> score_mod` (or None) gives the score function, on each device's
+    local sides (its q_idx / kv_idx index them); `extras` are the arrays it
+    learns (replicated; their gradients are summed over the devices).
+
+    Returns:
+      `[B, T, N, H]` in query's dtype, split like it.
+
+    Raises:
+      ValueError: naming the argument: T or S not divisible by the axis's size,
+        sides of the wrong shape or missing what the mask needs.
+    """
+    B, T, N, H = query.shape
+    S = key.shape[1]
+    P = split.size
+    for name, length in (("query", T), ("key", S)):
+        if length % P:
+            raise ValueError(
+                f"{name}: its length {length} must be divisible by the {P} devices of mesh "
+                f"axis {split.axis!r}"
+            )
+    _check_sides(q_side, k_side, B, T, S, causal)
+    scale = 1.0 / math.sqrt(H) if scale is None else float(scale)
+    spec = split.spec(B)
+    extras = tuple(extras)
+    if split.strategy == "all_gather":
+        body = functools.partial(_gathered, split.axis, causal, score_fn, scale)
+    else:
+        local = (T // P, S // P)
+        blocks = (min(MASK_BLOCK, local[0]), min(MASK_BLOCK, local[1]))
+        # The backward's key block at half its one-device default, as kit.ring_attention.
+        bwd_k = min(256, default_block_sizes(*local, backward=True)[1])
+        sizes = mask_blocks(BlockSizes(backward_block_k=bwd_k), *local, blocks)
+        cfg = block_config(*local, scale, False, None, False, sizes)
+        ring = _Ring(split.axis, P, causal, score_fn, cfg, blocks, local)
+        body = functools.partial(_ringed, ring)
+    args = (query, key, value, q_side, k_side, extras)
+    specs = (spec, spec, spec, spec, spec, PartitionSpec())
+    mesh = split.mesh
+    if AxisType.Explicit in mesh.axis_types:  # shard_map takes such arrays only as it splits them
+        args = jax.tree.map(
+            lambda a, s: jax.sharding.reshard(a, NamedSharding(mesh, s)),
+            args,
+            tuple(jax.tree.map(lambda _, s=s: s, a) for a, s in zip(args, specs, strict=True)),
+        )
+    # check_vma=False: the kernel's loops start from constants that become varying.
+    run = jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=spec, check_vma=False)
+    return run(*args)
+
+
+def _gathered(axis, causal, score_fn, scale, q, k, v, q_side, k_side, extras):
+    """One device's queries against all keys, gathered along `axis`."""
+
+    def gather(x):
+        return lax.all_gather(x, axis, axis=1, tiled=True)
+
+    k, v = gather(k), gather(v)
+    k_side = {name: gather(x) for name, x in k_side.items()}
+    score_mod, mask_mod = _mods(score_fn, q_side, k_side, extras, causal)
+    B, T = q.shape[:2]
+    S = k.shape[1]
+    block_mask = create_block_mask(
+        mask_mod, B, None, T, S, block_size=(min(MASK_BLOCK, T), min(MASK_BLOCK, S))
+    )
+    return flex_attention(q, k, v, score_mod, block_mask, scale=scale)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Ring:
+    """Static options of one context ring."""
+
+    axis: str
+    size: int
+    causal: bool
+    score_fn: Callable | None
+    cfg: BlockConfig  # without a program: each step adds its own
+    blocks: tuple[int, int]  # the block masks' (bq, bk)
+    local: tuple[int, int]  # (T / P, S / P)
+
+    def permute(self, x):
+        perm = [(i, (i + 1) % self.size) for i in range(self.size)]
+        return lax.ppermute(x, self.axis, perm)
+
+    def step(self, q, q_side, k_side, extras):
+        """The kernel's config and program arrays for the key block whose side is
+        `k_side`, and the score function's captures."""
+        score_mod, mask_mod = _mods(self.score_fn, q_side, k_side, extras, self.causal)
+        program, captures = make_program(score_mod, mask_mod, stat_dtype(q.dtype))
+        B, N = q.shape[0], q.shape[2]
+        block_mask = create_block_mask(mask_mod, B, None, *self.local, block_size=self.blocks)
+        cfg = dataclasses.replace(self.cfg, program=program)
+        return cfg, program_arrays(cfg, B, N, captures, block_mask), captures
+
+    def lengths(self, q):
+        B = q.shape[0]
+        return (jnp.full((B,), self.local[0], jnp.int32), jnp.full((B,), self.local[1], jnp.int32))
+
+
+def _ring_forward(ring: _Ring, q, k, v, q_side, k_side, extras):
+    """out `[B, Tp, N, H]` and lse `[B, K, Tp * G]` of the local queries against all keys."""
+    B, _, N, _ = q.shape
+    K = k.shape[2]
+    q_len, kv_len = ring.lengths(q)
+    stat = stat_dtype(q.dtype)
+
+    def step(_, carry):
+        k, v, k_side, out, lse = carry
+        cfg, prog, _ = ring.step(q, q_side, k_side, extras)
+        out_b, lse_b = forward_all(cfg, q, k, v, None, None, q_len, kv_len, prog)
+        new = jnp.logaddexp(lse, lse_b)
+        w_a, w_b = (jnp.exp(by_row(x - new, N // K))[..., None] for x in (lse, lse_b))
+        out = w_a * out + w_b * out_b.astype(stat)
+        k, v, k_side = ring.permute((k, v, k_side))
+        return k, v, k_side, out, new
+
+    out = jnp.zeros(q.shape, stat)
+    lse = jnp.full((B, K, q.shape[1] * (N // K)), MASK_VALUE, stat)
+    *_, out, lse = lax.fori_loop(0, ring.size, step, (k, v, k_side, out, lse))
+    return out.astype(q.dtype), lse
+
+
+def _ring_backward(ring: _Ring, q, k, v, q_side, k_side, extras, out, lse, d_out):
+    B, Tp, N, H = q.shape
+    K = k.shape[2]
+    q_len, kv_len = ring.lengths(q)
+    delta = row_delta(out, d_out, K)
+    learned = [i for i, e in enumerate(extras) if differentiable(e)]
+
+    def step(_, carry):
+        k, v, k_side, dk, dv, dq_t, d_extras = carry
+        cfg, prog, captures = ring.step(q, q_side, k_side, extras)
+        program = cfg.program
+        wanted = []  # the extras among the score function's captures, in capture order
+        if program.score is not None:
+            grad = []
+            for c in captures[: program.num_score]:
+                match = [i for i in learned if c is extras[i]]
+                grad.append(bool(match))
+                wanted += match[:1]
+            cfg = dataclasses.replace(cfg, program=dataclasses.replace(program, grad=tuple(grad)))
+        dq_t, dk_b, dv_b, _, d_caps = backward_from_delta(
+            cfg, q, k, v, None, None, q_len, kv_len, delta, lse, d_out, dq_t, prog
+        )
+        d_extras = list(d_extras)
+        for i, d in zip(wanted, d_caps, strict=True):
+            d_extras[i] = d_extras[i] + d.astype(d_extras[i].dtype)
+        # dk and dv travel with their block: after the P-th step they are home.
+        k, v, k_side, dk, dv = ring.permute((k, v, k_side, dk + dk_b, dv + dv_b))
+        return k, v, k_side, dk, dv, dq_t, tuple(d_extras)
+
+    stat = stat_dtype(q.dtype)
+    zeros_kv = jnp.zeros(k.shape, stat)
+    dq_t = jnp.zeros((B, K, H, Tp * (N // K)), stat)
+    d_extras = tuple(jnp.zeros(e.shape, stat_dtype(e.dtype)) for e in extras)
+    carry = (k, v, k_side, zeros_kv, zeros_kv, dq_t, d_extras)
+    _, _, _, dk, dv, dq_t, d_extras = lax.fori_loop(0, ring.size, step, carry)
+    dq = dq_from_transposed(dq_t, q.shape)
+    d_extras = tuple(
+        d.astype(e.dtype) if i in learned else None
+        for i, (d, e) in enumerate(zip(d_extras, extras, strict=True))
+    )
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), d_extras
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _ring_call(ring, q, k, v, q_side, k_side, extras):
+    return _ring_forward(ring, q, k, v, q_side, k_side, extras)[0]
+
+
+def _ring_call_fwd(ring, q, k, v, q_side, k_side, extras):
+    out, lse = _ring_forward(ring, q, k, v, q_side, k_side, extras)
+    return out, (q, k, v, q_side, k_side, extras, out, lse)
+
+
+def _ring_call_bwd(ring, res, d_out):
+    dq, dk, dv, d_extras = _ring_backward(ring, *res, d_out)
+    q_side, k_side = res[3], res[4]
+    no_grad = jax.tree.map(lambda _: None, (q_side, k_side))
+    return dq, dk, dv, *no_grad, d_extras
+
+
+_ring_call.defvjp(_ring_call_fwd, _ring_call_bwd)
+
+
+def _ringed(ring: _Ring, q, k, v, q_side, k_side, extras):
+    """One device's share of the ring: padded to whole blocks, then cut back."""
+    Tp, Sp = ring.cfg.padded_lengths
+    q = pad_axis(q, 1, Tp)
+    k, v = pad_axis(k, 1, Sp), pad_axis(v, 1, Sp)
+    q_side = {name: pad_axis(x, 1, Tp) for name, x in q_side.items()}
+    k_side = {name: pad_axis(x, 1, Sp) for name, x in k_side.items()}
+    return _ring_call(ring, q, k, v, q_side, k_side, extras)[:, : ring.local[0]]

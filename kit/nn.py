@@ -110,6 +110,7 @@ class MultiHeadAttention(nnx.Module):
         positions: Array | None = None,
         dropout_rng: Array | None = None,
         tap: Tap | None = None,
+        split: Any = None,
     ) -> Array:
         """Attends from `x [B, T, D]` to `context [B, S, D]` (default: to `x` itself).
 
@@ -124,6 +125,10 @@ class MultiHeadAttention(nnx.Module):
           dropout_rng: PRNG key for attention dropout; None disables it.
           tap: the hook points of this attention (`kit.hooks.Tap`, scoped to it):
             q, k, v, bias, scores, weights, heads, out.
+          split: the sequence split over devices: `split(q, k, v, scale=...)`
+            attends instead (`kit.attention.context.split_attention` with the
+            call's sides bound; it carries the masks and score function, so
+            mask, bias, lengths, score_mod and block_mask are not read).
 
         Returns:
           `y [B, T, D]`.
@@ -136,7 +141,9 @@ class MultiHeadAttention(nnx.Module):
             "key_value_seq_lengths": key_value_seq_lengths,
             "scale": self.scale,
         }
-        return self._attend(q, k, v, bias, mask, score_mod, block_mask, options, dropout_rng, tap)
+        return self._attend(
+            q, k, v, bias, mask, score_mod, block_mask, options, dropout_rng, tap, split=split
+        )
 
     def decode_step(
         self,
@@ -183,14 +190,28 @@ class MultiHeadAttention(nnx.Module):
         return y, {"key": k, "value": v, "index": index + T}
 
     def _attend(
-        self, q, k, v, bias, mask, score_mod, block_mask, options, rng, tap, flex_path=None
+        self,
+        q,
+        k,
+        v,
+        bias,
+        mask,
+        score_mod,
+        block_mask,
+        options,
+        rng,
+        tap,
+        flex_path=None,
+        split=None,
     ) -> Array:
         """The one attention path of `__call__` and `decode_step`, from projected heads
         to the output projection, with the hook points along it."""
         tap = tap if tap is not None else Tap(None)
-        q, k, v = tap("q", q), tap("k", k), tap("v", v)
-        inputs = check_inputs(q, k, v, bias, mask, **options)
         rate = self.dropout_rate if rng is not None else 0.0
+        q, k, v = tap("q", q), tap("k", k), tap("v", v)
+        if split is not None:
+            return self._attend_split(q, k, v, rate, tap, split)
+        inputs = check_inputs(q, k, v, bias, mask, **options)
         run = {
             "implementation": self.implementation if rate == 0.0 else "xla",
             "dropout_rate": rate,
@@ -210,10 +231,28 @@ class MultiHeadAttention(nnx.Module):
         else:
             run["implementation"] = flex_path or run["implementation"]
             out, _, _ = flex_attend(inputs, score_mod, block_mask, **run)
+        return self._output(out, tap)
+
+    def _output(self, out: Array, tap: Tap) -> Array:
         out = tap("heads", out)
         kernel, out_bias = self.out["kernel"][...], self.out["bias"][...]
         y = attention.project_output(out, kernel.astype(self.dtype), out_bias.astype(self.dtype))
         return tap("out", y)
+
+    def _attend_split(self, q, k, v, rate, tap, split) -> Array:
+        """Attention with the sequence split over devices (no weights to read or drop)."""
+        if rate > 0.0:
+            raise ValueError(
+                "dropout_rate: attention dropout does not run with the sequence split over "
+                "devices (its weights are never formed); use 0 there"
+            )
+        unread = [p for p in ("bias", "scores", "weights") if tap.touches(p)]
+        if unread:
+            raise ValueError(
+                f"hooks: the sequence split over devices forms no {unread}; read them on one "
+                "device's sequence"
+            )
+        return self._output(split(q, k, v, scale=self.scale), tap)
 
     def _rope(self, x: Array, positions: Array | None):
         """The process_heads hook: RoPE on queries and keys at `positions`, if enabled."""
@@ -369,12 +408,16 @@ class TransformerBlock(nnx.Module):
         cache: dict[str, Array] | None = None,
         dropout_rng: Array | None = None,
         tap: Tap | None = None,
+        self_split: Any = None,
+        cross_split: Any = None,
     ) -> tuple[Array, dict[str, Array] | None]:
         """Returns `x [B, T, D]` and, when decoding, the updated cache (else None).
 
         `self_score_mod`, `self_block_mask` and `cross_block_mask` program the
         attention (`kit.flex_attention`): positions as a score function, packed
-        documents. `tap` (`kit.hooks.Tap`, scoped to this block) sees resid_pre,
+        documents. `self_split` and `cross_split`: the attentions with the sequence
+        split over devices (`MultiHeadAttention`'s `split`). `tap` (`kit.hooks.Tap`,
+        scoped to this block) sees resid_pre,
         the attentions' points under "attn." and "cross.", resid_mid (before the
         feed-forward), mlp_out and resid_post."""
         tap = tap if tap is not None else Tap(None)
@@ -394,6 +437,7 @@ class TransformerBlock(nnx.Module):
                     positions=positions,
                     dropout_rng=_fold(dropout_rng, 0),
                     tap=tap.scope("attn"),
+                    split=self_split,
                 )
             # decoding: the KV cache path (lengths are in the cache's mask)
             h, new_cache = self.self_attention.decode_step(
@@ -417,6 +461,7 @@ class TransformerBlock(nnx.Module):
                     block_mask=cross_block_mask,
                     dropout_rng=_fold(dropout_rng, 2),
                     tap=tap.scope("cross"),
+                    split=cross_split,
                 )
 
             x = self._sublayer(self.norm_cross, x, cross_attention, _fold(dropout_rng, 3))

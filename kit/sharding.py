@@ -1,8 +1,11 @@
 """Meshes, shardings and multi-process start-up, on JAX's own runtime.
 
-Training runs on a 2-D device mesh with axes ("data", "model"):
+Training runs on a 3-D device mesh with axes ("data", "seq", "model"):
 
 - batches are split along "data" (the leading B axis of every batch array);
+- with context parallelism (mesh.seq > 1) every activation's sequence axis is
+  split along "seq" and attention runs under `kit.attention.context`
+  (all-gather or ring); parameters and optimizer state are replicated over it;
 - attention heads are split along "model": the N (or K) axis of the Q/K/V
   projections `[D, N, H]` and of the output projection `[N, H, D]`;
 - the feed-forward hidden axis F is split along "model" (`[D, F]`, `[F]`, `[F, D]`);
@@ -18,6 +21,7 @@ each process places its own rows of every global batch on its own devices.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from typing import Any
@@ -27,7 +31,7 @@ import numpy as np
 import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-AXES = ("data", "model")
+AXES = ("data", "seq", "model")
 
 # (regular expression on the "/"-joined parameter path, PartitionSpec). First match wins;
 # parameters matching none are replicated.
@@ -90,53 +94,66 @@ def initialize(
     return True
 
 
-def mesh_shape(data: int, model: int, num_devices: int) -> tuple[int, int]:
-    """Resolves a -1 entry to fill the devices and checks the mesh fits on them.
+def mesh_shape(data: int, model: int, num_devices: int, seq: int = 1) -> tuple[int, int, int]:
+    """(data, seq, model): resolves a -1 entry to fill the devices and checks the
+    mesh fits on them.
 
-    A mesh of two explicit sizes may use fewer than `num_devices` devices (the
-    first data x model of them); one with a -1 uses them all.
+    A mesh of explicit sizes may use fewer than `num_devices` devices (the
+    first data x seq x model of them); one with a -1 uses them all.
 
     Raises:
-      ValueError: naming `mesh.data` or `mesh.model` when the shape does not
-        divide `num_devices` (with -1) or needs more devices than there are.
+      ValueError: naming `mesh.data`, `mesh.seq` or `mesh.model` when the shape does
+        not divide `num_devices` (with -1) or needs more devices than there are.
     """
-    for name, value in (("data", data), ("model", model)):
+    sizes = {"data": data, "seq": seq, "model": model}
+    for name, value in sizes.items():
         if not isinstance(value, int) or isinstance(value, bool) or (value < 1 and value != -1):
             raise ValueError(f"mesh.{name}: expected a positive int or -1, got {value!r}")
-    if data == -1 and model == -1:
-        raise ValueError("mesh.data: at most one of mesh.data and mesh.model may be -1")
-    if data == -1 or model == -1:
-        name, known = ("data", model) if data == -1 else ("model", data)
-        if num_devices % known:
-            other = "model" if name == "data" else "data"
-            raise ValueError(f"mesh.{other}: {known} does not divide the {num_devices} devices")
-        data, model = (num_devices // known, model) if data == -1 else (data, num_devices // known)
-    if data * model > num_devices:
+    filled = [name for name, value in sizes.items() if value == -1]
+    if len(filled) > 1:
         raise ValueError(
-            f"mesh.data: mesh.data x mesh.model = {data} x {model} = {data * model} "
+            f"mesh.{filled[0]}: at most one of mesh.data, mesh.seq and mesh.model may be -1"
+        )
+    if filled:
+        given = {n: v for n, v in sizes.items() if n != filled[0]}
+        known = math.prod(given.values())
+        if num_devices % known:
+            split = [n for n, v in given.items() if v > 1]
+            if len(split) == 1:
+                name, shown = split[0], str(known)
+            else:
+                name = split[-1]
+                shown = " x ".join(f"mesh.{n}" for n in split) + f" = {known}"
+            raise ValueError(f"mesh.{name}: {shown} does not divide the {num_devices} devices")
+        sizes[filled[0]] = num_devices // known
+    used = math.prod(sizes.values())
+    if used > num_devices:
+        shown = " x ".join(str(v) for v in sizes.values())
+        raise ValueError(
+            f"mesh.data: mesh.data x mesh.seq x mesh.model = {shown} = {used} "
             f"needs more than the {num_devices} devices there are"
         )
-    return data, model
+    return sizes["data"], sizes["seq"], sizes["model"]
 
 
-def make_mesh(data: int = -1, model: int = 1, *, devices=None) -> Mesh:
-    """A ("data", "model") mesh over the first data x model of `devices`.
+def make_mesh(data: int = -1, model: int = 1, *, seq: int = 1, devices=None) -> Mesh:
+    """A ("data", "seq", "model") mesh over the first data x seq x model of `devices`.
 
     `devices` defaults to all devices of all processes. With several processes
     the mesh must use every device (each process feeds its own).
 
     Raises:
-      ValueError: naming `mesh.data` or `mesh.model` (see `mesh_shape`).
+      ValueError: naming `mesh.data`, `mesh.seq` or `mesh.model` (see `mesh_shape`).
     """
     devices = jax.devices() if devices is None else list(devices)
-    shape = mesh_shape(data, model, len(devices))
-    used = shape[0] * shape[1]
+    shape = mesh_shape(data, model, len(devices), seq)
+    used = math.prod(shape)
     if used < len(devices) and jax.process_count() > 1:
         raise ValueError(
-            f"mesh.data: mesh.data x mesh.model = {used} must use all {len(devices)} devices "
-            f"when {jax.process_count()} processes take part"
+            f"mesh.data: mesh.data x mesh.seq x mesh.model = {used} must use all "
+            f"{len(devices)} devices when {jax.process_count()} processes take part"
         )
-    return jax.make_mesh(shape, AXES, (AxisType.Auto, AxisType.Auto), devices=devices[:used])
+    return jax.make_mesh(shape, AXES, (AxisType.Auto,) * 3, devices=devices[:used])
 
 
 def _path_name(path) -> str:

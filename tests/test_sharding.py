@@ -142,7 +142,7 @@ def test_chunked_attention_gathers_heads_that_do_not_split(optimized):
 @pytest.mark.parametrize(
     "mesh, field",
     [
-        ({"data": 16, "model": 1}, r"config\.mesh\.data: .*16 x 1 = 16 needs more than the 8"),
+        ({"data": 16, "model": 1}, r"config\.mesh\.data: .*16 x 1 x 1 = 16 needs more than the 8"),
         ({"data": -1, "model": 3}, r"config\.mesh\.model: 3 does not divide the 8 devices"),
         ({"data": 1, "model": 8}, r"config\.mesh\.model: 8 does not divide model\.num_heads = 4"),
         ({"data": -1, "model": -1}, r"config\.mesh\.data: at most one"),

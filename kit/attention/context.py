@@ -132,6 +132,12 @@ class SequenceSplit:
     def size(self) -> int:
         return self.mesh.shape[self.axis]
 
+    def padded(self, length: int, causal: bool) -> int:
+        """`length` rounded up to whole shares of the split: of 2 x size zig-zag
+        chunks for a causal sequence with balance, else of size."""
+        unit = 2 * self.size if (causal and self.balance) else self.size
+        return -(-length // unit) * unit
+
     def order(self, length: int, causal: bool) -> np.ndarray | None:
         """The permutation of a row of `length` tokens (None: kept in place)."""
         if not (causal and self.balance):
@@ -168,7 +174,9 @@ def _mask_mod(q_side: dict, k_side: dict, causal: bool) -> Callable:
 
 
 def _mods(score_fn, q_side, k_side, extras, causal):
-    score = None if score_fn is None else score_fn(q_side["positions"], k_side["positions"], *extras)
+    score = (
+        None if score_fn is None else score_fn(q_side["positions"], k_side["positions"], *extras)
+    )
     return score, _mask_mod(q_side, k_side, causal)
 
 
@@ -217,7 +225,7 @@ def split_attention(
       ValueError: naming the argument: T or S not divisible by the axis's size,
         sides of the wrong shape or missing what the mask needs.
     """
-    B, T, N, H = query.shape
+    B, T, _, H = query.shape
     S = key.shape[1]
     P = split.size
     for name, length in (("query", T), ("key", S)):

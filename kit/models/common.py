@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, ClassVar
 
 import jax
@@ -11,7 +12,7 @@ import numpy as np
 from flax import nnx
 
 from kit import attention, hooks, nn
-from kit.attention import mods
+from kit.attention import context, mods
 from kit.attention.projections import HEAD_MASK_MODES, check_head_mask
 from kit.models import packing
 
@@ -99,6 +100,8 @@ class TaskModel(nnx.Module):
     """
 
     ATTENTION_SETS: ClassVar[dict[str, tuple[str, str]]] = {}
+    # Whether the kind trains with its sequence split over devices (`split_batch`).
+    SPLITS: ClassVar[bool] = False
     # How `packing.pack` lays out this kind's examples (None: not packable).
     PACKED: ClassVar[dict[str, tuple[str, ...]] | None] = None
 
@@ -115,6 +118,27 @@ class TaskModel(nnx.Module):
     @staticmethod
     def eval_metrics(result: dict[str, float]) -> dict[str, float]:
         return result
+
+    @classmethod
+    def split_batch(cls, mb: dict[str, Any], split: context.SequenceSplit) -> dict[str, Any]:
+        """A model batch laid out for the sequence split over devices (context
+        parallelism): causal sequences permuted into the zig-zag order (tokens,
+        positions, segments, targets and weights alike, once per batch), with each
+        token's place in its row, for `teacher_forced(..., split=split)`; its
+        targets and weights are the loss's. Kinds that split define it.
+
+        Raises:
+          ValueError: naming model.kind for a kind that does not split.
+        """
+        raise ValueError(
+            f"model.kind: {cls.__name__} does not train with its sequence split over "
+            "devices (mesh.seq > 1); use decoder_only or encoder_decoder"
+        )
+
+    @staticmethod
+    def split_lengths(task: Any, widths: tuple[int, ...] | None) -> dict[str, tuple[int, bool]]:
+        """The sequences the split cuts: name (as a config field) -> (length, causal)."""
+        raise NotImplementedError
 
     # Whether `predict` takes oracle_length (decoding to the target's true length).
     ORACLE_LENGTH: ClassVar[bool] = False
@@ -281,6 +305,19 @@ def until_eos(ids: Any, eos: int) -> list[int]:
     return ids[: ids.index(eos)] if eos in ids else ids
 
 
+def position_score(alibi: bool, num_heads: int, causal: bool, positions, key_positions, *table):
+    """A stack's positions as a score function: symmetric ALiBi, T5's relative bias
+    from `table` (one-directional when `causal`), or None."""
+    at = (positions, key_positions)
+    if alibi:
+        return mods.alibi(num_heads, symmetric=True, positions=at)
+    if table:
+        return mods.t5_relative(
+            table[0], max_distance=T5_MAX_DISTANCE, bidirectional=not causal, positions=at
+        )
+    return None
+
+
 class Stack(nnx.Module):
     """L transformer blocks and a final LayerNorm."""
 
@@ -344,14 +381,50 @@ class Stack(nnx.Module):
     def score_mod(self, positions: Array, key_positions: Array, causal: bool):
         """The positions' score function (`kit.mods` ALiBi, symmetric, or T5), or None:
         query t of example b sits at positions[b, t], key s at key_positions[b, s]."""
-        at = (positions, key_positions)
-        if self.alibi:
-            return mods.alibi(self.num_heads, symmetric=True, positions=at)
-        if self.t5 is not None:
-            return mods.t5_relative(
-                self.t5[...], max_distance=T5_MAX_DISTANCE, bidirectional=not causal, positions=at
+        table = () if self.t5 is None else (self.t5[...],)
+        return position_score(self.alibi, self.num_heads, causal, positions, key_positions, *table)
+
+    def split_calls(self, split, positions, index, segments, memory_segments, causal, kwargs):
+        """The attentions with the sequence split over devices (`kit.attention.context`):
+        {"self_split": ..., "cross_split": ...} for the blocks. The sides carry each
+        token's place in its row (`index`), its position, its segment and whether it
+        is a live key (from the call's key mask or lengths)."""
+        B, T = positions.shape
+        q_side = {"index": index, "positions": positions}
+        if segments is not None:
+            q_side["segments"] = segments
+        k_side = dict(q_side)
+        every = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        if kwargs.get("mask") is not None:
+            k_side["live"] = jnp.broadcast_to(kwargs["mask"][:, 0, 0, :], (B, T))
+        elif kwargs.get("lengths") is not None:
+            k_side["live"] = every < kwargs["lengths"][:, None]
+        score_fn, extras = None, ()
+        if self.alibi or self.t5 is not None:
+            score_fn = functools.partial(position_score, self.alibi, self.num_heads, causal)
+            extras = () if self.t5 is None else (self.t5[...],)
+        attend = functools.partial(context.split_attention, split)
+        calls = {
+            "self_split": functools.partial(
+                attend,
+                q_side=q_side,
+                k_side=k_side,
+                causal=causal,
+                score_fn=score_fn,
+                extras=extras,
             )
-        return None
+        }
+        memory = kwargs.get("memory")
+        if memory is not None:
+            S = memory.shape[1]
+            m_side = {"index": jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))}
+            cross_q = {"index": index}
+            if memory_segments is not None:
+                m_side["segments"], cross_q["segments"] = memory_segments, segments
+            if kwargs.get("memory_lengths") is not None:
+                m_side["live"] = m_side["index"] < kwargs["memory_lengths"][:, None]
+            calls["cross_split"] = functools.partial(attend, q_side=cross_q, k_side=m_side)
+        return calls
 
     def __call__(
         self,
@@ -363,11 +436,18 @@ class Stack(nnx.Module):
         tap: hooks.Tap | None = None,
         segments: Array | None = None,
         memory_segments: Array | None = None,
+        split: context.SequenceSplit | None = None,
+        order: Array | None = None,
         **block_kwargs: Any,
     ) -> tuple[Array, list[dict[str, Array]] | None]:
         """`segments` `[B, T]` (and the memory's `[B, S]`): packed examples
         (`kit.models.packing`), kept apart by document block masks. `tap`
         (scoped to this stack) names layer l's points "<l>.<point>".
+
+        `split`: the sequence split over devices (context parallelism), the
+        activations laid out split along it; `order` int `[B, T]`: each token's
+        place in its row when the rows are permuted (the zig-zag order), which
+        the causal mask compares (default: 0..T-1).
 
         Returns x and, when decoding, the updated caches (else None)."""
         tap = tap if tap is not None else hooks.Tap(None)
@@ -377,7 +457,18 @@ class Stack(nnx.Module):
             key_positions = jnp.arange(caches[0]["key"].shape[1], dtype=jnp.int32)[None]
         causal = block_kwargs.get("is_causal", False) or caches is not None
         score_mod = self.score_mod(positions, key_positions, causal)
-        if segments is not None:
+        if split is not None:
+            if caches is not None:
+                raise ValueError("caches: decoding does not run with the sequence split")
+            if order is None:
+                order = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
+            block_kwargs.update(
+                self.split_calls(
+                    split, positions, order, segments, memory_segments, causal, block_kwargs
+                )
+            )
+            x = split.constrain(x)
+        elif segments is not None:
             block_kwargs.update(self.document_masks(segments, memory_segments, causal))
             block_kwargs["is_causal"] = False  # in the block mask
         new_caches = []
@@ -392,5 +483,6 @@ class Stack(nnx.Module):
                 **block_kwargs,
             )
             new_caches.append(cache)
+            x = x if split is None else split.constrain(x)
         x = x if self.norm is None else self.norm(x)
         return x, (None if caches is None else new_caches)

@@ -22,8 +22,35 @@ def _positions(tokens: Array, start: Array | int = 0) -> Array:
     return jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
 
 
+def _permuted(mb: dict, names: tuple[str, ...], order) -> dict:
+    """`mb` with the arrays `names` (those present) permuted along their rows by `order`."""
+    return {k: (v[:, order] if k in names else v) for k, v in mb.items()}
+
+
+def _padded(mb: dict, names: tuple[str, ...], length: int) -> dict:
+    """`mb` with the arrays `names` (those present) zero-padded along their rows to
+    `length` (PAD tokens, False weights and masks, segment and position 0)."""
+
+    def pad(x):
+        return jnp.pad(x, ((0, 0), (0, length - x.shape[1])))
+
+    return {k: (pad(v) if k in names else v) for k, v in mb.items()}
+
+
+def _rows(order, B: int) -> Array:
+    return jnp.broadcast_to(jnp.asarray(order, jnp.int32), (B, len(order)))
+
+
 def _encode(
-    model, src, src_lengths, dropout_rng, tap, packed=None, token_types=None, key_mask=None
+    model,
+    src,
+    src_lengths,
+    dropout_rng,
+    tap,
+    packed=None,
+    token_types=None,
+    key_mask=None,
+    split=None,
 ):
     """The bidirectional encoder stack of `model` over src `[B, S]` -> `[B, S, D]`.
     `packed`: a packed batch's src_positions and src_segments (`kit.models.packing`).
@@ -38,6 +65,7 @@ def _encode(
         lengths=src_lengths,
         dropout_rng=dropout_rng,
         tap=tap.scope("encoder"),
+        split=split,
     )
     return x
 
@@ -76,6 +104,7 @@ class EncoderDecoder(TaskModel):
         "decoder": ("decoder", "attn"),
         "cross": ("decoder", "cross"),
     }
+    SPLITS: ClassVar[bool] = True
     PACKED: ClassVar[dict[str, tuple[str, ...]]] = {
         "src": ("src_lengths", "src"),
         "tgt": ("weights", "tgt_in", "targets", "weights"),
@@ -90,9 +119,10 @@ class EncoderDecoder(TaskModel):
     def positions_needed(task: tasks.Task) -> int:
         return max(task.src_len, task.tgt_len + 1)
 
-    def teacher_forced(self, mb, *, dropout_rng=None, hooks=None):
+    def teacher_forced(self, mb, *, dropout_rng=None, hooks=None, split=None):
         """Logits `[B, T, V]` aligned with mb["targets"], and aux (as `__call__`'s).
-        A packed batch (`kit.models.packing`) is run as such."""
+        A packed batch (`kit.models.packing`) is run as such; with `split`, mb is
+        `split_batch`'s."""
         return self(
             mb["src"],
             mb["src_lengths"],
@@ -100,27 +130,32 @@ class EncoderDecoder(TaskModel):
             dropout_rng=dropout_rng,
             hooks=hooks,
             packed=packing.fields(mb),
+            split=split,
+            tgt_order=mb.get("tgt_order"),
         )
 
-    def predict(self, mb, *, oracle_length: bool = False, hooks=None) -> Array:
-        """Greedy predictions `[B, T]` aligned with mb["targets"] (with `hooks`' writes
-        at every step); with `oracle_length`, end-of-sequence is forbidden before each
-        row's target length."""
-        oracle = {}
-        if oracle_length:
-            until = jnp.sum(mb["weights"], axis=1, dtype=jnp.int32) - 1  # less the EOS
-            oracle = {"forbid": tasks.EOS, "until": until}
-        return decode.greedy_encoder_decoder(
-            self,
-            mb["src"],
-            mb["src_lengths"],
-            bos=tasks.BOS,
-            length=mb["targets"].shape[1],
-            **oracle,
-            hooks=hooks,
-        )
+    @classmethod
+    def split_batch(cls, mb, split):
+        """Both sequences padded to whole shares of the split (the target's to whole
+        zig-zag chunks: 2 x mesh.seq), then the decoder's (causal) permuted into the
+        zig-zag order with its places as "tgt_order"; the encoder's (not causal)
+        stays in place. Padding is dead: past src_lengths, weight 0, segment 0."""
+        src_names = ("src", "src_positions", "src_segments")
+        tgt_names = ("tgt_in", "targets", "weights", "tgt_positions", "tgt_segments")
+        B, T = mb["tgt_in"].shape
+        out = _padded(mb, src_names, split.padded(mb["src"].shape[1], causal=False))
+        out = _padded(out, tgt_names, split.padded(T, causal=True))
+        Tp = out["tgt_in"].shape[1]
+        order = split.order(Tp, causal=True)
+        order = np.arange(Tp) if order is None else order
+        out = _permuted(out, tgt_names, order)
+        out["tgt_order"] = _rows(order, B)
+        return out
 
-    ORACLE_LENGTH: ClassVar[bool] = True
+    @staticmethod
+    def split_lengths(task, widths):
+        src, tgt = (task.src_len, task.tgt_len + 1) if widths is None else widths
+        return {"src": src, "tgt": tgt}
 
     def read_text(self, task, ids, words):
         """Greedy decoding, then one teacher-forced pass over its own output; decoder
@@ -164,10 +199,11 @@ class EncoderDecoder(TaskModel):
         self.head_transform = head_transform(cfg, rngs)
         self.head = output_head(cfg, rngs)
 
-    def encode(self, src, src_lengths, *, dropout_rng=None, hooks=None, packed=None):
+    def encode(self, src, src_lengths, *, dropout_rng=None, hooks=None, packed=None, split=None):
         """src `[B, S]`, src_lengths `[B]` -> memory `[B, S, D]`, aux."""
         tap = self.tap(hooks)
-        return _encode(self, src, src_lengths, dropout_rng, tap, packed), _aux(hooks, tap)
+        x = _encode(self, src, src_lengths, dropout_rng, tap, packed, split=split)
+        return x, _aux(hooks, tap)
 
     def decode(
         self,
@@ -180,10 +216,16 @@ class EncoderDecoder(TaskModel):
         dropout_rng=None,
         hooks=None,
         packed=None,
+        split=None,
+        order=None,
     ):
-        """tgt_in `[B, T]` (from position `start`) -> logits `[B, T, V]`, aux."""
+        """tgt_in `[B, T]` (from position `start`) -> logits `[B, T, V]`, aux.
+        `order` int `[B, T]`: each token's place in a permuted row (`split_batch`)."""
         tap = self.tap(hooks)
         positions = _positions(tgt_in, start) if packed is None else packed["tgt_positions"]
+        if order is not None and packed is None:
+            # the split's padding sits past the row: its places may pass max_len
+            positions = jnp.minimum(order, self.cfg.max_len - 1) + start
         x, caches = self.decoder(
             self.embed(tgt_in, positions, dropout_rng),
             positions=positions,
@@ -195,6 +237,8 @@ class EncoderDecoder(TaskModel):
             caches=caches,
             dropout_rng=dropout_rng,
             tap=tap.scope("decoder"),
+            split=split,
+            order=order,
         )
         return head_logits(self, x), _aux(hooks, tap, caches)
 
@@ -207,18 +251,28 @@ class EncoderDecoder(TaskModel):
         dropout_rng=None,
         hooks=None,
         packed=None,
+        split=None,
+        tgt_order=None,
     ):
         """Teacher-forced logits `[B, T, V]` for tgt_in `[B, T]`, and aux.
 
         `hooks` (`kit.hooks.Hooks`) reads and writes the points of `hook_points()`
         ("encoder.<l>...", "decoder.<l>..."); what it reads comes back as
-        aux["activations"]."""
+        aux["activations"]. `split` and `tgt_order`: the sequence split over devices
+        (`split_batch`)."""
         enc_rng, dec_rng = (None, None) if dropout_rng is None else jax.random.split(dropout_rng)
         memory, enc_aux = self.encode(
-            src, src_lengths, dropout_rng=enc_rng, hooks=hooks, packed=packed
+            src, src_lengths, dropout_rng=enc_rng, hooks=hooks, packed=packed, split=split
         )
         logits, dec_aux = self.decode(
-            tgt_in, memory, src_lengths, dropout_rng=dec_rng, hooks=hooks, packed=packed
+            tgt_in,
+            memory,
+            src_lengths,
+            dropout_rng=dec_rng,
+            hooks=hooks,
+            packed=packed,
+            split=split,
+            order=tgt_order,
         )
         if hooks is None:
             return logits, {}
@@ -229,6 +283,7 @@ class DecoderOnly(TaskModel):
     """Causal language model over [source (padded), separator, target]."""
 
     ATTENTION_SETS: ClassVar[dict[str, tuple[str, str]]] = {"decoder": ("decoder", "attn")}
+    SPLITS: ClassVar[bool] = True
 
     @staticmethod
     def batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -245,11 +300,49 @@ class DecoderOnly(TaskModel):
     def positions_needed(task: tasks.Task) -> int:
         return task.src_len + task.tgt_len + 1
 
-    def teacher_forced(self, mb, *, dropout_rng=None, hooks=None):
-        """Logits of the target positions `[B, T, V]` aligned with mb["targets"], and aux."""
+    def teacher_forced(self, mb, *, dropout_rng=None, hooks=None, split=None):
+        """Logits of the target positions `[B, T, V]` aligned with mb["targets"], and aux;
+        with `split`, of every position of `split_batch`'s rows."""
+        if split is not None:
+            return self(
+                mb["tokens"],
+                mb["key_mask"],
+                dropout_rng=dropout_rng,
+                hooks=hooks,
+                split=split,
+                order=mb["order"],
+            )
         tokens = jnp.concatenate([mb["src"], mb["tgt_in"]], axis=1)
         logits, aux = self(tokens, mb["key_mask"], dropout_rng=dropout_rng, hooks=hooks)
         return logits[:, mb["src"].shape[1] :], aux
+
+    @classmethod
+    def split_batch(cls, mb, split):
+        """The whole row [src, SEP, tgt], padded to whole zig-zag chunks (2 x mesh.seq;
+        the padding is dead: key_mask False, weight 0), in the zig-zag order: tokens,
+        key_mask, its places ("order"), and targets and weights over every position
+        (the source's weigh nothing)."""
+        src = mb["src"]
+        B, Ls = src.shape
+        row = {
+            "tokens": jnp.concatenate([src, mb["tgt_in"]], axis=1),
+            "key_mask": mb["key_mask"],
+            "targets": jnp.concatenate([jnp.zeros_like(src), mb["targets"]], axis=1),
+            "weights": jnp.concatenate(
+                [jnp.zeros((B, Ls), mb["weights"].dtype), mb["weights"]], axis=1
+            ),
+        }
+        row = _padded(row, tuple(row), split.padded(row["tokens"].shape[1], causal=True))
+        L = row["tokens"].shape[1]
+        order = split.order(L, causal=True)
+        order = np.arange(L) if order is None else order
+        row = _permuted(row, tuple(row), order)
+        row["order"] = _rows(order, B)
+        return row
+
+    @staticmethod
+    def split_lengths(task, widths):
+        return {"row": task.src_len + task.tgt_len + 1}
 
     def read_text(self, task, ids, words):
         """Greedy continuation of [text, SEP], then one pass over [text, SEP, output];
@@ -305,15 +398,21 @@ class DecoderOnly(TaskModel):
         start=0,
         dropout_rng=None,
         hooks=None,
+        split=None,
+        order=None,
     ):
         """tokens `[B, T]`, key_mask bool `[B, S]` (False = padding) -> logits `[B, T, V]`, aux.
 
         Without caches S = T and attention is causal; with caches, S is the
         cache length and `tokens` sit at positions start..start + T - 1.
         `hooks` reads and writes "decoder.<l>..." points (`hook_points()`).
+        `split`: the sequence split over devices, `order` int `[B, T]` each token's
+        place in its permuted row (`split_batch`).
         """
         tap = self.tap(hooks)
         positions = _positions(tokens, start)
+        if order is not None:  # the split's padding sits past the row: clamp its places
+            positions = jnp.minimum(order, self.cfg.max_len - 1) + start
         x, caches = self.decoder(
             self.embed(tokens, positions, dropout_rng),
             positions=positions,
@@ -322,6 +421,8 @@ class DecoderOnly(TaskModel):
             caches=caches,
             dropout_rng=dropout_rng,
             tap=tap.scope("decoder"),
+            split=split,
+            order=order,
         )
         return head_logits(self, x), _aux(hooks, tap, caches)
 

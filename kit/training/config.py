@@ -19,6 +19,7 @@ from typing import Any, ParamSpec, TypeVar
 import ml_collections
 
 from kit import models, tasks
+from kit.attention import context
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -72,6 +73,12 @@ def default_config() -> ml_collections.ConfigDict:
             # parameters, optimizer state and checkpoints stay float32; the softmax and
             # the loss run in float32).
             "dtype": "float32",
+            # With mesh.seq > 1 (context parallelism): how attention meets the split
+            # sequence, "all_gather" (keys and values gathered, queries stay split) or
+            # "ring" (kit.attention.context), and whether causal sequences are laid out
+            # in the zig-zag order so that every device has the same work.
+            "context_strategy": "all_gather",
+            "context_balance": True,
         }
     )
     config.train = ml_collections.ConfigDict(
@@ -93,8 +100,9 @@ def default_config() -> ml_collections.ConfigDict:
             "skip_nonfinite": False,
         }
     )
-    # Device mesh ("data", "model"); -1 fills the remaining devices. See kit/sharding.py.
-    config.mesh = ml_collections.ConfigDict({"data": -1, "model": 1})
+    # Device mesh ("data", "seq", "model"); -1 fills the remaining devices. seq > 1
+    # splits every sequence over devices (context parallelism). See kit/sharding.py.
+    config.mesh = ml_collections.ConfigDict({"data": -1, "seq": 1, "model": 1})
     return config
 
 
@@ -117,6 +125,7 @@ TINY = {
     "train.checkpoint_every": 2,
     "train.eval_batch_size": 8,
     "mesh.data": 1,
+    "mesh.seq": 1,
     "mesh.model": 1,
 }
 
@@ -270,7 +279,12 @@ def model_config(config: ml_collections.ConfigDict, task: tasks.Task) -> models.
         )
     number(config, "model.dropout_rate", 0.0, 1.0)
     _check_dtype(m.dtype)
-    for name in ("feed_forward", "share_layers"):
+    if m.context_strategy not in context.STRATEGIES:
+        raise ValueError(
+            f"model.context_strategy: expected one of {context.STRATEGIES}, "
+            f"got {m.context_strategy!r}"
+        )
+    for name in ("feed_forward", "share_layers", "context_balance"):
         if not isinstance(m[name], bool):
             raise ValueError(f"model.{name}: expected a bool, got {m[name]!r}")
     if m.positions == "rope" and (m.d_model // m.num_heads) % 2:

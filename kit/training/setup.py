@@ -15,8 +15,9 @@ from flax import nnx
 from jax.sharding import SingleDeviceSharding
 
 from kit import models, sharding, tasks
+from kit.attention import context
 from kit.training.config import check_config, in_config_terms
-from kit.training.steps import Trainer, make_optimizer
+from kit.training.steps import Trainer, make_optimizer, pack_widths
 
 
 @in_config_terms
@@ -24,10 +25,13 @@ def make_mesh(config: ml_collections.ConfigDict, mcfg: models.ModelConfig, devic
     """The device mesh of `config.mesh`, checked against the devices, batch and heads.
 
     Raises:
-      ValueError: naming config.mesh.data or config.mesh.model.
+      ValueError: naming config.mesh.data, config.mesh.seq or config.mesh.model, or
+        what the sequence split does not take (model.kind, model.dropout_rate).
     """
     devices = jax.devices() if devices is None else devices
-    mesh = sharding.make_mesh(config.mesh.data, config.mesh.model, devices=devices)
+    mesh = sharding.make_mesh(
+        config.mesh.data, config.mesh.model, seq=config.mesh.get("seq", 1), devices=devices
+    )
     data, model = mesh.shape["data"], mesh.shape["model"]
     sharding.check_divides("data", data, {"train.batch_size": config.train.batch_size})
     if config.task.get("pack", False):
@@ -43,6 +47,48 @@ def make_mesh(config: ml_collections.ConfigDict, mcfg: models.ModelConfig, devic
         },
     )
     return mesh
+
+
+@in_config_terms
+def check_split(
+    config: ml_collections.ConfigDict, task: tasks.Task, mcfg: models.ModelConfig, mesh
+) -> context.SequenceSplit:
+    """The split of training's sequences over the mesh's "seq" axis (context
+    parallelism), checked against the config.
+
+    Raises:
+      ValueError: naming config.model.kind (a kind that does not split),
+        config.model.dropout_rate, or config.model.max_len (fewer positions than
+        the rows padded to whole shares of the split).
+    """
+    seq = mesh.shape["seq"]
+    kind = models.MODELS[mcfg.kind]
+    if not kind.SPLITS:
+        raise ValueError(
+            f"model.kind: {mcfg.kind} does not train with its sequence split over devices "
+            f"(mesh.seq = {seq}); use decoder_only or encoder_decoder"
+        )
+    if mcfg.dropout_rate > 0:
+        raise ValueError(
+            f"model.dropout_rate: attention dropout does not run with the sequence split over "
+            f"mesh.seq = {seq} devices (no weights are formed); use 0, got {mcfg.dropout_rate}"
+        )
+    widths = None
+    if config.task.get("pack", False):
+        widths = pack_widths(task, kind, config.seed, config.task.pack_span)
+    split = context.SequenceSplit(
+        mesh, config.model.context_strategy, balance=config.model.context_balance
+    )
+    for name, length in kind.split_lengths(task, widths).items():
+        padded = split.padded(length, causal=name != "src")
+        if padded > mcfg.max_len:
+            chunks = ", in zig-zag chunks" if split.balance and name != "src" else ""
+            raise ValueError(
+                f"model.max_len: the sequence split pads the {name} sequence from {length} to "
+                f"{padded} positions (whole shares of mesh.seq = {seq}{chunks}), more than "
+                f"max_len = {mcfg.max_len}"
+            )
+    return split
 
 
 @in_config_terms
@@ -101,7 +147,8 @@ class Setup:
         )
         return (
             f"{which} {platform} device{'s' if self.available_devices > 1 else ''}{note}, "
-            f"mesh data={self.mesh.shape['data']} x model={self.mesh.shape['model']}"
+            f"mesh data={self.mesh.shape['data']} x seq={self.mesh.shape['seq']} "
+            f"x model={self.mesh.shape['model']}"
         )
 
 
@@ -113,6 +160,7 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Setup:
     """
     task, mcfg = check_config(config)
     mesh = make_mesh(config, mcfg, devices)
+    split = check_split(config, task, mcfg, mesh) if mesh.shape["seq"] > 1 else None
     _check_backend_runs(mcfg.dtype, mesh)
     graphdef, abstract_params = nnx.split(
         nnx.eval_shape(lambda: models.build(mcfg, jax.random.key(0, impl="rbg")))
@@ -126,6 +174,7 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Setup:
         # randomized positions draw from the dropout key too
         mcfg.dropout_rate > 0 or mcfg.random_positions > 0,
         oracle,
+        split=split,
     )
     abstract_state = jax.eval_shape(trainer.init_state, abstract_params)
     return Setup(

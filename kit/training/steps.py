@@ -88,6 +88,9 @@ class Trainer:
     # Evaluation also decodes to each row's true length with end-of-sequence
     # forbidden (an encoder-decoder on SCAN's length splits): eval/exact_match_oracle_length.
     oracle_length: bool = False
+    # Context parallelism: training's sequences split over devices
+    # (`kit.attention.context.SequenceSplit`), or None. Evaluation runs whole sequences.
+    split: Any = None
 
     def init_state(self, params: Any) -> dict[str, Any]:
         return {"step": jnp.int32(0), "params": params, "opt_state": self.tx.init(params)}
@@ -98,8 +101,13 @@ class Trainer:
 
         def objective(params):
             model = nnx.merge(self.graphdef, params)
-            logits, _ = model.teacher_forced(mb, dropout_rng=dropout_rng)
-            return loss_fn(logits, mb["targets"], mb["weights"], self.label_smoothing)
+            if self.split is None:
+                batch = mb
+                logits, _ = model.teacher_forced(mb, dropout_rng=dropout_rng)
+            else:  # the loss is a mean over tokens: any order of them gives it
+                batch = type(model).split_batch(mb, self.split)
+                logits, _ = model.teacher_forced(batch, dropout_rng=dropout_rng, split=self.split)
+            return loss_fn(logits, batch["targets"], batch["weights"], self.label_smoothing)
 
         (loss, accuracy), grads = jax.value_and_grad(objective, has_aux=True)(state["params"])
         updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])

@@ -41,6 +41,10 @@ def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
         f.write(config.to_json_best_effort(indent=2))
 
 
+# How a run computes, not what it learns: a checkpoint resumes under either value.
+_NOT_IN_CHECKPOINT = ("model.context_strategy", "model.context_balance")
+
+
 def _check_compatible(workdir: str, config: ml_collections.ConfigDict) -> None:
     """Refuses a workdir whose checkpoint came from another task or model."""
     path = os.path.join(workdir, "config.json")
@@ -55,6 +59,7 @@ def _check_compatible(workdir: str, config: ml_collections.ConfigDict) -> None:
         for section in ("task", "model")
         for key, value in current[section].items()
         if (was := saved.get(section, {}).get(key, defaults[section].get(key))) != value
+        and f"{section}.{key}" not in _NOT_IN_CHECKPOINT
     ]
     if saved.get("seed") != current["seed"]:
         diffs.append(f"seed: saved {saved.get('seed')!r}, now {current['seed']!r}")
@@ -92,7 +97,7 @@ def load_checkpoint(workdir: str, *, step: int | None = None, device=None):
     except (KeyError, TypeError) as error:
         raise ValueError(f"workdir: {path} does not fit this version's config ({error})") from None
     one_device = config.copy_and_resolve_references()
-    one_device.mesh.update({"data": 1, "model": 1})
+    one_device.mesh.update({"data": 1, "seq": 1, "model": 1})
     s = setup(one_device, [jax.devices()[0] if device is None else device])
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=1 << 30)
     step = ckpt.latest_step() if step is None else step

@@ -206,7 +206,12 @@ def test_balance_off_and_a_checkpoint_resumes_on_another_mesh(tmp_path):
     whole = str(tmp_path / "whole")
     training.train_and_evaluate(load_config("copy", **base), whole, progress=False)
     split = str(tmp_path / "split")
-    first = {"mesh.seq": 4, "model.context_strategy": "ring", "model.context_balance": False}
+    first = {
+        "mesh.seq": 4,
+        "model.context_strategy": "ring",
+        "model.context_balance": False,
+        "model.context_head_groups": 2,
+    }
     config = load_config("copy", **base, **first)
     config.train.steps = 2
     training.train_and_evaluate(config, split, progress=False)

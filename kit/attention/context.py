@@ -52,9 +52,9 @@ import numpy as np
 from jax import lax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from kit.attention.blocks import BlockConfig, default_block_sizes
+from kit.attention.blocks import BlockConfig, block_state, default_block_sizes
 from kit.attention.chunked import BlockSizes, block_config, mask_blocks, pad_axis, program_arrays
-from kit.attention.flex import create_block_mask, flex_attention
+from kit.attention.flex import BlockMask, flex_attention
 from kit.attention.masks import MASK_VALUE, stat_dtype
 from kit.attention.passes import backward_from_delta, dq_from_transposed, forward_all, row_delta
 from kit.attention.programs import differentiable, make_program
@@ -110,6 +110,11 @@ class SequenceSplit:
       axis: the mesh axis the sequence is split over.
       batch_axis: the mesh axis splitting the batch, or None.
       balance: permute causal sequences into the zig-zag order (`zigzag_order`).
+      head_groups: the ring passes its key/value heads in this many groups, one
+        after another (it must divide K): each step then sends 1 / head_groups of
+        the blocks, and a device holds that much less in flight (the blocks
+        visiting, their gradients and the receive buffers), for head_groups
+        times the rounds of messages.
     """
 
     mesh: Mesh
@@ -117,12 +122,15 @@ class SequenceSplit:
     axis: str = "seq"
     batch_axis: str | None = "data"
     balance: bool = True
+    head_groups: int = 1
 
     def __post_init__(self):
         if not isinstance(self.mesh, Mesh):
             raise ValueError(f"mesh: expected a jax.sharding.Mesh, got {type(self.mesh).__name__}")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy: expected one of {STRATEGIES}, got {self.strategy!r}")
+        if not isinstance(self.head_groups, int) or self.head_groups < 1:
+            raise ValueError(f"head_groups: expected a positive int, got {self.head_groups!r}")
         if self.axis not in self.mesh.axis_names:
             raise ValueError(
                 f"axis: expected one of the mesh's axes {self.mesh.axis_names}, got {self.axis!r}"
@@ -171,6 +179,55 @@ def _mask_mod(q_side: dict, k_side: dict, causal: bool) -> Callable:
         return ok
 
     return mask
+
+
+def side_block_mask(q_side: dict, k_side: dict, causal: bool, T: int, S: int, blocks) -> BlockMask:
+    """The block mask of the sides' mask function (`_mask_mod`) from per-block
+    summaries (the least and greatest place and segment of each block, whether its
+    keys are live), without evaluating any pair: O(B T S / (bq bk)) work, not O(B T S).
+    A block whose summaries allow some live pair is partial (the kernel evaluates
+    the mask function there), so the mask is exact; it is full only when every
+    pair is live.
+
+    Args:
+      q_side, k_side: the sides, padded to at least T and S (`[B, >= T]`, `[B, >= S]`).
+      T, S: the live lengths (later slots are padding: dead).
+      blocks: (bq, bk).
+    """
+    bq, bk = blocks
+    nq, nk = -(-T // bq), -(-S // bk)
+    B = q_side["index"].shape[0]
+    big = jnp.iinfo(jnp.int32).max
+
+    def tiles(x, n, b, length, fill):  # [B, >= length] -> [B, n, b], fill past length
+        x = x[:, :length]
+        return jnp.pad(x, ((0, 0), (0, n * b - length)), constant_values=fill).reshape(B, n, b)
+
+    q_valid = tiles(jnp.ones((B, T), bool), nq, bq, T, False)
+    k_valid = tiles(jnp.ones((B, S), bool), nk, bk, S, False)
+    live = k_side.get("live", jnp.ones((B, S), bool))
+    k_live = tiles(live, nk, bk, S, False)
+    some = jnp.any(q_valid, axis=2)[:, :, None] & jnp.any(k_live, axis=2)[:, None, :]
+    every = jnp.all(k_live | ~k_valid, axis=2)[:, None, :]
+
+    def spans(x, valid):  # least and greatest of x over each block's valid slots
+        return jnp.min(jnp.where(valid, x, big), axis=2), jnp.max(jnp.where(valid, x, -big), axis=2)
+
+    if causal:
+        q_lo, q_hi = spans(tiles(q_side["index"], nq, bq, T, 0), q_valid)
+        k_lo, k_hi = spans(tiles(k_side["index"], nk, bk, S, 0), k_valid)
+        some = some & (k_lo[:, None, :] <= q_hi[:, :, None])
+        every = every & (k_hi[:, None, :] <= q_lo[:, :, None])
+    if "segments" in q_side:
+        q_lo, q_hi = spans(tiles(q_side["segments"], nq, bq, T, 0), q_valid)
+        k_lo, k_hi = spans(tiles(k_side["segments"], nk, bk, S, 0), k_valid)
+        some = (
+            some & (k_lo[:, None, :] <= q_hi[:, :, None]) & (q_lo[:, :, None] <= k_hi[:, None, :])
+        )
+        one_q, one_k = (q_lo == q_hi)[:, :, None], (k_lo == k_hi)[:, None, :]
+        every = every & one_q & one_k & (q_lo[:, :, None] == k_lo[:, None, :])
+    states = block_state(some, every)[:, None]  # [B, 1, nq, nk]
+    return BlockMask(states, _mask_mod(q_side, k_side, causal), (B, None, T, S), (bq, bk))
 
 
 def _mods(score_fn, q_side, k_side, extras, causal):
@@ -247,7 +304,11 @@ def split_attention(
         bwd_k = min(256, default_block_sizes(*local, backward=True)[1])
         sizes = mask_blocks(BlockSizes(backward_block_k=bwd_k), *local, blocks)
         cfg = block_config(*local, scale, False, None, False, sizes)
-        ring = _Ring(split.axis, P, causal, score_fn, cfg, blocks, local)
+        if key.shape[2] % split.head_groups:
+            raise ValueError(
+                f"head_groups: {split.head_groups} does not divide the key's {key.shape[2]} heads"
+            )
+        ring = _Ring(split.axis, P, causal, score_fn, cfg, blocks, local, split.head_groups)
         body = functools.partial(_ringed, ring)
     args = (query, key, value, q_side, k_side, extras)
     specs = (spec, spec, spec, spec, spec, PartitionSpec())
@@ -271,12 +332,10 @@ def _gathered(axis, causal, score_fn, scale, q, k, v, q_side, k_side, extras):
 
     k, v = gather(k), gather(v)
     k_side = {name: gather(x) for name, x in k_side.items()}
-    score_mod, mask_mod = _mods(score_fn, q_side, k_side, extras, causal)
-    B, T = q.shape[:2]
-    S = k.shape[1]
-    block_mask = create_block_mask(
-        mask_mod, B, None, T, S, block_size=(min(MASK_BLOCK, T), min(MASK_BLOCK, S))
-    )
+    score_mod, _ = _mods(score_fn, q_side, k_side, extras, causal)
+    T, S = q.shape[1], k.shape[1]
+    blocks = (min(MASK_BLOCK, T), min(MASK_BLOCK, S))
+    block_mask = side_block_mask(q_side, k_side, causal, T, S, blocks)
     return flex_attention(q, k, v, score_mod, block_mask, scale=scale)
 
 
@@ -291,27 +350,30 @@ class _Ring:
     cfg: BlockConfig  # without a program: each step adds its own
     blocks: tuple[int, int]  # the block masks' (bq, bk)
     local: tuple[int, int]  # (T / P, S / P)
+    head_groups: int
 
     def permute(self, x):
         perm = [(i, (i + 1) % self.size) for i in range(self.size)]
         return lax.ppermute(x, self.axis, perm)
 
-    def step(self, q, q_side, k_side, extras):
+    def step(self, q, q_side, k_side, extras, heads):
         """The kernel's config and program arrays for the key block whose side is
-        `k_side`, and the score function's captures."""
+        `k_side`, and the score function's captures; `heads`: the global index of
+        each of q's heads (what the score function's h is)."""
         score_mod, mask_mod = _mods(self.score_fn, q_side, k_side, extras, self.causal)
         program, captures = make_program(score_mod, mask_mod, stat_dtype(q.dtype))
         B, N = q.shape[0], q.shape[2]
-        block_mask = create_block_mask(mask_mod, B, None, *self.local, block_size=self.blocks)
+        block_mask = side_block_mask(q_side, k_side, self.causal, *self.local, self.blocks)
         cfg = dataclasses.replace(self.cfg, program=program)
-        return cfg, program_arrays(cfg, B, N, captures, block_mask), captures
+        arrays = program_arrays(cfg, B, N, captures, block_mask)
+        return cfg, (*arrays[:3], heads), captures
 
     def lengths(self, q):
         B = q.shape[0]
         return (jnp.full((B,), self.local[0], jnp.int32), jnp.full((B,), self.local[1], jnp.int32))
 
 
-def _ring_forward(ring: _Ring, q, k, v, q_side, k_side, extras):
+def _ring_forward(ring: _Ring, q, k, v, q_side, k_side, extras, heads):
     """out `[B, Tp, N, H]` and lse `[B, K, Tp * G]` of the local queries against all keys."""
     B, _, N, _ = q.shape
     K = k.shape[2]
@@ -320,7 +382,7 @@ def _ring_forward(ring: _Ring, q, k, v, q_side, k_side, extras):
 
     def step(_, carry):
         k, v, k_side, out, lse = carry
-        cfg, prog, _ = ring.step(q, q_side, k_side, extras)
+        cfg, prog, _ = ring.step(q, q_side, k_side, extras, heads)
         out_b, lse_b = forward_all(cfg, q, k, v, None, None, q_len, kv_len, prog)
         new = jnp.logaddexp(lse, lse_b)
         w_a, w_b = (jnp.exp(by_row(x - new, N // K))[..., None] for x in (lse, lse_b))
@@ -334,7 +396,7 @@ def _ring_forward(ring: _Ring, q, k, v, q_side, k_side, extras):
     return out.astype(q.dtype), lse
 
 
-def _ring_backward(ring: _Ring, q, k, v, q_side, k_side, extras, out, lse, d_out):
+def _ring_backward(ring: _Ring, q, k, v, q_side, k_side, extras, heads, out, lse, d_out):
     B, Tp, N, H = q.shape
     K = k.shape[2]
     q_len, kv_len = ring.lengths(q)
@@ -343,7 +405,7 @@ def _ring_backward(ring: _Ring, q, k, v, q_side, k_side, extras, out, lse, d_out
 
     def step(_, carry):
         k, v, k_side, dk, dv, dq_t, d_extras = carry
-        cfg, prog, captures = ring.step(q, q_side, k_side, extras)
+        cfg, prog, captures = ring.step(q, q_side, k_side, extras, heads)
         program = cfg.program
         wanted = []  # the extras among the score function's captures, in capture order
         if program.score is not None:
@@ -378,20 +440,20 @@ def _ring_backward(ring: _Ring, q, k, v, q_side, k_side, extras, out, lse, d_out
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _ring_call(ring, q, k, v, q_side, k_side, extras):
-    return _ring_forward(ring, q, k, v, q_side, k_side, extras)[0]
+def _ring_call(ring, q, k, v, q_side, k_side, extras, heads):
+    return _ring_forward(ring, q, k, v, q_side, k_side, extras, heads)[0]
 
 
-def _ring_call_fwd(ring, q, k, v, q_side, k_side, extras):
-    out, lse = _ring_forward(ring, q, k, v, q_side, k_side, extras)
-    return out, (q, k, v, q_side, k_side, extras, out, lse)
+def _ring_call_fwd(ring, q, k, v, q_side, k_side, extras, heads):
+    out, lse = _ring_forward(ring, q, k, v, q_side, k_side, extras, heads)
+    return out, (q, k, v, q_side, k_side, extras, heads, out, lse)
 
 
 def _ring_call_bwd(ring, res, d_out):
     dq, dk, dv, d_extras = _ring_backward(ring, *res, d_out)
     q_side, k_side = res[3], res[4]
     no_grad = jax.tree.map(lambda _: None, (q_side, k_side))
-    return dq, dk, dv, *no_grad, d_extras
+    return dq, dk, dv, *no_grad, d_extras, None
 
 
 _ring_call.defvjp(_ring_call_fwd, _ring_call_bwd)
@@ -404,4 +466,22 @@ def _ringed(ring: _Ring, q, k, v, q_side, k_side, extras):
     k, v = pad_axis(k, 1, Sp), pad_axis(v, 1, Sp)
     q_side = {name: pad_axis(x, 1, Tp) for name, x in q_side.items()}
     k_side = {name: pad_axis(x, 1, Sp) for name, x in k_side.items()}
-    return _ring_call(ring, q, k, v, q_side, k_side, extras)[:, : ring.local[0]]
+    N, H = q.shape[2:]
+    groups = ring.head_groups
+    if groups == 1:
+        heads = jnp.arange(N, dtype=jnp.int32)
+        return _ring_call(ring, q, k, v, q_side, k_side, extras, heads)[:, : ring.local[0]]
+
+    # Query head n belongs to key/value head n // G: groups of whole key/value heads
+    # are contiguous in both. lax.map runs them one after another.
+    def grouped(x):
+        return jnp.moveaxis(x.reshape(*x.shape[:2], groups, -1, H), 2, 0)
+
+    heads = jnp.arange(N, dtype=jnp.int32).reshape(groups, -1)
+
+    def one(args):
+        return _ring_call(ring, *args[:3], q_side, k_side, extras, args[3])
+
+    out = lax.map(one, (grouped(q), grouped(k), grouped(v), heads))
+    out = jnp.moveaxis(out, 0, 2).reshape(q.shape)
+    return out[:, : ring.local[0]]

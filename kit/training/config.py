@@ -79,6 +79,9 @@ def default_config() -> ml_collections.ConfigDict:
             # in the zig-zag order so that every device has the same work.
             "context_strategy": "all_gather",
             "context_balance": True,
+            # The ring's key/value heads in this many groups, one after another: less
+            # in flight per device for more rounds of messages (must divide the heads).
+            "context_head_groups": 1,
         }
     )
     config.train = ml_collections.ConfigDict(
@@ -283,6 +286,14 @@ def model_config(config: ml_collections.ConfigDict, task: tasks.Task) -> models.
         raise ValueError(
             f"model.context_strategy: expected one of {context.STRATEGIES}, "
             f"got {m.context_strategy!r}"
+        )
+    groups = m.context_head_groups
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        raise ValueError(f"model.context_head_groups: expected a positive int, got {groups!r}")
+    if (kv or m.num_heads) % groups:
+        raise ValueError(
+            f"model.context_head_groups: {groups} does not divide the key/value heads "
+            f"({kv or m.num_heads})"
         )
     for name in ("feed_forward", "share_layers", "context_balance"):
         if not isinstance(m[name], bool):

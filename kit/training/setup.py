@@ -77,7 +77,10 @@ def check_split(
     if config.task.get("pack", False):
         widths = pack_widths(task, kind, config.seed, config.task.pack_span)
     split = context.SequenceSplit(
-        mesh, config.model.context_strategy, balance=config.model.context_balance
+        mesh,
+        config.model.context_strategy,
+        balance=config.model.context_balance,
+        head_groups=config.model.context_head_groups,
     )
     for name, length in kind.split_lengths(task, widths).items():
         padded = split.padded(length, causal=name != "src")

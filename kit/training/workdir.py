@@ -42,7 +42,11 @@ def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
 
 
 # How a run computes, not what it learns: a checkpoint resumes under either value.
-_NOT_IN_CHECKPOINT = ("model.context_strategy", "model.context_balance")
+_NOT_IN_CHECKPOINT = (
+    "model.context_strategy",
+    "model.context_balance",
+    "model.context_head_groups",
+)
 
 
 def _check_compatible(workdir: str, config: ml_collections.ConfigDict) -> None:

@@ -16,6 +16,8 @@ Modules, whose imports run one way (masks <- inputs <- {core, chunked} <- api
 - `api`: `dot_product_attention`, `attention_weights`, `chunked_attention`;
 - `ring`: `ring_attention`, the sequence split over a mesh axis, on the
   chunked kernel;
+- `context`: a model's attention with its sequence split over a mesh axis
+  (all-gather or ring, the zig-zag order), for training (`config.mesh.seq`);
 - `projections`: Q/K/V and output projections, `init_attention_params`,
   functional `multi_head_attention`.
 """

@@ -157,6 +157,26 @@ class EncoderDecoder(TaskModel):
         src, tgt = (task.src_len, task.tgt_len + 1) if widths is None else widths
         return {"src": src, "tgt": tgt}
 
+    def predict(self, mb, *, oracle_length: bool = False, hooks=None) -> Array:
+        """Greedy predictions `[B, T]` aligned with mb["targets"] (with `hooks`' writes
+        at every step); with `oracle_length`, end-of-sequence is forbidden before each
+        row's target length."""
+        oracle = {}
+        if oracle_length:
+            until = jnp.sum(mb["weights"], axis=1, dtype=jnp.int32) - 1  # less the EOS
+            oracle = {"forbid": tasks.EOS, "until": until}
+        return decode.greedy_encoder_decoder(
+            self,
+            mb["src"],
+            mb["src_lengths"],
+            bos=tasks.BOS,
+            length=mb["targets"].shape[1],
+            **oracle,
+            hooks=hooks,
+        )
+
+    ORACLE_LENGTH: ClassVar[bool] = True
+
     def read_text(self, task, ids, words):
         """Greedy decoding, then one teacher-forced pass over its own output; decoder
         queries are labelled with the token each position predicts, keys with the

@@ -568,6 +568,8 @@ INVALID = {
     "model.random_positions": -1,
     "model.patch_size": 0,
     "model.dtype": "float8",
+    "model.context_strategy": "ulysses",
+    "model.context_head_groups": 0,
     "train.steps": 0,
     "train.batch_size": -1,
     "train.learning_rate": float("nan"),
@@ -581,6 +583,7 @@ INVALID = {
     "train.keep_checkpoints": 0,
     "train.eval_batch_size": 0,
     "mesh.data": 3,
+    "mesh.seq": 0,
     "mesh.model": 0,
 }
 # A bool field has no invalid value of its type; ml_collections refuses other types.
@@ -591,6 +594,7 @@ BOOL_FIELDS = (
     "task.validation",
     "model.feed_forward",
     "model.share_layers",
+    "model.context_balance",
 )
 
 

@@ -439,21 +439,82 @@ def _ring_backward(ring: _Ring, q, k, v, q_side, k_side, extras, heads, out, lse
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), d_extras
 
 
+def _head_slice(x: Array, group: Array, size: int, axis: int) -> Array:
+    return lax.dynamic_slice_in_dim(x, group * size, size, axis=axis)
+
+
+def _groups_forward(ring: _Ring, q, k, v, q_side, k_side, extras):
+    """`_ring_forward` over the head groups one after another (`lax.fori_loop`, so
+    one group's blocks are in flight at a time): out `[B, Tp, N, H]`, lse `[B, K, Tp * G]`."""
+    N, K = q.shape[2], k.shape[2]
+    groups = ring.head_groups
+    if groups == 1:
+        return _ring_forward(ring, q, k, v, q_side, k_side, extras, jnp.arange(N, dtype=jnp.int32))
+    Ng, Kg = N // groups, K // groups
+    B, Tp = q.shape[:2]
+
+    def group(i, carry):
+        out, lse = carry
+        # query head n belongs to key/value head n // G: a group's heads are contiguous
+        q_i = _head_slice(q, i, Ng, 2)
+        k_i, v_i = _head_slice(k, i, Kg, 2), _head_slice(v, i, Kg, 2)
+        heads = i * Ng + jnp.arange(Ng, dtype=jnp.int32)
+        out_i, lse_i = _ring_forward(ring, q_i, k_i, v_i, q_side, k_side, extras, heads)
+        out = lax.dynamic_update_slice_in_dim(out, out_i, i * Ng, axis=2)
+        return out, lax.dynamic_update_slice_in_dim(lse, lse_i, i * Kg, axis=1)
+
+    stat = stat_dtype(q.dtype)
+    carry = (jnp.zeros(q.shape, q.dtype), jnp.zeros((B, K, Tp * (N // K)), stat))
+    return lax.fori_loop(0, groups, group, carry)
+
+
+def _groups_backward(ring: _Ring, q, k, v, q_side, k_side, extras, out, lse, d_out):
+    """`_ring_backward` over the head groups one after another."""
+    N, K = q.shape[2], k.shape[2]
+    groups = ring.head_groups
+    if groups == 1:
+        heads = jnp.arange(N, dtype=jnp.int32)
+        return _ring_backward(ring, q, k, v, q_side, k_side, extras, heads, out, lse, d_out)
+    Ng, Kg = N // groups, K // groups
+    learned = [i for i, e in enumerate(extras) if differentiable(e)]
+
+    def group(i, carry):
+        dq, dk, dv, d_extras = carry
+        q_i, out_i, d_out_i = (_head_slice(x, i, Ng, 2) for x in (q, out, d_out))
+        k_i, v_i = _head_slice(k, i, Kg, 2), _head_slice(v, i, Kg, 2)
+        lse_i = _head_slice(lse, i, Kg, 1)
+        heads = i * Ng + jnp.arange(Ng, dtype=jnp.int32)
+        dq_i, dk_i, dv_i, d_ext = _ring_backward(
+            ring, q_i, k_i, v_i, q_side, k_side, extras, heads, out_i, lse_i, d_out_i
+        )
+        dq = lax.dynamic_update_slice_in_dim(dq, dq_i, i * Ng, axis=2)
+        dk = lax.dynamic_update_slice_in_dim(dk, dk_i, i * Kg, axis=2)
+        dv = lax.dynamic_update_slice_in_dim(dv, dv_i, i * Kg, axis=2)
+        d_extras = tuple(a + d_ext[j] for j, a in zip(learned, d_extras, strict=True))
+        return dq, dk, dv, d_extras
+
+    d_extras = tuple(jnp.zeros(extras[j].shape, extras[j].dtype) for j in learned)
+    carry = (jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(v), d_extras)
+    dq, dk, dv, d_extras = lax.fori_loop(0, groups, group, carry)
+    by_index = dict(zip(learned, d_extras, strict=True))
+    return dq, dk, dv, tuple(by_index.get(j) for j in range(len(extras)))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _ring_call(ring, q, k, v, q_side, k_side, extras, heads):
-    return _ring_forward(ring, q, k, v, q_side, k_side, extras, heads)[0]
+def _ring_call(ring, q, k, v, q_side, k_side, extras):
+    return _groups_forward(ring, q, k, v, q_side, k_side, extras)[0]
 
 
-def _ring_call_fwd(ring, q, k, v, q_side, k_side, extras, heads):
-    out, lse = _ring_forward(ring, q, k, v, q_side, k_side, extras, heads)
-    return out, (q, k, v, q_side, k_side, extras, heads, out, lse)
+def _ring_call_fwd(ring, q, k, v, q_side, k_side, extras):
+    out, lse = _groups_forward(ring, q, k, v, q_side, k_side, extras)
+    return out, (q, k, v, q_side, k_side, extras, out, lse)
 
 
 def _ring_call_bwd(ring, res, d_out):
-    dq, dk, dv, d_extras = _ring_backward(ring, *res, d_out)
+    dq, dk, dv, d_extras = _groups_backward(ring, *res, d_out)
     q_side, k_side = res[3], res[4]
     no_grad = jax.tree.map(lambda _: None, (q_side, k_side))
-    return dq, dk, dv, *no_grad, d_extras, None
+    return dq, dk, dv, *no_grad, d_extras
 
 
 _ring_call.defvjp(_ring_call_fwd, _ring_call_bwd)
@@ -466,22 +527,4 @@ def _ringed(ring: _Ring, q, k, v, q_side, k_side, extras):
     k, v = pad_axis(k, 1, Sp), pad_axis(v, 1, Sp)
     q_side = {name: pad_axis(x, 1, Tp) for name, x in q_side.items()}
     k_side = {name: pad_axis(x, 1, Sp) for name, x in k_side.items()}
-    N, H = q.shape[2:]
-    groups = ring.head_groups
-    if groups == 1:
-        heads = jnp.arange(N, dtype=jnp.int32)
-        return _ring_call(ring, q, k, v, q_side, k_side, extras, heads)[:, : ring.local[0]]
-
-    # Query head n belongs to key/value head n // G: groups of whole key/value heads
-    # are contiguous in both. lax.map runs them one after another.
-    def grouped(x):
-        return jnp.moveaxis(x.reshape(*x.shape[:2], groups, -1, H), 2, 0)
-
-    heads = jnp.arange(N, dtype=jnp.int32).reshape(groups, -1)
-
-    def one(args):
-        return _ring_call(ring, *args[:3], q_side, k_side, extras, args[3])
-
-    out = lax.map(one, (grouped(q), grouped(k), grouped(v), heads))
-    out = jnp.moveaxis(out, 0, 2).reshape(q.shape)
-    return out[:, : ring.local[0]]
+    return _ring_call(ring, q, k, v, q_side, k_side, extras)[:, : ring.local[0]]

@@ -12,7 +12,8 @@ and prints four markdown tables:
    sequence split over all devices (ring, ring with its heads in 4 groups,
    all-gather; rows in the zig-zag order), with the ratio to one device;
 2. a decoder-only model's whole training step (the config below at row length
-   T, batch 1): memory per device on one device and with mesh.seq = devices, and
+   T, batch 1): memory per device on one device and with mesh.seq = devices
+   (ring, ring with 4 head groups, all-gather), and
    the largest T of --lengths under a --budget_mib per device, both ways;
 3. the time of the attention's forward+backward at --time_length, ring against
    all-gather (median of --repeats after an untimed run);
@@ -119,7 +120,7 @@ def attention_memory(mesh, lengths):
         print(f"| {T} | " + " | ".join(cells) + " |", flush=True)
 
 
-def model_config(T, seq, strategy):
+def model_config(T, seq, strategy, head_groups=1):
     """A decoder-only model on copy whose row [src, SEP, tgt] has T slots (2L + 1,
     padded to T by the split)."""
     config = default_config()
@@ -127,7 +128,7 @@ def model_config(T, seq, strategy):
     config.task.length = (T - 2) // 2
     config.model.update(
         kind="decoder_only", d_model=256, num_heads=8, num_layers=2, d_ff=512, max_len=T,
-        context_strategy=strategy,
+        context_strategy=strategy, context_head_groups=head_groups,
     )  # fmt: skip
     config.train.batch_size = 1
     config.mesh.update(data=1, seq=seq, model=1)
@@ -155,16 +156,19 @@ def training_memory(lengths, devices):
         "\n2. A decoder-only model's training step (d_model 256, 8 heads, 2 layers, batch 1): "
         f"MiB per device; budget {FLAGS.budget_mib} MiB\n"
     )
-    ways = {"one device": (1, "all_gather"), **{
-        f"seq={devices}, {s}": (devices, s) for s in ("ring", "all_gather")
-    }}  # fmt: skip
+    ways = {
+        "one device": (1, "all_gather", 1),
+        f"seq={devices}, ring": (devices, "ring", 1),
+        f"seq={devices}, ring, heads in 4 groups": (devices, "ring", 4),
+        f"seq={devices}, all_gather": (devices, "all_gather", 1),
+    }
     print("| T | " + " | ".join(ways) + " |")
     print("|---|" + "---|" * len(ways))
     fits = dict.fromkeys(ways, 0)
     for T in lengths:
         cells, base = [], None
-        for name, (seq, strategy) in ways.items():
-            memory = step_memory(model_config(T, seq, strategy))
+        for name, (seq, strategy, groups) in ways.items():
+            memory = step_memory(model_config(T, seq, strategy, groups))
             base = base or memory
             cells.append(f"{memory:.0f}" if seq == 1 else f"{memory:.0f} ({memory / base:.2f}x)")
             if memory <= FLAGS.budget_mib:

@@ -61,10 +61,14 @@ def score_fn(q_positions, k_positions, slopes):
 def test_split_attention_equals_the_formula(strategy, causal, axis_type):
     """Queries, keys and sides split over 4 devices (batch over 2), rows permuted into
     the zig-zag order, segments and dead keys, GQA, a score function with a learned
-    array: the output and the gradients of q, k, v and that array against the
+    per-head array (the causal ring in two head groups, so the array's head index
+    is global): the output and the gradients of q, k, v and that array against the
     formula on the unpermuted rows."""
     mesh = jax.make_mesh((2, 4), ("data", "seq"), (axis_type,) * 2)
-    split = context.SequenceSplit(mesh, strategy)
+    # the causal ring passes its two key/value heads one at a time (head_groups)
+    split = context.SequenceSplit(
+        mesh, strategy, head_groups=2 if causal and strategy == "ring" else 1
+    )
     B, T, N, K, H = 2, 32, 4, 2, 8
     rng = np.random.default_rng(0)
     q, k, v = (jnp.asarray(rng.normal(size=(B, T, n, H)), jnp.float32) for n in (N, K, K))

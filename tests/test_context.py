@@ -166,14 +166,14 @@ def step_losses(config, steps=3):
 
 
 SPLIT_RUNS = [
-    # (model kind, task length, positions, packed, mesh (data, seq), strategy)
+    # (model kind, task length, positions, packed, mesh (data, seq), strategy): both
+    # kinds under both strategies, packed and not, seq 4 and 8, four position kinds
+    # (sinusoidal: the checkpoint test below; segments under both strategies: the
+    # formula test above)
     ("decoder_only", 5, "alibi", False, (2, 4), "ring"),
-    ("encoder_decoder", 8, "t5", True, (2, 4), "ring"),
     ("decoder_only", 5, "rope", False, (1, 4), "all_gather"),
-    ("decoder_only", 5, "learned", False, (1, 8), "ring"),
-    ("encoder_decoder", 8, "sinusoidal", False, (2, 4), "all_gather"),
-    ("encoder_decoder", 8, "alibi", True, (2, 4), "all_gather"),
-    ("encoder_decoder", 8, "rope", False, (1, 4), "ring"),
+    ("encoder_decoder", 8, "t5", True, (2, 4), "ring"),
+    ("encoder_decoder", 8, "learned", False, (1, 8), "all_gather"),
 ]
 
 

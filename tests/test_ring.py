@@ -152,3 +152,50 @@ def test_ring_bad_inputs_name_the_argument():
         ring(key_value_seq_lengths=jnp.array([3], jnp.int32))
     with pytest.raises(ValueError, match=r"scale: the chunked path needs a Python number"):
         ring(scale=jnp.float32(0.5))
+
+
+def test_ring_with_score_and_mask_functions_equals_the_formula():
+    """Score and mask functions on the ring (global indices): ALiBi-like distances
+    with learned per-head slopes, a window of 20 keys back, causal and lengths: the
+    output and the gradients of q, k, v and the slopes against the formula written
+    out (GQA by repeating heads)."""
+    B, T, N, K, H = 2, 64, 4, 2, 16
+    q, k, v = make_qkv(B=B, T=T, S=T, N=N, K=K, H=H)
+    slopes = jnp.asarray([0.1, 0.2, 0.3, 0.45], jnp.float32)
+    lengths = jnp.asarray([64, 41], jnp.int32)
+    w = jnp.cos(jnp.arange(B * T * N * H, dtype=jnp.float32)).reshape(B, T, N, H)
+    mesh = ring_mesh()
+
+    def ring(q, k, v, slopes):
+        def score(s, b, h, q_idx, kv_idx):
+            return s - slopes[h] * jnp.abs(q_idx - kv_idx).astype(s.dtype)
+
+        def window(b, h, q_idx, kv_idx):
+            return q_idx - kv_idx < 20
+
+        out = kit.ring_attention(
+            q, k, v, mesh=mesh, axis_name=AXIS, is_causal=True, key_value_seq_lengths=lengths,
+            score_mod=score, mask_mod=window,
+        )  # fmt: skip
+        return jnp.sum(out * w), out
+
+    def formula(q, k, v, slopes):
+        kk, vv = jnp.repeat(k, N // K, axis=2), jnp.repeat(v, N // K, axis=2)
+        s = jnp.einsum("btnh,bsnh->bnts", q, kk) / np.sqrt(H)
+        i, j = jnp.arange(T, dtype=jnp.int32)[:, None], jnp.arange(T, dtype=jnp.int32)[None, :]
+        s = s - slopes[None, :, None, None] * jnp.abs(i - j).astype(jnp.float32)[None, None]
+        live = (j <= i)[None] & (i - j < 20)[None] & (j[None] < lengths[:, None, None])
+        # a row with no live key (past the window of example 1's 41 keys) gives zeros
+        s = jnp.where(live[:, None], s, -1e30)
+        any_live = jnp.any(live, axis=-1).astype(jnp.float32)[:, None, :, None]
+        p = jax.nn.softmax(s, axis=-1) * any_live
+        out = jnp.einsum("bnts,bsnh->btnh", p, vv)
+        return jnp.sum(out * w), out
+
+    (_, got), got_grads = jax.jit(jax.value_and_grad(ring, (0, 1, 2, 3), has_aux=True))(
+        q, k, v, slopes
+    )
+    (_, want), want_grads = jax.value_and_grad(formula, (0, 1, 2, 3), has_aux=True)(q, k, v, slopes)
+    np.testing.assert_allclose(got, want, atol=2e-6)
+    for name, g, want_g in zip(("q", "k", "v", "slopes"), got_grads, want_grads, strict=True):
+        np.testing.assert_allclose(g, want_g, rtol=1e-5, atol=5e-6, err_msg=name)

@@ -54,11 +54,16 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from kit.attention.blocks import BlockConfig, block_state, default_block_sizes
 from kit.attention.chunked import BlockSizes, block_config, mask_blocks, pad_axis, program_arrays
-from kit.attention.flex import BlockMask, flex_attention
+from kit.attention.flex import BlockMask, create_block_mask, flex_attention
 from kit.attention.masks import MASK_VALUE, stat_dtype
-from kit.attention.passes import backward_from_delta, dq_from_transposed, forward_all, row_delta
-from kit.attention.programs import differentiable, make_program
-from kit.attention.ring import by_row
+from kit.attention.passes import (
+    backward_from_delta,
+    by_row,
+    dq_from_transposed,
+    forward_all,
+    row_delta,
+)
+from kit.attention.programs import combine_states, differentiable, make_program
 
 Array = jax.Array
 
@@ -230,11 +235,31 @@ def side_block_mask(q_side: dict, k_side: dict, causal: bool, T: int, S: int, bl
     return BlockMask(states, _mask_mod(q_side, k_side, causal), (B, None, T, S), (bq, bk))
 
 
-def _mods(score_fn, q_side, k_side, extras, causal):
+def _mods(score_fn, mask_fn, q_side, k_side, extras, causal):
+    """The score function and the mask function (the sides' and `mask_fn`'s) of a call."""
     score = (
         None if score_fn is None else score_fn(q_side["positions"], k_side["positions"], *extras)
     )
-    return score, _mask_mod(q_side, k_side, causal)
+    mask = _mask_mod(q_side, k_side, causal)
+    if mask_fn is not None:
+        sides, user = mask, mask_fn(q_side, k_side)
+
+        def mask(b, h, q_idx, kv_idx):
+            return sides(b, h, q_idx, kv_idx) & user(b, h, q_idx, kv_idx)
+
+    return score, mask
+
+
+def _block_mask(q_side, k_side, causal, mask_fn, mask_mod, T, S, blocks) -> BlockMask:
+    """The call's block mask: the sides' states from their summaries, and where a
+    `mask_fn` is given, the least of those and its evaluated states."""
+    side = side_block_mask(q_side, k_side, causal, T, S, blocks)
+    if mask_fn is None:
+        return side
+    B = q_side["index"].shape[0]
+    user = create_block_mask(mask_fn(q_side, k_side), B, None, T, S, block_size=blocks)
+    states = combine_states(side.states, user.states)
+    return BlockMask(states, mask_mod, side.shape, side.block_size)
 
 
 def _check_sides(q_side: dict, k_side: dict, B: int, T: int, S: int, causal: bool) -> None:
@@ -264,6 +289,7 @@ def split_attention(
     causal: bool = False,
     score_fn: Callable | None = None,
     extras: tuple = (),
+    mask_fn: Callable | None = None,
     scale: float | None = None,
 ) -> Array:
     """Attention of queries `[B, T, N, H]` to keys and values `[B, S, K, H]` whose
@@ -274,6 +300,8 @@ def split_attention(
     *extras) -> score_mod` (or None) gives the score function, on each device's
     local sides (its q_idx / kv_idx index them); `extras` are the arrays it
     learns (replicated; their gradients are summed over the devices).
+    `mask_fn(q_side, k_side) -> mask_mod` (or None) adds a mask function on the
+    local sides, ANDed with theirs (its block states evaluated per block row).
 
     Returns:
       `[B, T, N, H]` in query's dtype, split like it.
@@ -296,7 +324,7 @@ def split_attention(
     spec = split.spec(B)
     extras = tuple(extras)
     if split.strategy == "all_gather":
-        body = functools.partial(_gathered, split.axis, causal, score_fn, scale)
+        body = functools.partial(_gathered, split.axis, causal, score_fn, mask_fn, scale)
     else:
         local = (T // P, S // P)
         blocks = (min(MASK_BLOCK, local[0]), min(MASK_BLOCK, local[1]))
@@ -308,7 +336,9 @@ def split_attention(
             raise ValueError(
                 f"head_groups: {split.head_groups} does not divide the key's {key.shape[2]} heads"
             )
-        ring = _Ring(split.axis, P, causal, score_fn, cfg, blocks, local, split.head_groups)
+        ring = _Ring(
+            split.axis, P, causal, score_fn, mask_fn, cfg, blocks, local, split.head_groups
+        )
         body = functools.partial(_ringed, ring)
     args = (query, key, value, q_side, k_side, extras)
     specs = (spec, spec, spec, spec, spec, PartitionSpec())
@@ -324,7 +354,7 @@ def split_attention(
     return run(*args)
 
 
-def _gathered(axis, causal, score_fn, scale, q, k, v, q_side, k_side, extras):
+def _gathered(axis, causal, score_fn, mask_fn, scale, q, k, v, q_side, k_side, extras):
     """One device's queries against all keys, gathered along `axis`."""
 
     def gather(x):
@@ -332,10 +362,10 @@ def _gathered(axis, causal, score_fn, scale, q, k, v, q_side, k_side, extras):
 
     k, v = gather(k), gather(v)
     k_side = {name: gather(x) for name, x in k_side.items()}
-    score_mod, _ = _mods(score_fn, q_side, k_side, extras, causal)
+    score_mod, mask_mod = _mods(score_fn, mask_fn, q_side, k_side, extras, causal)
     T, S = q.shape[1], k.shape[1]
     blocks = (min(MASK_BLOCK, T), min(MASK_BLOCK, S))
-    block_mask = side_block_mask(q_side, k_side, causal, T, S, blocks)
+    block_mask = _block_mask(q_side, k_side, causal, mask_fn, mask_mod, T, S, blocks)
     return flex_attention(q, k, v, score_mod, block_mask, scale=scale)
 
 
@@ -347,6 +377,7 @@ class _Ring:
     size: int
     causal: bool
     score_fn: Callable | None
+    mask_fn: Callable | None
     cfg: BlockConfig  # without a program: each step adds its own
     blocks: tuple[int, int]  # the block masks' (bq, bk)
     local: tuple[int, int]  # (T / P, S / P)
@@ -360,10 +391,14 @@ class _Ring:
         """The kernel's config and program arrays for the key block whose side is
         `k_side`, and the score function's captures; `heads`: the global index of
         each of q's heads (what the score function's h is)."""
-        score_mod, mask_mod = _mods(self.score_fn, q_side, k_side, extras, self.causal)
+        score_mod, mask_mod = _mods(
+            self.score_fn, self.mask_fn, q_side, k_side, extras, self.causal
+        )
         program, captures = make_program(score_mod, mask_mod, stat_dtype(q.dtype))
         B, N = q.shape[0], q.shape[2]
-        block_mask = side_block_mask(q_side, k_side, self.causal, *self.local, self.blocks)
+        block_mask = _block_mask(
+            q_side, k_side, self.causal, self.mask_fn, mask_mod, *self.local, self.blocks
+        )
         cfg = dataclasses.replace(self.cfg, program=program)
         arrays = program_arrays(cfg, B, N, captures, block_mask)
         return cfg, (*arrays[:3], heads), captures

@@ -161,3 +161,9 @@ def dq_from_transposed(dq_t: Array, shape: tuple[int, ...]) -> Array:
     if N == K:
         return jnp.transpose(dq_t, (0, 3, 1, 2))
     return jnp.transpose(dq_t.reshape(B, K, -1, Tp, N // K), (0, 3, 1, 4, 2)).reshape(shape)
+
+
+def by_row(lse: Array, G: int) -> Array:
+    """The kernel's lse `[B, K, Tp * G]` in the output's `[B, Tp, N]` layout."""
+    B, K, rows = lse.shape
+    return jnp.swapaxes(lse.reshape(B, K, rows // G, G), 1, 2).reshape(B, rows // G, K * G)

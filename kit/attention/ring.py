@@ -36,17 +36,26 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from kit.attention import context
 from kit.attention.blocks import BlockConfig, default_block_sizes
 from kit.attention.chunked import BlockSizes, block_config, pad_axis
 from kit.attention.inputs import check_inputs
 from kit.attention.masks import MASK_VALUE, stat_dtype
-from kit.attention.passes import backward_from_delta, dq_from_transposed, forward_all, row_delta
+from kit.attention.passes import (
+    backward_from_delta,
+    by_row,
+    dq_from_transposed,
+    forward_all,
+    row_delta,
+)
+from kit.attention.programs import MASK_ARGS, SCORE_ARGS, trace
 
 Array = jax.Array
 
@@ -78,12 +87,6 @@ class _Ring:
     def permute(self, x):
         perm = [(i, (i + 1) % self.size) for i in range(self.size)]
         return lax.ppermute(x, self.axis_name, perm)
-
-
-def by_row(lse: Array, G: int) -> Array:
-    """The kernel's lse `[B, K, Tp * G]` in the output's `[B, Tp, N]` layout."""
-    B, K, rows = lse.shape
-    return jnp.swapaxes(lse.reshape(B, K, rows // G, G), 1, 2).reshape(B, rows // G, K * G)
 
 
 def _run(ring: _Ring, r, compute, skip):
@@ -155,6 +158,47 @@ def _ring_backward(ring: _Ring, q, k, v, kv_len, out, lse, d_out):
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
+def _programmed(x, mesh, axis_name, kv_len, score_mod, mask_mod) -> Array:
+    """`ring_attention` with score and mask functions, on the context ring: the
+    sides hold each token's global index, through which the user's functions see
+    global q_idx and kv_idx."""
+    B, T = x.query.shape[:2]
+    S = x.key.shape[1]
+    q_places = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    k_places = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+    q_side = {"index": q_places, "positions": q_places}
+    k_side = {"index": k_places, "positions": k_places}
+    if kv_len is not None:
+        k_side["live"] = k_places < kv_len[:, None]
+    score_fn, extras = None, ()
+    if score_mod is not None:
+        # Its captured arrays become the call's extras: their gradients come back.
+        run, extras = trace("score_mod", score_mod, 5, SCORE_ARGS, stat_dtype(x.query.dtype))
+
+        def score_fn(q_pos, k_pos, *captures):
+            def score(s, b, h, q_idx, kv_idx):
+                return run(s, b, h, q_pos[b, q_idx], k_pos[b, kv_idx], *captures)
+
+            return score
+
+    mask_fn = None
+    if mask_mod is not None:
+        run_mask, mask_captures = trace("mask_mod", mask_mod, 4, MASK_ARGS)
+
+        def mask_fn(q_side, k_side):
+            def mask(b, h, q_idx, kv_idx):
+                q_at, k_at = q_side["index"][b, q_idx], k_side["index"][b, kv_idx]
+                return run_mask(b, h, q_at, k_at, *mask_captures)
+
+            return mask
+
+    split = context.SequenceSplit(mesh, "ring", axis=axis_name, batch_axis=None, balance=False)
+    return context.split_attention(
+        split, x.query, x.key, x.value, q_side=q_side, k_side=k_side, causal=x.is_causal,
+        score_fn=score_fn, extras=tuple(extras), mask_fn=mask_fn, scale=x.scale,
+    )  # fmt: skip
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _ring(ring, q, k, v, kv_len):
     return _ring_forward(ring, q, k, v, kv_len)[0]
@@ -182,6 +226,8 @@ def ring_attention(
     is_causal: bool = False,
     scale: float | None = None,
     key_value_seq_lengths: Array | None = None,
+    score_mod: Callable | None = None,
+    mask_mod: Callable | None = None,
 ) -> Array:
     """Attention with the sequence split over a mesh axis (ring attention).
 
@@ -207,6 +253,14 @@ def ring_attention(
       is_causal: query i attends to keys j <= i; needs T == S.
       scale: a Python number; defaults to 1 / sqrt(H).
       key_value_seq_lengths: int `[B]`; keys at s >= length are padding.
+      score_mod: `(score, b, h, q_idx, kv_idx) -> score`, as `kit.flex_attention`
+        takes it (global indices; floating arrays it closes over get gradients),
+        or None.
+      mask_mod: `(b, h, q_idx, kv_idx) -> bool`, as `kit.flex_attention`'s block
+        mask function (global indices; ANDed with the causal and length masks),
+        or None. With either function the ring runs on
+        `kit.attention.context.split_attention`: each step rebuilds the block
+        mask of the key block it holds and skips its dead blocks.
 
     Returns:
       `[B, T, N, H]` (or `[T, N, H]`), dtype of `query`, split like `query`.
@@ -260,11 +314,16 @@ def ring_attention(
     diagonal = (
         block_config(*local, x.scale, True, None, not lengths_given, sizes) if x.is_causal else None
     )
-    ring = _Ring(axis_name, P, full, diagonal, *local)
-    Tp, Sp = full.padded_lengths
     kv_len = jnp.full((B,), S, jnp.int32)
     if lengths_given:
         kv_len = jnp.minimum(x.key_value_seq_lengths, S)
+    if score_mod is not None or mask_mod is not None:
+        out = _programmed(
+            x, mesh, axis_name, kv_len if lengths_given else None, score_mod, mask_mod
+        )
+        return x.unbatch(out)
+    ring = _Ring(axis_name, P, full, diagonal, *local)
+    Tp, Sp = full.padded_lengths
 
     def per_device(q, k, v, kv_len):
         q, k, v = pad_axis(q, 1, Tp), pad_axis(k, 1, Sp), pad_axis(v, 1, Sp)

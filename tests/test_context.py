@@ -10,6 +10,7 @@ import pytest
 from helpers import load_config, slow_beyond
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
+import kit
 from kit import sharding, training
 from kit.attention import context
 from kit.training.steps import init_model, train_model_batch
@@ -261,3 +262,29 @@ def test_split_mistakes_fail_at_start_naming_the_field(tmp_path, overrides, mess
     with pytest.raises(ValueError, match=message):
         training.train_and_evaluate(config, str(workdir), progress=False)
     assert not workdir.exists() or not any(workdir.iterdir())
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_block_states_from_summaries_are_sound_and_exact_where_they_can_be(causal):
+    """`side_block_mask`'s states against the mask function evaluated on every pair
+    (`kit.create_block_mask`): never full where a pair is dead, never dead where one
+    is live; with places in the zig-zag order and every key live (no segments) the
+    summaries are exact, and they equal the evaluated states block for block."""
+    B, T, blocks = 2, 64, (8, 8)
+    rng = np.random.default_rng(3)
+    order = jnp.asarray(context.zigzag_order(T, 4))
+    places = jnp.broadcast_to(order, (B, T))
+    segments = jnp.asarray(np.sort(rng.integers(0, 4, (B, T)), axis=1), jnp.int32)[:, order]
+    live = jnp.asarray(rng.random((B, T)) > 0.1)
+    for side in (
+        {"index": places, "segments": segments, "live": live},
+        {"index": places},
+    ):
+        got = context.side_block_mask(side, side, causal, T, T, blocks)
+        want = kit.create_block_mask(got.mask_mod, B, None, T, T, block_size=blocks)
+        got_states, want_states = np.asarray(got.states), np.asarray(want.states)
+        assert not np.any((got_states == 2) & (want_states != 2))
+        assert not np.any((got_states == 0) & (want_states != 0))
+        if len(side) == 1:
+            np.testing.assert_array_equal(got_states, want_states)
+            assert {0, 2} <= set(np.unique(want_states).tolist()) or not causal

@@ -154,6 +154,9 @@ def test_ring_bad_inputs_name_the_argument():
         ring(scale=jnp.float32(0.5))
 
 
+# Slow set: the inner loop checks the same ring, with a learned score function, in
+# tests/test_context.py::test_split_attention_equals_the_formula.
+@pytest.mark.slow
 def test_ring_with_score_and_mask_functions_equals_the_formula():
     """Score and mask functions on the ring (global indices): ALiBi-like distances
     with learned per-head slopes, a window of 20 keys back, causal and lengths: the

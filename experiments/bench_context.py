@@ -33,12 +33,12 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={DEVICES}"
 ).strip()
 
-import time  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
+from benchtools import cpu_model, median_seconds  # noqa: E402
 from jax.sharding import AxisType, NamedSharding, PartitionSpec  # noqa: E402
 
 import kit  # noqa: E402
@@ -55,17 +55,6 @@ flags.DEFINE_integer("balance_length", 16384, "T for table 4.")
 flags.DEFINE_integer("repeats", 3, "Timed runs per cell (the median is reported).")
 
 B, N, H = 1, 8, 64
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 def mib(compiled) -> float:
@@ -180,16 +169,6 @@ def training_memory(lengths, devices):
     )
 
 
-def median_seconds(run, args):
-    jax.block_until_ready(run(*args))
-    times = []
-    for _ in range(FLAGS.repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(run(*args))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
-
-
 def strategy_time(mesh, T):
     print(f"\n3. Attention forward+backward at T={T} on the {mesh.shape['seq']} devices: seconds\n")
     print("| strategy | median s | vs all-gather |")
@@ -203,7 +182,7 @@ def strategy_time(mesh, T):
             jax.device_put(jax.random.normal(k, s.shape, s.dtype), s.sharding)
             for k, s in zip(keys, shapes, strict=True)
         ]
-        rows[name] = median_seconds(fn.lower(*args).compile(), args)
+        rows[name] = median_seconds(fn.lower(*args).compile(), *args, repeats=FLAGS.repeats)
         print(f"| {name} | {rows[name]:.2f} | {rows[name] / rows['all-gather']:.2f}x |", flush=True)
 
 

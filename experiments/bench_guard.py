@@ -38,7 +38,6 @@ import datetime
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -47,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
-from benchtools import matmul_peak
+from benchtools import cpu_model, matmul_peak
 
 import kit
 from kit import mods
@@ -68,18 +67,6 @@ flags.DEFINE_float("drill_slowdown", 0.0, "Fire drill: slow each chunked run by 
 
 B, T, N, H = 1, 2048, 8, 64
 FORWARD_FLOPS = 4 * B * N * T * T * H / 2  # causal: half the scores
-
-
-def cpu_model() -> str:
-    """The CPU's model name as /proc/cpuinfo gives it (platform's elsewhere)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def commit() -> str:

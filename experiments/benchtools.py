@@ -1,9 +1,11 @@
-"""Timing helpers the newer benchmarks share (bench_guard.py, bench_pretrained.py).
+"""Timing helpers the newer benchmarks share (bench_guard.py, bench_pretrained.py,
+bench_context.py, profile_attention.py), and the CPU's name.
 
 Imported as `benchtools` by scripts run from experiments/ (their folder is on sys.path).
 """
 
 import math
+import platform
 import time
 
 import jax
@@ -37,3 +39,15 @@ def median_seconds(run, *args, repeats: int) -> float:
         jax.block_until_ready(run(*args))
         times.append(time.perf_counter() - start)
     return float(np.median(times))
+
+
+def cpu_model() -> str:
+    """The CPU's model name as /proc/cpuinfo gives it (platform's elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -23,12 +23,12 @@ import json
 import os
 import re
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+from benchtools import matmul_peak, median_seconds
 
 import kit
 
@@ -41,21 +41,6 @@ flags.DEFINE_integer("H", 64, "Head dim.")
 flags.DEFINE_bool("causal", True, "Causal attention.")
 flags.DEFINE_integer("repeats", 3, "Profiled calls.")
 flags.DEFINE_integer("top", 20, "Operations shown.")
-
-
-def matmul_peak() -> float:
-    """GFLOP/s of a jitted 2048^3 float32 product, the best of 5."""
-    a = jnp.ones((2048, 2048), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
-    jax.block_until_ready(f(a))
-    best = min(_timed(f, a) for _ in range(5))
-    return 2 * 2048**3 / best / 1e9
-
-
-def _timed(f, *args) -> float:
-    start = time.perf_counter()
-    jax.block_until_ready(f(*args))
-    return time.perf_counter() - start
 
 
 def _operations(hlo: str) -> dict[str, tuple[str, float]]:
@@ -108,7 +93,7 @@ def main(_):
     operations = _operations(compiled.as_text())
     jax.block_until_ready(compiled(q, k, v))
     peak = matmul_peak()
-    wall = float(np.median([_timed(compiled, q, k, v) for _ in range(FLAGS.repeats)]))
+    wall = median_seconds(compiled, q, k, v, repeats=FLAGS.repeats)
     folder = tempfile.mkdtemp(prefix="kit-profile-")
     with jax.profiler.trace(folder, create_perfetto_trace=True):
         for _ in range(FLAGS.repeats):

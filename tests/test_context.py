@@ -82,7 +82,6 @@ def test_split_attention_equals_the_formula(strategy, causal, axis_type):
         "live": jnp.asarray(rng.random((B, T)) > 0.2) | (places == 0),
     }
     order = split.order(T, causal)
-    order = np.arange(T) if order is None else order
     inverse = np.argsort(order)
     w = jnp.asarray(rng.normal(size=(B, T, N, H)), jnp.float32)
 

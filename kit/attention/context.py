@@ -151,10 +151,11 @@ class SequenceSplit:
         unit = 2 * self.size if (causal and self.balance) else self.size
         return -(-length // unit) * unit
 
-    def order(self, length: int, causal: bool) -> np.ndarray | None:
-        """The permutation of a row of `length` tokens (None: kept in place)."""
+    def order(self, length: int, causal: bool) -> np.ndarray:
+        """The layout of a row of `length` tokens, slot -> place: the zig-zag order
+        for a causal row with balance, else the places in order."""
         if not (causal and self.balance):
-            return None
+            return np.arange(length, dtype=np.int32)
         return zigzag_order(length, self.size)
 
     def spec(self, batch: int) -> PartitionSpec:
@@ -344,11 +345,11 @@ def split_attention(
     specs = (spec, spec, spec, spec, spec, PartitionSpec())
     mesh = split.mesh
     if AxisType.Explicit in mesh.axis_types:  # shard_map takes such arrays only as it splits them
-        args = jax.tree.map(
-            lambda a, s: jax.sharding.reshard(a, NamedSharding(mesh, s)),
-            args,
-            tuple(jax.tree.map(lambda _, s=s: s, a) for a, s in zip(args, specs, strict=True)),
-        )
+
+        def laid_out(tree, s):
+            return jax.tree.map(lambda a: jax.sharding.reshard(a, NamedSharding(mesh, s)), tree)
+
+        args = tuple(laid_out(a, s) for a, s in zip(args, specs, strict=True))
     # check_vma=False: the kernel's loops start from constants that become varying.
     run = jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=spec, check_vma=False)
     return run(*args)

@@ -137,7 +137,8 @@ class TaskModel(nnx.Module):
 
     @staticmethod
     def split_lengths(task: Any, widths: tuple[int, ...] | None) -> dict[str, tuple[int, bool]]:
-        """The sequences the split cuts: name (as a config field) -> (length, causal)."""
+        """The sequences the split cuts (a packed batch's `widths`, else the task's
+        lengths): name -> (length, whether its attention is causal)."""
         raise NotImplementedError
 
     # Whether `predict` takes oracle_length (decoding to the target's true length).

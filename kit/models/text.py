@@ -147,7 +147,6 @@ class EncoderDecoder(TaskModel):
         out = _padded(out, tgt_names, split.padded(T, causal=True))
         Tp = out["tgt_in"].shape[1]
         order = split.order(Tp, causal=True)
-        order = np.arange(Tp) if order is None else order
         out = _permuted(out, tgt_names, order)
         out["tgt_order"] = _rows(order, B)
         return out
@@ -155,7 +154,7 @@ class EncoderDecoder(TaskModel):
     @staticmethod
     def split_lengths(task, widths):
         src, tgt = (task.src_len, task.tgt_len + 1) if widths is None else widths
-        return {"src": src, "tgt": tgt}
+        return {"src": (src, False), "tgt": (tgt, True)}
 
     def predict(self, mb, *, oracle_length: bool = False, hooks=None) -> Array:
         """Greedy predictions `[B, T]` aligned with mb["targets"] (with `hooks`' writes
@@ -355,14 +354,13 @@ class DecoderOnly(TaskModel):
         row = _padded(row, tuple(row), split.padded(row["tokens"].shape[1], causal=True))
         L = row["tokens"].shape[1]
         order = split.order(L, causal=True)
-        order = np.arange(L) if order is None else order
         row = _permuted(row, tuple(row), order)
         row["order"] = _rows(order, B)
         return row
 
     @staticmethod
     def split_lengths(task, widths):
-        return {"row": task.src_len + task.tgt_len + 1}
+        return {"row": (task.src_len + task.tgt_len + 1, True)}
 
     def read_text(self, task, ids, words):
         """Greedy continuation of [text, SEP], then one pass over [text, SEP, output];

@@ -82,10 +82,10 @@ def check_split(
         balance=config.model.context_balance,
         head_groups=config.model.context_head_groups,
     )
-    for name, length in kind.split_lengths(task, widths).items():
-        padded = split.padded(length, causal=name != "src")
+    for name, (length, causal) in kind.split_lengths(task, widths).items():
+        padded = split.padded(length, causal)
         if padded > mcfg.max_len:
-            chunks = ", in zig-zag chunks" if split.balance and name != "src" else ""
+            chunks = ", in zig-zag chunks" if split.balance and causal else ""
             raise ValueError(
                 f"model.max_len: the sequence split pads the {name} sequence from {length} to "
                 f"{padded} positions (whole shares of mesh.seq = {seq}{chunks}), more than "

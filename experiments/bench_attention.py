@@ -90,8 +90,9 @@ def matmul_peak(dtype):
     return 2 * 2048**3 / fastest_seconds(jax.jit(jnp.matmul), a, a) / 1e9
 
 
-# The chunked forward's block shape at long lengths: units per step, block_q, block_k.
-BLOCKS = (blocks.DEFAULT_UNITS_PER_STEP, *blocks.default_block_sizes(8192, 8192))
+# The chunked forward's block shape at long lengths: units per step (one example's
+# key/value heads at the default --heads=8, K = N), block_q, block_k.
+BLOCKS = (8, *blocks.default_block_sizes(8192, 8192))
 
 
 def block_matmul_rate(dtype, iterations=32):

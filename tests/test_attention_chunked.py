@@ -54,8 +54,10 @@ CASES = {
 }
 
 
-def _compare(case, *, T=T, S=S, K=2, blocks=(8, 16), units=3, backward=None):
-    """chunked against kit's xla path in float32, forward and gradients, unoptimized."""
+def _compare(case, *, T=T, S=S, K=2, blocks=(8, 16), units=4, backward=None):
+    """chunked against kit's xla path in float32, forward and gradients, unoptimized.
+    `units` 4 at K=2 batches both examples in one step (lax.map's vmap), which the
+    default (one example a step) never does."""
     kw = dict(case)
     q, k, v = make_qkv(B=B, T=T, S=S, N=N, K=K)
     bias = normal(jax.random.key(5), kw.pop("bias")) if "bias" in kw else None

@@ -352,8 +352,8 @@ def chunked_attention(
         `block_k` where given, else chosen from S. The lengths are padded to
         multiples of both passes' sizes.
       units_per_step: about how many (example, key/value head) pairs each
-        loop step processes together (default 8): a step takes
-        max(1, units_per_step // K) whole examples.
+        loop step processes together (default: one example per step): a step
+        takes max(1, units_per_step // K) whole examples.
       return_residual: also return the row log-sum-exp, as
         `kit.dot_product_attention` documents it.
 

@@ -23,7 +23,12 @@ from kit.attention.masks import stat_dtype
 
 Array = jax.Array
 
-DEFAULT_UNITS_PER_STEP = 8
+# One example per loop step. On the 2-core AMD EPYC (2026-12-07, causal, N=8, H=64,
+# experiments/bench_units.py), steps of 8 units (2-8 examples under lax.map's vmap) took
+# 1.06-1.28x one example's time at B=4, T=2048 with K = 1, 2, 4 (the forward at K=4
+# equal), and 1.19-1.89x at B=16, T=512 with K = 1, 2. One example a step also traces
+# and compiles the kernel once, where a batch of examples is traced again by the vmap.
+DEFAULT_UNITS_PER_STEP = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +74,7 @@ def default_block_sizes(
     """Block sizes `(block_q, block_k)` chosen from the lengths.
 
     Of 128-1024 query/key blocks with 1-32 units per step, the forward pass
-    measured fastest with 512 x 256 and 8 units, and the backward (whose
+    measured fastest with 512 x 256 and 8 units (one example of K=8), and the backward (whose
     blocks are `[block_k, block_q]`, keys as rows) with 256 x 512, for causal
     attention at B=4, T=2048, N=8, H=64 on a 2-core CPU. Short sequences use
     one block rounded up to a multiple of 8.

@@ -99,17 +99,18 @@ DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
 HALF = ["plain", "lengths", "everything"]
 
 
-def _formula_check(names, dtype):
+def _formula_check(pairs):
     """Each path against the formula written with jax.numpy alone (helpers.
-    reference_attention, float32), compiled as users compile it: XLA's passes on.
+    reference_attention, float32), compiled as users compile it: XLA's passes on;
+    `pairs`: (case name, dtype).
 
     The cases of one call share one program per path (and one for the reference): with
     XLA's passes on, five cases compiled in one program took 3.1 s against 5.9 s in
     five, and the checks are the same."""
+    cases = []
     with unoptimized():  # the inputs (random draws, compiled op by op)
-        q, k, v = make_qkv(B=B, T=T, S=S, N=N, K=2, dtype=dtype)
-        cases = []
-        for name in names:
+        for name, dtype in pairs:
+            q, k, v = make_qkv(B=B, T=T, S=S, N=N, K=2, dtype=dtype)
             kw = dict(CASES[name])
             bias = normal(jax.random.key(5), kw.pop("bias"), dtype) if "bias" in kw else None
             mask = None
@@ -117,15 +118,16 @@ def _formula_check(names, dtype):
                 mask = jax.random.bernoulli(jax.random.key(6), 0.7, kw.pop("mask"))
             live = jnp.asarray(live_mask(B, N, T, S, mask, kw))
             scale = kw.get("scale", 1 / np.sqrt(q.shape[-1]))
-            cases.append((name, kw, bias, mask, live, scale))
+            case = dict(name=name, dtype=dtype, kw=kw, mask=mask, live=live, scale=scale)
+            cases.append((case, (q, k, v, bias)))
 
     def run(attention):
         """Gradients (float32) and outputs of every case, in one compiled program;
         `attention(case, q, k, v, bias)`."""
 
-        def every_case(q, k, v, biases):
+        def every_case(inputs):
             results = []
-            for case, bias in zip(cases, biases, strict=True):
+            for (case, _), (q, k, v, bias) in zip(cases, inputs, strict=True):
 
                 def loss(q, k, v, bias, case=case):
                     out = attention(case, q, k, v, bias).astype(jnp.float32)
@@ -137,27 +139,27 @@ def _formula_check(names, dtype):
                 results.append((jax.tree.map(lambda g: g.astype(jnp.float32), grads), out))
             return results
 
-        return jax.jit(every_case)(q, k, v, [case[2] for case in cases])
+        return jax.jit(every_case)([inputs for _, inputs in cases])
 
     with unoptimized():
         want = run(
             lambda case, q, k, v, bias: reference_attention(
-                q, k, v, scale=case[5], mask=case[4], bias=bias
+                q, k, v, scale=case["scale"], mask=case["live"], bias=bias
             )
         )
     paths = {
         "xla": lambda case, q, k, v, bias: kit.dot_product_attention(
-            q, k, v, bias, case[3], implementation="xla", **case[1]
+            q, k, v, bias, case["mask"], implementation="xla", **case["kw"]
         ),
         "chunked": lambda case, q, k, v, bias: kit.chunked_attention(
-            q, k, v, bias, case[3], block_q=8, block_k=16, **case[1]
+            q, k, v, bias, case["mask"], block_q=8, block_k=16, **case["kw"]
         ),
     }
-    fwd_tol, grad_tol = TOLERANCES[dtype]
     for path, attention in paths.items():
         got = run(attention)
-        for case, (grads, out), (ref_grads, ref_out) in zip(cases, got, want, strict=True):
-            message = f"{path}, {case[0]}"
+        for (case, _), (grads, out), (ref_grads, ref_out) in zip(cases, got, want, strict=True):
+            fwd_tol, grad_tol = TOLERANCES[case["dtype"]]
+            message = f"{path}, {case['name']}, {jnp.dtype(case['dtype']).name}"
             chex.assert_trees_all_close(
                 out, ref_out, atol=fwd_tol, rtol=fwd_tol, custom_message=message
             )
@@ -166,10 +168,9 @@ def _formula_check(names, dtype):
             )
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_both_paths_equal_the_formula_with_optimizations_on(optimized, dtype):
+def test_both_paths_equal_the_formula_with_optimizations_on(optimized):
     """Every option at once, in each dtype (the inner loop's case)."""
-    _formula_check(["everything"], dtype)
+    _formula_check([("everything", dtype) for dtype in DTYPES])
 
 
 @pytest.mark.slow
@@ -177,9 +178,8 @@ def test_both_paths_equal_the_formula_with_optimizations_on(optimized, dtype):
 def test_both_paths_equal_the_formula_in_every_case_with_optimizations_on(optimized, dtype):
     """Every case in float32; the half-precision dtypes on no option and on rows with
     no live key (lengths); "everything" is the test above."""
-    _formula_check(
-        [n for n in (CASES if dtype == jnp.float32 else HALF) if n != "everything"], dtype
-    )
+    names = CASES if dtype == jnp.float32 else HALF
+    _formula_check([(name, dtype) for name in names if name != "everything"])
 
 
 # The inner loop's cheaper check (no optimization passes); every case, and the

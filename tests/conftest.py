@@ -7,6 +7,7 @@ import fcntl
 import gc
 import hashlib
 import os
+import shutil
 import tempfile
 
 os.environ["XLA_FLAGS"] = (
@@ -61,7 +62,13 @@ compiler.get_compile_options = _get_compile_options
 # Programs that compile in under 0.1 s are not written from the tests' processes:
 # nearly all of them compile once (the writes took 3.5 s of 85 for three test files,
 # 1.9 s with this floor); the commands below, which rerun one config, write them all.
-_CACHE = os.path.join(tempfile.gettempdir(), f"kit-jax-cache-{os.getppid()}")
+# The session's controller makes the folder and removes it when the session ends (a
+# full suite leaves 43 MB there); xdist's workers inherit its name.
+_CACHE = os.environ.get("KIT_TESTS_JAX_CACHE")
+_OWN_CACHE = _CACHE is None
+if _OWN_CACHE:
+    _CACHE = tempfile.mkdtemp(prefix="kit-jax-cache-")
+    os.environ["KIT_TESTS_JAX_CACHE"] = _CACHE
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
@@ -75,6 +82,11 @@ os.environ.update(
     JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
     JAX_DISABLE_MOST_OPTIMIZATIONS="true",
 )
+
+
+def pytest_unconfigure(config):
+    if _OWN_CACHE:
+        shutil.rmtree(_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

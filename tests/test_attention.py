@@ -305,27 +305,34 @@ def test_multi_head_attention_process_heads_hook_and_weights_from_one_pass(optim
         return apply_rope(q, positions), apply_rope(k, positions), v
 
     options = dict(is_causal=True, key_value_seq_lengths=lengths)
-    y, weights = kit.multi_head_attention(
-        params, x, return_weights=True, process_heads=rope, **options
-    )
+    # Compiled as users run it: one program with XLA's passes on (op by op, each of its
+    # operations compiled on its own: 102 optimized compiles).
+    y, weights = jax.jit(
+        lambda params, x: kit.multi_head_attention(
+            params, x, return_weights=True, process_heads=rope, **options
+        )
+    )(params, x)
+    alone = jax.jit(
+        lambda params, x: kit.multi_head_attention(params, x, process_heads=rope, **options)
+    )(params, x)
 
     # By hand, with jax.nn and no kit helper: project, rotate, attend, project out.
     def proj(p):
         y = jnp.einsum("btd,dnh->btnh", x, p["kernel"])
         return y + p["bias"][None, None] if "bias" in p else y
 
-    q, k, v = rope(proj(params["query"]), proj(params["key"]), proj(params["value"]))
-    out = jax.nn.dot_product_attention(q, k, v, is_causal=True, key_value_seq_lengths=lengths)
-    expected = jnp.einsum("btnh,nhd->btd", out, params["out"]["kernel"])
-    expected = expected + params["out"]["bias"][None, None]
+    with unoptimized():  # the reference, op by op
+        q, k, v = rope(proj(params["query"]), proj(params["key"]), proj(params["value"]))
+        out = jax.nn.dot_product_attention(q, k, v, is_causal=True, key_value_seq_lengths=lengths)
+        expected = jnp.einsum("btnh,nhd->btd", out, params["out"]["kernel"])
+        expected = expected + params["out"]["bias"][None, None]
+        logits = jnp.einsum("btnh,bsnh->bnts", q, jnp.repeat(k, 2, axis=2)) / jnp.sqrt(8.0)
+        live = jnp.tril(jnp.ones((7, 7), bool))[None, None] & (
+            jnp.arange(7)[None, None, None, :] < lengths[:, None, None, None]
+        )
+        want = jax.nn.softmax(jnp.where(live, logits, -jnp.inf), axis=-1)
     chex.assert_trees_all_close(y, expected, atol=1e-5, rtol=1e-5)
-    logits = jnp.einsum("btnh,bsnh->bnts", q, jnp.repeat(k, 2, axis=2)) / jnp.sqrt(8.0)
-    live = jnp.tril(jnp.ones((7, 7), bool))[None, None] & (
-        jnp.arange(7)[None, None, None, :] < lengths[:, None, None, None]
-    )
-    want = jax.nn.softmax(jnp.where(live, logits, -jnp.inf), axis=-1)
     chex.assert_trees_all_close(weights, want, atol=1e-6)
-    alone = kit.multi_head_attention(params, x, process_heads=rope, **options)
     chex.assert_trees_all_close(alone, y, atol=1e-5, rtol=1e-5)
 
 

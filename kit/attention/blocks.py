@@ -113,7 +113,7 @@ def slice_block(x: Array | None, start: Array, size: int, axis: int) -> Array | 
     """The block [start, start + size) of `x` along `axis`, or `x` if it broadcasts there."""
     if x is None or x.shape[axis] == 1:
         return x
-    return lax.dynamic_slice_in_dim(x, start, size, axis=axis)
+    return lax.dynamic_slice_in_dim(x, start, size, axis=axis, allow_negative_indices=False)
 
 
 def swap01(x: Array) -> Array:
@@ -249,10 +249,10 @@ def example_rows(x: Array, b: Array, start: Array, size: int) -> Array:
     # Every index int32: with x64 on, a Python 0 would be int64, which dynamic_slice
     # refuses beside the int32 ones.
     index = (b, start) + (jnp.int32(0),) * (x.ndim - 2)
-    return lax.dynamic_slice(x, index, (1, size, *x.shape[2:]))[0]
+    return lax.dynamic_slice(x, index, (1, size, *x.shape[2:]), allow_negative_indices=False)[0]
 
 
 def add_block(full: Array, block: Array, starts: dict[int, Array]) -> Array:
     index = [starts.get(axis, jnp.int32(0)) for axis in range(full.ndim)]
-    current = lax.dynamic_slice(full, index, block.shape)
-    return lax.dynamic_update_slice(full, current + block, index)
+    current = lax.dynamic_slice(full, index, block.shape, allow_negative_indices=False)
+    return lax.dynamic_update_slice(full, current + block, index, allow_negative_indices=False)

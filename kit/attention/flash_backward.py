@@ -110,9 +110,9 @@ def example_backward(
             q_blk = head_major(example_rows(q, b, i * bq, bq), K)
             do_blk = head_major(example_rows(d_out, b, i * bq, bq), K)
             lse_blk, delta_blk = (  # [B, K, Tp * G] -> [K, 1, bq, G]
-                lax.dynamic_slice(x, (b, jnp.int32(0), i * bq * G), (1, K, bq * G)).reshape(
-                    K, 1, bq, G
-                )
+                lax.dynamic_slice(
+                    x, (b, jnp.int32(0), i * bq * G), (1, K, bq * G), allow_negative_indices=False
+                ).reshape(K, 1, bq, G)
                 for x in (lse, delta)
             )
             s = (

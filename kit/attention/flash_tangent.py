@@ -53,7 +53,9 @@ def example_tangent(
         q_blk, dq_blk, out_blk = (
             blocks.head_major(blocks.example_rows(x, b, i * bq, bq), K) for x in (q, dq, out)
         )  # [K, bq * G, H]
-        lse_blk = lax.dynamic_slice(lse, (b, jnp.int32(0), i * bq * G), (1, K, bq * G))[0]
+        lse_blk = lax.dynamic_slice(
+            lse, (b, jnp.int32(0), i * bq * G), (1, K, bq * G), allow_negative_indices=False
+        )[0]
         bias_i, mask_i, dbias_i = (
             blocks.slice_block(x, i * bq, bq, axis=2) for x in (bias, mask, dbias)
         )

@@ -57,7 +57,8 @@ CASES = {
 }
 
 
-def _run_case(case, dtype, shapes):
+def _inputs(case, dtype, shapes):
+    """(keyword options, q, k, v, bias, mask) of one case."""
     kw = dict(case)
     with unoptimized():  # the inputs (random draws, compiled op by op)
         q, k, v = make_qkv(dtype=dtype, **shapes)
@@ -67,44 +68,77 @@ def _run_case(case, dtype, shapes):
     mask = kw.pop("mask", None)
     if mask is not None:
         mask = jnp.asarray(mask[..., :T, :S])
+    return kw, q, k, v, bias, mask
 
-    def loss(fn, jit=True):
-        def f(q, k, v, bias):
-            out = fn(q, k, v, bias, mask, **kw)
-            weights = jnp.cos(jnp.arange(out.size, dtype=jnp.float32)).reshape(out.shape)
-            return jnp.sum(out.astype(jnp.float32) * weights), out
 
-        argnums = (0, 1, 2, 3) if bias is not None else (0, 1, 2)
-        grad = jax.grad(f, argnums=argnums, has_aux=True)
-        return (jax.jit(grad) if jit else grad)(q, k, v, bias)
+def _grad(fn, kw, mask, bias):
+    """The gradient (with the output as aux) of a cosine-weighted sum of fn's output."""
 
-    grads, out = loss(kit.dot_product_attention)
+    def f(q, k, v, bias):
+        out = fn(q, k, v, bias, mask, **kw)
+        weights = jnp.cos(jnp.arange(out.size, dtype=jnp.float32)).reshape(out.shape)
+        return jnp.sum(out.astype(jnp.float32) * weights), out
+
+    return jax.grad(f, argnums=(0, 1, 2, 3) if bias is not None else (0, 1, 2), has_aux=True)
+
+
+def _reference_run(dtype, kw, q, k, v, bias, mask):
     # jax.nn's own backward pass mixes dtypes, so the reference runs with standard promotion.
     with jax.numpy_dtype_promotion("standard"), unoptimized():
+        grad = _grad(reference, kw, mask, bias)
         # Under jit on CPU, jax.nn asks for an F16_F16_F32 dot that the CPU lacks.
-        ref_grads, ref_out = loss(reference, jit=dtype != jnp.float16)
+        ref_grads, ref_out = (jax.jit(grad) if dtype != jnp.float16 else grad)(q, k, v, bias)
+    return ref_out, ref_grads
+
+
+def _run_case(case, dtype, shapes):
+    kw, q, k, v, bias, mask = _inputs(case, dtype, shapes)
+    grads, out = jax.jit(_grad(kit.dot_product_attention, kw, mask, bias))(q, k, v, bias)
+    ref_out, ref_grads = _reference_run(dtype, kw, q, k, v, bias, mask)
     return out, ref_out, grads, ref_grads
 
 
+def _check_cases(pairs):
+    """kit against jax.nn for each (case name, dtype), kit's side of every case in one
+    compiled program (the caller's fixture decides whether XLA's passes are on)."""
+    cases = [(name, dtype, _inputs(CASES[name], dtype, {})) for name, dtype in pairs]
+
+    def every_case(arrays):
+        return [
+            _grad(kit.dot_product_attention, kw, mask, bias)(*qkvb)
+            for (_, _, (kw, *_, bias, mask)), qkvb in zip(cases, arrays, strict=True)
+        ]
+
+    got = jax.jit(every_case)([inputs[1:5] for _, _, inputs in cases])
+    for (name, dtype, inputs), (grads, out) in zip(cases, got, strict=True):
+        ref_out, ref_grads = _reference_run(dtype, *inputs)
+        fwd_tol, grad_tol = TOLERANCES[dtype]
+        message = f"{name}, {jnp.dtype(dtype).name}"
+        assert out.dtype == ref_out.dtype == dtype, message
+        chex.assert_trees_all_close(
+            out, ref_out, atol=fwd_tol, rtol=fwd_tol, custom_message=message
+        )
+        chex.assert_trees_all_close(
+            grads, ref_grads, atol=grad_tol, rtol=grad_tol, custom_message=message
+        )
+
+
 FAST = ["plain", "lengths", "everything"]
-# Every case in float32; the half-precision dtypes on FAST's cases (no mask, dead rows,
-# every option together). tests/test_attention_chunked.py sweeps more against the formula.
-SWEEP = [(n, jnp.float32) for n in CASES] + [
-    (n, d) for d in (jnp.bfloat16, jnp.float16) for n in FAST
-]
 
 
-@pytest.mark.parametrize(
-    "name, dtype",
-    slow_beyond(SWEEP, [(n, jnp.float32) for n in FAST], several=True),
-    ids=str,
-)
-def test_matches_jax_nn_forward_and_vjp(optimized, name, dtype):
-    out, ref_out, grads, ref_grads = _run_case(CASES[name], dtype, {})
-    fwd_tol, grad_tol = TOLERANCES[dtype]
-    assert out.dtype == ref_out.dtype == dtype
-    chex.assert_trees_all_close(out, ref_out, atol=fwd_tol, rtol=fwd_tol)
-    chex.assert_trees_all_close(grads, ref_grads, atol=grad_tol, rtol=grad_tol)
+def test_matches_jax_nn_forward_and_vjp(optimized):
+    """FAST's cases in float32, compiled with XLA's passes on, as users compile."""
+    _check_cases([(name, jnp.float32) for name in FAST])
+
+
+# Every other case in float32; the half-precision dtypes on FAST's cases (no mask, dead
+# rows, every option together). tests/test_attention_chunked.py sweeps more against the
+# formula.
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16], ids=str)
+def test_matches_jax_nn_forward_and_vjp_in_every_case(optimized, dtype):
+    names = [n for n in CASES if n not in FAST] if dtype == jnp.float32 else FAST
+    _check_cases([(name, dtype) for name in names])
 
 
 @pytest.mark.parametrize("groups", [1, 2, 4])

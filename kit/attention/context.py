@@ -54,7 +54,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from kit.attention.blocks import BlockConfig, block_state, default_block_sizes
 from kit.attention.chunked import BlockSizes, block_config, mask_blocks, pad_axis, program_arrays
-from kit.attention.flex import BlockMask, create_block_mask, flex_attention
+from kit.attention.flex import BlockMask, and_masks, create_block_mask, flex_attention
 from kit.attention.masks import MASK_VALUE, stat_dtype
 from kit.attention.passes import (
     backward_from_delta,
@@ -236,31 +236,21 @@ def side_block_mask(q_side: dict, k_side: dict, causal: bool, T: int, S: int, bl
     return BlockMask(states, _mask_mod(q_side, k_side, causal), (B, None, T, S), (bq, bk))
 
 
-def _mods(score_fn, mask_fn, q_side, k_side, extras, causal):
-    """The score function and the mask function (the sides' and `mask_fn`'s) of a call."""
+def _mods(score_fn, mask_fn, q_side, k_side, extras, causal, T, S, blocks):
+    """A call's score function (or None) and block mask: the sides' mask function and
+    states from their summaries, and where `mask_fn` is given, its mask function ANDed
+    in and its evaluated states combined with theirs."""
     score = (
         None if score_fn is None else score_fn(q_side["positions"], k_side["positions"], *extras)
     )
-    mask = _mask_mod(q_side, k_side, causal)
-    if mask_fn is not None:
-        sides, user = mask, mask_fn(q_side, k_side)
-
-        def mask(b, h, q_idx, kv_idx):
-            return sides(b, h, q_idx, kv_idx) & user(b, h, q_idx, kv_idx)
-
-    return score, mask
-
-
-def _block_mask(q_side, k_side, causal, mask_fn, mask_mod, T, S, blocks) -> BlockMask:
-    """The call's block mask: the sides' states from their summaries, and where a
-    `mask_fn` is given, the least of those and its evaluated states."""
     side = side_block_mask(q_side, k_side, causal, T, S, blocks)
     if mask_fn is None:
-        return side
+        return score, side
+    user = mask_fn(q_side, k_side)
     B = q_side["index"].shape[0]
-    user = create_block_mask(mask_fn(q_side, k_side), B, None, T, S, block_size=blocks)
-    states = combine_states(side.states, user.states)
-    return BlockMask(states, mask_mod, side.shape, side.block_size)
+    states = create_block_mask(user, B, None, T, S, block_size=blocks).states
+    mask = and_masks(side.mask_mod, user)
+    return score, BlockMask(combine_states(side.states, states), mask, side.shape, blocks)
 
 
 def _check_sides(q_side: dict, k_side: dict, B: int, T: int, S: int, causal: bool) -> None:
@@ -363,10 +353,9 @@ def _gathered(axis, causal, score_fn, mask_fn, scale, q, k, v, q_side, k_side, e
 
     k, v = gather(k), gather(v)
     k_side = {name: gather(x) for name, x in k_side.items()}
-    score_mod, mask_mod = _mods(score_fn, mask_fn, q_side, k_side, extras, causal)
     T, S = q.shape[1], k.shape[1]
     blocks = (min(MASK_BLOCK, T), min(MASK_BLOCK, S))
-    block_mask = _block_mask(q_side, k_side, causal, mask_fn, mask_mod, T, S, blocks)
+    score_mod, block_mask = _mods(score_fn, mask_fn, q_side, k_side, extras, causal, T, S, blocks)
     return flex_attention(q, k, v, score_mod, block_mask, scale=scale)
 
 
@@ -392,14 +381,12 @@ class _Ring:
         """The kernel's config and program arrays for the key block whose side is
         `k_side`, and the score function's captures; `heads`: the global index of
         each of q's heads (what the score function's h is)."""
-        score_mod, mask_mod = _mods(
-            self.score_fn, self.mask_fn, q_side, k_side, extras, self.causal
-        )
-        program, captures = make_program(score_mod, mask_mod, stat_dtype(q.dtype))
+        score_mod, block_mask = _mods(
+            self.score_fn, self.mask_fn, q_side, k_side, extras, self.causal, *self.local,
+            self.blocks,
+        )  # fmt: skip
+        program, captures = make_program(score_mod, block_mask.mask_mod, stat_dtype(q.dtype))
         B, N = q.shape[0], q.shape[2]
-        block_mask = _block_mask(
-            q_side, k_side, self.causal, self.mask_fn, mask_mod, *self.local, self.blocks
-        )
         cfg = dataclasses.replace(self.cfg, program=program)
         arrays = program_arrays(cfg, B, N, captures, block_mask)
         return cfg, (*arrays[:3], heads), captures

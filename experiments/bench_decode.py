@@ -1,0 +1,117 @@
+"""A decode step: one query per example against a long KV cache, against reading the cache.
+
+    python experiments/bench_decode.py
+    python experiments/bench_decode.py --kv_heads=8 --lengths=32768 --queries=1,8
+
+Issue 40 asks that a decode step (B=8, S=4096..32k) take at most 1.5x the time to read
+its KV cache once from memory. Reading once is the cache's bytes (K and V) over the
+memory bandwidth measured in the same run: the fastest of 10 sums of a 512 MiB float32
+array (a streaming read; XLA's reduce of it runs on all cores). Each path's time is the
+median of --repeats runs after a warm-up, for q `[B, T, N, H]` and k, v `[B, S, K, H]`
+(float32, no mask).
+
+The paths: the kit's `dot_product_attention` as dispatched (implementation=None, which
+is the xla path for so few queries) and its chunked path, jax.nn's, and `cache_layout`,
+a prototype kept here to measure a design, not a kit path: scores for all heads from
+one product with the cache in its own `[S, K * H]` layout against a block-diagonal
+query matrix `[K * H, T * N]` (zero outside each head's block, so K times the needed
+multiplies), the softmax over S, then one product of the weights with `[S, K * H]`
+whose diagonal blocks are the output. Nothing is transposed or copied out of the
+cache; each path's largest error against jax.nn is printed.
+"""
+
+import time
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+from benchtools import cpu_model, median_seconds
+
+import kit
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("batch", 8, "B.")
+flags.DEFINE_integer("heads", 8, "Query heads N.")
+flags.DEFINE_list("kv_heads", ["8", "2", "1"], "Key/value heads K (each divides N).")
+flags.DEFINE_integer("head_dim", 64, "H.")
+flags.DEFINE_list("lengths", ["4096", "16384", "32768"], "Cache lengths S.")
+flags.DEFINE_list("queries", ["1"], "Queries per example T (1: a decode step).")
+flags.DEFINE_integer("repeats", 9, "Timed runs per cell (the median is reported).")
+
+
+def memory_bandwidth() -> float:
+    """GB/s of the fastest of 10 sums of a 512 MiB float32 array."""
+    x = jnp.ones((128 * 2**20,), jnp.float32)
+    total = jax.jit(jnp.sum)
+    jax.block_until_ready(total(x))
+    best = float("inf")
+    for _ in range(10):
+        start = time.perf_counter()
+        jax.block_until_ready(total(x))
+        best = min(best, time.perf_counter() - start)
+    return x.nbytes / best / 1e9
+
+
+def cache_layout(q, k, v):
+    """The prototype described above; no mask, scale 1 / sqrt(H)."""
+    B, T, N, H = q.shape
+    S, K = k.shape[1], k.shape[2]
+    G = N // K
+    eye = jnp.eye(K, dtype=q.dtype)
+    qg = (q * H**-0.5).reshape(B, T, K, G, H)
+    # [B, K * H, T * N]: query head (k, g) of query t in the rows of key/value head k.
+    qbd = jnp.einsum("btkgh,kj->bkhtjg", qg, eye).reshape(B, K * H, T * N)
+    s = jnp.einsum(
+        "bsc,bcd->bsd", k.reshape(B, S, K * H), qbd, preferred_element_type=jnp.float32
+    )  # [B, S, T * N]
+    p = jnp.exp(s - jnp.max(s, axis=1, keepdims=True))
+    total = jnp.sum(p, axis=1)  # [B, T * N]
+    out = jnp.einsum("bsd,bsc->bdc", p.astype(v.dtype), v.reshape(B, S, K * H))
+    out = jnp.einsum("btkgjh,kj->btkgh", out.reshape(B, T, K, G, K, H), eye)
+    return (out.reshape(B, T * N, H) / total[..., None]).reshape(B, T, N, H)
+
+
+PATHS = {
+    "kit": lambda q, k, v: kit.dot_product_attention(q, k, v),
+    "kit_chunked": lambda q, k, v: kit.dot_product_attention(q, k, v, implementation="chunked"),
+    "jax_nn": lambda q, k, v: jax.nn.dot_product_attention(q, k, v),
+    "cache_layout": cache_layout,
+}
+
+
+def main(_):
+    B, N, H = FLAGS.batch, FLAGS.heads, FLAGS.head_dim
+    bandwidth = memory_bandwidth()
+    print(
+        f"{cpu_model()}, {jax.device_count()} CPU device(s); memory bandwidth {bandwidth:.1f} GB/s "
+        f"(a 512 MiB sum); B={B} N={N} H={H} float32; ms, median of {FLAGS.repeats}, "
+        "and x the time to read K and V once"
+    )
+    names = list(PATHS)
+    print("| T | K | S | cache MB | read once ms | " + " | ".join(names) + " | max error |")
+    print("|---" * (6 + len(names)) + "|")
+    for T in map(int, FLAGS.queries):
+        for K in map(int, FLAGS.kv_heads):
+            for S in map(int, FLAGS.lengths):
+                rngs = jax.random.split(jax.random.key(0), 3)
+                q = jax.random.normal(rngs[0], (B, T, N, H), jnp.float32)
+                k, v = (jax.random.normal(r, (B, S, K, H), jnp.float32) for r in rngs[1:])
+                cache = k.nbytes + v.nbytes
+                read = cache / bandwidth / 1e9
+                want = jax.jit(PATHS["jax_nn"])(q, k, v)
+                cells, error = [], 0.0
+                for name in names:
+                    run = jax.jit(PATHS[name])
+                    error = max(error, float(jnp.max(jnp.abs(run(q, k, v) - want))))
+                    seconds = median_seconds(run, q, k, v, repeats=FLAGS.repeats)
+                    cells.append(f"{seconds * 1e3:.1f} ({seconds / read:.1f}x)")
+                print(
+                    f"| {T} | {K} | {S} | {cache / 1e6:.0f} | {read * 1e3:.1f} | "
+                    + " | ".join(cells)
+                    + f" | {error:.1e} |",
+                    flush=True,
+                )
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -10,14 +10,10 @@ array (a streaming read; XLA's reduce of it runs on all cores). Each path's time
 median of --repeats runs after a warm-up, for q `[B, T, N, H]` and k, v `[B, S, K, H]`
 (float32, no mask).
 
-The paths: the kit's `dot_product_attention` as dispatched (implementation=None, which
-is the xla path for so few queries) and its chunked path, jax.nn's, and `cache_layout`,
-a prototype kept here to measure a design, not a kit path: scores for all heads from
-one product with the cache in its own `[S, K * H]` layout against a block-diagonal
-query matrix `[K * H, T * N]` (zero outside each head's block, so K times the needed
-multiplies), the softmax over S, then one product of the weights with `[S, K * H]`
-whose diagonal blocks are the output. Nothing is transposed or copied out of the
-cache; each path's largest error against jax.nn is printed.
+The paths: the kit's `dot_product_attention` as dispatched (implementation=None: for so
+few queries on a CPU, the products in the cache's layout of `kit.attention.few_queries`),
+its xla path (what None gave before that path) and its chunked path, and jax.nn's; the
+largest error of any against jax.nn is printed.
 """
 
 import time
@@ -52,30 +48,11 @@ def memory_bandwidth() -> float:
     return x.nbytes / best / 1e9
 
 
-def cache_layout(q, k, v):
-    """The prototype described above; no mask, scale 1 / sqrt(H)."""
-    B, T, N, H = q.shape
-    S, K = k.shape[1], k.shape[2]
-    G = N // K
-    eye = jnp.eye(K, dtype=q.dtype)
-    qg = (q * H**-0.5).reshape(B, T, K, G, H)
-    # [B, K * H, T * N]: query head (k, g) of query t in the rows of key/value head k.
-    qbd = jnp.einsum("btkgh,kj->bkhtjg", qg, eye).reshape(B, K * H, T * N)
-    s = jnp.einsum(
-        "bsc,bcd->bsd", k.reshape(B, S, K * H), qbd, preferred_element_type=jnp.float32
-    )  # [B, S, T * N]
-    p = jnp.exp(s - jnp.max(s, axis=1, keepdims=True))
-    total = jnp.sum(p, axis=1)  # [B, T * N]
-    out = jnp.einsum("bsd,bsc->bdc", p.astype(v.dtype), v.reshape(B, S, K * H))
-    out = jnp.einsum("btkgjh,kj->btkgh", out.reshape(B, T, K, G, K, H), eye)
-    return (out.reshape(B, T * N, H) / total[..., None]).reshape(B, T, N, H)
-
-
 PATHS = {
     "kit": lambda q, k, v: kit.dot_product_attention(q, k, v),
+    "kit_xla": lambda q, k, v: kit.dot_product_attention(q, k, v, implementation="xla"),
     "kit_chunked": lambda q, k, v: kit.dot_product_attention(q, k, v, implementation="chunked"),
     "jax_nn": lambda q, k, v: jax.nn.dot_product_attention(q, k, v),
-    "cache_layout": cache_layout,
 }
 
 

@@ -24,9 +24,10 @@ fastest run and the highest peak, which a noisy machine disturbs less than media
 
 The baseline file (bench_guard_baseline.json beside this script) holds one entry per CPU
 model (its name and widest vector extension, "AMD EPYC, AVX2": one name is sold with and
-without AVX-512, and the ratios differ between them) and matmul peak: an entry applies when the model matches and the peak measured now
-is within --peak_band (a factor) of the entry's; its figures are then compared, and any
-that fell more than --tolerance below its baseline is named and the exit status is 1.
+without AVX-512, and the ratios differ between them) and matmul peak: an entry applies
+when the model matches and the peak measured now is within --peak_band (a factor) of the
+entry's; its figures are then compared, and any that fell more than --tolerance below its
+baseline is named and the exit status is 1.
 With no entry for this CPU the guard says so and exits 0 (run --update to add one).
 --update measures and rewrites this CPU's entry, keeping the others.
 

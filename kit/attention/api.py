@@ -29,6 +29,7 @@ import jax.numpy as jnp
 
 from kit.attention.chunked import BlockSizes, chunked_from_inputs
 from kit.attention.core import xla_attention
+from kit.attention.few_queries import few_queries_fit, few_query_attention
 from kit.attention.inputs import Inputs, check_bool, check_inputs
 
 Array = jax.Array
@@ -62,8 +63,9 @@ def _choose_implementation(implementation: str | None, x: Inputs, dropout_rate: 
     one), without `query_seq_lengths` or `key_value_seq_lengths` (they can leave
     a row with no live key, which must return zero; cuDNN's output there is not
     specified), and with a head dim its flash kernel takes (a multiple of 8, at
-    most 128). A causal mask alone never empties a row. Otherwise chunked for
-    long inputs, else xla.
+    most 128). A causal mask alone never empties a row. On a CPU, a few queries
+    against a long cache (a decode step) take the products in the cache's layout
+    (`kit.attention.few_queries`). Otherwise chunked for long inputs, else xla.
     """
     on_gpu = jax.default_backend() == "gpu"
     if implementation is None:
@@ -81,6 +83,8 @@ def _choose_implementation(implementation: str | None, x: Inputs, dropout_rate: 
         )
         if cudnn_fits:
             return "cudnn"
+        if few_queries_fit(x, dropout_rate):
+            return "few_queries"
         big = x.query.shape[1] * x.key.shape[1] >= _CHUNKED_MIN_PAIRS
         chunked_fits = dropout_rate == 0.0 and isinstance(x.scale, float)
         return "chunked" if big and chunked_fits else "xla"
@@ -135,6 +139,9 @@ def attend(
     if implementation == "chunked":
         out, lse = chunked_from_inputs(x, return_residual=return_residual)
         return out, None, lse
+    if implementation == "few_queries":
+        out, lse = few_query_attention(x, return_residual=return_residual)
+        return x.unbatch(out), None, None if lse is None else x.unbatch(lse)
     out = jax.nn.dot_product_attention(
         x.query,
         x.key,
@@ -207,7 +214,9 @@ def dot_product_attention(
       local_window_size: `(left, right)` or one int for both: query i attends
         to keys i - left <= j <= i + right.
       implementation: None (the fastest correct path for the shape and
-        device), "xla" (materialized logits), "chunked" (memory-efficient,
+        device; on a CPU, up to 8 queries against 1024 keys or more take
+        products in the cache's layout, `kit.attention.few_queries`), "xla"
+        (materialized logits), "chunked" (memory-efficient,
         `kit.chunked_attention`), or "cudnn" (GPU only, through jax.nn).
       dropout_rate: attention-weight dropout probability, in [0, 1).
       dropout_rng: PRNG key; required when `dropout_rate > 0`. The output is a

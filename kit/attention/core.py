@@ -11,6 +11,7 @@ key/value heads (G = N // K query heads share one), H head dim.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -23,63 +24,66 @@ from kit.attention.masks import MASK_VALUE, stat_dtype
 Array = jax.Array
 
 
-def masked_softmax(logits: Array, mask: Array | None = None) -> Array:
-    """Softmax over the last axis in float32 (float64 for float64 logits) in which
-    masked entries get weight 0.
+def masked_softmax(logits: Array, mask: Array | None = None, axis: int = -1) -> Array:
+    """Softmax over `axis` (the last by default) in float32 (float64 for float64
+    logits) in which masked entries get weight 0.
 
     A row with no live entry returns all zeros (not the uniform distribution),
     and its gradient is zero and finite.
 
     Args:
-      logits: `[..., S]`.
+      logits: `[..., S]` (S on `axis`).
       mask: bool, broadcastable to `logits` with the same rank, or None.
+      axis: the axis the weights sum over.
 
     Returns:
       float32 (or float64) weights, same shape as `logits`.
     """
     logits = logits.astype(stat_dtype(logits.dtype))
     if mask is None:
-        return jax.nn.softmax(logits, axis=-1)
-    return _masked_softmax(logits, mask)
+        return jax.nn.softmax(logits, axis=axis)
+    return _masked_softmax(logits, mask, axis % logits.ndim)
 
 
-@jax.custom_jvp
-def _masked_softmax(logits: Array, mask: Array) -> Array:
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _masked_softmax(logits: Array, mask: Array, axis: int) -> Array:
     logits = jnp.where(mask, logits, MASK_VALUE)
-    shift = jnp.max(logits, axis=-1, keepdims=True)
+    shift = jnp.max(logits, axis=axis, keepdims=True)
     unnormalized = jnp.where(mask, jnp.exp(logits - shift), 0.0)
-    total = jnp.sum(unnormalized, axis=-1, keepdims=True)
+    total = jnp.sum(unnormalized, axis=axis, keepdims=True)
     return unnormalized / jnp.where(total > 0, total, 1.0)
 
 
 @_masked_softmax.defjvp
-def _masked_softmax_jvp(primals, tangents):
+def _masked_softmax_jvp(axis, primals, tangents):
     # The softmax derivative, dy = y * (dx - sum(dx * y)), written once so that the
     # backward pass is one fused expression rather than the chain through exp,
     # where and the division (1.3x faster causal fwd+bwd at T = 1024 on CPU).
     # Masked entries and dead rows have y = 0, so their derivative is exactly zero.
     logits, mask = primals
     d_logits, _ = tangents
-    weights = _masked_softmax(logits, mask)
-    return weights, weights * (d_logits - jnp.sum(d_logits * weights, axis=-1, keepdims=True))
+    weights = _masked_softmax(logits, mask, axis)
+    return weights, weights * (d_logits - jnp.sum(d_logits * weights, axis=axis, keepdims=True))
 
 
-def masked_logsumexp(logits: Array, mask: Array | None = None) -> Array:
-    """log sum_s exp(logits_s) over the live entries of the last axis, with no gradient.
+def masked_logsumexp(logits: Array, mask: Array | None = None, axis: int = -1) -> Array:
+    """log sum_s exp(logits_s) over the live entries of `axis` (the last by default),
+    with no gradient.
 
     A row with no live entry gets -inf: the log of an empty sum, so that merging
     partial results by log-sum-exp gives such a row exactly zero weight.
 
     Args:
-      logits: float32 (or float64) `[..., S]`.
+      logits: float32 (or float64) `[..., S]` (S on `axis`).
       mask: bool, broadcastable to `logits` with the same rank, or None.
+      axis: the axis summed over.
 
     Returns:
-      `[...]` in the dtype of `logits`.
+      `logits` without `axis`, in the dtype of `logits`.
     """
     if mask is not None:
         logits = jnp.where(mask, logits, -jnp.inf)
-    return jax.lax.stop_gradient(jax.nn.logsumexp(logits, axis=-1))
+    return jax.lax.stop_gradient(jax.nn.logsumexp(logits, axis=axis))
 
 
 def attention_logits(

@@ -32,10 +32,10 @@ from kit.attention.masks import stat_dtype
 
 Array = jax.Array
 
-# At most this many queries per example, and at least this many keys: at T = 1 the
-# products in the cache's layout took 0.16-0.42x the xla path's time from S = 4096 on
-# (B = 8, N = 8, H = 64, K = 1, 2, 8), at T = 8 0.32-0.76x from S = 1024 on, and at T = 8,
-# S = 256, K = 8 1.6x (experiments/bench_decode.py, 2-core AMD EPYC).
+# At most this many queries per example, and at least this many keys. Against the xla
+# path's time (B = 8, N = 8, H = 64, K = 1 or 8, 2-core AMD EPYC): at S = 1024 0.17-0.56x
+# at T = 1 and 0.45-0.89x at T = 8; at S = 512 0.37-0.79x but 1.41x at T = 1, K = 1; at
+# S = 256 0.74-1.00x. At S = 4096-32768, T = 1: 0.13-0.54x (experiments/bench_decode.py).
 FEW_QUERIES = 8
 MIN_KEYS = 1024
 
@@ -88,7 +88,7 @@ def few_query_attention(x: Inputs, *, return_residual: bool = False) -> tuple[Ar
         "bsc,bcd->bsd", k.reshape(B, S, K * H), q_blocks, preferred_element_type=stat
     )
     # The softmax runs over S where the product left it (axis 1): moving S last for
-    # the kit's usual `[B, T, N, S]` made the step 2-3x slower (a copy of the logits
+    # the kit's usual `[B, T, N, S]` made the step 2.8x slower (a copy of the logits
     # and a transposed product after it).
     logits = logits.reshape(B, S, T, N) * jnp.asarray(x.scale, stat)
     bias, mask = _keys_second(x.bias), _keys_second(x.full_mask())

@@ -159,3 +159,22 @@ def test_not_chosen_where_it_does_not_pay_or_cannot_split(taken):
     assert taken == []
     want = reference_attention(q, k, v, scale=H**-0.5, mask=np.ones((2, N, 1, S), bool))
     np.testing.assert_allclose(out, want, atol=2e-6, rtol=1e-5)
+
+
+def test_float64_with_x64_on(taken):
+    """With x64 on, float64 inputs take the path and keep float64 through the softmax."""
+    with jax.enable_x64(True):
+        q, k, v = (x.astype(jnp.float64) for x in make_qkv(B=1, T=2, S=S, N=N, K=2, H=H))
+        out, lse = jax.jit(
+            lambda q, k, v: kit.dot_product_attention(q, k, v, return_residual=True)
+        )(q, k, v)
+        assert taken and out.dtype == jnp.float64 and lse.dtype == jnp.float64
+        live = np.ones((1, N, 2, S), bool)
+        q64, k64, v64 = (np.asarray(x) for x in (q, k, v))
+        k64, v64 = (np.repeat(x, N // 2, axis=2) for x in (k64, v64))
+        logits = np.einsum("btnh,bsnh->bnts", q64, k64) * H**-0.5
+        p = np.exp(logits - logits.max(-1, keepdims=True))
+        want = np.einsum("bnts,bsnh->btnh", p / p.sum(-1, keepdims=True), v64)
+        # float64 throughout: agreement far below float32's 1e-7.
+        np.testing.assert_allclose(out, want, rtol=1e-12, atol=1e-13)
+        np.testing.assert_allclose(lse, residual_reference(q, k, H**-0.5, live, None), rtol=1e-12)

@@ -84,8 +84,9 @@ def few_query_attention(x: Inputs, *, return_residual: bool = False) -> tuple[Ar
     # [B, T, K, G, 1, H] -> block-diagonal [B, K, H, T, K', G] -> [B, K * H, T * N]
     spread = jnp.where(same_head, q.reshape(B, T, K, G, 1, H), jnp.zeros((), q.dtype))
     q_blocks = spread.transpose(0, 2, 5, 1, 4, 3).reshape(B, K * H, T * N)
+    # einsum letters: c = K * H (the cache's columns), r = T * N (the query rows).
     logits = jnp.einsum(  # [B, S, K * H] x [B, K * H, T * N] -> [B, S, T * N]
-        "bsc,bcd->bsd", k.reshape(B, S, K * H), q_blocks, preferred_element_type=stat
+        "bsc,bcr->bsr", k.reshape(B, S, K * H), q_blocks, preferred_element_type=stat
     )
     # The softmax runs over S where the product left it (axis 1): moving S last for
     # the kit's usual `[B, T, N, S]` made the step 2.8x slower (a copy of the logits
@@ -96,7 +97,7 @@ def few_query_attention(x: Inputs, *, return_residual: bool = False) -> tuple[Ar
         logits = logits + bias.astype(stat)
     weights = masked_softmax(logits, mask, axis=1)  # [B, S, T, N]
     out = jnp.einsum(  # [B, S, T * N] x [B, S, K * H] -> [B, T * N, K * H]
-        "bsd,bsc->bdc", weights.astype(v.dtype).reshape(B, S, T * N), v.reshape(B, S, K * H)
+        "bsr,bsc->brc", weights.astype(v.dtype).reshape(B, S, T * N), v.reshape(B, S, K * H)
     )
     # The diagonal blocks: query head (k, g) with value head k.
     out = jnp.diagonal(out.reshape(B, T, K, G, K, H), axis1=2, axis2=4)  # [B, T, G, H, K]

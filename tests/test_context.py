@@ -104,9 +104,9 @@ def test_split_attention_equals_the_formula(strategy, causal, axis_type):
     (_, got), got_grads = jax.jit(
         jax.value_and_grad(split_loss, argnums=(0, 1, 2, 3), has_aux=True)
     )(q, k, v, slopes)
-    (_, want), want_grads = jax.value_and_grad(dense_loss, argnums=(0, 1, 2, 3), has_aux=True)(
-        q, k, v, slopes
-    )
+    (_, want), want_grads = jax.jit(
+        jax.value_and_grad(dense_loss, argnums=(0, 1, 2, 3), has_aux=True)
+    )(q, k, v, slopes)
     np.testing.assert_allclose(got, want, atol=2e-6)
     for name, g, want_g in zip("qkv", got_grads, want_grads, strict=False):
         np.testing.assert_allclose(g, want_g, atol=5e-6, err_msg=name)

@@ -112,7 +112,7 @@ def test_chosen_for_a_decode_step_and_equal_to_the_formula(case, taken):
         return jnp.sum(out * weights)
 
     got = jax.jit(jax.grad(loss_kit, argnums=(0, 1, 2, 3)))(*args)
-    want = jax.grad(loss_formula, argnums=(0, 1, 2, 3))(*args)
+    want = jax.jit(jax.grad(loss_formula, argnums=(0, 1, 2, 3)))(*args)
     for name, g, w in zip(("dq", "dk", "dv", "dbias"), got, want, strict=True):
         np.testing.assert_allclose(g, w, atol=5e-6, rtol=1e-4, err_msg=name)
 

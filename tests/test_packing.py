@@ -61,12 +61,11 @@ def test_packed_logits_equal_the_separate_examples(kind, task_name, positions):
 
     alone = logits(params, {k: jnp.asarray(v) for k, v in mb.items()})
     together = logits(params, {k: jnp.asarray(v) for k, v in packed.items()})
+    alone, together = np.asarray(alone), np.asarray(together)  # indexed on the host below
     target = "tgt" if kind == "encoder_decoder" else "src"
     for i, (row, where) in enumerate(placed):
         n = len(where[target])
-        np.testing.assert_allclose(
-            np.asarray(together[row, where[target]]), np.asarray(alone[i, :n]), atol=1e-5
-        )
+        np.testing.assert_allclose(together[row, where[target]], alone[i, :n], atol=1e-5)
         # The packed targets and weights are the example's own.
         np.testing.assert_array_equal(packed["targets"][row, where[target]], mb["targets"][i, :n])
         assert packed["weights"][row, where[target]].all()

@@ -17,7 +17,6 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -77,7 +76,8 @@ def load(path_or_name: str | os.PathLike, *, dtype: str = "float32") -> nnx.Modu
                 f"checkpoint: tensor {key!r} reshaped to {tuple(array.shape)}, but the "
                 f"model's {'.'.join(map(str, path))} is {tuple(variable.shape)}"
             )
-        variable.set_value(jnp.asarray(np.asarray(array, np.float32)))
+        # device_put: jnp.asarray compiles an identity program for each new shape.
+        variable.set_value(jax.device_put(np.asarray(array, np.float32)))
     model = nnx.merge(graphdef, nnx.from_flat_state(leaves))
     model.tokenizer = _tokenizer(folder)
     return model

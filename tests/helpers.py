@@ -80,8 +80,8 @@ def reference_attention(q, k, v, *, scale, mask, bias=None):
 
     Written from the formula with jax.numpy only (no kit code); a query row with no
     live key gives zeros, as kit's contract says. Compiled as one program: run op by op,
-    each of its dozen operations compiled on its own for every new shape (about 15 ms
-    each here), and the tests' references were a fifth of the inner loop's compiling.
+    each of its dozen operations would compile on its own for every new shape (about
+    26 ms each here; docs/benchmarks.md, "Op-by-op compiles").
     """
     N, K = q.shape[2], k.shape[2]
     k = jnp.repeat(k.astype(jnp.float32), N // K, axis=2)

@@ -13,15 +13,19 @@ median of --repeats runs after a warm-up, for q `[B, T, N, H]` and k, v `[B, S, 
 The paths: the kit's `dot_product_attention` as dispatched (implementation=None: for so
 few queries on a CPU, the products in the cache's layout of `kit.attention.few_queries`),
 its xla path (what None gave before that path) and its chunked path, and jax.nn's; the
-largest error of any against jax.nn is printed.
+largest error of any against jax.nn is printed. With --torch_python (an environment with
+torch; experiments/torch_sdpa_worker.py says how to make one) a last column times PyTorch's
+scaled_dot_product_attention on the same shapes in its own layout (q `[B, N, T, H]`, k
+and v `[B, K, S, H]`), in a subprocess that waits while the kit runs.
 """
 
 import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import app, flags
-from benchtools import cpu_model, median_seconds
+from benchtools import Torch, cpu_model, median_seconds
 
 import kit
 
@@ -33,6 +37,9 @@ flags.DEFINE_integer("head_dim", 64, "H.")
 flags.DEFINE_list("lengths", ["4096", "16384", "32768"], "Cache lengths S.")
 flags.DEFINE_list("queries", ["1"], "Queries per example T (1: a decode step).")
 flags.DEFINE_integer("repeats", 9, "Timed runs per cell (the median is reported).")
+flags.DEFINE_string(
+    "torch_python", "", "Python of an environment with torch: adds PyTorch SDPA's column."
+)
 
 
 def memory_bandwidth() -> float:
@@ -58,13 +65,14 @@ PATHS = {
 
 def main(_):
     B, N, H = FLAGS.batch, FLAGS.heads, FLAGS.head_dim
+    torch = Torch(FLAGS.torch_python)
     bandwidth = memory_bandwidth()
     print(
         f"{cpu_model()}, {jax.device_count()} CPU device(s); memory bandwidth {bandwidth:.1f} GB/s "
         f"(a 512 MiB sum); B={B} N={N} H={H} float32; ms, median of {FLAGS.repeats}, "
-        "and x the time to read K and V once"
+        f"and x the time to read K and V once; {torch.version}"
     )
-    names = list(PATHS)
+    names = list(PATHS) + (["torch_sdpa"] if torch.proc else [])
     print("| T | K | S | cache MB | read once ms | " + " | ".join(names) + " | max error |")
     print("|---" * (6 + len(names)) + "|")
     for T in map(int, FLAGS.queries):
@@ -77,10 +85,14 @@ def main(_):
                 read = cache / bandwidth / 1e9
                 want = jax.jit(PATHS["jax_nn"])(q, k, v)
                 cells, error = [], 0.0
-                for name in names:
+                for name in PATHS:
                     run = jax.jit(PATHS[name])
                     error = max(error, float(jnp.max(jnp.abs(run(q, k, v) - want))))
                     seconds = median_seconds(run, q, k, v, repeats=FLAGS.repeats)
+                    cells.append(f"{seconds * 1e3:.1f} ({seconds / read:.1f}x)")
+                if torch.proc:
+                    case = dict(B=B, T=T, S=S, N=N, K=K, H=H, causal=False, mode="fwd")
+                    seconds = float(np.median(torch.seconds(**case, repeats=FLAGS.repeats)))
                     cells.append(f"{seconds * 1e3:.1f} ({seconds / read:.1f}x)")
                 print(
                     f"| {T} | {K} | {S} | {cache / 1e6:.0f} | {read * 1e3:.1f} | "
@@ -88,6 +100,7 @@ def main(_):
                     + f" | {error:.1e} |",
                     flush=True,
                 )
+    torch.close()
 
 
 if __name__ == "__main__":

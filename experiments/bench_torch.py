@@ -20,8 +20,6 @@ runs, so the two never share the cores. Each row alternates: the kit, then SDPA.
 K = N run (the others take minutes each), and B is 1 from --long_batch_from on.
 """
 
-import json
-import subprocess
 import sys
 import time
 
@@ -29,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
-from benchtools import cpu_model, matmul_peak
+from benchtools import Torch, cpu_model, matmul_peak
 
 import kit
 
@@ -72,36 +70,6 @@ def kit_seconds(B, T, N, K, H, causal, mode, repeats) -> list[float]:
         jax.block_until_ready(run(q, k, v))
         times.append(time.perf_counter() - start)
     return times
-
-
-class Torch:
-    """The SDPA worker process, or nothing when no torch environment was given."""
-
-    def __init__(self, python: str):
-        self.proc = None
-        self.version = "not run (no --torch_python)"
-        if python:
-            worker = __file__.replace("bench_torch.py", "torch_sdpa_worker.py")
-            self.proc = subprocess.Popen(
-                [python, worker], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-            )
-            hello = json.loads(self.proc.stdout.readline())
-            self.version = f"torch {hello['torch']}, {hello['threads']} threads"
-
-    def seconds(self, **case) -> list[float] | None:
-        if self.proc is None:
-            return None
-        self.proc.stdin.write(json.dumps(case) + "\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the torch worker stopped (exit {self.proc.wait()})")
-        return json.loads(line)["seconds"]
-
-    def close(self):
-        if self.proc is not None:
-            self.proc.stdin.close()
-            self.proc.wait()
 
 
 def main(_):

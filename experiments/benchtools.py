@@ -1,11 +1,15 @@
 """Timing helpers the newer benchmarks share (bench_guard.py, bench_pretrained.py,
-bench_context.py, profile_attention.py), and the CPU's name.
+bench_context.py, profile_attention.py), the CPU's name, and PyTorch's SDPA in its own
+process (bench_torch.py, bench_decode.py).
 
 Imported as `benchtools` by scripts run from experiments/ (their folder is on sys.path).
 """
 
+import json
 import math
+import os
 import platform
+import subprocess
 import time
 
 import jax
@@ -61,3 +65,46 @@ def cpu_model() -> str:
         if flag in flags:
             return f"{name}, {label}"
     return name
+
+
+class Torch:
+    """PyTorch's SDPA timed by torch_sdpa_worker.py in a throwaway environment's
+    `python` (a subprocess that waits on its stdin between cases), or nothing when no
+    environment was given (`python` empty): then `seconds` returns None."""
+
+    def __init__(self, python: str):
+        self.proc = None
+        self.version = "not run (no --torch_python)"
+        if python:
+            worker = os.path.join(
+                os.path.dirname(os.path.abspath(__file__)), "torch_sdpa_worker.py"
+            )
+            try:
+                self.proc = subprocess.Popen(
+                    [python, worker], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+                )
+            except OSError as error:
+                raise SystemExit(f"--torch_python: cannot run {python!r}: {error}") from None
+            line = self.proc.stdout.readline()
+            if not line:  # torch missing there: the worker's traceback is on stderr
+                raise SystemExit(
+                    f"--torch_python: {python} did not start the worker "
+                    f"(exit {self.proc.wait()}; is torch installed there?)"
+                )
+            hello = json.loads(line)
+            self.version = f"torch {hello['torch']}, {hello['threads']} threads"
+
+    def seconds(self, **case) -> list[float] | None:
+        if self.proc is None:
+            return None
+        self.proc.stdin.write(json.dumps(case) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the torch worker stopped (exit {self.proc.wait()})")
+        return json.loads(line)["seconds"]
+
+    def close(self):
+        if self.proc is not None:
+            self.proc.stdin.close()
+            self.proc.wait()

@@ -5,11 +5,12 @@ It imports torch only and runs in a throwaway environment outside the repository
 
     python -m venv /tmp/torchenv && /tmp/torchenv/bin/pip install torch==2.13.0 numpy
 
-bench_torch.py starts it with that environment's python and writes one JSON case a line
-to its stdin: {"B", "T", "N", "K", "H", "causal", "mode" ("fwd" or "fwd_bwd"),
-"repeats"}. For each it answers one JSON line: {"seconds": [one per timed run, after
-an untimed one]}. It waits on stdin between cases, so it takes no CPU while the kit
-runs. The first line it writes names torch's version and threads.
+bench_torch.py and bench_decode.py start it (benchtools.Torch) with that environment's
+python and write one JSON case a line to its stdin: {"B", "T", "N", "K", "H", "causal",
+"mode" ("fwd" or "fwd_bwd"), "repeats", and optionally "S", the keys, T if absent}. For
+each it answers one JSON line: {"seconds": [one per timed run, after an untimed one]}. It
+waits on stdin between cases, so it takes no CPU while the kit runs. The first line it
+writes names torch's version and threads.
 """
 
 import contextlib
@@ -22,11 +23,12 @@ import torch
 
 def run_case(case: dict) -> list[float]:
     B, T, N, K, H = (case[key] for key in ("B", "T", "N", "K", "H"))
+    S = case.get("S", T)
     gen = torch.Generator().manual_seed(0)
-    # SDPA's layout is head-major: q [B, N, T, H], k and v [B, K, T, H].
+    # SDPA's layout is head-major: q [B, N, T, H], k and v [B, K, S, H].
     q = torch.randn(B, N, T, H, generator=gen)
-    k = torch.randn(B, K, T, H, generator=gen)
-    v = torch.randn(B, K, T, H, generator=gen)
+    k = torch.randn(B, K, S, H, generator=gen)
+    v = torch.randn(B, K, S, H, generator=gen)
     backward = case["mode"] == "fwd_bwd"
     if backward:
         for x in (q, k, v):

@@ -21,13 +21,12 @@ K = N run (the others take minutes each), and B is 1 from --long_batch_from on.
 """
 
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
-from benchtools import Torch, cpu_model, matmul_peak
+from benchtools import Torch, cpu_model, matmul_peak, median_seconds
 
 import kit
 
@@ -48,7 +47,8 @@ def repeats_for(T: int) -> int:
     return FLAGS.repeats if T < 8192 else (3 if T < 32768 else 1)
 
 
-def kit_seconds(B, T, N, K, H, causal, mode, repeats) -> list[float]:
+def kit_seconds(B, T, N, K, H, causal, mode, repeats) -> float:
+    """The median of `repeats` runs of the chunked path (after an untimed one)."""
     rng = np.random.default_rng(0)
     q = jax.device_put(rng.standard_normal((B, T, N, H), np.float32))
     k, v = (jax.device_put(rng.standard_normal((B, T, K, H), np.float32)) for _ in range(2))
@@ -63,13 +63,7 @@ def kit_seconds(B, T, N, K, H, causal, mode, repeats) -> list[float]:
         run = jax.jit(
             jax.grad(lambda q, k, v: jnp.sum(forward(q, k, v) * cotangent), argnums=(0, 1, 2))
         )
-    jax.block_until_ready(run(q, k, v))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(run(q, k, v))
-        times.append(time.perf_counter() - start)
-    return times
+    return median_seconds(run, q, k, v, repeats=repeats)
 
 
 def main(_):
@@ -95,7 +89,7 @@ def main(_):
                 for mode in FLAGS.modes:
                     case = dict(B=B, T=T, N=N, K=K, H=H, causal=causal, mode=mode)
                     repeats = repeats_for(T)
-                    ours = float(np.median(kit_seconds(**case, repeats=repeats)))
+                    ours = kit_seconds(**case, repeats=repeats)
                     theirs = torch.seconds(**case, repeats=repeats)
                     theirs = None if theirs is None else float(np.median(theirs))
                     flops = 4 * B * N * T * T * H * (0.5 if causal else 1.0)

@@ -6,7 +6,7 @@ committed baseline for this CPU.
 
 One process measures, side by side (B=1, T=2048, N=8, H=64, float32, causal):
 
-- the matmul peak (the fastest of 10 runs of a 2048^3 matmul, as bench_attention.py);
+- the matmul peak (the fastest of --peak_tries=5 runs of a 2048^3 matmul, measured 8 times);
 - the chunked path's forward and forward+backward as a share of that peak (FLOPs:
   4 B N T^2 H forward, 3.5x for forward+backward, causal counting half);
 - the chunked path's speed-up over jax.nn.dot_product_attention(implementation="xla"),
@@ -15,11 +15,13 @@ One process measures, side by side (B=1, T=2048, N=8, H=64, float32, causal):
   documents (a block mask from segment ids) as plain causal's time over theirs,
   forward+backward.
 
-Each path runs in blocks of consecutive runs after an untimed one (as bench_attention.py,
-which says why; a block lasts --block_seconds), in --rounds rounds of alternating order,
-the matmul peak measured again after each round. A figure is computed from each path's
-fastest run and the highest peak, which a noisy machine disturbs less than medians
-(printed too: noise only ever adds time). --update stores the median figures of
+Each path runs in blocks of consecutive runs (a block lasts --block_seconds, 2 runs at
+least), in --rounds rounds of alternating order, the matmul peak measured again after each
+round. A figure is computed from each path's fastest run and the highest peak, which a
+noisy machine disturbs less than medians (printed too: noise only ever adds time). So no
+untimed run starts a block: the first run after another path may pay for re-faulting the
+memory that path released (bench_attention.py measured it), and the fastest is a later
+one. --update stores the median figures of
 --update_runs measurements. Every figure is "higher is better".
 
 The baseline file (bench_guard_baseline.json beside this script) holds one entry per CPU
@@ -32,8 +34,8 @@ When a figure falls, the guard measures again and fails only on figures that fel
 measurements, each taken at the better of the two: noise only ever adds time, and on a
 busy machine one measurement read the forward 17% low on unchanged code (--noconfirm fails
 on the first measurement). The second measurement times only the passes (forward,
-forward+backward) whose figures fell, with the programs the first compiled. A passing run
-takes one measurement.
+forward+backward) whose figures fell, with the programs the first compiled, in
+--confirm_rounds=2 rounds. A passing run takes one measurement.
 With no entry for this CPU the guard says so and exits 0 (run --update to add one).
 --update measures and rewrites this CPU's entry, keeping the others.
 
@@ -70,9 +72,11 @@ flags.DEFINE_float("tolerance", 0.15, "Fail when a figure falls more than this b
 flags.DEFINE_float("peak_band", 1.3, "An entry applies within this factor of its peak.")
 flags.DEFINE_integer("rounds", 4, "Rounds over the paths, in alternating order.")
 flags.DEFINE_float("block_seconds", 0.4, "Time each path's block of runs takes (2 runs at least).")
+flags.DEFINE_integer("peak_tries", 5, "Runs of each matmul peak measurement (8 per measurement).")
 flags.DEFINE_integer("update_runs", 3, "--update stores the median of this many measurements.")
 flags.DEFINE_float("drill_slowdown", 0.0, "Fire drill: slow each chunked run by this share.")
 flags.DEFINE_bool("confirm", True, "On a fall, measure again; fail only if both show it.")
+flags.DEFINE_integer("confirm_rounds", 2, "Rounds of the measurement that confirms a fall.")
 
 B, T, N, H = 1, 2048, 8, 64
 FORWARD_FLOPS = 4 * B * N * T * T * H / 2  # causal: half the scores
@@ -122,15 +126,16 @@ def compiled(fn, mode, args):
     return jax.jit(fn if mode == "fwd" else fwd_bwd).lower(*args).compile()
 
 
-def timed_runs(runs, args, slowdown):
-    """Seconds of every timed run of each compiled function: --rounds rounds, in
-    alternating order, each path a block of runs (--block_seconds, at least 2) after
-    an untimed one; the matmul peak measured again after each round."""
+def timed_runs(runs, args, slowdown, rounds):
+    """Seconds of every timed run of each compiled function: `rounds` rounds, in
+    alternating order, each path a block of runs (--block_seconds, at least 2; the
+    first of a block may pay for memory another path released, the figures take each
+    path's fastest); the matmul peak measured again after each round (the fastest of
+    --peak_tries runs)."""
     times = {name: [] for name in runs}
     peaks = []
-    for r in range(FLAGS.rounds):
+    for r in range(rounds):
         for name in list(runs)[:: 1 if r % 2 == 0 else -1]:
-            jax.block_until_ready(runs[name](*args))
             block_start, count = time.perf_counter(), 0
             while count < 2 or time.perf_counter() - block_start < FLAGS.block_seconds:
                 start = time.perf_counter()
@@ -139,7 +144,7 @@ def timed_runs(runs, args, slowdown):
                     time.sleep(slowdown * (time.perf_counter() - start))
                 times[name].append(time.perf_counter() - start)
                 count += 1
-        peaks.append(matmul_peak())
+        peaks.append(matmul_peak(FLAGS.peak_tries))
     return times, peaks
 
 
@@ -154,9 +159,15 @@ def figure_mode(name: str) -> str:
     return "fwd" if name.startswith("chunked fwd ") else "fwd+bwd"
 
 
-def measure(slowdown: float = 0.0, modes=tuple(MODES), programs: dict | None = None) -> dict:
+def measure(
+    slowdown: float = 0.0,
+    modes=tuple(MODES),
+    programs: dict | None = None,
+    rounds: int | None = None,
+) -> dict:
     """The guard's figures of the passes in `modes` (from each path's fastest run and
-    the highest peak measured in those passes) and the medians beside them.
+    the highest peak measured in those passes) and the medians beside them, over
+    `rounds` rounds (default --rounds).
 
     `programs` keeps the compiled programs between calls (a confirming measurement
     times the same programs, compiled once)."""
@@ -173,7 +184,7 @@ def measure(slowdown: float = 0.0, modes=tuple(MODES), programs: dict | None = N
             if (name, mode) not in programs:
                 programs[name, mode] = compiled(paths()[name], mode, args)
         runs = {name: programs[name, mode] for name in MODES[mode]}
-        mode_times, mode_peaks = timed_runs(runs, args, slowdown)
+        mode_times, mode_peaks = timed_runs(runs, args, slowdown, rounds or FLAGS.rounds)
         times.update({f"{name} {mode}": t for name, t in mode_times.items()})
         peaks += mode_peaks
     peak = max(peaks)
@@ -255,6 +266,9 @@ def main(argv):
         raise app.UsageError(f"--tolerance must be in (0, 1), got {FLAGS.tolerance}")
     if FLAGS.peak_band < 1:
         raise app.UsageError(f"--peak_band is a factor >= 1, got {FLAGS.peak_band}")
+    for name in ("rounds", "confirm_rounds", "peak_tries"):
+        if FLAGS[name].value < 1:
+            raise app.UsageError(f"--{name} must be >= 1, got {FLAGS[name].value}")
     if FLAGS.drill_slowdown < 0:
         raise app.UsageError(f"--drill_slowdown must be >= 0, got {FLAGS.drill_slowdown}")
     if FLAGS.update and FLAGS.drill_slowdown:
@@ -317,10 +331,12 @@ def main(argv):
         # Noise only ever adds time, and on a busy machine one measurement can read a
         # figure 15-20% low (this guard failed so once on unchanged code): a fall counts
         # only if a second measurement shows it too, each figure at the better of the two.
-        # The second times only the passes whose figures fell, with the same programs.
+        # The second times only the passes whose figures fell, with the same programs,
+        # in fewer rounds: taking the better of the two, a shorter second measurement
+        # can only rescue fewer false alarms, never pass a real fall more easily.
         modes = tuple(m for m in MODES if any(figure_mode(f) == m for f in fallen))
         print(f"a figure fell: measuring {' and '.join(modes)} again, a fall must show in both")
-        again = measure(FLAGS.drill_slowdown, modes, programs)
+        again = measure(FLAGS.drill_slowdown, modes, programs, FLAGS.confirm_rounds)
         print_times(again)
         better = {k: max(v, again["figures"].get(k, v)) for k, v in run["figures"].items()}
         fallen = compare(better, base)

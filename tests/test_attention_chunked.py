@@ -20,6 +20,7 @@ from helpers import (
 )
 
 import kit
+from kit.attention import flash_forward
 from kit.attention.chunked import BlockSizes, block_config
 from kit.attention.flash_backward import _q_range
 from kit.attention.flash_forward import kv_range
@@ -219,6 +220,51 @@ def test_chunked_trims_the_causal_diagonal(T, S):
     # with a bias, whose gradient covers the skipped pairs too.
     case = CASES["causal"] | {"bias": (B, N, T, S)}
     _compare(case, T=T, S=S, blocks=(24, 8), backward=(8, 24))
+
+
+@pytest.mark.parametrize(
+    "T,S,blocks,diagonal_keys",
+    [(24, 24, (24, 8), 4), (24, 72, (24, 8), 4), (256, 256, None, 128)],
+    ids=["24x24", "24x72", "256x256-default-blocks"],
+)
+def test_one_query_block_walks_the_causal_diagonal_in_finer_key_steps(
+    T, S, blocks, diagonal_keys, monkeypatch
+):
+    """With one query block the forward steps over the causal diagonal DIAGONAL_KEYS
+    keys at a time, each step computing only the queries that may see its keys (at
+    T = 24 with key blocks of 8 and steps of 4: 24, 20, ..., 4 queries; at T = 256 with
+    the default blocks and steps of 128: 256 and 128 queries). Forward and gradients
+    (q, k, v and a bias, whose gradient covers the skipped pairs too) against the
+    formula written with jax.numpy, with GQA."""
+    monkeypatch.setattr(flash_forward, "DIAGONAL_KEYS", diagonal_keys)
+    sizes = BlockSizes(*(blocks or (None, None)))
+    cfg = block_config(T, S, 1.0, True, None, True, sizes)
+    assert cfg.num_q_blocks == 1 and flash_forward.diagonal_keys(cfg) == diagonal_keys
+    q, k, v = make_qkv(B=2, T=T, S=S, N=4, K=2, H=16)
+    bias = normal(jax.random.key(5), (1, 4, T, S))
+    causal = jnp.asarray(np.tril(np.ones((T, S), bool)))[None, None]
+    scale = 0.25
+    weights = jnp.cos(jnp.arange(q.size, dtype=jnp.float32)).reshape(q.shape)
+
+    def grads(attention):
+        def loss(q, k, v, bias):
+            out = attention(q, k, v, bias)
+            return jnp.sum(out * weights), out
+
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3), has_aux=True))(q, k, v, bias)
+
+    chunked_blocks = {} if blocks is None else dict(block_q=blocks[0], block_k=blocks[1])
+    got, out = grads(
+        lambda q, k, v, bias: kit.chunked_attention(
+            q, k, v, bias, scale=scale, is_causal=True, **chunked_blocks
+        )
+    )
+    want, ref_out = grads(
+        lambda q, k, v, bias: reference_attention(q, k, v, scale=scale, mask=causal, bias=bias)
+    )
+    fwd_tol, grad_tol = TOLERANCES[jnp.float32]
+    chex.assert_trees_all_close(out, ref_out, atol=fwd_tol, rtol=fwd_tol)
+    chex.assert_trees_all_close(got, want, atol=grad_tol, rtol=grad_tol)
 
 
 def test_loop_ranges_hold_every_live_block_and_skip_masks_only_on_full_ones():

@@ -40,12 +40,36 @@ def block_rows(x: Array | None, G: int, bq: int) -> Array | None:
     return jnp.broadcast_to(x, (x.shape[0], bq, G, x.shape[3])).reshape(x.shape[0], bq * G, -1)
 
 
-def live_pairs(cfg, i, j, q_len, kv_len, mask_blk, first=0) -> Array:
-    """bool `[K|1, G|1, bq - first, bk]`: which (query, key) pairs of block (i, j)
-    may attend, for the block's queries from `first` on (default all)."""
-    t0, s0 = i * cfg.block_q + first, j * cfg.block_k
-    live = block_live(cfg, t0, cfg.block_q - first, s0, cfg.block_k, q_len, kv_len)[None, None]
+def live_pairs(cfg, i, j, q_len, kv_len, mask_blk, first=0, kb=None) -> Array:
+    """bool `[K|1, G|1, bq - first, kb]`: which (query, key) pairs of block (i, j)
+    may attend, for the block's queries from `first` on (default all), with key
+    blocks of `kb` keys (default `cfg.block_k`)."""
+    kb = cfg.block_k if kb is None else kb
+    t0, s0 = i * cfg.block_q + first, j * kb
+    live = block_live(cfg, t0, cfg.block_q - first, s0, kb, q_len, kv_len)[None, None]
     return live if mask_blk is None else live & mask_blk
+
+
+# Keys per step on the causal diagonal when one query block holds every query (see
+# diagonal_keys).
+DIAGONAL_KEYS = 128
+
+
+def diagonal_keys(cfg) -> int:
+    """Keys per step on the causal diagonal: DIAGONAL_KEYS when there is one query block
+    and it divides both block sizes, else `block_k`.
+
+    With one query block the diagonal is the whole pass. `experiments/bench_diagonal.py`
+    (B=4, N=8, H=64, default blocks, AVX2-only AMD EPYC, 2026-12-07): steps of 128 keys
+    made the forward 1.11-1.45x faster (medians) at T=256 and 512, forward+backward
+    1.00-1.13x. With more query blocks, the same steps on each block's diagonal were
+    slower for K=8 in a scratch comparison (0.80-0.97x at T=1024 and 2048, medians),
+    so there the diagonal keeps steps of `block_k`.
+    """
+    bq, bk, dk = cfg.block_q, cfg.block_k, DIAGONAL_KEYS
+    if cfg.num_q_blocks == 1 and bk % dk == 0 and bq % dk == 0:
+        return dk
+    return bk
 
 
 def kv_range(cfg, i, q_len, kv_len) -> tuple[Array, Array, Array]:
@@ -92,8 +116,9 @@ def example_forward(cfg, b, q, k, v, bias, mask, q_len, kv_len, dyn=None):
             slice_block(mask, i * bq, bq, axis=2),
         )
 
-        def kv_step(j, carry, masked, first=0):
-            # Only the block's queries from `first` on may be live (the causal diagonal).
+        def kv_step(j, carry, masked, first=0, kb=bk):
+            # Key block j of `kb` keys. Only the block's queries from `first` on may be
+            # live (the causal diagonal).
             rows = bq - first
 
             def part(x):  # [K, bq * G, ...] -> the rows of positions [first, bq)
@@ -103,31 +128,32 @@ def example_forward(cfg, b, q, k, v, bias, mask, q_len, kv_len, dyn=None):
                 return x if x is None or x.shape[2] == 1 else x[:, :, first:]
 
             m, l, acc = map(part, carry)  # [K, rows * G], [K, rows * G], [K, rows * G, H]
-            k_blk = swap01(example_rows(k, b, j * bk, bk))  # [K, bk, H]
-            v_blk = swap01(example_rows(v, b, j * bk, bk))
-            s = jnp.einsum(  # [K, rows * G, H] x [K, bk, H] -> [K, rows * G, bk]
+            k_blk = swap01(example_rows(k, b, j * kb, kb))  # [K, kb, H]
+            v_blk = swap01(example_rows(v, b, j * kb, kb))
+            s = jnp.einsum(  # [K, rows * G, H] x [K, kb, H] -> [K, rows * G, kb]
                 "uch,ush->ucs", part(q_blk), k_blk, preferred_element_type=stat
             )
             if not fold_scale:
                 s = scale * s
-            bias_blk = block_rows(from_first(slice_block(bias_i, j * bk, bk, axis=3)), G, rows)
+            bias_blk = block_rows(from_first(slice_block(bias_i, j * kb, kb, axis=3)), G, rows)
             if bias_blk is not None:
                 s = s + bias_blk.astype(stat)
-            at = {"q": i * bq + first, "k": j * bk}
-            sizes = {"u": K, "q": rows, "g": G, "k": bk}
+            at = {"q": i * bq + first, "k": j * kb}
+            sizes = {"u": K, "q": rows, "g": G, "k": kb}
             if program is not None and program.score is not None:
                 s4 = s.reshape(K, rows, G, bk)
                 s = block_call(program, dyn, "uqgk", at, sizes, s4).reshape(s.shape)
             if masked:
-                mask_blk = from_first(slice_block(mask_i, j * bk, bk, axis=3))
-                live = block_rows(live_pairs(cfg, i, j, q_len, kv_len, mask_blk, first), G, rows)
+                mask_blk = from_first(slice_block(mask_i, j * kb, kb, axis=3))
+                live = live_pairs(cfg, i, j, q_len, kv_len, mask_blk, first, kb)
+                live = block_rows(live, G, rows)
                 if program is not None and program.mask is not None:
                     live = live & block_call(program, dyn, "uqgk", at, sizes).reshape(s.shape)
                 s = jnp.where(live, s, -jnp.inf)
             m_new = jnp.maximum(m, jnp.max(s, axis=-1))
             p = jnp.exp(s - m_new[..., None])
             correction = jnp.exp(m - m_new)
-            pv = jnp.einsum(  # [K, rows * G, bk] x [K, bk, H] -> [K, rows * G, H]
+            pv = jnp.einsum(  # [K, rows * G, kb] x [K, kb, H] -> [K, rows * G, H]
                 "ucs,ush->uch", p.astype(v.dtype), v_blk, preferred_element_type=stat
             )
             l = l * correction + jnp.sum(p, axis=-1)
@@ -148,12 +174,15 @@ def example_forward(cfg, b, q, k, v, bias, mask, q_len, kv_len, dyn=None):
             return None, finish(*visit_lists(kv_step, row_lists, carry))
         carry = lax.fori_loop(lo, full, functools.partial(kv_step, masked=False), carry)
         if cfg.structural_only and cfg.is_causal and bq % bk == 0 and bk > 1:
-            # On the causal diagonal, key block full + r is seen only by the
-            # queries from r * bk on: those steps compute just those rows.
-            for r in range(bq // bk):
+            # On the causal diagonal, the r-th key block of dk keys from block `full`
+            # on is seen only by the queries from r * dk on: those steps compute
+            # just those rows.
+            dk = diagonal_keys(cfg)
+            per = bk // dk
+            for r in range(bq // dk):
                 carry = lax.cond(
-                    full + r < hi,
-                    functools.partial(kv_step, full + r, masked=True, first=r * bk),
+                    full * per + r < hi * per,
+                    functools.partial(kv_step, full * per + r, masked=True, first=r * dk, kb=dk),
                     lambda carry: carry,
                     carry,
                 )

@@ -8,7 +8,8 @@ For each shape (B x T x K, T = S, N=8, H=64, causal, float32, default block size
 kernel is traced twice: once as it is (`kit.attention.flash_forward.DIAGONAL_KEYS`, used
 where `diagonal_keys` chooses it: one query block) and once with the diagonal's steps
 as long as a key block (the constant set past any block size: the kernel before the
-finer steps). Each is compiled once and run --repeats times, alternating, after a warm-up;
+finer steps). Each is compiled once and run --repeats times, alternating (each first in
+turn), after a warm-up;
 the table gives each one's median and fastest run, its share of the highest matmul peak
 measured before and after (B T^2 N H FLOPs, halved for causal; 3.5x for
 forward+backward), the speed-up (block steps' time over finer steps'), and the largest
@@ -82,10 +83,11 @@ def main(_):
                 for a, b in zip(*(jax.tree.leaves(outs[name]) for name in runs), strict=True)
             )
             times = {name: [] for name in runs}
-            for _ in range(FLAGS.repeats):
-                for name, run in runs.items():
+            names = list(runs)
+            for r in range(FLAGS.repeats):  # each variant first in turn
+                for name in names[r % 2 :] + names[: r % 2]:
                     start = time.perf_counter()
-                    jax.block_until_ready(run(q, k, v))
+                    jax.block_until_ready(runs[name](q, k, v))
                     times[name].append(time.perf_counter() - start)
             rows.append((B, T, K, mode, times, diff))
     peak = max(peak, matmul_peak(5))

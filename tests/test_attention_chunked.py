@@ -21,6 +21,7 @@ from helpers import (
 
 import kit
 from kit.attention import flash_forward
+from kit.attention.blocks import default_block_sizes
 from kit.attention.chunked import BlockSizes, block_config
 from kit.attention.flash_backward import _q_range
 from kit.attention.flash_forward import kv_range
@@ -261,6 +262,77 @@ def test_one_query_block_walks_the_causal_diagonal_in_finer_key_steps(
     )
     want, ref_out = grads(
         lambda q, k, v, bias: reference_attention(q, k, v, scale=scale, mask=causal, bias=bias)
+    )
+    fwd_tol, grad_tol = TOLERANCES[jnp.float32]
+    chex.assert_trees_all_close(out, ref_out, atol=fwd_tol, rtol=fwd_tol)
+    chex.assert_trees_all_close(got, want, atol=grad_tol, rtol=grad_tol)
+
+
+def test_default_blocks_pad_each_length_alike_in_both_passes_and_by_little():
+    """The default sizes' padded length is a multiple of every block size of its axis
+    (both passes cover it in whole blocks), exceeds the length by less than 128 up to
+    768 (by less than 8 up to 512) and by less than 512 above; multiples of 512 and
+    lengths above 768 keep the tuned 512 x 256 forward and 256 x 512 backward. Hand-worked
+    cases: T = 384 was padded to 768 and T = 300 to 4864 by the earlier rule."""
+    for T, S in [(L, L) for L in range(1, 2100, 7)] + [(384, 2048), (2048, 300), (1, 700)]:
+        (fq, fk), (bq, bk) = default_block_sizes(T, S), default_block_sizes(T, S, backward=True)
+        cfg = block_config(T, S, 1.0, False, None, True)
+        Tp, Sp = cfg.padded_lengths
+        for length, padded, sizes in ((T, Tp, (fq, bq)), (S, Sp, (fk, bk))):
+            assert all(padded % size == 0 and size % 8 == 0 for size in sizes), (T, S)
+            slack = 8 if length <= 512 else 128 if length <= 768 else 512
+            assert length <= padded < length + slack, (T, S, Tp, Sp)
+        if T > 768 or T % 512 == 0:
+            assert (fq, bq) == (512, 256), T
+        if S > 768 or S % 512 == 0:
+            assert (fk, bk) == (256, 512), S
+    assert block_config(384, 384, 1.0, True, None, True).padded_lengths == (384, 384)
+    assert block_config(300, 300, 1.0, True, None, True).padded_lengths == (304, 304)
+
+
+@pytest.mark.parametrize(
+    "T,blocks",
+    [(5, (8, 8, 4, 4)), (37, (8, 16, 8, 16)), (37, (24, 8, 8, 24)), (300, None)],
+    ids=["padded-rows-in-a-full-backward-block", "Tp!=Sp", "trimmed-diagonals", "default-300"],
+)
+@pytest.mark.parametrize("is_causal", [True, False], ids=["causal", "not-causal"])
+def test_padded_self_attention_is_structural_only_when_causal_and_is_exact(T, blocks, is_causal):
+    """Causal attention with T == S padded at the end: no live query sees a padded key,
+    so the kernel runs the padded problem on its structural path (no masks but the
+    diagonal's, padded rows live) and slices the padded rows off; without the causal
+    mask every query sees the padded keys, which stay masked. Forward and gradients
+    (q, k, v and a bias) against the formula written with jax.numpy, with GQA. At T = 5
+    with forward blocks of 8 and backward blocks of 4, padded rows 5-7 meet key block 0
+    in a backward block below the diagonal, which has no mask: had the forward masked
+    them (no live key, lse = MASK_VALUE), exp(s - lse) would overflow there."""
+    sizes = BlockSizes(*(blocks or (None,) * 4))
+    cfg = block_config(T, T, 1.0, is_causal, None, True, sizes, padded_rows_live=True)
+    Tp, Sp = cfg.padded_lengths
+    assert cfg.structural_only == is_causal and Tp > T and Sp > T
+    assert (Tp != Sp) == (blocks == (8, 16, 8, 16))
+    q, k, v = make_qkv(B=2, T=T, S=T, N=4, K=2, H=16)
+    bias = normal(jax.random.key(5), (1, 4, T, T))
+    live = np.tril(np.ones((T, T), bool)) if is_causal else np.ones((T, T), bool)
+    causal = jnp.asarray(live)[None, None]
+    weights = jnp.cos(jnp.arange(q.size, dtype=jnp.float32)).reshape(q.shape)
+    kw = (
+        {}
+        if blocks is None
+        else dict(
+            zip(("block_q", "block_k", "backward_block_q", "backward_block_k"), blocks, strict=True)
+        )
+    )
+
+    def grads(attention):
+        def loss(q, k, v, bias):
+            out = attention(q, k, v, bias)
+            return jnp.sum(out * weights), out
+
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3), has_aux=True))(q, k, v, bias)
+
+    got, out = grads(lambda *a: kit.chunked_attention(*a, scale=0.25, is_causal=is_causal, **kw))
+    want, ref_out = grads(
+        lambda q, k, v, bias: reference_attention(q, k, v, scale=0.25, mask=causal, bias=bias)
     )
     fwd_tol, grad_tol = TOLERANCES[jnp.float32]
     chex.assert_trees_all_close(out, ref_out, atol=fwd_tol, rtol=fwd_tol)

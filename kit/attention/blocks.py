@@ -76,11 +76,35 @@ def default_block_sizes(
     Of 128-1024 query/key blocks with 1-32 units per step, the forward pass
     measured fastest with 512 x 256 and 8 units (one example of K=8), and the backward (whose
     blocks are `[block_k, block_q]`, keys as rows) with 256 x 512, for causal
-    attention at B=4, T=2048, N=8, H=64 on a 2-core CPU. Short sequences use
-    one block rounded up to a multiple of 8.
+    attention at B=4, T=2048, N=8, H=64 on a 2-core CPU. Lengths that are multiples of
+    512 and all lengths above 1024 take those sizes.
+
+    Other lengths up to 768 are covered by one block where the pass keeps a block of
+    that axis whole (the forward's queries, the backward's keys): the length rounded up
+    to a multiple of 8 (up to 512) or of 128 (640 or 768), with the other axis in blocks
+    of 256, 128 or the whole length, whichever divides it first. So both passes pad the
+    length alike (the padded length is a multiple of every block size of its axis) and by
+    less than 128. Before, a length's two passes could ask for blocks whose least common
+    multiple was far longer: T = 384 was padded to 768 (forward blocks of 384 queries,
+    backward blocks of 256), T = 300 to 4864, and every T from 513 to 1023 to 1024.
+    One block of 1024 queries (T = 1000) was slower than two of 512, so lengths from 769
+    on keep the fixed sizes (`experiments/bench_blocks.py`, docs/benchmarks.md).
     """
-    max_q, max_k = (256, 512) if backward else (512, 256)
-    return min(max_q, -(-query_length // 8) * 8), min(max_k, -(-key_length // 8) * 8)
+
+    def covered(length: int) -> int:
+        """The padded length one block covers, or 0 where the fixed sizes apply."""
+        if length <= 768 and length % 512:
+            step = 8 if length <= 512 else 128
+            return -(-length // step) * step
+        return 0
+
+    def split(padded: int) -> int:
+        return next(size for size in (256, 128, padded) if padded % size == 0)
+
+    q_cover, k_cover = covered(query_length), covered(key_length)
+    if backward:
+        return (split(q_cover) if q_cover else 256), (k_cover or 512)
+    return (q_cover or 512), (split(k_cover) if k_cover else 256)
 
 
 class PassDims(NamedTuple):

@@ -216,10 +216,15 @@ def block_config(
     window: tuple[int, int] | None,
     unmasked: bool,
     sizes: BlockSizes = BlockSizes(),
+    *,
+    padded_rows_live: bool = False,
 ) -> BlockConfig:
     """The kernel's static configuration for T queries and S keys, from the
     given block sizes (others chosen from the lengths); `unmasked`: no mask,
-    lengths or window, only the causal structure (if any).
+    lengths or window, only the causal structure (if any). `padded_rows_live`: the
+    caller gives the kernel the padded lengths (Tp, Sp) where `padding_is_unseen`, so
+    that such a config keeps the structural path (`chunked_from_inputs` does; ring
+    attention, which gives its own lengths, does not).
 
     Raises:
       ValueError: for a non-positive block size or a traced scale, naming it.
@@ -247,10 +252,21 @@ def block_config(
         block_k,
         Tp // block_q,
         Sp // block_k,
-        unmasked and (Tp, Sp) == (T, S),
+        unmasked
+        and ((Tp, Sp) == (T, S) or (padded_rows_live and padding_is_unseen(is_causal, T, S))),
         sizes.units_per_step or DEFAULT_UNITS_PER_STEP,
         (bwd_q, bwd_k),
     )
+
+
+def padding_is_unseen(is_causal: bool, T: int, S: int) -> bool:
+    """Whether padding the queries and keys at the end changes no live query's result:
+    causal with T == S, where query t < T sees only keys s <= t < T. The padded problem
+    is then causal attention on the padded inputs (padded queries see keys, padded or
+    not, up to their own position, and are sliced off; their output cotangents are zero),
+    so the kernel keeps its structural path: full blocks without a mask, the trimmed
+    diagonal, loop bounds free of the lengths."""
+    return is_causal and T == S
 
 
 def mask_blocks(sizes: BlockSizes, T: int, S: int, mask_block: tuple[int, int]) -> BlockSizes:
@@ -320,7 +336,7 @@ def chunked_from_inputs(
     unmasked = x.mask is None and not x.lengths_given and x.window is None and not masked_program
     if block_mask is not None:
         sizes = mask_blocks(sizes, T, S, block_mask.block_size)
-    cfg = block_config(T, S, x.scale, x.is_causal, x.window, unmasked, sizes)
+    cfg = block_config(T, S, x.scale, x.is_causal, x.window, unmasked, sizes, padded_rows_live=True)
     cfg = dataclasses.replace(cfg, program=program)
     Tp, Sp = cfg.padded_lengths
 
@@ -328,9 +344,13 @@ def chunked_from_inputs(
     k, v = pad_axis(key, 1, Sp), pad_axis(value, 1, Sp)
     bias = _per_head_group(x.bias, K, G, Tp, Sp)
     mask = _per_head_group(x.mask, K, G, Tp, Sp)
-    # Padding rows and columns are dead through the lengths, which always exist here.
-    q_len = jnp.full((B,), T, jnp.int32)
-    kv_len = jnp.full((B,), S, jnp.int32)
+    # Padding rows and columns are dead through the lengths, which always exist here,
+    # except where the padding is unseen (`padding_is_unseen`): there the kernel runs the
+    # padded problem, every padded row seeing its causal keys like any other. A padded
+    # row left without a live key (lse = MASK_VALUE) would overflow exp(s - lse) in a
+    # backward block below the diagonal, which the structural path runs unmasked.
+    q_len = jnp.full((B,), Tp if cfg.structural_only else T, jnp.int32)
+    kv_len = jnp.full((B,), Sp if cfg.structural_only else S, jnp.int32)
     if x.query_seq_lengths is not None:
         q_len = jnp.minimum(x.query_seq_lengths, T)
     if x.key_value_seq_lengths is not None:

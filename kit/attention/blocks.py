@@ -87,8 +87,9 @@ def default_block_sizes(
     less than 128. Before, a length's two passes could ask for blocks whose least common
     multiple was far longer: T = 384 was padded to 768 (forward blocks of 384 queries,
     backward blocks of 256), T = 300 to 4864, and every T from 513 to 1023 to 1024.
-    One block of 1024 queries (T = 1000) was slower than two of 512, so lengths from 769
-    on keep the fixed sizes (`experiments/bench_blocks.py`, docs/benchmarks.md).
+    One block of 1024 queries measured no faster than two of 512 (scratch runs at
+    T = 1000 and 1024), so lengths from 769 on keep the fixed sizes
+    (`experiments/bench_blocks.py`, docs/benchmarks.md).
     """
 
     def covered(length: int) -> int:

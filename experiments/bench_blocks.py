@@ -22,13 +22,17 @@ forward+backward), and the largest difference between now's and before's results
 """
 
 import functools
-import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
-from benchtools import cpu_model, matmul_peak
+from benchtools import (
+    alternating_times,
+    compiled_pass,
+    cpu_model,
+    largest_difference,
+    matmul_peak,
+)
 
 import kit
 from kit.attention import chunked
@@ -54,15 +58,12 @@ def earlier_sizes(T: int, S: int) -> dict:
 
 
 def compiled(attend, mode, q, k, v, *, before=False):
+    """The pass compiled, with `padding_is_unseen` off while tracing where `before`."""
     saved = chunked.padding_is_unseen
     if before:
         chunked.padding_is_unseen = lambda *_: False
     try:
-        if mode == "fwd":
-            run = jax.jit(attend)
-        else:
-            run = jax.jit(jax.grad(lambda q, k, v: jnp.sum(attend(q, k, v) * q), argnums=(0, 1, 2)))
-        return run.lower(q, k, v).compile()
+        return compiled_pass(attend, mode, q, k, v)
     finally:
         chunked.padding_is_unseen = saved
 
@@ -86,20 +87,8 @@ def main(_):
                     "before": compiled(earlier, mode, q, k, v, before=True),
                     "xla": compiled(xla, mode, q, k, v),
                 }
-                outs = {name: jax.block_until_ready(run(q, k, v)) for name, run in runs.items()}
-                diff = max(
-                    float(jnp.max(jnp.abs(a - b)))
-                    for a, b in zip(
-                        *(jax.tree.leaves(outs[name]) for name in ("now", "before")), strict=True
-                    )
-                )
-                times = {name: [] for name in runs}
-                names = list(runs)
-                for r in range(FLAGS.repeats):  # each path first in turn
-                    for name in names[r % 3 :] + names[: r % 3]:
-                        start = time.perf_counter()
-                        jax.block_until_ready(runs[name](q, k, v))
-                        times[name].append(time.perf_counter() - start)
+                diff = largest_difference(runs["now"](q, k, v), runs["before"](q, k, v))
+                times = alternating_times(runs, q, k, v, repeats=FLAGS.repeats)
                 rows.append((T, causal, mode, times, diff))
     peak = max(peak, matmul_peak(5))
     print(

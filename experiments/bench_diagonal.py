@@ -16,13 +16,18 @@ forward+backward), the speed-up (block steps' time over finer steps'), and the l
 difference between the two results (float32 rounding: the steps add in another order).
 """
 
-import time
+import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
-from benchtools import cpu_model, matmul_peak
+from benchtools import (
+    alternating_times,
+    compiled_pass,
+    cpu_model,
+    largest_difference,
+    matmul_peak,
+)
 
 import kit
 from kit.attention import flash_forward
@@ -45,15 +50,8 @@ def compiled(mode, diagonal_keys, q, k, v):
     saved = flash_forward.DIAGONAL_KEYS
     flash_forward.DIAGONAL_KEYS = diagonal_keys
     try:
-
-        def attend(q, k, v):
-            return kit.chunked_attention(q, k, v, is_causal=True)
-
-        if mode == "fwd":
-            run = jax.jit(attend)
-        else:
-            run = jax.jit(jax.grad(lambda q, k, v: jnp.sum(attend(q, k, v) * q), argnums=(0, 1, 2)))
-        return run.lower(q, k, v).compile()
+        attend = functools.partial(kit.chunked_attention, is_causal=True)
+        return compiled_pass(attend, mode, q, k, v)
     finally:
         flash_forward.DIAGONAL_KEYS = saved
 
@@ -77,18 +75,8 @@ def main(_):
                 "finer": compiled(mode, flash_forward.DIAGONAL_KEYS, q, k, v),
                 "block": compiled(mode, BLOCK_STEPS, q, k, v),
             }
-            outs = {name: jax.block_until_ready(run(q, k, v)) for name, run in runs.items()}
-            diff = max(
-                float(jnp.max(jnp.abs(a - b)))
-                for a, b in zip(*(jax.tree.leaves(outs[name]) for name in runs), strict=True)
-            )
-            times = {name: [] for name in runs}
-            names = list(runs)
-            for r in range(FLAGS.repeats):  # each variant first in turn
-                for name in names[r % 2 :] + names[: r % 2]:
-                    start = time.perf_counter()
-                    jax.block_until_ready(runs[name](q, k, v))
-                    times[name].append(time.perf_counter() - start)
+            diff = largest_difference(runs["finer"](q, k, v), runs["block"](q, k, v))
+            times = alternating_times(runs, q, k, v, repeats=FLAGS.repeats)
             rows.append((B, T, K, mode, times, diff))
     peak = max(peak, matmul_peak(5))
     for B, T, K, mode, times, diff in rows:

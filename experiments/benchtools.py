@@ -45,6 +45,38 @@ def median_seconds(run, *args, repeats: int) -> float:
     return float(np.median(times))
 
 
+def compiled_pass(attend, mode: str, q, k, v):
+    """`attend(q, k, v)` ("fwd") or the gradient of sum(attend(q, k, v) * q) in q, k, v
+    ("fwd_bwd"), traced and compiled for these inputs."""
+    if mode == "fwd":
+        run = jax.jit(attend)
+    else:
+        run = jax.jit(jax.grad(lambda q, k, v: jnp.sum(attend(q, k, v) * q), argnums=(0, 1, 2)))
+    return run.lower(q, k, v).compile()
+
+
+def alternating_times(runs: dict, *args, repeats: int) -> dict:
+    """Seconds of `repeats` runs of each of `runs` (name -> function of `args`) after an
+    untimed one each: one run of each a round, each first in turn (the first of a round
+    is slowed by what the round before left in the caches)."""
+    names = list(runs)
+    for name in names:
+        jax.block_until_ready(runs[name](*args))
+    times = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            start = time.perf_counter()
+            jax.block_until_ready(runs[name](*args))
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def largest_difference(a, b) -> float:
+    """The largest absolute difference between two pytrees of arrays."""
+    pairs = zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    return max(float(jnp.max(jnp.abs(x - y))) for x, y in pairs)
+
+
 def cpu_model() -> str:
     """The CPU's model name as /proc/cpuinfo gives it (platform's elsewhere), with its widest
     vector extension: machines sold under one name ("AMD EPYC") come with and without

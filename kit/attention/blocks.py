@@ -77,7 +77,7 @@ def default_block_sizes(
     measured fastest with 512 x 256 and 8 units (one example of K=8), and the backward (whose
     blocks are `[block_k, block_q]`, keys as rows) with 256 x 512, for causal
     attention at B=4, T=2048, N=8, H=64 on a 2-core CPU. Lengths that are multiples of
-    512 and all lengths above 1024 take those sizes.
+    512 and all lengths above 768 take those sizes.
 
     Other lengths up to 768 are covered by one block where the pass keeps a block of
     that axis whole (the forward's queries, the backward's keys): the length rounded up

@@ -141,7 +141,7 @@ def example_forward(cfg, b, q, k, v, bias, mask, q_len, kv_len, dyn=None):
             at = {"q": i * bq + first, "k": j * kb}
             sizes = {"u": K, "q": rows, "g": G, "k": kb}
             if program is not None and program.score is not None:
-                s4 = s.reshape(K, rows, G, bk)
+                s4 = s.reshape(K, rows, G, kb)
                 s = block_call(program, dyn, "uqgk", at, sizes, s4).reshape(s.shape)
             if masked:
                 mask_blk = from_first(slice_block(mask_i, j * kb, kb, axis=3))

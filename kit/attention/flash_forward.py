@@ -61,8 +61,8 @@ def diagonal_keys(cfg) -> int:
 
     With one query block the diagonal is the whole pass. `experiments/bench_diagonal.py`
     (B=4, N=8, H=64, default blocks, AVX2-only AMD EPYC, 2026-12-07): steps of 128 keys
-    made the forward 1.08-1.46x faster (medians) at T=256 and 512, forward+backward
-    0.98-1.11x. With more query blocks, the same steps on each block's diagonal were
+    made the forward 1.03-1.64x faster (medians) at T=256 and 512, forward+backward
+    0.96-1.12x. With more query blocks, the same steps on each block's diagonal were
     slower for K=8 in a scratch comparison (0.80-0.97x at T=1024 and 2048, medians),
     so there the diagonal keeps steps of `block_k`.
     """

@@ -7,12 +7,13 @@ Issue 40 asks that a decode step (B=8, S=4096..32k) take at most 1.5x the time t
 its KV cache once from memory. Reading once is the cache's bytes (K and V) over the
 memory bandwidth measured in the same run: the fastest of 10 sums of a 512 MiB float32
 array (a streaming read; XLA's reduce of it runs on all cores). Each path's time is the
-median of --repeats runs after a warm-up, for q `[B, T, N, H]` and k, v `[B, S, K, H]`
-(float32, no mask).
+median of --repeats runs after a warm-up, the paths' runs alternating, for q `[B, T, N,
+H]` and k, v `[B, S, K, H]` (float32, no mask).
 
 The paths: the kit's `dot_product_attention` as dispatched (implementation=None: for so
-few queries on a CPU, the products in the cache's layout of `kit.attention.few_queries`),
-its xla path (what None gave before that path) and its chunked path, and jax.nn's; the
+few queries on a CPU, the compiled decode kernel of `kit.attention.cpu_kernels`), the
+jax.numpy products in the cache's layout that None took before it
+(`kit.attention.few_queries.products`), its xla path and its chunked path, and jax.nn's; the
 largest error of any against jax.nn is printed. With --torch_python (an environment with
 torch; experiments/torch_sdpa_worker.py says how to make one) a last column times PyTorch's
 scaled_dot_product_attention on the same shapes in its own layout (q `[B, N, T, H]`, k
@@ -25,9 +26,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
-from benchtools import Torch, cpu_model, median_seconds
+from benchtools import Torch, alternating_times, cpu_model, largest_difference
 
 import kit
+from kit.attention import cpu_kernels, few_queries
+from kit.attention.inputs import check_inputs
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("batch", 8, "B.")
@@ -57,6 +60,9 @@ def memory_bandwidth() -> float:
 
 PATHS = {
     "kit": lambda q, k, v: kit.dot_product_attention(q, k, v),
+    # The jax.numpy products that None took before the compiled kernel (and takes where
+    # the kernel is not built): kit.attention.few_queries.products.
+    "kit_products": lambda q, k, v: few_queries.products(check_inputs(q, k, v))[0],
     "kit_xla": lambda q, k, v: kit.dot_product_attention(q, k, v, implementation="xla"),
     "kit_chunked": lambda q, k, v: kit.dot_product_attention(q, k, v, implementation="chunked"),
     "jax_nn": lambda q, k, v: jax.nn.dot_product_attention(q, k, v),
@@ -70,7 +76,8 @@ def main(_):
     print(
         f"{cpu_model()}, {jax.device_count()} CPU device(s); memory bandwidth {bandwidth:.1f} GB/s "
         f"(a 512 MiB sum); B={B} N={N} H={H} float32; ms, median of {FLAGS.repeats}, "
-        f"and x the time to read K and V once; {torch.version}"
+        f"and x the time to read K and V once; {torch.version}; compiled decode kernel "
+        f"{'loaded' if cpu_kernels.available() else 'NOT built: kit is the products path'}"
     )
     names = list(PATHS) + (["torch_sdpa"] if torch.proc else [])
     print("| T | K | S | cache MB | read once ms | " + " | ".join(names) + " | max error |")
@@ -84,16 +91,18 @@ def main(_):
                 cache = k.nbytes + v.nbytes
                 read = cache / bandwidth / 1e9
                 want = jax.jit(PATHS["jax_nn"])(q, k, v)
-                cells, error = [], 0.0
-                for name in PATHS:
-                    run = jax.jit(PATHS[name])
-                    error = max(error, float(jnp.max(jnp.abs(run(q, k, v) - want))))
-                    seconds = median_seconds(run, q, k, v, repeats=FLAGS.repeats)
-                    cells.append(f"{seconds * 1e3:.1f} ({seconds / read:.1f}x)")
+                runs = {name: jax.jit(fn) for name, fn in PATHS.items()}
+                error = max(largest_difference(run(q, k, v), want) for run in runs.values())
+                # Each path's runs alternate with the others', each first in turn.
+                times = alternating_times(runs, q, k, v, repeats=FLAGS.repeats)
+                cells = []
+                for name in runs:
+                    seconds = float(np.median(times[name]))
+                    cells.append(f"{seconds * 1e3:.2f} ({seconds / read:.2f}x)")
                 if torch.proc:
                     case = dict(B=B, T=T, S=S, N=N, K=K, H=H, causal=False, mode="fwd")
                     seconds = float(np.median(torch.seconds(**case, repeats=FLAGS.repeats)))
-                    cells.append(f"{seconds * 1e3:.1f} ({seconds / read:.1f}x)")
+                    cells.append(f"{seconds * 1e3:.2f} ({seconds / read:.2f}x)")
                 print(
                     f"| {T} | {K} | {S} | {cache / 1e6:.0f} | {read * 1e3:.1f} | "
                     + " | ".join(cells)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kit.attention import cpu_kernels
 from kit.attention.core import masked_logsumexp, masked_softmax
 from kit.attention.inputs import Inputs, explicit_axes
 from kit.attention.masks import stat_dtype
@@ -75,6 +76,13 @@ def few_query_attention(x: Inputs, *, return_residual: bool = False) -> tuple[Ar
       log-sum-exp of each row's logits `[B, T, N]` (-inf where a row has no live key,
       in the query's dtype), else None; as the xla path gives them.
     """
+    if cpu_kernels.fits(x):
+        return cpu_kernels.decode_attention(x, products, return_residual=return_residual)
+    return products(x, return_residual=return_residual)
+
+
+def products(x: Inputs, *, return_residual: bool = False) -> tuple[Array, Array | None]:
+    """`few_query_attention` in jax.numpy: the products in the cache's layout."""
     q, k, v = x.query, x.key, x.value
     B, T, N, H = q.shape
     S, K = k.shape[1], k.shape[2]

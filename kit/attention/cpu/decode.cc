@@ -1,0 +1,398 @@
+// A decode step on a CPU: a few queries per example against a long key/value cache,
+// read once, as an XLA FFI custom call (kit.attention.cpu_kernels loads and registers it).
+//
+// Inputs (float32, row-major): q [..., T, N, H], k and v [..., S, K, H], lengths int32
+// [...] (the live keys of each example: keys at s >= lengths are not attended). Outputs:
+// out [..., T, N, H] and lse [..., T, N], the log-sum-exp of each row's scaled logits
+// (-inf, and out = 0, for a row with no live key). Query head n reads key/value head
+// n / (N / K).
+//
+// Work is split in tasks of (example, chunk of kChunk keys). A task reads its keys once:
+// for each key position it takes every query row's dot product with that position's
+// key (the cache row [K, H] is contiguous), then the softmax statistics of its chunk,
+// then for each position adds the weighted value row to each query row's accumulator.
+// Each task leaves a partial result (row max, row sum, accumulator); the partials of an
+// example are merged by log-sum-exp at the end. Tasks run on XLA's intra-op thread pool
+// with the calling thread taking tasks too, so the call never waits on a thread that has
+// not started.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// Bytes of keys per task: a task's keys and values stay in the core's L2 cache.
+constexpr int64_t kChunkBytes = 128 * 1024;
+constexpr int kLanes = 8;        // floats per vector
+
+typedef float f8 __attribute__((vector_size(32)));
+typedef float f8u __attribute__((vector_size(32), aligned(4)));  // unaligned loads
+typedef int32_t i8 __attribute__((vector_size(32)));
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define KIT_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define KIT_CLONES
+#endif
+
+// exp(x) for x <= 0, to float32 rounding: x = n ln2 + r with |r| <= ln2 / 2 (ln2 split in
+// two parts), exp(r) by its Taylor series to r^7 (relative error under 1e-8), times 2^n.
+// Below -87.3 (where 2^n leaves float32's normal range) it is exactly 0.
+inline f8 exp_nonpositive(f8 x) {
+  const f8 lo = x < -87.3f ? f8{} + 0.0f : f8{} + 1.0f;
+  x = x < -87.3f ? f8{} - 87.3f : x;
+  const f8 shifter = f8{} + 12582912.0f;  // 1.5 * 2^23: rounds to an integer
+  f8 n = (x * 1.44269504088896341f + shifter) - shifter;
+  f8 r = x - n * 0.693145751953125f;
+  r = r - n * 1.428606765330187045e-06f;
+  f8 p = f8{} + 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  i8 bits = (__builtin_convertvector(n, i8) + 127) << 23;
+  f8 two_n;
+  std::memcpy(&two_n, &bits, sizeof two_n);
+  return p * two_n * lo;
+}
+
+inline float hsum(f8 x) {
+  float s = 0.0f;
+  for (int i = 0; i < kLanes; ++i) s += x[i];
+  return s;
+}
+
+struct Shape {
+  int64_t examples, T, N, K, H, S;
+  float scale;
+};
+
+// Rows of a task are ordered by key/value head: head kh's rows are j = 0 .. Rg - 1 (Rg =
+// T G), query (t, g) at j = t G + g, padded to Rp rows (a multiple of 8 when Rg >= 8,
+// else Rg) with zero queries. Logits and weights are kept [L, K Rp], so the softmax
+// statistics run down the positions with rows across a vector.
+
+// Logits of head kh's rows for positions [0, L) when Rp is a multiple of 8: with the
+// query rows across a vector, each step of h is a broadcast key element times a vector of
+// 8 rows, for 8 positions at a time.
+inline void logits_rows_across(const float* k, int64_t stride, int64_t L, int64_t H,
+                               const float* qT, int64_t Rp, float* p, int64_t ldp) {
+  constexpr int PB = 8;  // positions at a time: 8 independent sums hide the FMA latency
+  for (int64_t rv = 0; rv < Rp; rv += kLanes) {
+    int64_t s = 0;
+    for (; s + PB <= L; s += PB) {
+      f8 a[PB] = {};
+      const float* k0 = k + s * stride;
+      for (int64_t h = 0; h < H; ++h) {
+        const f8 qv = *(const f8u*)(qT + h * Rp + rv);
+        for (int i = 0; i < PB; ++i) a[i] += k0[i * stride + h] * qv;
+      }
+      for (int i = 0; i < PB; ++i) *(f8u*)(p + (s + i) * ldp + rv) = a[i];
+    }
+    for (; s < L; ++s) {
+      const float* k0 = k + s * stride;
+      f8 a0 = f8{};
+      for (int64_t h = 0; h < H; ++h) a0 += k0[h] * *(const f8u*)(qT + h * Rp + rv);
+      *(f8u*)(p + s * ldp + rv) = a0;
+    }
+  }
+}
+
+// Logits of head kh's rows when there are fewer than 8 (Rp = Rg): a vector down h per
+// (position, row), summed across at the end.
+inline void logits_h_across(const float* k, int64_t stride, int64_t L, int64_t H,
+                            const float* qrows, int64_t Rg, float* p, int64_t ldp) {
+  for (int64_t s = 0; s < L; ++s) {
+    const float* kk = k + s * stride;
+    for (int64_t j = 0; j < Rg; ++j) {
+      const float* qq = qrows + j * H;
+      f8 a = f8{}, b = f8{};
+      int64_t h = 0;
+      for (; h + 2 * kLanes <= H; h += 2 * kLanes) {
+        a += *(const f8u*)(qq + h) * *(const f8u*)(kk + h);
+        b += *(const f8u*)(qq + h + kLanes) * *(const f8u*)(kk + h + kLanes);
+      }
+      for (; h < H; h += kLanes) a += *(const f8u*)(qq + h) * *(const f8u*)(kk + h);
+      p[s * ldp + j] = hsum(a + b);
+    }
+  }
+}
+
+// acc[j, :] += sum_s p[s, j] v[s, :] for RB rows from j0, HB vectors of h from h0, with
+// the accumulators in registers across the positions.
+template <int RB, int HB>
+inline void weighted_values(const float* v, int64_t stride, int64_t L, const float* p,
+                            int64_t ldp, int64_t j0, int64_t h0, float* acc, int64_t H) {
+  f8 a[RB][HB] = {};
+  for (int64_t s = 0; s < L; ++s) {
+    f8 vv[HB];
+    for (int c = 0; c < HB; ++c) vv[c] = *(const f8u*)(v + s * stride + h0 + c * kLanes);
+    for (int r = 0; r < RB; ++r) {
+      const float w = p[s * ldp + j0 + r];
+      for (int c = 0; c < HB; ++c) a[r][c] += w * vv[c];
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int c = 0; c < HB; ++c) *(f8u*)(acc + (j0 + r) * H + h0 + c * kLanes) = a[r][c];
+}
+
+// One task: keys [s0, s1) of one example (q [T, N, H], k and v [S, K, H]; s1 <= its length). Writes the
+// partial row max m, row sum l and accumulator acc [K Rp, H], rows in the order above.
+KIT_CLONES void chunk_task(const Shape& d, const float* q, const float* k, const float* v,
+                           int64_t s0, int64_t s1, float* m, float* l, float* acc) {
+  const int64_t T = d.T, N = d.N, K = d.K, H = d.H, G = N / K, Rg = T * G;
+  const int64_t Rp = Rg >= kLanes ? (Rg + kLanes - 1) / kLanes * kLanes : Rg;
+  const int64_t R = K * Rp, L = s1 - s0, stride = K * H;
+  // Scaled queries, per head: rows [Rp, H] and transposed [H, Rp].
+  std::vector<float> qrows, qT, p;
+  qrows.assign(R * H, 0.0f);
+  qT.assign(R * H, 0.0f);
+  for (int64_t kh = 0; kh < K; ++kh)
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t j = t * G + g;
+        const float* src = q + (t * N + kh * G + g) * H;
+        for (int64_t h = 0; h < H; ++h) {
+          const float x = src[h] * d.scale;
+          qrows[(kh * Rp + j) * H + h] = x;
+          qT[kh * Rp * H + h * Rp + j] = x;
+        }
+      }
+  p.resize(L * R);  // [L, R]: logits, then weights
+  const float* kc = k + s0 * stride;
+  const float* vc = v + s0 * stride;
+  if (Rp % kLanes == 0) {
+    for (int64_t kh = 0; kh < K; ++kh)
+      logits_rows_across(kc + kh * H, stride, L, H, &qT[kh * Rp * H], Rp, &p[kh * Rp], R);
+  } else {  // few rows per head: position by position, each cache row read whole
+    for (int64_t s = 0; s < L; ++s)
+      for (int64_t kh = 0; kh < K; ++kh)
+        logits_h_across(kc + s * stride + kh * H, stride, 1, H, &qrows[kh * Rp * H], Rg,
+                        &p[s * R + kh * Rp], R);
+  }
+  // Row max, then weights and row sums, with the rows across a vector.
+  const int64_t Rv = R - R % kLanes;
+  const float inf = std::numeric_limits<float>::infinity();
+  std::fill_n(m, R, -inf);
+  for (int64_t s = 0; s < L; ++s) {
+    const float* row = &p[s * R];
+    int64_t r = 0;
+    for (; r < Rv; r += kLanes) {
+      f8 x = *(const f8u*)(row + r), y = *(const f8u*)(m + r);
+      *(f8u*)(m + r) = x > y ? x : y;
+    }
+    for (; r < R; ++r) m[r] = row[r] > m[r] ? row[r] : m[r];
+  }
+  std::fill_n(l, R, 0.0f);
+  for (int64_t s = 0; s < L; ++s) {
+    float* row = &p[s * R];
+    int64_t r = 0;
+    for (; r < Rv; r += kLanes) {
+      const f8 e = exp_nonpositive(*(const f8u*)(row + r) - *(const f8u*)(m + r));
+      *(f8u*)(row + r) = e;
+      *(f8u*)(l + r) += e;
+    }
+    for (; r < R; ++r) {
+      const float e = exp_nonpositive(f8{} + (row[r] - m[r]))[0];
+      row[r] = e;
+      l[r] += e;
+    }
+  }
+  // Weighted values: head by head with the accumulators in registers where a head has
+  // 8 rows or more, else position by position, each cache row read whole.
+  if (Rp % kLanes != 0) {
+    std::fill_n(acc, R * H, 0.0f);
+    for (int64_t s = 0; s < L; ++s) {
+      for (int64_t kh = 0; kh < K; ++kh) {
+        const float* vv = vc + s * stride + kh * H;
+        for (int64_t j = 0; j < Rg; ++j) {
+          const float w = p[s * R + kh * Rp + j];
+          float* a = acc + (kh * Rp + j) * H;
+          for (int64_t h = 0; h < H; h += kLanes) *(f8u*)(a + h) += w * *(const f8u*)(vv + h);
+        }
+      }
+    }
+    return;
+  }
+  for (int64_t kh = 0; kh < K; ++kh) {
+    const float* vh = vc + kh * H;
+    const float* ph = &p[kh * Rp];
+    float* ah = acc + kh * Rp * H;
+    int64_t j = 0;
+    for (; j + 4 <= Rg; j += 4) {
+      int64_t h = 0;
+      for (; h + 2 * kLanes <= H; h += 2 * kLanes) weighted_values<4, 2>(vh, stride, L, ph, R, j, h, ah, H);
+      for (; h < H; h += kLanes) weighted_values<4, 1>(vh, stride, L, ph, R, j, h, ah, H);
+    }
+    for (; j < Rg; ++j) {
+      int64_t h = 0;
+      for (; h + 2 * kLanes <= H; h += 2 * kLanes) weighted_values<1, 2>(vh, stride, L, ph, R, j, h, ah, H);
+      for (; h < H; h += kLanes) weighted_values<1, 1>(vh, stride, L, ph, R, j, h, ah, H);
+    }
+  }
+}
+
+struct Work {
+  Shape d;
+  // Per example: where its q, k, v start, and its live keys.
+  std::vector<const float*> q, k, v;
+  std::vector<int64_t> live;
+  int64_t chunk, chunks, tasks, R;
+  std::vector<float> m, l, acc;  // per task
+  std::atomic<int64_t> next{0}, done{0};
+
+  void run_tasks() {
+    for (int64_t t; (t = next.fetch_add(1)) < tasks;) {
+      const int64_t e = t / chunks, s0 = (t % chunks) * chunk;
+      const int64_t s1 = std::min(s0 + chunk, live[e]);
+      if (s1 > s0) {
+        chunk_task(d, q[e], k[e], v[e], s0, s1, &m[t * R], &l[t * R], &acc[t * R * d.H]);
+      } else {
+        std::fill_n(&m[t * R], R, -std::numeric_limits<float>::infinity());
+        std::fill_n(&l[t * R], R, 0.0f);
+      }
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+// The leading (batch) dims of q, k, v and lengths, each 1 or the full size (vmap with
+// vmap_method="expand_dims" leaves an unbatched input's dim at 1): the offset of each
+// example's block in one input, in blocks.
+bool broadcast_offsets(const std::vector<int64_t>& full, ffi::Span<const int64_t> dims,
+                       std::vector<int64_t>& offsets) {
+  const size_t lead = full.size();
+  std::vector<int64_t> stride(lead, 0);
+  int64_t st = 1;
+  for (size_t i = lead; i-- > 0;) {
+    if (dims[i] != 1 && dims[i] != full[i]) return false;
+    stride[i] = dims[i] == 1 ? 0 : st;
+    st *= dims[i];
+  }
+  int64_t examples = 1;
+  for (int64_t f : full) examples *= f;
+  offsets.assign(examples, 0);
+  for (int64_t e = 0; e < examples; ++e) {
+    int64_t rest = e, off = 0;
+    for (size_t i = lead; i-- > 0;) {
+      off += (rest % full[i]) * stride[i];
+      rest /= full[i];
+    }
+    offsets[e] = off;
+  }
+  return true;
+}
+
+ffi::Error Decode(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                  ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> lengths, float scale,
+                  ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse) {
+  auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), ld = lengths.dimensions();
+  const size_t rank = qd.size();
+  if (rank < 3 || kd.size() != rank || vd.size() != rank || ld.size() + 3 != rank) {
+    return ffi::Error::InvalidArgument(
+        "kit decode: q, k, v need one rank (at least 3), lengths that rank less 3");
+  }
+  Shape d;
+  d.T = qd[rank - 3];
+  d.N = qd[rank - 2];
+  d.H = qd[rank - 1];
+  d.S = kd[rank - 3];
+  d.K = kd[rank - 2];
+  d.scale = scale;
+  if (kd[rank - 1] != d.H || vd[rank - 3] != d.S || vd[rank - 2] != d.K ||
+      vd[rank - 1] != d.H || d.H % kLanes != 0 || d.K <= 0 || d.N % d.K != 0) {
+    return ffi::Error::InvalidArgument("kit decode: q, k, v shapes do not match");
+  }
+  const size_t lead = rank - 3;
+  std::vector<int64_t> full(lead);
+  for (size_t i = 0; i < lead; ++i) full[i] = std::max({qd[i], kd[i], vd[i], ld[i]});
+  std::vector<int64_t> qo, ko, vo, lo;
+  if (!broadcast_offsets(full, qd, qo) || !broadcast_offsets(full, kd, ko) ||
+      !broadcast_offsets(full, vd, vo) || !broadcast_offsets(full, ld, lo)) {
+    return ffi::Error::InvalidArgument("kit decode: batch dims do not broadcast");
+  }
+  d.examples = static_cast<int64_t>(qo.size());
+  if (static_cast<int64_t>(out->element_count()) != d.examples * d.T * d.N * d.H) {
+    return ffi::Error::InvalidArgument("kit decode: out has the wrong size");
+  }
+  auto w = std::make_shared<Work>();
+  w->d = d;
+  for (int64_t e = 0; e < d.examples; ++e) {
+    w->q.push_back(q.typed_data() + qo[e] * d.T * d.N * d.H);
+    w->k.push_back(k.typed_data() + ko[e] * d.S * d.K * d.H);
+    w->v.push_back(v.typed_data() + vo[e] * d.S * d.K * d.H);
+    w->live.push_back(std::clamp<int64_t>(lengths.typed_data()[lo[e]], 0, d.S));
+  }
+  w->chunk = std::max<int64_t>(16, kChunkBytes / (d.K * d.H * int64_t{sizeof(float)}));
+  w->chunks = (d.S + w->chunk - 1) / w->chunk;
+  w->tasks = d.examples * w->chunks;
+  const int64_t Rg = d.T * (d.N / d.K);
+  w->R = d.K * (Rg >= kLanes ? (Rg + kLanes - 1) / kLanes * kLanes : Rg);
+  w->m.resize(w->tasks * w->R);
+  w->l.resize(w->tasks * w->R);
+  w->acc.resize(w->tasks * w->R * d.H);
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), w->tasks - 1);
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([w] { w->run_tasks(); });
+  w->run_tasks();
+  while (w->done.load(std::memory_order_acquire) < w->tasks) std::this_thread::yield();
+
+  float* o = out->typed_data();
+  float* z = lse->typed_data();
+  const int64_t R = w->R, H = d.H, C = w->chunks, G = d.N / d.K, Rp = R / d.K;
+  const float inf = std::numeric_limits<float>::infinity();
+  for (int64_t b = 0; b < d.examples; ++b) {
+    for (int64_t t = 0; t < d.T; ++t) {
+      for (int64_t n = 0; n < d.N; ++n) {
+        const int64_t r = (n / G) * Rp + t * G + n % G;  // the row in a task's partials
+        float* orow = o + ((b * d.T + t) * d.N + n) * H;
+        float* zrow = z + (b * d.T + t) * d.N + n;
+        float mx = -inf;
+        for (int64_t c = 0; c < C; ++c) mx = std::max(mx, w->m[(b * C + c) * R + r]);
+        std::fill_n(orow, H, 0.0f);
+        if (mx == -inf) {
+          *zrow = -inf;
+          continue;
+        }
+        float total = 0.0f;
+        for (int64_t c = 0; c < C; ++c) {
+          const int64_t task = b * C + c;
+          if (w->l[task * R + r] == 0.0f) continue;
+          const float wt = std::exp(w->m[task * R + r] - mx);
+          total += wt * w->l[task * R + r];
+          const float* a = &w->acc[(task * R + r) * H];
+          for (int64_t h = 0; h < H; ++h) orow[h] += wt * a[h];
+        }
+        for (int64_t h = 0; h < H; ++h) orow[h] /= total;
+        *zrow = mx + std::log(total);
+      }
+    }
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KitDecodeF32, Decode,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Attr<float>("scale")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

@@ -2,15 +2,16 @@
 cache) as one XLA FFI custom call, `kit/attention/cpu/decode.cc`.
 
 The kernel reads the cache once, in its own layout `[B, S, K, H]`: each task (an example
-and a chunk of keys that fits the core's L2 cache) takes every query row's logits with
-the chunk's keys, their softmax statistics and the weighted sum of the chunk's values;
-the chunks' partial results are merged by log-sum-exp. Tasks run on XLA's intra-op
-thread pool. The products of the plain jax.numpy path (`kit.attention.few_queries`) do
-K times the multiplies needed and read the weights and the cache in separate passes;
-`experiments/bench_decode.py` measures both (docs/benchmarks.md#a-decode-step).
+and a chunk of 512 KiB of keys) takes every query row's logits with the chunk's keys,
+their softmax statistics and the weighted sum of the chunk's values, position by
+position; the chunks' partial results are merged by log-sum-exp. Tasks run on XLA's
+intra-op thread pool. The jax.numpy products it replaces (`kit.attention.few_queries`)
+do K times the multiplies needed and leave the logits and weights in memory between
+XLA's operations; `experiments/bench_decode.py` times both
+(docs/benchmarks.md#a-decode-step).
 
 `decode_attention` is exact to float32 rounding (its exponential is a degree-7
-polynomial after range reduction, within 2 ulp of exp) and differentiable to every
+polynomial after range reduction, within 1.2 ulp of exp) and differentiable to every
 order: the primal runs the kernel; its JVP is the JVP of the jax.numpy path, so
 gradients, Hessians and jvp are jax's own. Under vmap, an unbatched operand is not
 copied (`vmap_method="expand_dims"`: the kernel broadcasts leading dims).
@@ -20,7 +21,9 @@ where it was not built or does not load, and `implementation=None` then keeps th
 jax.numpy path. It takes float32, a head dim that is a multiple of 8, and no mask
 other than `key_value_seq_lengths` (`fits`). A program holding it can't be serialized
 by `jax.export` (custom calls have no compatibility guarantee): pass
-`implementation="xla"` to export a decode step.
+`implementation="xla"` to export a decode step. With inputs sharded over an Auto mesh
+axis, XLA gathers them for the call (the result is right, the cache crosses devices);
+under `shard_map` each device runs the kernel on its own shard.
 """
 
 from __future__ import annotations

@@ -212,7 +212,7 @@ def test_attention_html_inlines_the_asset_files():
 
 
 @pytest.mark.slow
-def test_wheel_ships_the_viewer_assets(tmp_path):
+def test_wheel_ships_the_viewer_assets_and_the_decode_kernel(tmp_path):
     # Built from a copy: pip builds in the source tree, and the build/ and
     # *.egg-info it leaves behind (stale files in build/lib reach later wheels)
     # have no place in the checkout. Plain `pip wheel` builds in an isolated
@@ -238,6 +238,10 @@ def test_wheel_ships_the_viewer_assets(tmp_path):
             assert zf.read(member) == (root / "kit" / "views" / "assets" / name).read_bytes(), (
                 member
             )
+        # The compiled decode kernel (setup.py) is in the wheel; CI's machines build it.
+        kernels = [m for m in zf.namelist() if m.startswith("kit/attention/_decode_cpu")]
+        if os.environ.get("CI"):
+            assert len(kernels) == 1 and kernels[0].endswith(".so"), zf.namelist()
 
 
 # --------------------------------------------------------------------------

@@ -2,9 +2,9 @@
 cache) as one XLA FFI custom call, `kit/attention/cpu/decode.cc`.
 
 The kernel reads the cache once, in its own layout `[B, S, K, H]`: each task (an example
-and a chunk of 512 KiB of keys) takes every query row's logits with the chunk's keys,
-their softmax statistics and the weighted sum of the chunk's values, position by
-position; the chunks' partial results are merged by log-sum-exp. Tasks run on XLA's
+and a chunk of up to 512 KiB of keys) takes every query row's logits with the chunk's
+keys, their softmax statistics and the weighted sum of the chunk's values; the chunks'
+partial results are merged by log-sum-exp. Tasks run on XLA's
 intra-op thread pool. The jax.numpy products it replaces (`kit.attention.few_queries`)
 do K times the multiplies needed and leave the logits and weights in memory between
 XLA's operations; `experiments/bench_decode.py` times both

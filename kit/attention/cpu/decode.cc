@@ -8,14 +8,14 @@
 // n / (N / K).
 //
 // Work is split in tasks of (example, chunk of keys: kChunkBytes of them at most). A task
-// its keys once: for each key position it takes every query row's dot product with that
-// position's key (the cache row [K, H] is contiguous), then the softmax statistics of its
-// chunk, then for each position adds the weighted value row to each query row's
-// accumulator.
-// Each task leaves a partial result (row max, row sum, accumulator); the partials of an
-// example are merged by log-sum-exp at the end. Tasks run on XLA's intra-op thread pool
-// with the calling thread taking tasks too, so the call never waits on a thread that has
-// not started.
+// reads its keys once: every query row's logits with its keys, the chunk's softmax
+// statistics, and the weighted sum of its values. With fewer than 8 query rows per
+// key/value head (T = 1 at most GQA groups) it goes position by position, each cache row
+// [K, H] read whole; with 8 or more it goes head by head, the rows across a vector and
+// the accumulators in registers. Each task leaves a partial result (row max, row sum,
+// accumulator); the partials of an example are merged by log-sum-exp at the end. Tasks
+// run on XLA's intra-op thread pool with the calling thread taking tasks too, so the call
+// never waits on a thread that has not started.
 
 #include <algorithm>
 #include <atomic>

@@ -13,7 +13,11 @@ One process measures, side by side (B=1, T=2048, N=8, H=64, float32, causal):
   forward and forward+backward;
 - flex_attention's ALiBi (a score function on a causal block mask) and 8 causal
   documents (a block mask from segment ids) as plain causal's time over theirs,
-  forward+backward.
+  forward+backward;
+- a decode step (one query per example against a cache, B=8, S=4096, K=N=8): the
+  compiled kernel `implementation=None` runs (kit.attention.cpu_kernels) against the
+  jax.numpy products it replaced (few_queries.products), its speed-up. Where the kernel
+  was not built, None runs the products and this figure falls to about 1.
 
 Each path runs in blocks of consecutive runs (a block lasts --block_seconds, 2 runs at
 least), in --rounds rounds of alternating order, the matmul peak measured again after each
@@ -40,8 +44,8 @@ With no entry for this CPU the guard says so and exits 0 (run --update to add on
 --update measures and rewrites this CPU's entry, keeping the others.
 
 --drill_slowdown=0.2 is the guard's own fire drill: it adds a host-side wait of 20% of
-each chunked run's time to that run (the flex rows scale with it), as a kernel 20%
-slower would; the guard must then fail. It never changes what the kit computes.
+each run's time to that run, but jax.nn's and the decode products' (the references), as a
+kernel 20% slower would; the guard must then fail. It never changes what the kit computes.
 """
 
 import datetime
@@ -61,6 +65,8 @@ from benchtools import cpu_model, matmul_peak
 
 import kit
 from kit import mods
+from kit.attention import cpu_kernels, few_queries
+from kit.attention.inputs import check_inputs
 
 FLAGS = flags.FLAGS
 flags.DEFINE_bool("update", False, "Rewrite this CPU's baseline entry with this run.")
@@ -75,12 +81,15 @@ flags.DEFINE_integer("rounds", 4, "Rounds over the paths, in alternating order."
 flags.DEFINE_float("block_seconds", 0.4, "Time each path's block of runs takes (2 runs at least).")
 flags.DEFINE_integer("peak_tries", 5, "Runs of each matmul peak measurement (8 per measurement).")
 flags.DEFINE_integer("update_runs", 3, "--update stores the median of this many measurements.")
-flags.DEFINE_float("drill_slowdown", 0.0, "Fire drill: slow each chunked run by this share.")
+flags.DEFINE_float(
+    "drill_slowdown", 0.0, "Fire drill: slow each run but jax.nn's and the products' by this share."
+)
 flags.DEFINE_bool("confirm", True, "On a fall, measure again; fail only if both show it.")
 flags.DEFINE_integer("confirm_rounds", 2, "Rounds of the measurement that confirms a fall.")
 
 B, T, N, H = 1, 2048, 8, 64
 FORWARD_FLOPS = 4 * B * N * T * T * H / 2  # causal: half the scores
+DECODE_B, DECODE_S = 8, 4096  # one query per example, K = N heads in the cache
 
 
 def commit() -> str:
@@ -117,21 +126,28 @@ def paths():
         "flex_documents": lambda q, k, v: kit.flex_attention(
             q, k, v, None, documents, implementation="chunked"
         ),
+        "decode_kernel": lambda q, k, v: kit.dot_product_attention(q, k, v),
+        "decode_products": lambda q, k, v: few_queries.products(check_inputs(q, k, v))[0],
     }
 
 
 @functools.cache
-def inputs() -> tuple[jax.Array, jax.Array, jax.Array]:
-    """q, k, v `[B, T, N, H]`, the same for every measurement of a run."""
+def inputs(mode: str) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """q, k, v, the same for every measurement of a run: `[B, T, N, H]` each, or for
+    the decode step q `[8, 1, N, H]` and a cache `[8, 4096, N, H]`."""
     rng = np.random.default_rng(0)
-    return tuple(jax.device_put(rng.standard_normal((B, T, N, H), np.float32)) for _ in range(3))
+    if mode == "decode":
+        shapes = [(DECODE_B, 1, N, H)] + [(DECODE_B, DECODE_S, N, H)] * 2
+    else:
+        shapes = [(B, T, N, H)] * 3
+    return tuple(jax.device_put(rng.standard_normal(shape, np.float32)) for shape in shapes)
 
 
 def compiled(fn, mode, args):
     def fwd_bwd(q, k, v):
         return jax.grad(lambda *a: jnp.sum(fn(*a)), argnums=(0, 1, 2))(q, k, v)
 
-    return jax.jit(fn if mode == "fwd" else fwd_bwd).lower(*args).compile()
+    return jax.jit(fn if mode in ("fwd", "decode") else fwd_bwd).lower(*args).compile()
 
 
 def timed_runs(runs, args, slowdown, rounds):
@@ -148,7 +164,7 @@ def timed_runs(runs, args, slowdown, rounds):
             while count < 2 or time.perf_counter() - block_start < FLAGS.block_seconds:
                 start = time.perf_counter()
                 jax.block_until_ready(runs[name](*args))
-                if name != "jax_nn" and slowdown:
+                if name not in REFERENCES and slowdown:
                     time.sleep(slowdown * (time.perf_counter() - start))
                 times[name].append(time.perf_counter() - start)
                 count += 1
@@ -159,11 +175,16 @@ def timed_runs(runs, args, slowdown, rounds):
 MODES = {
     "fwd": ("chunked", "jax_nn"),
     "fwd+bwd": ("chunked", "jax_nn", "flex_alibi", "flex_documents"),
+    "decode": ("decode_kernel", "decode_products"),
 }
+# The paths the figures are measured against: the fire drill never slows them.
+REFERENCES = ("jax_nn", "decode_products")
 
 
 def figure_mode(name: str) -> str:
     """The pass a figure is measured in: its paths' times and that pass's peaks."""
+    if name.startswith("decode"):
+        return "decode"
     return "fwd" if name.startswith("chunked fwd ") else "fwd+bwd"
 
 
@@ -180,24 +201,25 @@ def measure(
     `programs` keeps the compiled programs between calls (a confirming measurement
     times the same programs, compiled once)."""
     programs = {} if programs is None else programs
-    args = inputs()
     times, peaks = {}, []
     missing = [
         (name, mode) for mode in modes for name in MODES[mode] if (name, mode) not in programs
     ]
     if missing:
         fns = paths()
-        programs.update({(name, mode): compiled(fns[name], mode, args) for name, mode in missing})
+        programs.update(
+            {(name, mode): compiled(fns[name], mode, inputs(mode)) for name, mode in missing}
+        )
     for mode in modes:
         runs = {name: programs[name, mode] for name in MODES[mode]}
-        mode_times, mode_peaks = timed_runs(runs, args, slowdown, rounds or FLAGS.rounds)
+        mode_times, mode_peaks = timed_runs(runs, inputs(mode), slowdown, rounds or FLAGS.rounds)
         times.update({f"{name} {mode}": t for name, t in mode_times.items()})
         peaks += mode_peaks
     peak = max(peaks)
     best = {k: min(t) for k, t in times.items()}
     flops = {"fwd": FORWARD_FLOPS, "fwd+bwd": 3.5 * FORWARD_FLOPS}
     figures = {}
-    for mode in modes:
+    for mode in [m for m in modes if m != "decode"]:
         chunked = best[f"chunked {mode}"]
         figures[f"chunked {mode} % of peak"] = 100 * flops[mode] / chunked / 1e9 / peak
         figures[f"chunked {mode} speed-up over jax.nn"] = best[f"jax_nn {mode}"] / chunked
@@ -206,6 +228,10 @@ def measure(
             figures[f"{name} fwd+bwd speed vs causal"] = (
                 best["chunked fwd+bwd"] / best[f"{name} fwd+bwd"]
             )
+    if "decode" in modes:
+        figures["decode kernel speed-up over the products"] = (
+            best["decode_products decode"] / best["decode_kernel decode"]
+        )
     return {
         "peak_gflops": peak,
         "peaks": peaks,
@@ -237,7 +263,10 @@ def matching(entries: list[dict], model: str, peak: float) -> dict | None:
 
 
 def print_times(run: dict) -> None:
-    print(f"B={B} T={T} N={N} H={H} float32 causal; ms, fastest (median):")
+    print(
+        f"B={B} T={T} N={N} H={H} float32 causal; decode B={DECODE_B} T=1 S={DECODE_S}; "
+        "ms, fastest (median):"
+    )
     print(
         "  "
         + ", ".join(
@@ -302,7 +331,9 @@ def main(argv):
         print("the first measurement's times:")
     print_times(run)
     if FLAGS.drill_slowdown:
-        print(f"fire drill: each chunked run slowed by {100 * FLAGS.drill_slowdown:.0f}%")
+        print(f"fire drill: each kit run slowed by {100 * FLAGS.drill_slowdown:.0f}%")
+    if not cpu_kernels.available():
+        print("the compiled decode kernel is not built: None runs the products for a decode step")
     if FLAGS.update:
         entry = {
             "cpu": model,

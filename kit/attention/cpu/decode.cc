@@ -40,6 +40,9 @@ constexpr int64_t kChunkBytes = 512 * 1024;
 // read again: they stay in the core's L2 cache.
 constexpr int64_t kWeightBytes = 128 * 1024;
 constexpr int kLanes = 8;        // floats per vector
+// Positions per block of the weighted values when the rows go across a vector: a block's
+// value rows and weights stay in the L1 cache across the passes of each head.
+constexpr int64_t kValueBlock = 32;
 
 typedef float f8 __attribute__((vector_size(32)));
 typedef float f8u __attribute__((vector_size(32), aligned(4)));  // unaligned loads
@@ -147,8 +150,10 @@ KIT_INLINE void logits_h_across(const float* k, int64_t stride, int64_t L, int64
 // the accumulators in registers across the positions.
 template <int RB, int HB>
 KIT_INLINE void weighted_values(const float* v, int64_t stride, int64_t L, const float* p,
-                            int64_t ldp, int64_t j0, int64_t h0, float* acc, int64_t H) {
-  f8 a[RB][HB] = {};
+                                int64_t ldp, int64_t j0, int64_t h0, float* acc, int64_t H) {
+  f8 a[RB][HB];
+  for (int r = 0; r < RB; ++r)
+    for (int c = 0; c < HB; ++c) a[r][c] = *(const f8u*)(acc + (j0 + r) * H + h0 + c * kLanes);
   for (int64_t s = 0; s < L; ++s) {
     f8 vv[HB];
     for (int c = 0; c < HB; ++c) vv[c] = *(const f8u*)(v + s * stride + h0 + c * kLanes);
@@ -239,20 +244,28 @@ KIT_CLONES void chunk_task(const Shape& d, const float* q, const float* k, const
     }
     return;
   }
-  for (int64_t kh = 0; kh < K; ++kh) {
-    const float* vh = vc + kh * H;
-    const float* ph = p + kh * Rp;
-    float* ah = acc + kh * Rp * H;
-    int64_t j = 0;
-    for (; j + 4 <= Rg; j += 4) {
-      int64_t h = 0;
-      for (; h + 2 * kLanes <= H; h += 2 * kLanes) weighted_values<4, 2>(vh, stride, L, ph, R, j, h, ah, H);
-      for (; h < H; h += kLanes) weighted_values<4, 1>(vh, stride, L, ph, R, j, h, ah, H);
-    }
-    for (; j < Rg; ++j) {
-      int64_t h = 0;
-      for (; h + 2 * kLanes <= H; h += 2 * kLanes) weighted_values<1, 2>(vh, stride, L, ph, R, j, h, ah, H);
-      for (; h < H; h += kLanes) weighted_values<1, 1>(vh, stride, L, ph, R, j, h, ah, H);
+  // Positions in blocks of kValueBlock, so that a block's value rows and weights stay in
+  // the L1 cache across the head's passes (row blocks x h blocks).
+  std::fill_n(acc, R * H, 0.0f);
+  for (int64_t b0 = 0; b0 < L; b0 += kValueBlock) {
+    const int64_t Lb = std::min(kValueBlock, L - b0);
+    for (int64_t kh = 0; kh < K; ++kh) {
+      const float* vh = vc + b0 * stride + kh * H;
+      const float* ph = p + b0 * R + kh * Rp;
+      float* ah = acc + kh * Rp * H;
+      int64_t j = 0;
+      for (; j + 4 <= Rg; j += 4) {
+        int64_t h = 0;
+        for (; h + 2 * kLanes <= H; h += 2 * kLanes)
+          weighted_values<4, 2>(vh, stride, Lb, ph, R, j, h, ah, H);
+        for (; h < H; h += kLanes) weighted_values<4, 1>(vh, stride, Lb, ph, R, j, h, ah, H);
+      }
+      for (; j < Rg; ++j) {
+        int64_t h = 0;
+        for (; h + 2 * kLanes <= H; h += 2 * kLanes)
+          weighted_values<1, 2>(vh, stride, Lb, ph, R, j, h, ah, H);
+        for (; h < H; h += kLanes) weighted_values<1, 1>(vh, stride, Lb, ph, R, j, h, ah, H);
+      }
     }
   }
 }

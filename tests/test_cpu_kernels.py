@@ -55,6 +55,7 @@ CASES = {
     "GQA K=2 H=16, T=3": (2, 3, 16, 5000, [5000, 4096, 0]),
     "MQA K=1 H=8, T=8": (1, 8, 8, 3001, [3001, 2, 1999]),
     "K=4 H=24, T=2": (4, 2, 24, 1100, [1100, 1024, 700]),
+    "a short cache, K=2 H=16": (2, 1, 16, few_queries.KERNEL_MIN_KEYS + 2, [130, 64, 0]),
 }
 
 
@@ -187,6 +188,12 @@ def test_inside_shard_map_over_the_batch():
 def test_dispatch_takes_the_kernel_only_where_it_fits():
     q, k, v = make_qkv(B=2, T=1, S=S, N=8, K=2, H=16, seed=1)
     assert kernel_in(kit.dot_product_attention, q, k, v)
+    # From KERNEL_MIN_KEYS keys on (shorter than the products' MIN_KEYS), up to
+    # FEW_QUERIES queries.
+    shortest, few = few_queries.KERNEL_MIN_KEYS, few_queries.FEW_QUERIES
+    assert kernel_in(kit.dot_product_attention, *make_qkv(B=2, T=few, S=shortest, N=8, K=2, H=16))
+    assert not kernel_in(kit.dot_product_attention, *make_qkv(B=2, T=1, S=shortest - 1, N=8, K=2))
+    assert not kernel_in(kit.dot_product_attention, *make_qkv(B=2, T=few + 1, S=S, N=8, K=2))
     # A mask, a bias, causal, a window, bfloat16, a head dim not a multiple of 8, or an
     # explicit implementation: the kernel is not in the program.
     bias = jnp.zeros((2, 8, 1, S))

@@ -135,12 +135,16 @@ def test_jvp_vmap_and_an_unbatched_call_equal_the_formula(taken):
 
 
 def test_not_chosen_where_it_does_not_pay_or_cannot_split(taken):
-    # Too few keys, too many queries, dropout, bfloat16 (few_queries_fit says why): the
+    # Too few keys (for the compiled kernel; and for the products, where a mask keeps the
+    # kernel out), too many queries, dropout, bfloat16 (few_queries_fit says why): the
     # xla path, whose bfloat16 result is within bfloat16 rounding of the formula's.
-    few = few_queries.FEW_QUERIES
-    for T, length, extra in ((1, S - 8, ""), (few + 1, S, ""), (1, S, "drop"), (1, S, "bf16")):
+    few, shortest = few_queries.FEW_QUERIES, few_queries.KERNEL_MIN_KEYS
+    cases = ((1, shortest - 8, ""), (1, S - 8, "mask"), (few + 1, S, ""), (1, S, "drop"))
+    for T, length, extra in (*cases, (1, S, "bf16")):
         q, k, v = make_qkv(B=1, T=T, S=length, N=N, K=2, H=H)
-        if extra == "drop":
+        if extra == "mask":
+            kit.dot_product_attention(q, k, v, mask=jnp.ones((1, 1, T, length), bool))
+        elif extra == "drop":
             kit.dot_product_attention(q, k, v, dropout_rate=0.1, dropout_rng=jax.random.key(0))
         elif extra == "bf16":
             out = kit.dot_product_attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)))

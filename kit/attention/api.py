@@ -64,8 +64,9 @@ def _choose_implementation(implementation: str | None, x: Inputs, dropout_rate: 
     a row with no live key, which must return zero; cuDNN's output there is not
     specified), and with a head dim its flash kernel takes (a multiple of 8, at
     most 128). A causal mask alone never empties a row. On a CPU, a few queries
-    against a long cache (a decode step) take the products in the cache's layout
-    (`kit.attention.few_queries`). Otherwise chunked for long inputs, else xla.
+    against a long cache (a decode step) take the compiled decode kernel or the
+    products in the cache's layout (`kit.attention.few_queries`). Otherwise chunked
+    for long inputs, else xla.
     """
     on_gpu = jax.default_backend() == "gpu"
     if implementation is None:
@@ -214,8 +215,9 @@ def dot_product_attention(
       local_window_size: `(left, right)` or one int for both: query i attends
         to keys i - left <= j <= i + right.
       implementation: None (the fastest correct path for the shape and
-        device; on a CPU, up to 8 queries against 1024 keys or more take
-        products in the cache's layout, `kit.attention.few_queries`), "xla"
+        device; on a CPU, up to 8 queries against 1024 keys or more (128 in
+        float32 with no mask but key/value lengths) take a compiled decode
+        kernel or products in the cache's layout, `kit.attention.few_queries`), "xla"
         (materialized logits), "chunked" (memory-efficient,
         `kit.chunked_attention`), or "cudnn" (GPU only, through jax.nn).
       dropout_rate: attention-weight dropout probability, in [0, 1).

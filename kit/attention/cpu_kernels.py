@@ -79,6 +79,11 @@ def fits(x: Inputs) -> bool:
 
 
 def _kernel(q: Array, k: Array, v: Array, lengths: Array, scale: float) -> tuple[Array, Array]:
+    if not available():  # also registers the target with XLA, once
+        raise RuntimeError(
+            "kit's compiled CPU decode kernel is not built or does not load "
+            "(kit/attention/cpu/decode.cc; setup.py builds it at install)"
+        )
     B, T, N, _ = q.shape
     call = jax.ffi.ffi_call(
         TARGET,

@@ -39,13 +39,17 @@ Array = jax.Array
 # S = 256 0.74-1.00x. At S = 4096-32768, T = 1: 0.13-0.54x (experiments/bench_decode.py).
 FEW_QUERIES = 8
 MIN_KEYS = 1024
+# Where the compiled kernel serves the call (`cpu_kernels.fits`), from this many keys. It
+# took 0.13-0.61x the xla path's time at S = 128-1024, T = 1 and 8, K = 1 and 8 (B = 8,
+# N = 8, H = 64, medians of 21, alternating; a scratch script, 2026-12-07).
+KERNEL_MIN_KEYS = 128
 
 
 def few_queries_fit(x: Inputs, dropout_rate: float) -> bool:
     """Whether `implementation=None` takes this path: a CPU, at most FEW_QUERIES queries
-    against at least MIN_KEYS keys, float32 or float64, values given, no dropout, and no
-    Explicit mesh axis on the inputs (a product across heads would gather heads split
-    over devices).
+    against at least MIN_KEYS keys (KERNEL_MIN_KEYS where the compiled kernel serves the
+    call), float32 or float64, values given, no dropout, and no Explicit mesh axis on the
+    inputs (a product across heads would gather heads split over devices).
 
     bfloat16 and float16 keep the xla path: XLA's CPU simplifier turns this path's
     products into bfloat16 x bfloat16 = float32 dots that its runtime then refuses
@@ -56,10 +60,13 @@ def few_queries_fit(x: Inputs, dropout_rate: float) -> bool:
         jax.default_backend() == "cpu"
         and x.query.dtype in (jnp.float32, jnp.float64)
         and x.query.shape[1] <= FEW_QUERIES
-        and x.key.shape[1] >= MIN_KEYS
         and x.value is not None
         and dropout_rate == 0.0
         and not explicit_axes(x.query, x.key, x.value, x.bias, x.mask)
+        and (
+            x.key.shape[1] >= MIN_KEYS
+            or (x.key.shape[1] >= KERNEL_MIN_KEYS and cpu_kernels.fits(x))
+        )
     )
 
 

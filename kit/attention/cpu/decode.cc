@@ -95,6 +95,10 @@ struct Shape {
   float scale;
 };
 
+// Query rows per key/value head in a task, Rg = T G of them: padded to a multiple of 8
+// from 8 on (the rows go across a vector), else Rg.
+int64_t padded_rows(int64_t Rg) { return Rg >= kLanes ? (Rg + kLanes - 1) / kLanes * kLanes : Rg; }
+
 // Rows of a task are ordered by key/value head: head kh's rows are j = 0 .. Rg - 1 (Rg =
 // T G), query (t, g) at j = t G + g, padded to Rp rows (a multiple of 8 when Rg >= 8,
 // else Rg) with zero queries. Logits and weights are kept [L, K Rp], so the softmax
@@ -104,7 +108,7 @@ struct Shape {
 // query rows across a vector, each step of h is a broadcast key element times a vector of
 // 8 rows, for 8 positions at a time.
 KIT_INLINE void logits_rows_across(const float* k, int64_t stride, int64_t L, int64_t H,
-                               const float* qT, int64_t Rp, float* p, int64_t ldp) {
+                                   const float* qT, int64_t Rp, float* p, int64_t ldp) {
   constexpr int PB = 8;  // positions at a time: 8 independent sums hide the FMA latency
   for (int64_t rv = 0; rv < Rp; rv += kLanes) {
     int64_t s = 0;
@@ -126,23 +130,20 @@ KIT_INLINE void logits_rows_across(const float* k, int64_t stride, int64_t L, in
   }
 }
 
-// Logits of head kh's rows when there are fewer than 8 (Rp = Rg): a vector down h per
-// (position, row), summed across at the end.
-KIT_INLINE void logits_h_across(const float* k, int64_t stride, int64_t L, int64_t H,
-                            const float* qrows, int64_t Rg, float* p, int64_t ldp) {
-  for (int64_t s = 0; s < L; ++s) {
-    const float* kk = k + s * stride;
-    for (int64_t j = 0; j < Rg; ++j) {
-      const float* qq = qrows + j * H;
-      f8 a = f8{}, b = f8{};
-      int64_t h = 0;
-      for (; h + 2 * kLanes <= H; h += 2 * kLanes) {
-        a += *(const f8u*)(qq + h) * *(const f8u*)(kk + h);
-        b += *(const f8u*)(qq + h + kLanes) * *(const f8u*)(kk + h + kLanes);
-      }
-      for (; h < H; h += kLanes) a += *(const f8u*)(qq + h) * *(const f8u*)(kk + h);
-      p[s * ldp + j] = hsum(a + b);
+// Logits of one position's key kk [H] with head kh's Rg rows when there are fewer than 8
+// (Rp = Rg): a vector down h per row, summed across at the end.
+KIT_INLINE void logits_h_across(const float* kk, int64_t H, const float* qrows, int64_t Rg,
+                                float* p) {
+  for (int64_t j = 0; j < Rg; ++j) {
+    const float* qq = qrows + j * H;
+    f8 a = f8{}, b = f8{};
+    int64_t h = 0;
+    for (; h + 2 * kLanes <= H; h += 2 * kLanes) {
+      a += *(const f8u*)(qq + h) * *(const f8u*)(kk + h);
+      b += *(const f8u*)(qq + h + kLanes) * *(const f8u*)(kk + h + kLanes);
     }
+    for (; h < H; h += kLanes) a += *(const f8u*)(qq + h) * *(const f8u*)(kk + h);
+    p[j] = hsum(a + b);
   }
 }
 
@@ -166,14 +167,14 @@ KIT_INLINE void weighted_values(const float* v, int64_t stride, int64_t L, const
     for (int c = 0; c < HB; ++c) *(f8u*)(acc + (j0 + r) * H + h0 + c * kLanes) = a[r][c];
 }
 
-// One task: keys [s0, s1) of one example (q [T, N, H], k and v [S, K, H]; s1 <= its length). Writes the
-// partial row max m, row sum l and accumulator acc [K Rp, H], rows in the order above.
+// One task: keys [s0, s1) of one example (q [T, N, H], k and v [S, K, H]; s1 <= its
+// length). Writes the partial row max m, row sum l and accumulator acc [K Rp, H], rows in
+// the order above.
 KIT_CLONES void chunk_task(const Shape& d, const float* q, const float* k, const float* v,
                            int64_t s0, int64_t s1, float* m, float* l, float* acc,
                            float* qrows, float* qT, float* p) {
   const int64_t T = d.T, N = d.N, K = d.K, H = d.H, G = N / K, Rg = T * G;
-  const int64_t Rp = Rg >= kLanes ? (Rg + kLanes - 1) / kLanes * kLanes : Rg;
-  const int64_t R = K * Rp, L = s1 - s0, stride = K * H;
+  const int64_t Rp = padded_rows(Rg), R = K * Rp, L = s1 - s0, stride = K * H;
   // Scaled queries, per head: rows [Rp, H] and transposed [H, Rp] (padded rows zero).
   std::fill_n(qrows, R * H, 0.0f);
   std::fill_n(qT, R * H, 0.0f);
@@ -197,8 +198,7 @@ KIT_CLONES void chunk_task(const Shape& d, const float* q, const float* k, const
   } else {  // few rows per head: position by position, each cache row read whole
     for (int64_t s = 0; s < L; ++s)
       for (int64_t kh = 0; kh < K; ++kh)
-        logits_h_across(kc + s * stride + kh * H, stride, 1, H, qrows + kh * Rp * H, Rg,
-                        p + s * R + kh * Rp, R);
+        logits_h_across(kc + s * stride + kh * H, H, qrows + kh * Rp * H, Rg, p + s * R + kh * Rp);
   }
   // Row max, then weights and row sums, with the rows across a vector.
   const int64_t Rv = R - R % kLanes;
@@ -230,8 +230,8 @@ KIT_CLONES void chunk_task(const Shape& d, const float* q, const float* k, const
   }
   // Weighted values: head by head with the accumulators in registers where a head has
   // 8 rows or more, else position by position, each cache row read whole.
+  std::fill_n(acc, R * H, 0.0f);
   if (Rp % kLanes != 0) {
-    std::fill_n(acc, R * H, 0.0f);
     for (int64_t s = 0; s < L; ++s) {
       for (int64_t kh = 0; kh < K; ++kh) {
         const float* vv = vc + s * stride + kh * H;
@@ -246,7 +246,6 @@ KIT_CLONES void chunk_task(const Shape& d, const float* q, const float* k, const
   }
   // Positions in blocks of kValueBlock, so that a block's value rows and weights stay in
   // the L1 cache across the head's passes (row blocks x h blocks).
-  std::fill_n(acc, R * H, 0.0f);
   for (int64_t b0 = 0; b0 < L; b0 += kValueBlock) {
     const int64_t Lb = std::min(kValueBlock, L - b0);
     for (int64_t kh = 0; kh < K; ++kh) {
@@ -341,9 +340,10 @@ ffi::Error Decode(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi
   d.K = kd[rank - 2];
   d.scale = scale;
   if (kd[rank - 1] != d.H || vd[rank - 3] != d.S || vd[rank - 2] != d.K ||
-      vd[rank - 1] != d.H || d.H % kLanes != 0 || d.K <= 0 || d.N % d.K != 0) {
+      vd[rank - 1] != d.H || d.H <= 0 || d.H % kLanes != 0 || d.K <= 0 || d.N % d.K != 0) {
     return ffi::Error::InvalidArgument("kit decode: q, k, v shapes do not match");
   }
+  if (d.T == 0 || d.N == 0) return ffi::Error::Success();  // no query rows: empty outputs
   const size_t lead = rank - 3;
   std::vector<int64_t> full(lead);
   for (size_t i = 0; i < lead; ++i) full[i] = std::max({qd[i], kd[i], vd[i], ld[i]});
@@ -364,8 +364,7 @@ ffi::Error Decode(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi
     w->v.push_back(v.typed_data() + vo[e] * d.S * d.K * d.H);
     w->live.push_back(std::clamp<int64_t>(lengths.typed_data()[lo[e]], 0, d.S));
   }
-  const int64_t Rg = d.T * (d.N / d.K);
-  w->R = d.K * (Rg >= kLanes ? (Rg + kLanes - 1) / kLanes * kLanes : Rg);
+  w->R = d.K * padded_rows(d.T * (d.N / d.K));
   const int64_t per_key = int64_t{sizeof(float)};
   w->chunk = std::max<int64_t>(
       16, std::min(kChunkBytes / (d.K * d.H * per_key), kWeightBytes / (w->R * per_key)));

@@ -25,7 +25,7 @@ setup(
     ext_modules=[
         Extension(
             "kit.attention._decode_cpu",
-            sources=["kit/attention/cpu/decode.cc"],
+            sources=["kit/attention/cpu/decode.cc", "kit/attention/cpu/flash.cc"],
             include_dirs=[jaxlib_include()],
             language="c++",
             # -ffp-contract=fast: a * b + c as one FMA where the CPU has it. The AVX2

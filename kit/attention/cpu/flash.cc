@@ -1,0 +1,567 @@
+// Flash attention on a CPU, forward and backward, as XLA FFI custom calls
+// (kit.attention.cpu_kernels loads and registers them; kit.attention.passes calls them).
+//
+// Inputs (float32, row-major): q [E, T, N, H], k and v [E, S, K, H], q_len and kv_len int32
+// [E] (query t of example e is live for t < q_len[e], key s for s < kv_len[e]); causal:
+// query t sees keys s <= t. Query head n reads key/value head n / (N / K). The forward
+// gives out [E, T, N, H] and lse [E, K, T G] (row t G + g of key/value head kh is query
+// head kh G + g at position t: the chunked kernel's layout), the log-sum-exp of each row's
+// scaled logits; a row with no live key gets out = 0 and lse = mask_value. The backward
+// takes lse, delta (the rows' sum_h dO O, same layout) and d_out, and gives dq, dk, dv.
+//
+// Both passes are blocked as FlashAttention-2 is (Dao, 2023), laid out for a CPU's
+// vectors: all products run through one register-tiled micro-kernel (6 rows x 16 columns
+// of accumulators, a broadcast operand and a vector operand), whose operands are read in
+// place from the inputs wherever a row of them is contiguous, so that only one small
+// transpose is packed per task.
+//
+// Forward: a task is (example, query head, block of kBlockQ queries). It packs its
+// queries transposed, Q^T [H, kBlockQ], once, and for each block of kBlockK keys
+// computes the logits transposed, S^T = K Q^T [keys, queries] (K read in place), so that
+// the softmax statistics of a query run down a column with the queries across a vector
+// (no horizontal sums), and then O = alpha O + P V, with P^T as the broadcast operand and
+// V read in place.
+//
+// Backward: a task is (example, key/value head, range of key blocks), for all G query
+// heads of that key/value head. Per key block it packs K^T and V^T [H, kBlockKb] once,
+// then for each block of queries: S = Q K^T and dP = dO V^T (Q, dO read in place), P =
+// exp(scale S - lse), dS = scale P (dP - delta), then dV += P^T dO, dK += dS^T Q and
+// dQ += dS K. dK and dV stay in the task's scratch until the key block is done; dQ is
+// added straight into the task's own rows of dq (only its G query heads), or, where an
+// example's key/value head is split over several tasks to keep the threads busy, into a
+// buffer per extra task that is summed in at the end.
+//
+// Tasks run on XLA's intra-op thread pool, the calling thread taking tasks too.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int kLanes = 8;   // floats per vector
+constexpr int kRows = 6;    // rows of the micro-kernel's tile
+constexpr int kCols = 16;   // its columns: two vectors
+// Queries per forward task (a multiple of kCols: they run across the vectors of S^T) and
+// keys per step of it.
+constexpr int64_t kBlockQ = 64;
+constexpr int64_t kBlockK = 128;
+// The backward's queries per step and keys per block (a multiple of kCols).
+constexpr int64_t kBlockQb = 64;
+constexpr int64_t kBlockKb = 64;
+
+typedef float f8 __attribute__((vector_size(32)));
+typedef float f8u __attribute__((vector_size(32), aligned(4)));  // unaligned loads
+typedef int32_t i8 __attribute__((vector_size(32)));
+
+// As in decode.cc: the task functions are compiled for AVX2 with FMA and for the base
+// ISA, and every helper is inlined into each copy.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define KIT_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define KIT_CLONES
+#endif
+#define KIT_INLINE inline __attribute__((always_inline))
+
+// exp(x) for x <= 0 (also right for small x > 0), as in decode.cc: within 1.2 ulp of exp;
+// 0 below -87.3, and for -inf.
+KIT_INLINE f8 exp_vec(f8 x) {
+  const f8 lo = x < -87.3f ? f8{} + 0.0f : f8{} + 1.0f;
+  x = x < -87.3f ? f8{} - 87.3f : x;
+  const f8 shifter = f8{} + 12582912.0f;  // 1.5 * 2^23: rounds to an integer
+  f8 n = (x * 1.44269504088896341f + shifter) - shifter;
+  f8 r = x - n * 0.693145751953125f;
+  r = r - n * 1.428606765330187045e-06f;
+  f8 p = f8{} + 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  i8 bits = (__builtin_convertvector(n, i8) + 127) << 23;
+  f8 two_n;
+  std::memcpy(&two_n, &bits, sizeof two_n);
+  return p * two_n * lo;
+}
+
+KIT_INLINE f8 load(const float* p) { return *(const f8u*)p; }
+KIT_INLINE void store(float* p, f8 x) { *(f8u*)p = x; }
+KIT_INLINE f8 vmax(f8 a, f8 b) { return a > b ? a : b; }
+
+// The micro-kernel: C[r, 0:16] (row stride ldc) = [C[r, :] * scale[r]] + sum_p A(r, p)
+// B[p, 0:16], for r < M, with A(r, p) = a[r a_rs + p a_cs] (broadcast) and B[p, :] = b[p
+// b_rs : p b_rs + 16]. kLoad: add to C (scaled by row_scale where given), else overwrite.
+template <int M, bool kLoad>
+KIT_INLINE void tile(int64_t depth, const float* a, int64_t a_rs, int64_t a_cs, const float* b,
+                     int64_t b_rs, float* c, int64_t ldc, const float* row_scale) {
+  f8 c0[M], c1[M];
+  for (int r = 0; r < M; ++r) {
+    if (kLoad) {
+      c0[r] = load(c + r * ldc);
+      c1[r] = load(c + r * ldc + kLanes);
+      if (row_scale != nullptr) {
+        c0[r] *= row_scale[r];
+        c1[r] *= row_scale[r];
+      }
+    } else {
+      c0[r] = f8{};
+      c1[r] = f8{};
+    }
+  }
+  for (int64_t p = 0; p < depth; ++p) {
+    const f8 b0 = load(b), b1 = load(b + kLanes);
+    for (int r = 0; r < M; ++r) {
+      const float x = a[r * a_rs];  // scalar * vector: one broadcast
+      c0[r] += x * b0;
+      c1[r] += x * b1;
+    }
+    a += a_cs;
+    b += b_rs;
+  }
+  for (int r = 0; r < M; ++r) {
+    store(c + r * ldc, c0[r]);
+    store(c + r * ldc + kLanes, c1[r]);
+  }
+}
+
+// C[rows, cols] as `tile` computes it, over tiles of 6 rows (the last one shorter) and
+// 16 columns; cols is a multiple of 16.
+template <bool kLoad>
+KIT_INLINE void product(int64_t rows, int64_t cols, int64_t depth, const float* a, int64_t a_rs,
+                        int64_t a_cs, const float* b, int64_t b_rs, float* c, int64_t ldc,
+                        const float* row_scale = nullptr) {
+  for (int64_t c0 = 0; c0 < cols; c0 += kCols) {
+    int64_t r0 = 0;
+    for (; r0 + kRows <= rows; r0 += kRows) {
+      tile<kRows, kLoad>(depth, a + r0 * a_rs, a_rs, a_cs, b + c0, b_rs, c + r0 * ldc + c0, ldc,
+                         row_scale == nullptr ? nullptr : row_scale + r0);
+    }
+    const float* ar = a + r0 * a_rs;
+    float* cr = c + r0 * ldc + c0;
+    const float* sr = row_scale == nullptr ? nullptr : row_scale + r0;
+    switch (rows - r0) {
+      case 1: tile<1, kLoad>(depth, ar, a_rs, a_cs, b + c0, b_rs, cr, ldc, sr); break;
+      case 2: tile<2, kLoad>(depth, ar, a_rs, a_cs, b + c0, b_rs, cr, ldc, sr); break;
+      case 3: tile<3, kLoad>(depth, ar, a_rs, a_cs, b + c0, b_rs, cr, ldc, sr); break;
+      case 4: tile<4, kLoad>(depth, ar, a_rs, a_cs, b + c0, b_rs, cr, ldc, sr); break;
+      case 5: tile<5, kLoad>(depth, ar, a_rs, a_cs, b + c0, b_rs, cr, ldc, sr); break;
+      default: break;
+    }
+  }
+}
+
+struct Shape {
+  int64_t E, T, S, N, K, H, G;
+  float scale, mask_value;
+  bool causal;
+};
+
+// The online softmax of one key block, column by column of S^T [L, kBlockQ] (a column is
+// a query): the new column max m, the rescale alpha of the old sums and the sums l, and
+// the weights P^T = exp(S^T - m) in place of the logits.
+KIT_INLINE void column_softmax(float* sT, int64_t L, float* m, float* l, float* alpha) {
+  const float inf = std::numeric_limits<float>::infinity();
+  // Column statistics: the new max, the rescale of the old sums, the weights P^T. Row by
+  // row with every vector of queries at once, so that the exponentials (a chain of
+  // dependent operations each) of several vectors are in flight together.
+  constexpr int kVecs = kBlockQ / kLanes;
+  f8 base[kVecs];
+  {
+    f8 mx[kVecs];
+    for (int c = 0; c < kVecs; ++c) mx[c] = load(m + c * kLanes);
+    for (int64_t j = 0; j < L; ++j)
+      for (int c = 0; c < kVecs; ++c) mx[c] = vmax(mx[c], load(sT + j * kBlockQ + c * kLanes));
+    for (int c = 0; c < kVecs; ++c) {
+      base[c] = mx[c] == -inf ? f8{} : mx[c];  // a column with no live key yet
+      const f8 a = exp_vec(load(m + c * kLanes) - base[c]);
+      store(alpha + c * kLanes, a);
+      store(l + c * kLanes, load(l + c * kLanes) * a);
+      store(m + c * kLanes, mx[c]);
+    }
+  }
+  constexpr int kHalf = kVecs / 2 > 0 ? kVecs / 2 : 1;
+  for (int c0 = 0; c0 < kVecs; c0 += kHalf) {
+    f8 sum[kHalf];
+    for (int c = 0; c < kHalf; ++c) sum[c] = f8{};
+    for (int64_t j = 0; j < L; ++j) {
+      float* row = sT + j * kBlockQ + c0 * kLanes;
+      for (int c = 0; c < kHalf; ++c) {
+        const f8 e = exp_vec(load(row + c * kLanes) - base[c0 + c]);
+        store(row + c * kLanes, e);
+        sum[c] += e;
+      }
+    }
+    for (int c = 0; c < kHalf; ++c) store(l + (c0 + c) * kLanes, load(l + (c0 + c) * kLanes) + sum[c]);
+  }
+}
+
+// Per-thread scratch of the forward.
+struct ForwardScratch {
+  std::vector<float> qT, sT, o, m, l, alpha, kc, vc;
+  explicit ForwardScratch(int64_t H)
+      : qT(H * kBlockQ), sT(kBlockK * kBlockQ), o(kBlockQ * H), m(kBlockQ), l(kBlockQ),
+        alpha(kBlockQ), kc(kBlockK * H), vc(kBlockK * H) {}
+};
+
+// One forward task: example pointers q, k, v, out (at the example's start), lse at the
+// example's [K, T G]; query head n, queries [i0, i0 + kBlockQ) cut to T.
+KIT_CLONES void forward_task(const Shape& d, const float* q, const float* k, const float* v,
+                             int64_t q_live, int64_t kv_live, int64_t n, int64_t i0, float* out,
+                             float* lse, ForwardScratch& s) {
+  const int64_t H = d.H, N = d.N, K = d.K, G = d.G, kh = n / G, g = n % G;
+  const int64_t rows = std::min(kBlockQ, d.T - i0);        // rows this task writes
+  const int64_t live = std::clamp<int64_t>(q_live - i0, 0, rows);  // rows with live queries
+  int64_t kv_end = kv_live;
+  if (d.causal) kv_end = std::min(kv_end, i0 + live);
+  if (live == 0) kv_end = 0;
+  const float inf = std::numeric_limits<float>::infinity();
+  // Q^T [H, kBlockQ], scaled; columns past the live rows zero.
+  float* qT = s.qT.data();
+  std::fill_n(qT, H * kBlockQ, 0.0f);
+  for (int64_t i = 0; i < live; ++i) {
+    const float* src = q + ((i0 + i) * N + n) * H;
+    for (int64_t h = 0; h < H; ++h) qT[h * kBlockQ + i] = src[h] * d.scale;
+  }
+  float *sT = s.sT.data(), *o = s.o.data(), *m = s.m.data(), *l = s.l.data();
+  float* alpha = s.alpha.data();
+  std::fill_n(m, kBlockQ, -inf);
+  std::fill_n(l, kBlockQ, 0.0f);
+  std::fill_n(o, kBlockQ * H, 0.0f);
+  const int64_t kv_stride = K * H;
+  i8 lane;
+  for (int i = 0; i < kLanes; ++i) lane[i] = i;
+  for (int64_t j0 = 0; j0 < kv_end; j0 += kBlockK) {
+    const int64_t L = std::min(kBlockK, kv_end - j0);
+    // The block's keys and values, contiguous: rows 2 KiB apart in the inputs would fall
+    // into a few sets of the L1 cache and push each other out.
+    float *kb = s.kc.data(), *vb = s.vc.data();
+    for (int64_t j = 0; j < L; ++j) {
+      std::copy_n(k + (j0 + j) * kv_stride + kh * H, H, kb + j * H);
+      std::copy_n(v + (j0 + j) * kv_stride + kh * H, H, vb + j * H);
+    }
+    // S^T [L, kBlockQ] = K Q^T
+    product<false>(L, kBlockQ, H, kb, H, 1, qT, kBlockQ, sT, kBlockQ);
+    // The causal mask where the block reaches past its first query: key j0 + j is dead for
+    // query i0 + i < j0 + j.
+    if (d.causal && j0 + L - 1 > i0) {
+      for (int64_t j = 0; j < L; ++j) {
+        const int64_t first_live = j0 + j - i0;  // lanes i >= first_live see key j
+        if (first_live <= 0) continue;
+        float* row = sT + j * kBlockQ;
+        for (int64_t i = 0; i < kBlockQ; i += kLanes) {
+          const i8 idx = lane + static_cast<int32_t>(i);
+          const f8 x = load(row + i);
+          store(row + i, idx < static_cast<int32_t>(first_live) ? f8{} - inf : x);
+        }
+      }
+    }
+    column_softmax(sT, L, m, l, alpha);
+    // O = alpha O + P V, rows of O the live queries
+    product<true>(live, H, L, sT, 1, kBlockQ, vb, H, o, H, alpha);
+  }
+  for (int64_t i = 0; i < rows; ++i) {
+    const int64_t t = i0 + i;
+    float* dst = out + (t * N + n) * H;
+    float* z = lse + kh * d.T * G + t * G + g;
+    if (i >= live || l[i] == 0.0f) {
+      std::fill_n(dst, H, 0.0f);
+      *z = d.mask_value;
+      continue;
+    }
+    const float inv = 1.0f / l[i];
+    for (int64_t h = 0; h < H; ++h) dst[h] = o[i * H + h] * inv;
+    *z = m[i] + std::log(l[i]);
+  }
+}
+
+// Per-thread scratch of the backward.
+struct BackwardScratch {
+  std::vector<float> kT, vT, kc, qc, dc, p, ds, dk, dv;
+  explicit BackwardScratch(int64_t H)
+      : kT(H * kBlockKb), vT(H * kBlockKb), kc(kBlockKb * H), qc(kBlockQb * H),
+        dc(kBlockQb * H), p(kBlockQb * kBlockKb), ds(kBlockQb * kBlockKb), dk(kBlockKb * H),
+        dv(kBlockKb * H) {}
+};
+
+// One backward task: key blocks [jb0, jb1) of key/value head kh of one example, for its G
+// query heads. dq is where this task adds its dq ([T, N, H], the example's or a buffer's).
+KIT_CLONES void backward_task(const Shape& d, const float* q, const float* k, const float* v,
+                              const float* lse, const float* delta, const float* dout,
+                              int64_t q_live, int64_t kv_live, int64_t kh, int64_t jb0,
+                              int64_t jb1, float* dq, float* dk, float* dv, BackwardScratch& s) {
+  const int64_t H = d.H, N = d.N, K = d.K, G = d.G, T = d.T;
+  const int64_t kv_stride = K * H, q_stride = N * H;
+  const float inf = std::numeric_limits<float>::infinity();
+  float *kT = s.kT.data(), *vT = s.vT.data(), *p = s.p.data(), *ds = s.ds.data();
+  float *dkb = s.dk.data(), *dvb = s.dv.data();
+  i8 lane;
+  for (int i = 0; i < kLanes; ++i) lane[i] = i;
+  for (int64_t jb = jb0; jb < jb1; ++jb) {
+    const int64_t j0 = jb * kBlockKb;
+    const int64_t keys = std::min(kBlockKb, d.S - j0);            // rows this block writes
+    const int64_t L = std::clamp<int64_t>(kv_live - j0, 0, keys);  // live keys
+    std::fill_n(dkb, kBlockKb * H, 0.0f);
+    std::fill_n(dvb, kBlockKb * H, 0.0f);
+    if (L > 0) {
+      std::fill_n(kT, H * kBlockKb, 0.0f);
+      std::fill_n(vT, H * kBlockKb, 0.0f);
+      for (int64_t j = 0; j < L; ++j) {
+        const float* ks = k + (j0 + j) * kv_stride + kh * H;
+        const float* vs = v + (j0 + j) * kv_stride + kh * H;
+        std::copy_n(ks, H, s.kc.data() + j * H);
+        for (int64_t h = 0; h < H; ++h) {
+          kT[h * kBlockKb + j] = ks[h];
+          vT[h * kBlockKb + j] = vs[h];
+        }
+      }
+      const float* kb = s.kc.data();
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t n = kh * G + g;
+        const int64_t first = d.causal ? j0 : 0;
+        for (int64_t i0 = first; i0 < q_live; i0 += kBlockQb) {
+          const int64_t Lq = std::min(kBlockQb, q_live - i0);
+          // The block's queries and output cotangents, contiguous (see forward_task)
+          float *qb = s.qc.data(), *db = s.dc.data();
+          for (int64_t i = 0; i < Lq; ++i) {
+            std::copy_n(q + ((i0 + i) * N + n) * H, H, qb + i * H);
+            std::copy_n(dout + ((i0 + i) * N + n) * H, H, db + i * H);
+          }
+          // S = Q K^T and dP = dO V^T, [Lq, kBlockKb]
+          product<false>(Lq, kBlockKb, H, qb, H, 1, kT, kBlockKb, p, kBlockKb);
+          product<false>(Lq, kBlockKb, H, db, H, 1, vT, kBlockKb, ds, kBlockKb);
+          // P = exp(scale S - lse), dS = scale P (dP - delta); dead pairs 0
+          const bool diagonal = d.causal && j0 + L - 1 > i0;
+          for (int64_t i = 0; i < Lq; ++i) {
+            const int64_t t = i0 + i;
+            const int64_t row = kh * T * G + t * G + g;
+            const float z = lse[row], dl = delta[row];
+            float* pr = p + i * kBlockKb;
+            float* dr = ds + i * kBlockKb;
+            if (z == d.mask_value) {  // a row with no live key
+              std::fill_n(pr, kBlockKb, 0.0f);
+              std::fill_n(dr, kBlockKb, 0.0f);
+              continue;
+            }
+            // keys j < live_keys are live for this row
+            int64_t live_keys = L;
+            if (diagonal) live_keys = std::min<int64_t>(L, t - j0 + 1);
+            for (int64_t j = 0; j < kBlockKb; j += kLanes) {
+              const i8 idx = lane + static_cast<int32_t>(j);
+              const f8 x = load(pr + j) * d.scale - z;
+              f8 e = exp_vec(x);
+              e = idx < static_cast<int32_t>(live_keys) ? e : f8{};
+              store(pr + j, e);
+              store(dr + j, e * (load(dr + j) - dl) * d.scale);
+            }
+          }
+          (void)inf;
+          // dV += P^T dO, dK += dS^T Q: rows the live keys, depth the queries
+          product<true>(L, H, Lq, p, 1, kBlockKb, db, H, dvb, H);
+          product<true>(L, H, Lq, ds, 1, kBlockKb, qb, H, dkb, H);
+          // dQ += dS K
+          product<true>(Lq, H, L, ds, kBlockKb, 1, kb, H, dq + (i0 * N + n) * H, q_stride);
+        }
+      }
+    }
+    for (int64_t j = 0; j < keys; ++j) {
+      float* dks = dk + (j0 + j) * kv_stride + kh * H;
+      float* dvs = dv + (j0 + j) * kv_stride + kh * H;
+      std::copy_n(dkb + j * H, H, dks);
+      std::copy_n(dvb + j * H, H, dvs);
+    }
+  }
+}
+
+// Runs tasks [0, count) on the pool's threads and the calling thread, and returns when
+// all are done. `task(index, thread_scratch)`.
+template <typename Scratch, typename Fn>
+void run_parallel(ffi::ThreadPool& pool, int64_t count, int64_t H, Fn fn) {
+  struct State {
+    std::atomic<int64_t> next{0}, done{0};
+  };
+  auto st = std::make_shared<State>();
+  auto body = [st, count, H, fn] {
+    Scratch scratch(H);
+    for (int64_t t; (t = st->next.fetch_add(1)) < count;) {
+      fn(t, scratch);
+      st->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), count - 1);
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([body] { body(); });
+  body();
+  while (st->done.load(std::memory_order_acquire) < count) std::this_thread::yield();
+}
+
+// Checks the shapes and fills `d`; an empty string when they are right.
+const char* read_shape(ffi::Span<const int64_t> qd, ffi::Span<const int64_t> kd,
+                       ffi::Span<const int64_t> vd, ffi::Span<const int64_t> qld,
+                       ffi::Span<const int64_t> kld, Shape& d) {
+  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || qld.size() != 1 || kld.size() != 1)
+    return "kit flash: q, k, v need rank 4 ([E, T, N, H]), the lengths rank 1";
+  d.E = qd[0];
+  d.T = qd[1];
+  d.N = qd[2];
+  d.H = qd[3];
+  d.S = kd[1];
+  d.K = kd[2];
+  if (kd[0] != d.E || vd[0] != d.E || qld[0] != d.E || kld[0] != d.E || kd[3] != d.H ||
+      vd[1] != d.S || vd[2] != d.K || vd[3] != d.H)
+    return "kit flash: q, k, v and the lengths do not match";
+  if (d.H <= 0 || d.H % kCols != 0) return "kit flash: the head dim must be a multiple of 16";
+  if (d.K <= 0 || d.N % d.K != 0) return "kit flash: N must be a multiple of K (K > 0)";
+  d.G = d.N / d.K;
+  return "";
+}
+
+ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                   ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> q_len,
+                   ffi::Buffer<ffi::S32> kv_len, float scale, bool causal, float mask_value,
+                   ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse) {
+  Shape d;
+  const char* err = read_shape(q.dimensions(), k.dimensions(), v.dimensions(),
+                               q_len.dimensions(), kv_len.dimensions(), d);
+  if (*err) return ffi::Error::InvalidArgument(err);
+  d.scale = scale;
+  d.causal = causal;
+  d.mask_value = mask_value;
+  if (d.E == 0 || d.T == 0 || d.N == 0) return ffi::Error::Success();
+  const int64_t blocks = (d.T + kBlockQ - 1) / kBlockQ;
+  const int64_t count = d.E * d.N * blocks;
+  const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
+  const int32_t *ql = q_len.typed_data(), *kl = kv_len.typed_data();
+  float *op = out->typed_data(), *zp = lse->typed_data();
+  run_parallel<ForwardScratch>(pool, count, d.H, [&](int64_t t, ForwardScratch& s) {
+    // The last query blocks first: under a causal mask they have the most keys.
+    const int64_t block = blocks - 1 - t % blocks, rest = t / blocks;
+    const int64_t n = rest % d.N, e = rest / d.N;
+    const int64_t q_live = std::clamp<int64_t>(ql[e], 0, d.T);
+    const int64_t kv_live = std::clamp<int64_t>(kl[e], 0, d.S);
+    forward_task(d, qp + e * d.T * d.N * d.H, kp + e * d.S * d.K * d.H,
+                 vp + e * d.S * d.K * d.H, q_live, kv_live, n, block * kBlockQ,
+                 op + e * d.T * d.N * d.H, zp + e * d.K * d.T * d.G, s);
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                    ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> q_len,
+                    ffi::Buffer<ffi::S32> kv_len, ffi::Buffer<ffi::F32> lse,
+                    ffi::Buffer<ffi::F32> delta, ffi::Buffer<ffi::F32> d_out, float scale,
+                    bool causal, float mask_value, ffi::ResultBuffer<ffi::F32> dq,
+                    ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv) {
+  Shape d;
+  const char* err = read_shape(q.dimensions(), k.dimensions(), v.dimensions(),
+                               q_len.dimensions(), kv_len.dimensions(), d);
+  if (*err) return ffi::Error::InvalidArgument(err);
+  d.scale = scale;
+  d.causal = causal;
+  d.mask_value = mask_value;
+  const int64_t rows = d.E * d.K * d.T * d.G;
+  if (static_cast<int64_t>(lse.element_count()) != rows ||
+      static_cast<int64_t>(delta.element_count()) != rows ||
+      d_out.element_count() != q.element_count()) {
+    return ffi::Error::InvalidArgument("kit flash: lse, delta or d_out do not match q");
+  }
+  if (d.E == 0 || d.K == 0) return ffi::Error::Success();
+  const int64_t q_size = d.T * d.N * d.H, kv_size = d.S * d.K * d.H;
+  const int64_t kblocks = (d.S + kBlockKb - 1) / kBlockKb;
+  float *dqp = dq->typed_data(), *dkp = dk->typed_data(), *dvp = dv->typed_data();
+  if (kblocks == 0) {
+    std::fill_n(dqp, d.E * q_size, 0.0f);
+    return ffi::Error::Success();
+  }
+  // Each (example, key/value head) in `parts` tasks of consecutive key blocks, enough of
+  // them to keep the threads busy: part 0 adds into dq, part p > 0 into a buffer of its own.
+  const int64_t heads = d.E * d.K;
+  const int64_t threads = pool.num_threads() + 1;
+  const int64_t parts = std::min(kblocks, std::max<int64_t>(1, (2 * threads + heads - 1) / heads));
+  std::vector<float> extra;
+  if (parts > 1) extra.assign((parts - 1) * d.E * q_size, 0.0f);
+  // Split the key blocks so that each part has about the same work: under a causal mask a
+  // key block's work is the number of queries at or after it.
+  std::vector<int64_t> bounds(parts + 1, kblocks);
+  bounds[0] = 0;
+  {
+    std::vector<double> work(kblocks);
+    double total = 0.0;
+    for (int64_t jb = 0; jb < kblocks; ++jb) {
+      work[jb] = d.causal ? static_cast<double>(std::max<int64_t>(d.T - jb * kBlockKb, 1)) : 1.0;
+      total += work[jb];
+    }
+    double acc = 0.0;
+    int64_t part = 1;
+    for (int64_t jb = 0; jb < kblocks && part < parts; ++jb) {
+      acc += work[jb];
+      if (acc >= total * part / parts) bounds[part++] = jb + 1;
+    }
+  }
+  const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
+  const float *zp = lse.typed_data(), *dlp = delta.typed_data(), *dop = d_out.typed_data();
+  const int32_t *ql = q_len.typed_data(), *kl = kv_len.typed_data();
+  const int64_t G = d.G, H = d.H, N = d.N;
+  run_parallel<BackwardScratch>(pool, heads * parts, d.H, [&](int64_t t, BackwardScratch& s) {
+    const int64_t part = t % parts, kh = (t / parts) % d.K, e = t / parts / d.K;
+    float* dq_e = part == 0 ? dqp + e * q_size : extra.data() + ((part - 1) * d.E + e) * q_size;
+    if (part == 0) {  // this task's rows of dq start at zero (the buffers already are)
+      for (int64_t r = 0; r < d.T; ++r) std::fill_n(dq_e + (r * N + kh * G) * H, G * H, 0.0f);
+    }
+    const int64_t q_live = std::clamp<int64_t>(ql[e], 0, d.T);
+    const int64_t kv_live = std::clamp<int64_t>(kl[e], 0, d.S);
+    backward_task(d, qp + e * q_size, kp + e * kv_size, vp + e * kv_size,
+                  zp + e * d.K * d.T * G, dlp + e * d.K * d.T * G, dop + e * q_size, q_live,
+                  kv_live, kh, bounds[part], bounds[part + 1], dq_e, dkp + e * kv_size,
+                  dvp + e * kv_size, s);
+  });
+  for (int64_t part = 1; part < parts; ++part) {
+    const float* src = extra.data() + (part - 1) * d.E * q_size;
+    for (int64_t i = 0; i < d.E * q_size; ++i) dqp[i] += src[i];
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KitFlashForwardF32, Forward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Attr<float>("scale")
+                                  .Attr<bool>("causal")
+                                  .Attr<float>("mask_value")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KitFlashBackwardF32, Backward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale")
+                                  .Attr<bool>("causal")
+                                  .Attr<float>("mask_value")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

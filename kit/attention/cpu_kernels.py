@@ -28,6 +28,7 @@ under `shard_map` each device runs the kernel on its own shard.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import functools
@@ -37,25 +38,35 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kit.attention.blocks import varying_like
 from kit.attention.inputs import Inputs
 
 Array = jax.Array
 
 TARGET = "kit_decode_f32"
+FLASH_FORWARD = "kit_flash_forward_f32"
+FLASH_BACKWARD = "kit_flash_backward_f32"
+_HANDLERS = {
+    TARGET: "KitDecodeF32",
+    FLASH_FORWARD: "KitFlashForwardF32",
+    FLASH_BACKWARD: "KitFlashBackwardF32",
+}
 
 
 @functools.cache
 def available() -> bool:
-    """Whether the compiled decode kernel was built, loaded and registered with XLA."""
+    """Whether the compiled kernels (decode, flash forward and backward) were built, loaded
+    and registered with XLA."""
     spec = importlib.util.find_spec("kit.attention._decode_cpu")
     if spec is None or spec.origin is None:
         return False
     try:
         library = ctypes.cdll.LoadLibrary(spec.origin)
-        handler = library.KitDecodeF32
+        handlers = {target: getattr(library, name) for target, name in _HANDLERS.items()}
     except (OSError, AttributeError):
         return False
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handler), platform="cpu")
+    for target, handler in handlers.items():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform="cpu")
     return True
 
 
@@ -135,3 +146,86 @@ def decode_attention(
     scale_array = jnp.asarray(1.0 if static else x.scale, jnp.float32)
     out, lse = attend(q, k, v, lengths, scale_array)
     return out, (lse if return_residual else None)
+
+
+# The flash kernel (kit/attention/cpu/flash.cc): the chunked path's forward and backward
+# passes (`kit.attention.passes`) on a CPU, where `flash_fits`.
+
+_flash_enabled = True
+
+
+@contextlib.contextmanager
+def flash_disabled():
+    """Within it, the chunked path traces its jax.numpy kernel even where the compiled one
+    fits (for comparisons: benchmarks, tests). The choice is made when a program is traced,
+    so JAX's caches of traced programs are cleared on entry and on exit: a function jitted
+    inside traces anew, and traces anew again after."""
+    global _flash_enabled
+    before, _flash_enabled = _flash_enabled, False
+    jax.clear_caches()
+    try:
+        yield
+    finally:
+        _flash_enabled = before
+        jax.clear_caches()
+
+
+def flash_fits(cfg, q: Array, k: Array, v: Array, bias, mask, prog) -> bool:
+    """Whether the compiled flash kernel serves a chunked pass: on a CPU, float32 q, k, v,
+    a head dim that is a multiple of 16, and no bias, mask, window or programmed score or
+    mask (causal and the sequence lengths are the kernel's own)."""
+    return (
+        _flash_enabled
+        and bias is None
+        and mask is None
+        and prog is None
+        and cfg.program is None
+        and cfg.window is None
+        and q.dtype == k.dtype == v.dtype == jnp.float32
+        and q.shape[-1] % 16 == 0
+        and jax.default_backend() == "cpu"
+        and available()
+    )
+
+
+def _flash_attrs(cfg) -> dict:
+    # The chunked kernel's value for a row with no live key (lse), kept in one place.
+    from kit.attention.masks import MASK_VALUE
+
+    return {
+        "scale": np.float32(cfg.scale),
+        "causal": bool(cfg.is_causal),
+        "mask_value": np.float32(MASK_VALUE),
+    }
+
+
+def flash_forward(cfg, q: Array, k: Array, v: Array, q_len: Array, kv_len: Array):
+    """The chunked forward pass (`passes.forward_all`'s results): out `[B, T, N, H]` and
+    lse `[B, K, T G]`, from q `[B, T, N, H]`, k and v `[B, S, K, H]` and the live lengths."""
+    B, T, N, _ = q.shape
+    K = k.shape[2]
+    call = jax.ffi.ffi_call(
+        FLASH_FORWARD,
+        (
+            jax.ShapeDtypeStruct(q.shape, jnp.float32),
+            jax.ShapeDtypeStruct((B, K, T * (N // K)), jnp.float32),
+        ),
+        vmap_method="broadcast_all",
+    )
+    q_len, kv_len = q_len.astype(jnp.int32), kv_len.astype(jnp.int32)
+    out = call(q, k, v, q_len, kv_len, **_flash_attrs(cfg))
+    # Inside a shard_map the call's results vary over the mesh axes its inputs vary over.
+    return varying_like(out, q, k, v, q_len, kv_len)
+
+
+def flash_backward(cfg, q, k, v, q_len, kv_len, lse, delta, d_out):
+    """The chunked backward pass: dq, dk, dv from the forward's lse and the rows' delta
+    (`passes.row_delta`), both `[B, K, T G]`."""
+    call = jax.ffi.ffi_call(
+        FLASH_BACKWARD,
+        tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v)),
+        vmap_method="broadcast_all",
+    )
+    args = (q, k, v, q_len.astype(jnp.int32), kv_len.astype(jnp.int32))
+    args += tuple(x.astype(jnp.float32) for x in (lse, delta, d_out))
+    return varying_like(call(*args, **_flash_attrs(cfg)), *args)

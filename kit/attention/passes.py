@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from kit.attention import cpu_kernels
 from kit.attention.flash_backward import example_backward
 from kit.attention.flash_forward import example_forward
 from kit.attention.flash_tangent import example_tangent
@@ -63,7 +64,10 @@ def _dynamic(prog, states, example, heads) -> Dynamic | None:
 def forward_all(cfg, q, k, v, bias, mask, q_len, kv_len, prog=None):
     """The kernel's forward over all (local) examples: out `[B, Tp, N, H]` and
     lse `[B, K, Tp * G]` (float32; MASK_VALUE for rows with no live key).
-    `prog`: a programmed call's arrays (`chunked.program_arrays`) or None."""
+    `prog`: a programmed call's arrays (`chunked.program_arrays`) or None. On a CPU,
+    where it fits, the compiled kernel (`cpu_kernels.flash_forward`) runs instead."""
+    if cpu_kernels.flash_fits(cfg, q, k, v, bias, mask, prog):
+        return cpu_kernels.flash_forward(cfg, q, k, v, q_len, kv_len)
     _, states, examples, heads = _program_arrays(prog, q)
 
     def example(b, bias, mask, states, index):
@@ -101,6 +105,9 @@ def backward_all(cfg, q, k, v, bias, mask, q_len, kv_len, out, lse, d_out, prog=
       and the cotangents of the score function's floating captures (a tuple).
     """
     delta = row_delta(out, d_out, k.shape[2])
+    if cpu_kernels.flash_fits(cfg, q, k, v, bias, mask, prog):
+        dq, dk, dv = cpu_kernels.flash_backward(cfg, q, k, v, q_len, kv_len, lse, delta, d_out)
+        return dq, dk, dv, None, ()
     return backward_from_delta(
         cfg, q, k, v, bias, mask, q_len, kv_len, delta, lse, d_out, prog=prog
     )

@@ -405,21 +405,29 @@ void run_parallel(ffi::ThreadPool& pool, int64_t count, int64_t H, Fn fn) {
   while (st->done.load(std::memory_order_acquire) < count) std::this_thread::yield();
 }
 
-// Checks the shapes and fills `d`; an empty string when they are right.
+// Checks the shapes and fills `d`; an empty string when they are right. Leading dims
+// before [T, N, H] (the batch, and any that vmap adds with vmap_method="broadcast_all",
+// equal in every input) are flattened into E examples.
 const char* read_shape(ffi::Span<const int64_t> qd, ffi::Span<const int64_t> kd,
                        ffi::Span<const int64_t> vd, ffi::Span<const int64_t> qld,
                        ffi::Span<const int64_t> kld, Shape& d) {
-  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || qld.size() != 1 || kld.size() != 1)
-    return "kit flash: q, k, v need rank 4 ([E, T, N, H]), the lengths rank 1";
-  d.E = qd[0];
-  d.T = qd[1];
-  d.N = qd[2];
-  d.H = qd[3];
-  d.S = kd[1];
-  d.K = kd[2];
-  if (kd[0] != d.E || vd[0] != d.E || qld[0] != d.E || kld[0] != d.E || kd[3] != d.H ||
-      vd[1] != d.S || vd[2] != d.K || vd[3] != d.H)
-    return "kit flash: q, k, v and the lengths do not match";
+  const size_t rank = qd.size();
+  if (rank < 4 || kd.size() != rank || vd.size() != rank || qld.size() + 3 != rank ||
+      kld.size() + 3 != rank)
+    return "kit flash: q, k, v need one rank of 4 or more ([..., T, N, H]), the lengths 3 less";
+  d.E = 1;
+  for (size_t i = 0; i + 3 < rank; ++i) {
+    if (kd[i] != qd[i] || vd[i] != qd[i] || qld[i] != qd[i] || kld[i] != qd[i])
+      return "kit flash: the leading dims of q, k, v and the lengths differ";
+    d.E *= qd[i];
+  }
+  d.T = qd[rank - 3];
+  d.N = qd[rank - 2];
+  d.H = qd[rank - 1];
+  d.S = kd[rank - 3];
+  d.K = kd[rank - 2];
+  if (kd[rank - 1] != d.H || vd[rank - 3] != d.S || vd[rank - 2] != d.K || vd[rank - 1] != d.H)
+    return "kit flash: q, k and v do not match";
   if (d.H <= 0 || d.H % kCols != 0) return "kit flash: the head dim must be a multiple of 16";
   if (d.K <= 0 || d.N % d.K != 0) return "kit flash: N must be a multiple of K (K > 0)";
   d.G = d.N / d.K;

@@ -40,6 +40,7 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -209,18 +210,19 @@ KIT_INLINE void column_softmax(float* sT, int64_t L, float* m, float* l, float* 
 
 // Per-thread scratch of the forward.
 struct ForwardScratch {
-  std::vector<float> qT, sT, o, m, l, alpha, kc, vc;
+  std::vector<float> qT, sT, o, m, l, alpha;
   explicit ForwardScratch(int64_t H)
       : qT(H * kBlockQ), sT(kBlockK * kBlockQ), o(kBlockQ * H), m(kBlockQ), l(kBlockQ),
-        alpha(kBlockQ), kc(kBlockK * H), vc(kBlockK * H) {}
+        alpha(kBlockQ) {}
 };
 
-// One forward task: example pointers q, k, v, out (at the example's start), lse at the
-// example's [K, T G]; query head n, queries [i0, i0 + kBlockQ) cut to T.
+// One forward task: q and out at the example's start ([T, N, H]), k and v at its key/value
+// head's keys [S, H] (head-major copies, `head_major`), lse at the example's [K, T G];
+// query head n, queries [i0, i0 + kBlockQ) cut to T.
 KIT_CLONES void forward_task(const Shape& d, const float* q, const float* k, const float* v,
                              int64_t q_live, int64_t kv_live, int64_t n, int64_t i0, float* out,
                              float* lse, ForwardScratch& s) {
-  const int64_t H = d.H, N = d.N, K = d.K, G = d.G, kh = n / G, g = n % G;
+  const int64_t H = d.H, N = d.N, G = d.G, kh = n / G, g = n % G;
   const int64_t rows = std::min(kBlockQ, d.T - i0);        // rows this task writes
   const int64_t live = std::clamp<int64_t>(q_live - i0, 0, rows);  // rows with live queries
   int64_t kv_end = kv_live;
@@ -239,18 +241,12 @@ KIT_CLONES void forward_task(const Shape& d, const float* q, const float* k, con
   std::fill_n(m, kBlockQ, -inf);
   std::fill_n(l, kBlockQ, 0.0f);
   std::fill_n(o, kBlockQ * H, 0.0f);
-  const int64_t kv_stride = K * H;
   i8 lane;
   for (int i = 0; i < kLanes; ++i) lane[i] = i;
   for (int64_t j0 = 0; j0 < kv_end; j0 += kBlockK) {
     const int64_t L = std::min(kBlockK, kv_end - j0);
-    // The block's keys and values, contiguous: rows 2 KiB apart in the inputs would fall
-    // into a few sets of the L1 cache and push each other out.
-    float *kb = s.kc.data(), *vb = s.vc.data();
-    for (int64_t j = 0; j < L; ++j) {
-      std::copy_n(k + (j0 + j) * kv_stride + kh * H, H, kb + j * H);
-      std::copy_n(v + (j0 + j) * kv_stride + kh * H, H, vb + j * H);
-    }
+    const float* kb = k + j0 * H;
+    const float* vb = v + j0 * H;
     // S^T [L, kBlockQ] = K Q^T
     product<false>(L, kBlockQ, H, kb, H, 1, qT, kBlockQ, sT, kBlockQ);
     // The causal mask where the block reaches past its first query: key j0 + j is dead for
@@ -288,22 +284,23 @@ KIT_CLONES void forward_task(const Shape& d, const float* q, const float* k, con
 
 // Per-thread scratch of the backward.
 struct BackwardScratch {
-  std::vector<float> kT, vT, kc, qc, dc, p, ds, dk, dv;
+  std::vector<float> kT, vT, p, ds, dk, dv;
   explicit BackwardScratch(int64_t H)
-      : kT(H * kBlockKb), vT(H * kBlockKb), kc(kBlockKb * H), qc(kBlockQb * H),
-        dc(kBlockQb * H), p(kBlockQb * kBlockKb), ds(kBlockQb * kBlockKb), dk(kBlockKb * H),
-        dv(kBlockKb * H) {}
+      : kT(H * kBlockKb), vT(H * kBlockKb), p(kBlockQb * kBlockKb), ds(kBlockQb * kBlockKb),
+        dk(kBlockKb * H), dv(kBlockKb * H) {}
 };
 
 // One backward task: key blocks [jb0, jb1) of key/value head kh of one example, for its G
-// query heads. dq is where this task adds its dq ([T, N, H], the example's or a buffer's).
+// query heads. q and dout are the example's head-major copies [N, T, H], k and v its
+// [K, S, H] (`head_major`); lse and delta at the example's [K, T G]; dk and dv at the
+// example's [S, K, H]. dq is where this task adds its dq ([T, N, H], the example's or a
+// buffer's).
 KIT_CLONES void backward_task(const Shape& d, const float* q, const float* k, const float* v,
                               const float* lse, const float* delta, const float* dout,
                               int64_t q_live, int64_t kv_live, int64_t kh, int64_t jb0,
                               int64_t jb1, float* dq, float* dk, float* dv, BackwardScratch& s) {
   const int64_t H = d.H, N = d.N, K = d.K, G = d.G, T = d.T;
   const int64_t kv_stride = K * H, q_stride = N * H;
-  const float inf = std::numeric_limits<float>::infinity();
   float *kT = s.kT.data(), *vT = s.vT.data(), *p = s.p.data(), *ds = s.ds.data();
   float *dkb = s.dk.data(), *dvb = s.dv.data();
   i8 lane;
@@ -318,26 +315,21 @@ KIT_CLONES void backward_task(const Shape& d, const float* q, const float* k, co
       std::fill_n(kT, H * kBlockKb, 0.0f);
       std::fill_n(vT, H * kBlockKb, 0.0f);
       for (int64_t j = 0; j < L; ++j) {
-        const float* ks = k + (j0 + j) * kv_stride + kh * H;
-        const float* vs = v + (j0 + j) * kv_stride + kh * H;
-        std::copy_n(ks, H, s.kc.data() + j * H);
+        const float* ks = k + (kh * d.S + j0 + j) * H;
+        const float* vs = v + (kh * d.S + j0 + j) * H;
         for (int64_t h = 0; h < H; ++h) {
           kT[h * kBlockKb + j] = ks[h];
           vT[h * kBlockKb + j] = vs[h];
         }
       }
-      const float* kb = s.kc.data();
+      const float* kb = k + (kh * d.S + j0) * H;
       for (int64_t g = 0; g < G; ++g) {
         const int64_t n = kh * G + g;
         const int64_t first = d.causal ? j0 : 0;
         for (int64_t i0 = first; i0 < q_live; i0 += kBlockQb) {
           const int64_t Lq = std::min(kBlockQb, q_live - i0);
-          // The block's queries and output cotangents, contiguous (see forward_task)
-          float *qb = s.qc.data(), *db = s.dc.data();
-          for (int64_t i = 0; i < Lq; ++i) {
-            std::copy_n(q + ((i0 + i) * N + n) * H, H, qb + i * H);
-            std::copy_n(dout + ((i0 + i) * N + n) * H, H, db + i * H);
-          }
+          const float* qb = q + (n * T + i0) * H;
+          const float* db = dout + (n * T + i0) * H;
           // S = Q K^T and dP = dO V^T, [Lq, kBlockKb]
           product<false>(Lq, kBlockKb, H, qb, H, 1, kT, kBlockKb, p, kBlockKb);
           product<false>(Lq, kBlockKb, H, db, H, 1, vT, kBlockKb, ds, kBlockKb);
@@ -366,7 +358,6 @@ KIT_CLONES void backward_task(const Shape& d, const float* q, const float* k, co
               store(dr + j, e * (load(dr + j) - dl) * d.scale);
             }
           }
-          (void)inf;
           // dV += P^T dO, dK += dS^T Q: rows the live keys, depth the queries
           product<true>(L, H, Lq, p, 1, kBlockKb, db, H, dvb, H);
           product<true>(L, H, Lq, ds, 1, kBlockKb, qb, H, dkb, H);
@@ -403,6 +394,74 @@ void run_parallel(ffi::ThreadPool& pool, int64_t count, int64_t H, Fn fn) {
   for (int64_t i = 0; i < helpers; ++i) pool.Schedule([body] { body(); });
   body();
   while (st->done.load(std::memory_order_acquire) < count) std::this_thread::yield();
+}
+
+struct NoScratch {
+  explicit NoScratch(int64_t) {}
+};
+
+// Buffers for the head-major copies, kept between calls: a fresh allocation of several MiB
+// is zero-filled page by page on first touch (thousands of page faults a call), a kept one
+// is not. Up to kKeptBuffers are kept; calls running at once each take their own.
+constexpr size_t kKeptBuffers = 8;
+
+class Buffer {
+ public:
+  explicit Buffer(int64_t size) {
+    std::lock_guard<std::mutex> lock(mutex());
+    auto& kept = free_list();
+    // the smallest kept buffer that is large enough, else a new one
+    auto best = kept.end();
+    for (auto it = kept.begin(); it != kept.end(); ++it)
+      if (it->second >= size && (best == kept.end() || it->second < best->second)) best = it;
+    if (best != kept.end()) {
+      data_ = std::move(best->first);
+      size_ = best->second;
+      kept.erase(best);
+    } else {
+      data_.reset(new float[size]);  // not zeroed
+      size_ = size;
+    }
+  }
+  ~Buffer() {
+    std::lock_guard<std::mutex> lock(mutex());
+    auto& kept = free_list();
+    kept.emplace_back(std::move(data_), size_);
+    if (kept.size() > kKeptBuffers) {  // drop the smallest
+      auto smallest = std::min_element(kept.begin(), kept.end(),
+                                       [](auto& a, auto& b) { return a.second < b.second; });
+      kept.erase(smallest);
+    }
+  }
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+  float* data() const { return data_.get(); }
+
+ private:
+  using Kept = std::vector<std::pair<std::unique_ptr<float[]>, int64_t>>;
+  static std::mutex& mutex() {
+    static std::mutex m;
+    return m;
+  }
+  static Kept& free_list() {
+    static Kept* kept = new Kept();  // never destroyed: no order problems at exit
+    return *kept;
+  }
+  std::unique_ptr<float[]> data_;
+  int64_t size_ = 0;
+};
+
+// x [E, L, Hn, H] -> [E, Hn, L, H] in `out`, one task per (example, head): the kernels read
+// each head's rows contiguous. (Read in place, rows N H floats apart, 2 KiB at N H = 512,
+// fall into a few sets of the L1 cache and push each other out; copied once per call
+// rather than once per block that reads them.)
+void head_major(ffi::ThreadPool& pool, const float* x, int64_t E, int64_t L, int64_t Hn,
+                int64_t H, float* out) {
+  run_parallel<NoScratch>(pool, E * Hn, H, [&](int64_t t, NoScratch&) {
+    const int64_t e = t / Hn, n = t % Hn;
+    for (int64_t i = 0; i < L; ++i)
+      std::copy_n(x + ((e * L + i) * Hn + n) * H, H, out + ((e * Hn + n) * L + i) * H);
+  });
 }
 
 // Checks the shapes and fills `d`; an empty string when they are right. Leading dims
@@ -448,7 +507,10 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
   if (d.E == 0 || d.T == 0 || d.N == 0) return ffi::Error::Success();
   const int64_t blocks = (d.T + kBlockQ - 1) / kBlockQ;
   const int64_t count = d.E * d.N * blocks;
-  const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
+  const float* qp = q.typed_data();
+  const Buffer kvh_k(d.E * d.S * d.K * d.H), kvh_v(d.E * d.S * d.K * d.H);
+  head_major(pool, k.typed_data(), d.E, d.S, d.K, d.H, kvh_k.data());
+  head_major(pool, v.typed_data(), d.E, d.S, d.K, d.H, kvh_v.data());
   const int32_t *ql = q_len.typed_data(), *kl = kv_len.typed_data();
   float *op = out->typed_data(), *zp = lse->typed_data();
   run_parallel<ForwardScratch>(pool, count, d.H, [&](int64_t t, ForwardScratch& s) {
@@ -457,8 +519,9 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
     const int64_t n = rest % d.N, e = rest / d.N;
     const int64_t q_live = std::clamp<int64_t>(ql[e], 0, d.T);
     const int64_t kv_live = std::clamp<int64_t>(kl[e], 0, d.S);
-    forward_task(d, qp + e * d.T * d.N * d.H, kp + e * d.S * d.K * d.H,
-                 vp + e * d.S * d.K * d.H, q_live, kv_live, n, block * kBlockQ,
+    const int64_t head = (e * d.K + n / d.G) * d.S * d.H;
+    forward_task(d, qp + e * d.T * d.N * d.H, kvh_k.data() + head, kvh_v.data() + head, q_live,
+                 kv_live, n, block * kBlockQ,
                  op + e * d.T * d.N * d.H, zp + e * d.K * d.T * d.G, s);
   });
   return ffi::Error::Success();
@@ -516,8 +579,12 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
       if (acc >= total * part / parts) bounds[part++] = jb + 1;
     }
   }
-  const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
-  const float *zp = lse.typed_data(), *dlp = delta.typed_data(), *dop = d_out.typed_data();
+  const Buffer qh(d.E * q_size), doh(d.E * q_size), kvh_k(d.E * kv_size), kvh_v(d.E * kv_size);
+  head_major(pool, q.typed_data(), d.E, d.T, d.N, d.H, qh.data());
+  head_major(pool, d_out.typed_data(), d.E, d.T, d.N, d.H, doh.data());
+  head_major(pool, k.typed_data(), d.E, d.S, d.K, d.H, kvh_k.data());
+  head_major(pool, v.typed_data(), d.E, d.S, d.K, d.H, kvh_v.data());
+  const float *zp = lse.typed_data(), *dlp = delta.typed_data();
   const int32_t *ql = q_len.typed_data(), *kl = kv_len.typed_data();
   const int64_t G = d.G, H = d.H, N = d.N;
   run_parallel<BackwardScratch>(pool, heads * parts, d.H, [&](int64_t t, BackwardScratch& s) {
@@ -528,8 +595,8 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
     }
     const int64_t q_live = std::clamp<int64_t>(ql[e], 0, d.T);
     const int64_t kv_live = std::clamp<int64_t>(kl[e], 0, d.S);
-    backward_task(d, qp + e * q_size, kp + e * kv_size, vp + e * kv_size,
-                  zp + e * d.K * d.T * G, dlp + e * d.K * d.T * G, dop + e * q_size, q_live,
+    backward_task(d, qh.data() + e * q_size, kvh_k.data() + e * kv_size, kvh_v.data() + e * kv_size,
+                  zp + e * d.K * d.T * G, dlp + e * d.K * d.T * G, doh.data() + e * q_size, q_live,
                   kv_live, kh, bounds[part], bounds[part + 1], dq_e, dkp + e * kv_size,
                   dvp + e * kv_size, s);
   });

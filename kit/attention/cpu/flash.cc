@@ -290,16 +290,18 @@ struct BackwardScratch {
         dk(kBlockKb * H), dv(kBlockKb * H) {}
 };
 
-// One backward task: key blocks [jb0, jb1) of key/value head kh of one example, for its G
-// query heads. q and dout are the example's head-major copies [N, T, H], k and v its
-// [K, S, H] (`head_major`); lse and delta at the example's [K, T G]; dk and dv at the
-// example's [S, K, H]. dq is where this task adds its dq ([T, N, H], the example's or a
-// buffer's).
+// One backward task: key blocks [jb0, jb1) of one example and query head n. q and dout
+// are the example's head-major copies [N, T, H], k and v its [K, S, H] (`head_major`); lse
+// and delta at the example's [K, T G]; dk and dv at the example's [S, K, H]. dq is where
+// this task adds its dq ([T, N, H], the example's or a buffer's). With G = 1 a task owns
+// its rows of dk and dv and writes them; with G > 1 the G query heads of a key/value head
+// add theirs, holding `lock` (dk and dv start at zero).
 KIT_CLONES void backward_task(const Shape& d, const float* q, const float* k, const float* v,
                               const float* lse, const float* delta, const float* dout,
-                              int64_t q_live, int64_t kv_live, int64_t kh, int64_t jb0,
-                              int64_t jb1, float* dq, float* dk, float* dv, BackwardScratch& s) {
-  const int64_t H = d.H, N = d.N, K = d.K, G = d.G, T = d.T;
+                              int64_t q_live, int64_t kv_live, int64_t n, int64_t jb0,
+                              int64_t jb1, float* dq, float* dk, float* dv, std::mutex& lock,
+                              BackwardScratch& s) {
+  const int64_t H = d.H, N = d.N, K = d.K, G = d.G, T = d.T, kh = n / G, g = n % G;
   const int64_t kv_stride = K * H, q_stride = N * H;
   float *kT = s.kT.data(), *vT = s.vT.data(), *p = s.p.data(), *ds = s.ds.data();
   float *dkb = s.dk.data(), *dvb = s.dv.data();
@@ -323,8 +325,7 @@ KIT_CLONES void backward_task(const Shape& d, const float* q, const float* k, co
         }
       }
       const float* kb = k + (kh * d.S + j0) * H;
-      for (int64_t g = 0; g < G; ++g) {
-        const int64_t n = kh * G + g;
+      {
         const int64_t first = d.causal ? j0 : 0;
         for (int64_t i0 = first; i0 < q_live; i0 += kBlockQb) {
           const int64_t Lq = std::min(kBlockQb, q_live - i0);
@@ -366,11 +367,21 @@ KIT_CLONES void backward_task(const Shape& d, const float* q, const float* k, co
         }
       }
     }
-    for (int64_t j = 0; j < keys; ++j) {
-      float* dks = dk + (j0 + j) * kv_stride + kh * H;
-      float* dvs = dv + (j0 + j) * kv_stride + kh * H;
-      std::copy_n(dkb + j * H, H, dks);
-      std::copy_n(dvb + j * H, H, dvs);
+    if (G == 1) {
+      for (int64_t j = 0; j < keys; ++j) {
+        std::copy_n(dkb + j * H, H, dk + (j0 + j) * kv_stride + kh * H);
+        std::copy_n(dvb + j * H, H, dv + (j0 + j) * kv_stride + kh * H);
+      }
+    } else if (L > 0) {
+      std::lock_guard<std::mutex> hold(lock);
+      for (int64_t j = 0; j < L; ++j) {
+        float* dks = dk + (j0 + j) * kv_stride + kh * H;
+        float* dvs = dv + (j0 + j) * kv_stride + kh * H;
+        for (int64_t h = 0; h < H; h += kLanes) {
+          store(dks + h, load(dks + h) + load(dkb + j * H + h));
+          store(dvs + h, load(dvs + h) + load(dvb + j * H + h));
+        }
+      }
     }
   }
 }
@@ -554,9 +565,9 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
     std::fill_n(dqp, d.E * q_size, 0.0f);
     return ffi::Error::Success();
   }
-  // Each (example, key/value head) in `parts` tasks of consecutive key blocks, enough of
-  // them to keep the threads busy: part 0 adds into dq, part p > 0 into a buffer of its own.
-  const int64_t heads = d.E * d.K;
+  // Each (example, query head) in `parts` tasks of consecutive key blocks, enough of them
+  // to keep the threads busy: part 0 adds into dq, part p > 0 into a buffer of its own.
+  const int64_t heads = d.E * d.N;
   const int64_t threads = pool.num_threads() + 1;
   const int64_t parts = std::min(kblocks, std::max<int64_t>(1, (2 * threads + heads - 1) / heads));
   std::vector<float> extra;
@@ -587,18 +598,25 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
   const float *zp = lse.typed_data(), *dlp = delta.typed_data();
   const int32_t *ql = q_len.typed_data(), *kl = kv_len.typed_data();
   const int64_t G = d.G, H = d.H, N = d.N;
+  if (G > 1) {  // the query heads of a key/value head add into dk and dv
+    run_parallel<NoScratch>(pool, d.E, H, [&](int64_t e, NoScratch&) {
+      std::fill_n(dkp + e * kv_size, kv_size, 0.0f);
+      std::fill_n(dvp + e * kv_size, kv_size, 0.0f);
+    });
+  }
+  std::unique_ptr<std::mutex[]> locks(new std::mutex[d.E * d.K]);
   run_parallel<BackwardScratch>(pool, heads * parts, d.H, [&](int64_t t, BackwardScratch& s) {
-    const int64_t part = t % parts, kh = (t / parts) % d.K, e = t / parts / d.K;
+    const int64_t part = t % parts, n = (t / parts) % N, e = t / parts / N;
     float* dq_e = part == 0 ? dqp + e * q_size : extra.data() + ((part - 1) * d.E + e) * q_size;
     if (part == 0) {  // this task's rows of dq start at zero (the buffers already are)
-      for (int64_t r = 0; r < d.T; ++r) std::fill_n(dq_e + (r * N + kh * G) * H, G * H, 0.0f);
+      for (int64_t r = 0; r < d.T; ++r) std::fill_n(dq_e + (r * N + n) * H, H, 0.0f);
     }
     const int64_t q_live = std::clamp<int64_t>(ql[e], 0, d.T);
     const int64_t kv_live = std::clamp<int64_t>(kl[e], 0, d.S);
     backward_task(d, qh.data() + e * q_size, kvh_k.data() + e * kv_size, kvh_v.data() + e * kv_size,
                   zp + e * d.K * d.T * G, dlp + e * d.K * d.T * G, doh.data() + e * q_size, q_live,
-                  kv_live, kh, bounds[part], bounds[part + 1], dq_e, dkp + e * kv_size,
-                  dvp + e * kv_size, s);
+                  kv_live, n, bounds[part], bounds[part + 1], dq_e, dkp + e * kv_size,
+                  dvp + e * kv_size, locks[e * d.K + n / G], s);
   });
   for (int64_t part = 1; part < parts; ++part) {
     const float* src = extra.data() + (part - 1) * d.E * q_size;

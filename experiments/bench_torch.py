@@ -29,6 +29,7 @@ from absl import app, flags
 from benchtools import Torch, cpu_model, matmul_peak, median_seconds
 
 import kit
+from kit.attention import cpu_kernels
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("torch_python", "", "Python of an environment with torch (no torch: '').")
@@ -40,6 +41,9 @@ flags.DEFINE_integer("long_batch_from", 8192, "From this T on, B = 1.")
 flags.DEFINE_integer("long_from", 32768, "From this T on, only causal rows with K = N.")
 flags.DEFINE_integer("heads", 8, "Query heads N.")
 flags.DEFINE_integer("head_dim", 64, "H.")
+flags.DEFINE_bool(
+    "jax_kernel", True, "Also time the chunked path's jax.numpy kernel (flash_disabled)."
+)
 flags.DEFINE_integer("repeats", 5, "Timed runs per cell below T = 8192 (the median is given).")
 
 
@@ -90,11 +94,15 @@ def main(_):
                     case = dict(B=B, T=T, N=N, K=K, H=H, causal=causal, mode=mode)
                     repeats = repeats_for(T)
                     ours = kit_seconds(**case, repeats=repeats)
+                    plain = None
+                    if FLAGS.jax_kernel:
+                        with cpu_kernels.flash_disabled():
+                            plain = kit_seconds(**case, repeats=repeats)
                     theirs = torch.seconds(**case, repeats=repeats)
                     theirs = None if theirs is None else float(np.median(theirs))
                     flops = 4 * B * N * T * T * H * (0.5 if causal else 1.0)
                     flops *= 3.5 if mode == "fwd_bwd" else 1.0
-                    rows.append((case, ours, theirs, flops))
+                    rows.append((case, ours, plain, theirs, flops))
                     print(f"  measured {case}: kit {ours * 1e3:.1f} ms", file=sys.stderr)
         peaks.append(matmul_peak())
     torch.close()
@@ -102,15 +110,20 @@ def main(_):
     print(f"{cpu_model()}; {jax.__version__=}; {torch.version}")
     print(f"matmul peak {peak:.0f} GFLOP/s (measurements {', '.join(f'{p:.0f}' for p in peaks)})")
     print()
-    print("| B | T | causal | K | pass | kit chunked ms | % of peak | SDPA ms | kit vs SDPA |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for case, ours, theirs, flops in rows:
+    print(
+        "| B | T | causal | K | pass | kit chunked ms | % of peak | jax.numpy kernel ms "
+        "| % of peak | SDPA ms | kit vs SDPA |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for case, ours, plain, theirs, flops in rows:
         share = 100 * flops / ours / 1e9 / peak
         sdpa = "" if theirs is None else f"{theirs * 1e3:.1f}"
         ratio = "" if theirs is None else f"{theirs / ours:.2f}x"
+        jnp_ms = "" if plain is None else f"{plain * 1e3:.1f}"
+        jnp_share = "" if plain is None else f"{100 * flops / plain / 1e9 / peak:.0f}%"
         print(
             f"| {case['B']} | {case['T']} | {case['causal']} | {case['K']} | {case['mode']} "
-            f"| {ours * 1e3:.1f} | {share:.0f}% | {sdpa} | {ratio} |"
+            f"| {ours * 1e3:.1f} | {share:.0f}% | {jnp_ms} | {jnp_share} | {sdpa} | {ratio} |"
         )
 
 

@@ -1,7 +1,8 @@
-"""The kit's compiled CPU kernel: a decode step (a few queries against a long key/value
-cache) as one XLA FFI custom call, `kit/attention/cpu/decode.cc`.
+"""The kit's compiled CPU kernels, XLA FFI custom calls: a decode step (a few queries
+against a long key/value cache, `kit/attention/cpu/decode.cc`), and the chunked path's
+forward and backward passes (`kit/attention/cpu/flash.cc`, at the end of this module).
 
-The kernel reads the cache once, in its own layout `[B, S, K, H]`: each task (an example
+The decode kernel reads the cache once, in its own layout `[B, S, K, H]`: each task (an example
 and a chunk of up to 512 KiB of keys) takes every query row's logits with the chunk's
 keys, their softmax statistics and the weighted sum of the chunk's values; the chunks'
 partial results are merged by log-sum-exp. Tasks run on XLA's
@@ -24,6 +25,16 @@ by `jax.export` (custom calls have no compatibility guarantee): pass
 `implementation="xla"` to export a decode step. With inputs sharded over an Auto mesh
 axis, XLA gathers them for the call (the result is right, the cache crosses devices);
 under `shard_map` each device runs the kernel on its own shard.
+
+The flash kernel serves the chunked path's passes (`kit.attention.passes`) on a CPU where
+`flash_fits`: float32, a head dim that is a multiple of 16, causal or not, with sequence
+lengths, and no bias, mask, window or programmed score/mask (those keep the jax.numpy
+kernel). It gives the same results as the jax.numpy kernel (out, the log-sum-exp with
+MASK_VALUE for a dead row, dq, dk, dv) to float32 rounding, so the chunked path's custom
+JVP, its tangent kernel and its partitioning over meshes are unchanged around it (each
+device runs it on its shard). Under vmap its inputs are broadcast to the vmapped axis
+(`vmap_method="broadcast_all"`). `experiments/bench_torch.py` times it beside the
+jax.numpy kernel and PyTorch's SDPA (docs/benchmarks.md, "A compiled flash kernel").
 """
 
 from __future__ import annotations

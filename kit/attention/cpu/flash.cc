@@ -413,8 +413,10 @@ struct NoScratch {
 
 // Buffers for the head-major copies, kept between calls: a fresh allocation of several MiB
 // is zero-filled page by page on first touch (thousands of page faults a call), a kept one
-// is not. Up to kKeptBuffers are kept; calls running at once each take their own.
+// is not. Up to kKeptBuffers of at most kKeptBytes in all are kept (the smallest dropped
+// first); calls running at once each take their own.
 constexpr size_t kKeptBuffers = 8;
+constexpr int64_t kKeptBytes = int64_t{256} << 20;
 
 class Buffer {
  public:
@@ -438,7 +440,12 @@ class Buffer {
     std::lock_guard<std::mutex> lock(mutex());
     auto& kept = free_list();
     kept.emplace_back(std::move(data_), size_);
-    if (kept.size() > kKeptBuffers) {  // drop the smallest
+    auto bytes = [&kept] {
+      int64_t total = 0;
+      for (auto& b : kept) total += b.second * int64_t{sizeof(float)};
+      return total;
+    };
+    while (!kept.empty() && (kept.size() > kKeptBuffers || bytes() > kKeptBytes)) {
       auto smallest = std::min_element(kept.begin(), kept.end(),
                                        [](auto& a, auto& b) { return a.second < b.second; });
       kept.erase(smallest);

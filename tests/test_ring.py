@@ -10,6 +10,7 @@ from helpers import make_qkv
 from jax.sharding import AxisType
 
 import kit
+from kit.attention import cpu_kernels
 
 AXIS = "ring"
 
@@ -115,15 +116,21 @@ def test_ring_memory_per_device_is_a_fraction_of_one_device(optimized):
 
         return _compiled_bytes(fwd_bwd(ring), spec, spec, spec)
 
-    ring = ring_bytes(spec)
-    one = _compiled_bytes(
-        fwd_bwd(lambda q, k, v: kit.chunked_attention(q, k, v, is_causal=True)), spec, spec, spec
-    )
-    assert ring <= 0.25 * one, (ring / 2**20, one / 2**20)
-    # Memory grows linearly with T / P (block scratch is a constant part): doubling T at
-    # most doubles it.
-    ring_half = ring_bytes(jax.ShapeDtypeStruct((1, 8192, 8, 64), jnp.float32))
-    assert ring_half < ring < 2 * ring_half, (ring_half / 2**20, ring / 2**20)
+    # XLA's plan counts the jax.numpy kernel's buffers, not those the compiled CPU kernel
+    # allocates itself (its head-major copies), so both sides trace the jax.numpy kernel.
+    with cpu_kernels.flash_disabled():
+        ring = ring_bytes(spec)
+        one = _compiled_bytes(
+            fwd_bwd(lambda q, k, v: kit.chunked_attention(q, k, v, is_causal=True)),
+            spec,
+            spec,
+            spec,
+        )
+        assert ring <= 0.25 * one, (ring / 2**20, one / 2**20)
+        # Memory grows linearly with T / P (block scratch is a constant part): doubling T at
+        # most doubles it.
+        ring_half = ring_bytes(jax.ShapeDtypeStruct((1, 8192, 8, 64), jnp.float32))
+        assert ring_half < ring < 2 * ring_half, (ring_half / 2**20, ring / 2**20)
 
 
 def test_ring_bad_inputs_name_the_argument():

@@ -33,7 +33,11 @@ kernel). It gives the same results as the jax.numpy kernel (out, the log-sum-exp
 MASK_VALUE for a dead row, dq, dk, dv) to float32 rounding, so the chunked path's custom
 JVP, its tangent kernel and its partitioning over meshes are unchanged around it (each
 device runs it on its shard). Under vmap its inputs are broadcast to the vmapped axis
-(`vmap_method="broadcast_all"`). `experiments/bench_torch.py` times it beside the
+(`vmap_method="broadcast_all"`). `jax.export` refuses a program holding it (a custom
+call with no compatibility guarantee): trace the program to export under
+`flash_disabled()`, which gives the jax.numpy kernel. Its own buffers (head-major copies of
+the inputs, O(T)) are allocated by the kernel, outside XLA's memory plan.
+`experiments/bench_torch.py` times it beside the
 jax.numpy kernel and PyTorch's SDPA (docs/benchmarks.md, "A compiled flash kernel").
 """
 

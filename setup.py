@@ -26,6 +26,7 @@ setup(
         Extension(
             "kit.attention._decode_cpu",
             sources=["kit/attention/cpu/decode.cc", "kit/attention/cpu/flash.cc"],
+            depends=["kit/attention/cpu/vec.h"],
             include_dirs=[jaxlib_include()],
             language="c++",
             # -ffp-contract=fast: a * b + c as one FMA where the CPU has it. The AVX2

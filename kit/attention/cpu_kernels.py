@@ -55,6 +55,7 @@ import numpy as np
 
 from kit.attention.blocks import varying_like
 from kit.attention.inputs import Inputs
+from kit.attention.masks import MASK_VALUE
 
 Array = jax.Array
 
@@ -204,9 +205,6 @@ def flash_fits(cfg, q: Array, k: Array, v: Array, bias, mask, prog) -> bool:
 
 
 def _flash_attrs(cfg) -> dict:
-    # The chunked kernel's value for a row with no live key (lse), kept in one place.
-    from kit.attention.masks import MASK_VALUE
-
     return {
         "scale": np.float32(cfg.scale),
         "causal": bool(cfg.is_causal),

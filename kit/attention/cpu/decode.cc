@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
+#include "vec.h"
 
 namespace ffi = xla::ffi;
 
@@ -39,50 +40,9 @@ constexpr int64_t kChunkBytes = 512 * 1024;
 // At most this many bytes of a task's logits and weights ([keys, T N]), which its passes
 // read again: they stay in the core's L2 cache.
 constexpr int64_t kWeightBytes = 128 * 1024;
-constexpr int kLanes = 8;        // floats per vector
 // Positions per block of the weighted values when the rows go across a vector: a block's
 // value rows and weights stay in the L1 cache across the passes of each head.
 constexpr int64_t kValueBlock = 32;
-
-typedef float f8 __attribute__((vector_size(32)));
-typedef float f8u __attribute__((vector_size(32), aligned(4)));  // unaligned loads
-typedef int32_t i8 __attribute__((vector_size(32)));
-
-// The task's function is compiled twice, for AVX2 with FMA (x86-64-v3) and for the base
-// ISA, and the loader picks one for the CPU. Its helpers are always inlined, so that each
-// copy has them compiled for its own ISA: a helper left out of line is compiled for the
-// base ISA only (measured 10x slower at T = 8 when GCC declined to inline two of them).
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define KIT_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define KIT_CLONES
-#endif
-#define KIT_INLINE inline __attribute__((always_inline))
-
-// exp(x) for x <= 0: x = n ln2 + r with |r| <= ln2 / 2 (ln2 split in two parts), exp(r)
-// by its Taylor series to r^7 (truncation under 6e-9 relative), times 2^n. Against exp
-// in float64 it was within 1.2 ulp at every eighth float32 in [-87, 0]. Below -87.3
-// (where 2^n leaves float32's normal range) it is 0; a softmax weight there is < 1e-37.
-KIT_INLINE f8 exp_nonpositive(f8 x) {
-  const f8 lo = x < -87.3f ? f8{} + 0.0f : f8{} + 1.0f;
-  x = x < -87.3f ? f8{} - 87.3f : x;
-  const f8 shifter = f8{} + 12582912.0f;  // 1.5 * 2^23: rounds to an integer
-  f8 n = (x * 1.44269504088896341f + shifter) - shifter;
-  f8 r = x - n * 0.693145751953125f;
-  r = r - n * 1.428606765330187045e-06f;
-  f8 p = f8{} + 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  i8 bits = (__builtin_convertvector(n, i8) + 127) << 23;
-  f8 two_n;
-  std::memcpy(&two_n, &bits, sizeof two_n);
-  return p * two_n * lo;
-}
 
 KIT_INLINE float hsum(f8 x) {
   float s = 0.0f;

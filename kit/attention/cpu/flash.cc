@@ -45,12 +45,12 @@
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
+#include "vec.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int kLanes = 8;   // floats per vector
 constexpr int kRows = 6;    // rows of the micro-kernel's tile
 constexpr int kCols = 16;   // its columns: two vectors
 // Queries per forward task (a multiple of kCols: they run across the vectors of S^T) and
@@ -60,42 +60,6 @@ constexpr int64_t kBlockK = 128;
 // The backward's queries per step and keys per block (a multiple of kCols).
 constexpr int64_t kBlockQb = 64;
 constexpr int64_t kBlockKb = 64;
-
-typedef float f8 __attribute__((vector_size(32)));
-typedef float f8u __attribute__((vector_size(32), aligned(4)));  // unaligned loads
-typedef int32_t i8 __attribute__((vector_size(32)));
-
-// As in decode.cc: the task functions are compiled for AVX2 with FMA and for the base
-// ISA, and every helper is inlined into each copy.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define KIT_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define KIT_CLONES
-#endif
-#define KIT_INLINE inline __attribute__((always_inline))
-
-// exp(x) for x <= 0 (also right for small x > 0), as in decode.cc: within 1.2 ulp of exp;
-// 0 below -87.3, and for -inf.
-KIT_INLINE f8 exp_vec(f8 x) {
-  const f8 lo = x < -87.3f ? f8{} + 0.0f : f8{} + 1.0f;
-  x = x < -87.3f ? f8{} - 87.3f : x;
-  const f8 shifter = f8{} + 12582912.0f;  // 1.5 * 2^23: rounds to an integer
-  f8 n = (x * 1.44269504088896341f + shifter) - shifter;
-  f8 r = x - n * 0.693145751953125f;
-  r = r - n * 1.428606765330187045e-06f;
-  f8 p = f8{} + 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  i8 bits = (__builtin_convertvector(n, i8) + 127) << 23;
-  f8 two_n;
-  std::memcpy(&two_n, &bits, sizeof two_n);
-  return p * two_n * lo;
-}
 
 KIT_INLINE f8 load(const float* p) { return *(const f8u*)p; }
 KIT_INLINE void store(float* p, f8 x) { *(f8u*)p = x; }
@@ -186,7 +150,7 @@ KIT_INLINE void column_softmax(float* sT, int64_t L, float* m, float* l, float* 
       for (int c = 0; c < kVecs; ++c) mx[c] = vmax(mx[c], load(sT + j * kBlockQ + c * kLanes));
     for (int c = 0; c < kVecs; ++c) {
       base[c] = mx[c] == -inf ? f8{} : mx[c];  // a column with no live key yet
-      const f8 a = exp_vec(load(m + c * kLanes) - base[c]);
+      const f8 a = exp_nonpositive(load(m + c * kLanes) - base[c]);
       store(alpha + c * kLanes, a);
       store(l + c * kLanes, load(l + c * kLanes) * a);
       store(m + c * kLanes, mx[c]);
@@ -199,7 +163,7 @@ KIT_INLINE void column_softmax(float* sT, int64_t L, float* m, float* l, float* 
     for (int64_t j = 0; j < L; ++j) {
       float* row = sT + j * kBlockQ + c0 * kLanes;
       for (int c = 0; c < kHalf; ++c) {
-        const f8 e = exp_vec(load(row + c * kLanes) - base[c0 + c]);
+        const f8 e = exp_nonpositive(load(row + c * kLanes) - base[c0 + c]);
         store(row + c * kLanes, e);
         sum[c] += e;
       }
@@ -353,7 +317,7 @@ KIT_CLONES void backward_task(const Shape& d, const float* q, const float* k, co
             for (int64_t j = 0; j < kBlockKb; j += kLanes) {
               const i8 idx = lane + static_cast<int32_t>(j);
               const f8 x = load(pr + j) * d.scale - z;
-              f8 e = exp_vec(x);
+              f8 e = exp_nonpositive(x);
               e = idx < static_cast<int32_t>(live_keys) ? e : f8{};
               store(pr + j, e);
               store(dr + j, e * (load(dr + j) - dl) * d.scale);

@@ -20,7 +20,8 @@
 // computes the logits transposed, S^T = K Q^T [keys, queries] (K read in place), so that
 // the softmax statistics of a query run down a column with the queries across a vector
 // (no horizontal sums), and then O = alpha O + P V, with P^T as the broadcast operand and
-// V read in place.
+// V read from a copy in panels of 16 columns ([H / 16, S, 16] per head), so that each
+// step of the product reads the next 64 bytes.
 //
 // Backward: a task is (example, key/value head, range of key blocks), for all G query
 // heads of that key/value head. Per key block it packs K^T and V^T [H, kBlockKb] once,
@@ -54,9 +55,10 @@ namespace {
 constexpr int kRows = 6;    // rows of the micro-kernel's tile
 constexpr int kCols = 16;   // its columns: two vectors
 // Queries per forward task (a multiple of kCols: they run across the vectors of S^T) and
-// keys per step of it.
+// keys per step of it: 48 keys keep a step's S^T [48, 64] and its values in the L1 cache
+// (at 128, 32 KiB each, the P V product ran below the logits' rate).
 constexpr int64_t kBlockQ = 64;
-constexpr int64_t kBlockK = 128;
+constexpr int64_t kBlockK = 48;
 // The backward's queries per step and keys per block (a multiple of kCols).
 constexpr int64_t kBlockQb = 64;
 constexpr int64_t kBlockKb = 64;
@@ -102,26 +104,28 @@ KIT_INLINE void tile(int64_t depth, const float* a, int64_t a_rs, int64_t a_cs, 
 }
 
 // C[rows, cols] as `tile` computes it, over tiles of 6 rows (the last one shorter) and
-// 16 columns; cols is a multiple of 16.
+// 16 columns; cols is a multiple of 16. B's columns c0 .. c0 + 15 start at b + c0 (b_strip
+// 16: rows of B contiguous) or at b + (c0 / 16) b_strip (B in panels of 16 columns).
 template <bool kLoad>
 KIT_INLINE void product(int64_t rows, int64_t cols, int64_t depth, const float* a, int64_t a_rs,
                         int64_t a_cs, const float* b, int64_t b_rs, float* c, int64_t ldc,
-                        const float* row_scale = nullptr) {
+                        const float* row_scale = nullptr, int64_t b_strip = kCols) {
   for (int64_t c0 = 0; c0 < cols; c0 += kCols) {
+    const float* bs = b + (c0 / kCols) * b_strip - c0;
     int64_t r0 = 0;
     for (; r0 + kRows <= rows; r0 += kRows) {
-      tile<kRows, kLoad>(depth, a + r0 * a_rs, a_rs, a_cs, b + c0, b_rs, c + r0 * ldc + c0, ldc,
+      tile<kRows, kLoad>(depth, a + r0 * a_rs, a_rs, a_cs, bs + c0, b_rs, c + r0 * ldc + c0, ldc,
                          row_scale == nullptr ? nullptr : row_scale + r0);
     }
     const float* ar = a + r0 * a_rs;
     float* cr = c + r0 * ldc + c0;
     const float* sr = row_scale == nullptr ? nullptr : row_scale + r0;
     switch (rows - r0) {
-      case 1: tile<1, kLoad>(depth, ar, a_rs, a_cs, b + c0, b_rs, cr, ldc, sr); break;
-      case 2: tile<2, kLoad>(depth, ar, a_rs, a_cs, b + c0, b_rs, cr, ldc, sr); break;
-      case 3: tile<3, kLoad>(depth, ar, a_rs, a_cs, b + c0, b_rs, cr, ldc, sr); break;
-      case 4: tile<4, kLoad>(depth, ar, a_rs, a_cs, b + c0, b_rs, cr, ldc, sr); break;
-      case 5: tile<5, kLoad>(depth, ar, a_rs, a_cs, b + c0, b_rs, cr, ldc, sr); break;
+      case 1: tile<1, kLoad>(depth, ar, a_rs, a_cs, bs + c0, b_rs, cr, ldc, sr); break;
+      case 2: tile<2, kLoad>(depth, ar, a_rs, a_cs, bs + c0, b_rs, cr, ldc, sr); break;
+      case 3: tile<3, kLoad>(depth, ar, a_rs, a_cs, bs + c0, b_rs, cr, ldc, sr); break;
+      case 4: tile<4, kLoad>(depth, ar, a_rs, a_cs, bs + c0, b_rs, cr, ldc, sr); break;
+      case 5: tile<5, kLoad>(depth, ar, a_rs, a_cs, bs + c0, b_rs, cr, ldc, sr); break;
       default: break;
     }
   }
@@ -180,8 +184,9 @@ struct ForwardScratch {
         alpha(kBlockQ) {}
 };
 
-// One forward task: q and out at the example's start ([T, N, H]), k and v at its key/value
-// head's keys [S, H] (head-major copies, `head_major`), lse at the example's [K, T G];
+// One forward task: q and out at the example's start ([T, N, H]), k at its key/value
+// head's keys [S, H] (a head-major copy, `head_major`), v at its values in panels
+// [H / 16, S, 16] (`value_panels`), lse at the example's [K, T G];
 // query head n, queries [i0, i0 + kBlockQ) cut to T.
 KIT_CLONES void forward_task(const Shape& d, const float* q, const float* k, const float* v,
                              int64_t q_live, int64_t kv_live, int64_t n, int64_t i0, float* out,
@@ -210,7 +215,6 @@ KIT_CLONES void forward_task(const Shape& d, const float* q, const float* k, con
   for (int64_t j0 = 0; j0 < kv_end; j0 += kBlockK) {
     const int64_t L = std::min(kBlockK, kv_end - j0);
     const float* kb = k + j0 * H;
-    const float* vb = v + j0 * H;
     // S^T [L, kBlockQ] = K Q^T
     product<false>(L, kBlockQ, H, kb, H, 1, qT, kBlockQ, sT, kBlockQ);
     // The causal mask where the block reaches past its first query: key j0 + j is dead for
@@ -229,7 +233,7 @@ KIT_CLONES void forward_task(const Shape& d, const float* q, const float* k, con
     }
     column_softmax(sT, L, m, l, alpha);
     // O = alpha O + P V, rows of O the live queries
-    product<true>(live, H, L, sT, 1, kBlockQ, vb, H, o, H, alpha);
+    product<true>(live, H, L, sT, 1, kBlockQ, v + j0 * kCols, kCols, o, H, alpha, d.S * kCols);
   }
   for (int64_t i = 0; i < rows; ++i) {
     const int64_t t = i0 + i;
@@ -446,6 +450,20 @@ void head_major(ffi::ThreadPool& pool, const float* x, int64_t E, int64_t L, int
   });
 }
 
+// x [E, L, Hn, H] -> panels [E, Hn, H / 16, L, 16] in `out`: the forward's values, which
+// its P V product reads 16 columns at a time.
+void value_panels(ffi::ThreadPool& pool, const float* x, int64_t E, int64_t L, int64_t Hn,
+                  int64_t H, float* out) {
+  run_parallel<NoScratch>(pool, E * Hn, H, [&](int64_t t, NoScratch&) {
+    const int64_t e = t / Hn, n = t % Hn;
+    float* head = out + (e * Hn + n) * L * H;
+    for (int64_t i = 0; i < L; ++i) {
+      const float* row = x + ((e * L + i) * Hn + n) * H;
+      for (int64_t c = 0; c < H; c += kCols) std::copy_n(row + c, kCols, head + c * L + i * kCols);
+    }
+  });
+}
+
 // Checks the shapes and fills `d`; an empty string when they are right. Leading dims
 // before [T, N, H] (the batch, and any that vmap adds with vmap_method="broadcast_all",
 // equal in every input) are flattened into E examples.
@@ -492,7 +510,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
   const float* qp = q.typed_data();
   const Buffer kvh_k(d.E * d.S * d.K * d.H), kvh_v(d.E * d.S * d.K * d.H);
   head_major(pool, k.typed_data(), d.E, d.S, d.K, d.H, kvh_k.data());
-  head_major(pool, v.typed_data(), d.E, d.S, d.K, d.H, kvh_v.data());
+  value_panels(pool, v.typed_data(), d.E, d.S, d.K, d.H, kvh_v.data());
   const int32_t *ql = q_len.typed_data(), *kl = kv_len.typed_data();
   float *op = out->typed_data(), *zp = lse->typed_data();
   run_parallel<ForwardScratch>(pool, count, d.H, [&](int64_t t, ForwardScratch& s) {

@@ -12,6 +12,12 @@ it: one start read 18.0 GB/s, another minutes before 25.5). Each path's time is 
 median of --repeats runs after a warm-up, the paths' runs alternating, for q `[B, T, N,
 H]` and k, v `[B, S, K, H]` (float32, no mask).
 
+That floor is the best the machine gave at any moment of the run; the machine's neighbours
+move it (the same sum's median read 16-19 GB/s in one hour, best-of-10 readings 23-25 in
+another). So a second reference is read side by side: `sum` is XLA's sum of k and of v,
+the same arrays read once, its runs alternating with the paths' own, and the last column
+is the kit's median over the sum's.
+
 The paths: the kit's `dot_product_attention` as dispatched (implementation=None: for so
 few queries on a CPU, the compiled decode kernel of `kit.attention.cpu_kernels`), the
 jax.numpy products in the cache's layout that None took before it
@@ -88,8 +94,12 @@ def main(_):
     if unknown:
         raise app.UsageError(f"--paths: unknown {unknown}; choose from {list(PATHS)}")
     names = chosen + (["torch_sdpa"] if torch.proc else [])
-    print("| T | K | S | cache MB | GB/s | read once ms | " + " | ".join(names) + " | max error |")
-    print("|---" * (7 + len(names)) + "|")
+    print(
+        "| T | K | S | cache MB | GB/s | read once ms | sum ms | "
+        + " | ".join(names)
+        + " | max error | kit / sum |"
+    )
+    print("|---" * (9 + len(names)) + "|")
     for T in map(int, FLAGS.queries):
         for K in map(int, FLAGS.kv_heads):
             for S in map(int, FLAGS.lengths):
@@ -103,19 +113,25 @@ def main(_):
                 runs = {name: jax.jit(PATHS[name]) for name in chosen}
                 error = max(largest_difference(run(q, k, v), want) for run in runs.values())
                 # Each path's runs alternate with the others', each first in turn.
-                times = alternating_times(runs, q, k, v, repeats=FLAGS.repeats)
+                read_runs = dict(runs, sum=jax.jit(lambda q, k, v: jnp.sum(k) + jnp.sum(v)))
+                times = alternating_times(read_runs, q, k, v, repeats=FLAGS.repeats)
+                summed = float(np.median(times["sum"]))
                 cells = []
                 for name in runs:
                     seconds = float(np.median(times[name]))
                     cells.append(f"{seconds * 1e3:.2f} ({seconds / read:.2f}x)")
+                kit_over_sum = (
+                    f"{float(np.median(times['kit'])) / summed:.2f}x" if "kit" in runs else "-"
+                )
                 if torch.proc:
                     case = dict(B=B, T=T, S=S, N=N, K=K, H=H, causal=False, mode="fwd")
                     seconds = float(np.median(torch.seconds(**case, repeats=FLAGS.repeats)))
                     cells.append(f"{seconds * 1e3:.2f} ({seconds / read:.2f}x)")
                 print(
                     f"| {T} | {K} | {S} | {cache / 1e6:.0f} | {bandwidth:.1f} | {read * 1e3:.1f} | "
+                    f"{summed * 1e3:.2f} | "
                     + " | ".join(cells)
-                    + f" | {error:.1e} |",
+                    + f" | {error:.1e} | {kit_over_sum} |",
                     flush=True,
                 )
     torch.close()

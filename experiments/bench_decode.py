@@ -12,11 +12,11 @@ it: one start read 18.0 GB/s, another minutes before 25.5). Each path's time is 
 median of --repeats runs after a warm-up, the paths' runs alternating, for q `[B, T, N,
 H]` and k, v `[B, S, K, H]` (float32, no mask).
 
-That floor is the best the machine gave at any moment of the run; the machine's neighbours
-move it (the same sum's median read 16-19 GB/s in one hour, best-of-10 readings 23-25 in
-another). So a second reference is read side by side: `sum` is XLA's sum of k and of v,
-the same arrays read once, its runs alternating with the paths' own, and the last column
-is the kit's median over the sum's.
+That floor is the best the machine gave at any moment of the run, and the machine's
+neighbours move it (XLA's sum of a cache read 16-19 GB/s, median, in one hour; best-of-10
+readings were 20-24 GB/s in others). So a second reference is read side by side: `sum`
+is XLA's sum of k and of v, the same arrays read once, its runs alternating with the
+paths' own, and the last column is the kit's median over the sum's.
 
 The paths: the kit's `dot_product_attention` as dispatched (implementation=None: for so
 few queries on a CPU, the compiled decode kernel of `kit.attention.cpu_kernels`), the

@@ -11,25 +11,27 @@
 //
 // Both passes are blocked as FlashAttention-2 is (Dao, 2023), laid out for a CPU's
 // vectors: all products run through one register-tiled micro-kernel (6 rows x 16 columns
-// of accumulators, a broadcast operand and a vector operand), whose operands are read in
-// place from the inputs wherever a row of them is contiguous, so that only one small
-// transpose is packed per task.
+// of accumulators, a broadcast operand and a vector operand). Once per call the inputs are
+// copied head-major ([K, S, H] keys and values, [N, T, H] queries and output cotangents in
+// the backward; in [T, N, H] a head's rows are N H floats apart and fall into a few sets of
+// the L1 cache); the products read those rows in place, so that only one small transpose
+// is packed per task.
 //
 // Forward: a task is (example, query head, block of kBlockQ queries). It packs its
 // queries transposed, Q^T [H, kBlockQ], once, and for each block of kBlockK keys
-// computes the logits transposed, S^T = K Q^T [keys, queries] (K read in place), so that
+// computes the logits transposed, S^T = K Q^T [keys, queries] (K's rows read in place), so that
 // the softmax statistics of a query run down a column with the queries across a vector
 // (no horizontal sums), and then O = alpha O + P V, with P^T as the broadcast operand and
 // V read from a copy in panels of 16 columns ([H / 16, S, 16] per head), so that each
 // step of the product reads the next 64 bytes.
 //
-// Backward: a task is (example, key/value head, range of key blocks), for all G query
-// heads of that key/value head. Per key block it packs K^T and V^T [H, kBlockKb] once,
-// then for each block of queries: S = Q K^T and dP = dO V^T (Q, dO read in place), P =
-// exp(scale S - lse), dS = scale P (dP - delta), then dV += P^T dO, dK += dS^T Q and
-// dQ += dS K. dK and dV stay in the task's scratch until the key block is done; dQ is
-// added straight into the task's own rows of dq (only its G query heads), or, where an
-// example's key/value head is split over several tasks to keep the threads busy, into a
+// Backward: a task is (example, query head, range of key blocks). Per key block it packs
+// K^T and V^T [H, kBlockKb] once, then for each block of queries: S = Q K^T and dP = dO
+// V^T (Q, dO read in place), P = exp(scale S - lse), dS = scale P (dP - delta), then
+// dV += P^T dO, dK += dS^T Q and dQ += dS K. dK and dV stay in the task's scratch until
+// the key block is done, then are written (G = 1) or added under the key/value head's
+// lock (the G query heads of a group); dQ is added straight into the task's own rows of
+// dq, or, where a head is split over several tasks to keep the threads busy, into a
 // buffer per extra task that is summed in at the end.
 //
 // Tasks run on XLA's intra-op thread pool, the calling thread taking tasks too.
@@ -111,7 +113,7 @@ KIT_INLINE void product(int64_t rows, int64_t cols, int64_t depth, const float* 
                         int64_t a_cs, const float* b, int64_t b_rs, float* c, int64_t ldc,
                         const float* row_scale = nullptr, int64_t b_strip = kCols) {
   for (int64_t c0 = 0; c0 < cols; c0 += kCols) {
-    const float* bs = b + (c0 / kCols) * b_strip - c0;
+    const float* bs = b + (c0 / kCols) * b_strip - c0;  // bs + c0: B's columns c0 .. c0 + 15
     int64_t r0 = 0;
     for (; r0 + kRows <= rows; r0 += kRows) {
       tile<kRows, kLoad>(depth, a + r0 * a_rs, a_rs, a_cs, bs + c0, b_rs, c + r0 * ldc + c0, ldc,

@@ -9,13 +9,15 @@
 //
 // Work is split in tasks of (example, chunk of keys: kChunkBytes of them at most). A task
 // reads its keys once: every query row's logits with its keys, the chunk's softmax
-// statistics, and the weighted sum of its values. With fewer than 8 query rows per
-// key/value head (T = 1 at most GQA groups) it goes position by position, each cache row
-// [K, H] read whole; with 8 or more it goes head by head, the rows across a vector and
-// the accumulators in registers. Each task leaves a partial result (row max, row sum,
-// accumulator); the partials of an example are merged by log-sum-exp at the end. Tasks
-// run on XLA's intra-op thread pool with the calling thread taking tasks too, so the call
-// never waits on a thread that has not started.
+// statistics, and the weighted sum of its values. With 8 or more query rows per key/value
+// head it goes head by head, the rows across a vector and the accumulators in registers;
+// with 4 (GQA with groups of 4 at T = 1) the logits go two positions at a time, eight dot
+// products summed across at once, and the weighted values as with 8; with other counts
+// below 8 (T = 1 at K = N among them) position by position, each cache row [K, H] read
+// whole. Each task leaves a partial result (row max, row sum, accumulator); the partials
+// of an example are merged by log-sum-exp at the end. Tasks run on XLA's intra-op thread
+// pool with the calling thread taking tasks too, so the call never waits on a thread that
+// has not started.
 
 #include <algorithm>
 #include <atomic>
@@ -40,12 +42,13 @@ constexpr int64_t kChunkBytes = 512 * 1024;
 // At most this many bytes of a task's logits and weights ([keys, T N]), which its passes
 // read again: they stay in the core's L2 cache.
 constexpr int64_t kWeightBytes = 128 * 1024;
-// Positions per block of the weighted values when the rows go across a vector: a block's
-// value rows and weights stay in the L1 cache across the passes of each head.
+// Positions per block of the weighted values with 4 or 8+ rows per head: a block's value
+// rows and weights stay in the L1 cache across the passes of each head.
 constexpr int64_t kValueBlock = 32;
-// Positions ahead that the passes with the rows across a vector (8 or more rows per head,
-// GQA) ask the memory for: they compute long enough per cache row that the hardware's
-// prefetcher fell behind (a decode step at K = 1 took 0.83-0.87x the time with it).
+// Positions ahead that the GQA logits passes (4 or 8+ rows per head) ask the memory for:
+// they compute long enough per cache row that the hardware's prefetcher fell behind (a
+// decode step at K = 1 took 0.83-0.87x the time with it). With 4 rows the pass asks for
+// the values too, which the weighted values then find in the cache.
 constexpr int64_t kPrefetch = 32;
 
 KIT_INLINE float hsum(f8 x) {
@@ -114,6 +117,38 @@ KIT_INLINE void logits_h_across(const float* kk, int64_t H, const float* qrows, 
   }
 }
 
+// Eight vectors' sums in one vector: lane i is the sum of x[i]'s lanes.
+KIT_INLINE f8 sums8(const f8* x) {
+  f8 b[4], c[2];
+  for (int i = 0; i < 4; ++i)  // x[i]'s and x[i + 4]'s halves added
+    b[i] = __builtin_shufflevector(x[i], x[i + 4], 0, 1, 2, 3, 8, 9, 10, 11) +
+           __builtin_shufflevector(x[i], x[i + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+  for (int i = 0; i < 2; ++i)
+    c[i] = __builtin_shufflevector(b[2 * i], b[2 * i + 1], 0, 1, 8, 9, 4, 5, 12, 13) +
+           __builtin_shufflevector(b[2 * i], b[2 * i + 1], 2, 3, 10, 11, 6, 7, 14, 15);
+  return __builtin_shufflevector(c[0], c[1], 0, 2, 8, 10, 4, 6, 12, 14) +
+         __builtin_shufflevector(c[0], c[1], 1, 3, 9, 11, 5, 7, 13, 15);
+}
+
+// Logits of 4 query rows (qrows [4, H]) with two positions' keys k and k + stride: h
+// along a vector, the eight dot products summed across at once. Writes p[i * ldp + j].
+KIT_INLINE void logits_four_rows(const float* k, int64_t stride, int64_t H, const float* qrows,
+                                 float* p, int64_t ldp) {
+  f8 a[8];
+  for (int i = 0; i < 8; ++i) a[i] = f8{};
+  for (int64_t h = 0; h < H; h += kLanes) {
+    const f8 k0 = *(const f8u*)(k + h), k1 = *(const f8u*)(k + stride + h);
+    for (int j = 0; j < 4; ++j) {
+      const f8 qv = *(const f8u*)(qrows + j * H + h);
+      a[j] += k0 * qv;
+      a[4 + j] += k1 * qv;
+    }
+  }
+  const f8 x = sums8(a);
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 4; ++j) p[i * ldp + j] = x[4 * i + j];
+}
+
 // acc[j, :] += sum_s p[s, j] v[s, :] for RB rows from j0, HB vectors of h from h0, with
 // the accumulators in registers across the positions.
 template <int RB, int HB>
@@ -162,6 +197,22 @@ KIT_CLONES void chunk_task(const Shape& d, const float* q, const float* k, const
   if (Rp % kLanes == 0) {
     for (int64_t kh = 0; kh < K; ++kh)
       logits_rows_across(kc + kh * H, stride, L, H, qT + kh * Rp * H, Rp, p + kh * Rp, R);
+  } else if (Rg == 4) {  // two positions at a time, each cache row read whole
+    int64_t s = 0;
+    for (; s + 2 <= L; s += 2) {
+      if (s + kPrefetch + 2 <= L)
+        for (int64_t i = kPrefetch; i < kPrefetch + 2; ++i)
+          for (int64_t h = 0; h < stride; h += 16) {
+            __builtin_prefetch(kc + (s + i) * stride + h);
+            __builtin_prefetch(vc + (s + i) * stride + h);
+          }
+      for (int64_t kh = 0; kh < K; ++kh)
+        logits_four_rows(kc + s * stride + kh * H, stride, H, qrows + kh * Rp * H,
+                         p + s * R + kh * Rp, R);
+    }
+    for (; s < L; ++s)
+      for (int64_t kh = 0; kh < K; ++kh)
+        logits_h_across(kc + s * stride + kh * H, H, qrows + kh * Rp * H, Rg, p + s * R + kh * Rp);
   } else {  // few rows per head: position by position, each cache row read whole
     for (int64_t s = 0; s < L; ++s)
       for (int64_t kh = 0; kh < K; ++kh)
@@ -196,9 +247,9 @@ KIT_CLONES void chunk_task(const Shape& d, const float* q, const float* k, const
     }
   }
   // Weighted values: head by head with the accumulators in registers where a head has
-  // 8 rows or more, else position by position, each cache row read whole.
+  // 4 rows or 8 or more, else position by position, each cache row read whole.
   std::fill_n(acc, R * H, 0.0f);
-  if (Rp % kLanes != 0) {
+  if (Rp % kLanes != 0 && Rg != 4) {
     for (int64_t s = 0; s < L; ++s) {
       for (int64_t kh = 0; kh < K; ++kh) {
         const float* vv = vc + s * stride + kh * H;
@@ -215,8 +266,9 @@ KIT_CLONES void chunk_task(const Shape& d, const float* q, const float* k, const
   // the L1 cache across the head's passes (row blocks x h blocks).
   for (int64_t b0 = 0; b0 < L; b0 += kValueBlock) {
     const int64_t Lb = std::min(kValueBlock, L - b0);
-    // The next block's value rows, all heads, asked for ahead.
-    if (b0 + 2 * kValueBlock <= L)
+    // The next block's value rows, all heads, asked for ahead (with 4 rows, the logits
+    // pass did).
+    if (Rp % kLanes == 0 && b0 + 2 * kValueBlock <= L)
       for (int64_t i = 0; i < kValueBlock; ++i)
         for (int64_t h = 0; h < K * H; h += 16)
           __builtin_prefetch(vc + (b0 + kValueBlock + i) * stride + h);

@@ -197,24 +197,21 @@ KIT_CLONES void chunk_task(const Shape& d, const float* q, const float* k, const
   if (Rp % kLanes == 0) {
     for (int64_t kh = 0; kh < K; ++kh)
       logits_rows_across(kc + kh * H, stride, L, H, qT + kh * Rp * H, Rp, p + kh * Rp, R);
-  } else if (Rg == 4) {  // two positions at a time, each cache row read whole
+  } else {  // few rows per head: each cache row read whole
     int64_t s = 0;
-    for (; s + 2 <= L; s += 2) {
-      if (s + kPrefetch + 2 <= L)
-        for (int64_t i = kPrefetch; i < kPrefetch + 2; ++i)
-          for (int64_t h = 0; h < stride; h += 16) {
-            __builtin_prefetch(kc + (s + i) * stride + h);
-            __builtin_prefetch(vc + (s + i) * stride + h);
-          }
-      for (int64_t kh = 0; kh < K; ++kh)
-        logits_four_rows(kc + s * stride + kh * H, stride, H, qrows + kh * Rp * H,
-                         p + s * R + kh * Rp, R);
-    }
-    for (; s < L; ++s)
-      for (int64_t kh = 0; kh < K; ++kh)
-        logits_h_across(kc + s * stride + kh * H, H, qrows + kh * Rp * H, Rg, p + s * R + kh * Rp);
-  } else {  // few rows per head: position by position, each cache row read whole
-    for (int64_t s = 0; s < L; ++s)
+    if (Rg == 4)  // two positions at a time
+      for (; s + 2 <= L; s += 2) {
+        if (s + kPrefetch + 2 <= L)
+          for (int64_t i = kPrefetch; i < kPrefetch + 2; ++i)
+            for (int64_t h = 0; h < stride; h += 16) {
+              __builtin_prefetch(kc + (s + i) * stride + h);
+              __builtin_prefetch(vc + (s + i) * stride + h);
+            }
+        for (int64_t kh = 0; kh < K; ++kh)
+          logits_four_rows(kc + s * stride + kh * H, stride, H, qrows + kh * Rp * H,
+                           p + s * R + kh * Rp, R);
+      }
+    for (; s < L; ++s)  // other counts, and 4 rows' odd last position: one at a time
       for (int64_t kh = 0; kh < K; ++kh)
         logits_h_across(kc + s * stride + kh * H, H, qrows + kh * Rp * H, Rg, p + s * R + kh * Rp);
   }

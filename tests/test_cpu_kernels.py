@@ -218,3 +218,23 @@ def test_the_kernel_rejects_shapes_it_cannot_take():
     q, k, v = make_qkv(B=1, T=1, S=64, N=8, K=3, H=16, seed=0)
     with pytest.raises(Exception, match="kit decode"):
         jax.block_until_ready(cpu_kernels._kernel(q, k, v, jnp.array([64], jnp.int32), 1.0))
+
+
+def test_cache_read_sums_every_element_once():
+    # Sizes around the kernel's 1 MiB tasks and its 32-float steps: several tasks with a
+    # ragged last one, a tail of single floats, an empty array; against numpy in float64.
+    rng = np.random.default_rng(0)
+    for n_k, n_v in [(2**18 * 3 + 37, 5), (31, 2**18), (0, 1000), (0, 0)]:
+        k = rng.standard_normal(n_k).astype(np.float32).reshape(-1, 1)
+        v = rng.uniform(0.0, 2.0, n_v).astype(np.float32)
+        got = float(jax.jit(cpu_kernels.cache_read)(k, v))
+        want = k.astype(np.float64).sum() + v.astype(np.float64).sum()
+        # float32 sums of <= 800k terms of size <= 2: well under 1e-3 absolute.
+        assert abs(got - want) <= 1e-3 + 1e-6 * abs(want), (n_k, n_v, got, want)
+    # Reading k twice gives twice its sum: each element is read once per argument.
+    k = rng.standard_normal((4, 1000, 2, 16)).astype(np.float32)
+    np.testing.assert_allclose(
+        float(cpu_kernels.cache_read(k, k)), 2 * k.astype(np.float64).sum(), atol=1e-3
+    )
+    with pytest.raises(ValueError, match="v must be float32"):
+        cpu_kernels.cache_read(k, k.astype(np.float16))

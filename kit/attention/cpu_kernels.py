@@ -62,17 +62,19 @@ Array = jax.Array
 TARGET = "kit_decode_f32"
 FLASH_FORWARD = "kit_flash_forward_f32"
 FLASH_BACKWARD = "kit_flash_backward_f32"
+READ = "kit_read_f32"
 _HANDLERS = {
     TARGET: "KitDecodeF32",
     FLASH_FORWARD: "KitFlashForwardF32",
     FLASH_BACKWARD: "KitFlashBackwardF32",
+    READ: "KitReadF32",
 }
 
 
 @functools.cache
 def available() -> bool:
-    """Whether the compiled kernels (decode, flash forward and backward) were built, loaded
-    and registered with XLA."""
+    """Whether the compiled kernels (decode, flash forward and backward, the read of a
+    cache) were built, loaded and registered with XLA."""
     spec = importlib.util.find_spec("kit.attention._decode_cpu")
     if spec is None or spec.origin is None:
         return False
@@ -162,6 +164,22 @@ def decode_attention(
     scale_array = jnp.asarray(1.0 if static else x.scale, jnp.float32)
     out, lse = attend(q, k, v, lengths, scale_array)
     return out, (lse if return_residual else None)
+
+
+def cache_read(k: Array, v: Array) -> Array:
+    """The float32 sum of every element of k and v, each read once from memory on the
+    decode kernel's threads (tasks of 1 MiB, four running sums each): the time a decode
+    step's cache takes to read, which `experiments/bench_decode.py` times beside the step.
+    Not differentiable (a benchmark's reference)."""
+    if not available():
+        raise RuntimeError(
+            "kit's compiled CPU kernels are not built or do not load "
+            "(kit/attention/cpu/decode.cc; setup.py builds them at install)"
+        )
+    for name, x in (("k", k), ("v", v)):
+        if jnp.result_type(x) != jnp.float32:
+            raise ValueError(f"cache_read: {name} must be float32, got {jnp.result_type(x)}")
+    return jax.ffi.ffi_call(READ, jax.ShapeDtypeStruct((), jnp.float32))(k, v)
 
 
 # The flash kernel (kit/attention/cpu/flash.cc): the chunked path's forward and backward

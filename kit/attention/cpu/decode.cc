@@ -18,6 +18,10 @@
 // of an example are merged by log-sum-exp at the end. Tasks run on XLA's intra-op thread
 // pool with the calling thread taking tasks too, so the call never waits on a thread that
 // has not started.
+//
+// KitReadF32 reads two arrays once and gives the float32 sum of their elements: the time a
+// cache takes to read, on the same threads in the same process, that
+// experiments/bench_decode.py times beside a decode step.
 
 #include <algorithm>
 #include <atomic>
@@ -433,6 +437,59 @@ ffi::Error Decode(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi
   return ffi::Error::Success();
 }
 
+// The read reference: floats per task (1 MiB), and one task's sum, four vector sums in
+// flight so that the adds keep up with the memory.
+constexpr int64_t kReadBlock = 1 << 18;
+
+KIT_CLONES float block_sum(const float* x, int64_t n) {
+  f8 a0 = f8{}, a1 = f8{}, a2 = f8{}, a3 = f8{};
+  int64_t i = 0;
+  for (; i + 4 * kLanes <= n; i += 4 * kLanes) {
+    a0 += *(const f8u*)(x + i);
+    a1 += *(const f8u*)(x + i + kLanes);
+    a2 += *(const f8u*)(x + i + 2 * kLanes);
+    a3 += *(const f8u*)(x + i + 3 * kLanes);
+  }
+  float s = hsum((a0 + a1) + (a2 + a3));
+  for (; i < n; ++i) s += x[i];
+  return s;
+}
+
+ffi::Error Read(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
+                ffi::ResultBuffer<ffi::F32> out) {
+  struct State {
+    const float* data[2];
+    int64_t size[2], blocks[2], tasks;
+    std::vector<float> sums;  // per task
+    std::atomic<int64_t> next{0}, done{0};
+  };
+  auto st = std::make_shared<State>();
+  st->data[0] = a.typed_data();
+  st->data[1] = b.typed_data();
+  st->size[0] = static_cast<int64_t>(a.element_count());
+  st->size[1] = static_cast<int64_t>(b.element_count());
+  for (int i = 0; i < 2; ++i) st->blocks[i] = (st->size[i] + kReadBlock - 1) / kReadBlock;
+  st->tasks = st->blocks[0] + st->blocks[1];
+  st->sums.assign(st->tasks, 0.0f);
+  auto body = [st] {
+    for (int64_t t; (t = st->next.fetch_add(1)) < st->tasks;) {
+      const int w = t < st->blocks[0] ? 0 : 1;
+      const int64_t s0 = (t - (w ? st->blocks[0] : 0)) * kReadBlock;
+      const int64_t s1 = std::min(s0 + kReadBlock, st->size[w]);
+      st->sums[t] = block_sum(st->data[w] + s0, s1 - s0);
+      st->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), st->tasks - 1);
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([body] { body(); });
+  body();
+  while (st->done.load(std::memory_order_acquire) < st->tasks) std::this_thread::yield();
+  float total = 0.0f;
+  for (const float s : st->sums) total += s;
+  out->typed_data()[0] = total;
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(KitDecodeF32, Decode,
@@ -444,4 +501,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(KitDecodeF32, Decode,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Attr<float>("scale")
                                   .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KitReadF32, Read,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

@@ -9,7 +9,8 @@ partial results are merged by log-sum-exp. Tasks run on XLA's
 intra-op thread pool. The jax.numpy products it replaces (`kit.attention.few_queries`)
 do K times the multiplies needed and leave the logits and weights in memory between
 XLA's operations; `experiments/bench_decode.py` times both
-(docs/benchmarks.md#a-decode-step).
+(docs/benchmarks.md#a-decode-step), beside `cache_read`, the same cache read once on the
+kernel's threads.
 
 `decode_attention` is exact to float32 rounding (its exponential is a degree-7
 polynomial after range reduction, within 1.2 ulp of exp) and differentiable to every

@@ -84,6 +84,25 @@ def test_equal_to_the_formula_across_chunks_and_lengths(case):
     assert np.all(np.asarray(out)[dead] == 0)  # a row with no live key is exactly zero
 
 
+@pytest.mark.parametrize("N,K,T", [(6, 2, 1), (12, 4, 1), (12, 4, 3)])
+def test_rows_that_do_not_fill_a_vector(N, K, T):
+    # 6, 12 and 36 query rows a task: the softmax's rows past the last whole vector of 8.
+    B, H, S_ = 2, 16, 700
+    q, k, v = make_qkv(B=B, T=T, S=S_, N=N, K=K, H=H, seed=N + K + T)
+    lengths = jnp.asarray([S_, 333], jnp.int32)
+
+    def run(q, k, v):
+        return kit.dot_product_attention(
+            q, k, v, key_value_seq_lengths=lengths, return_residual=True
+        )
+
+    assert kernel_in(run, q, k, v)
+    out, lse = jax.jit(run)(q, k, v)
+    want = reference_attention(q, k, v, scale=H**-0.5, mask=length_mask(B, N, T, S_, lengths))
+    np.testing.assert_allclose(out, want, atol=2e-6, rtol=1e-5)
+    np.testing.assert_allclose(lse, lse_reference(q, k, H**-0.5, lengths), rtol=1e-5, atol=1e-5)
+
+
 def test_large_logits_and_a_traced_scale():
     # Logits far from zero (the kernel's exponential sees -80 and less) and a scale that
     # is a traced value, which goes into the queries.

@@ -219,33 +219,54 @@ KIT_CLONES void chunk_task(const Shape& d, const float* q, const float* k, const
       for (int64_t kh = 0; kh < K; ++kh)
         logits_h_across(kc + s * stride + kh * H, H, qrows + kh * Rp * H, Rg, p + s * R + kh * Rp);
   }
-  // Row max, then weights and row sums, with the rows across a vector.
+  // Row max, then weights and row sums, with the rows across a vector: per vector of rows,
+  // four positions at a time with the running max and sums in registers, so that the
+  // positions' steps do not wait on each other.
   const int64_t Rv = R - R % kLanes;
   const float inf = std::numeric_limits<float>::infinity();
-  std::fill_n(m, R, -inf);
-  for (int64_t s = 0; s < L; ++s) {
-    const float* row = p + s * R;
-    int64_t r = 0;
-    for (; r < Rv; r += kLanes) {
-      f8 x = *(const f8u*)(row + r), y = *(const f8u*)(m + r);
-      *(f8u*)(m + r) = x > y ? x : y;
+  for (int64_t r = 0; r < Rv; r += kLanes) {
+    f8 mx[4];
+    for (int u = 0; u < 4; ++u) mx[u] = f8{} - inf;
+    int64_t s = 0;
+    for (; s + 4 <= L; s += 4)
+      for (int u = 0; u < 4; ++u) {
+        const f8 x = *(const f8u*)(p + (s + u) * R + r);
+        mx[u] = x > mx[u] ? x : mx[u];
+      }
+    for (; s < L; ++s) {
+      const f8 x = *(const f8u*)(p + s * R + r);
+      mx[0] = x > mx[0] ? x : mx[0];
     }
-    for (; r < R; ++r) m[r] = row[r] > m[r] ? row[r] : m[r];
+    const f8 a = mx[0] > mx[1] ? mx[0] : mx[1], b = mx[2] > mx[3] ? mx[2] : mx[3];
+    const f8 top = a > b ? a : b;
+    *(f8u*)(m + r) = top;
+    f8 sum[4] = {};
+    for (s = 0; s + 4 <= L; s += 4)
+      for (int u = 0; u < 4; ++u) {
+        float* x = p + (s + u) * R + r;
+        const f8 e = exp_nonpositive(*(const f8u*)x - top);
+        *(f8u*)x = e;
+        sum[u] += e;
+      }
+    for (; s < L; ++s) {
+      float* x = p + s * R + r;
+      const f8 e = exp_nonpositive(*(const f8u*)x - top);
+      *(f8u*)x = e;
+      sum[0] += e;
+    }
+    *(f8u*)(l + r) = (sum[0] + sum[1]) + (sum[2] + sum[3]);
   }
-  std::fill_n(l, R, 0.0f);
-  for (int64_t s = 0; s < L; ++s) {
-    float* row = p + s * R;
-    int64_t r = 0;
-    for (; r < Rv; r += kLanes) {
-      const f8 e = exp_nonpositive(*(const f8u*)(row + r) - *(const f8u*)(m + r));
-      *(f8u*)(row + r) = e;
-      *(f8u*)(l + r) += e;
+  for (int64_t r = Rv; r < R; ++r) {  // rows past the last whole vector
+    float top = -inf;
+    for (int64_t s = 0; s < L; ++s) top = p[s * R + r] > top ? p[s * R + r] : top;
+    m[r] = top;
+    float sum = 0.0f;
+    for (int64_t s = 0; s < L; ++s) {
+      const float e = exp_nonpositive(f8{} + (p[s * R + r] - top))[0];
+      p[s * R + r] = e;
+      sum += e;
     }
-    for (; r < R; ++r) {
-      const float e = exp_nonpositive(f8{} + (row[r] - m[r]))[0];
-      row[r] = e;
-      l[r] += e;
-    }
+    l[r] = sum;
   }
   // Weighted values: head by head with the accumulators in registers where a head has
   // 4 rows or 8 or more, else position by position, each cache row read whole.

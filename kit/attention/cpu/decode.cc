@@ -478,35 +478,19 @@ KIT_CLONES float block_sum(const float* x, int64_t n) {
 
 ffi::Error Read(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
                 ffi::ResultBuffer<ffi::F32> out) {
-  struct State {
-    const float* data[2];
-    int64_t size[2], blocks[2], tasks;
-    std::vector<float> sums;  // per task
-    std::atomic<int64_t> next{0}, done{0};
-  };
-  auto st = std::make_shared<State>();
-  st->data[0] = a.typed_data();
-  st->data[1] = b.typed_data();
-  st->size[0] = static_cast<int64_t>(a.element_count());
-  st->size[1] = static_cast<int64_t>(b.element_count());
-  for (int i = 0; i < 2; ++i) st->blocks[i] = (st->size[i] + kReadBlock - 1) / kReadBlock;
-  st->tasks = st->blocks[0] + st->blocks[1];
-  st->sums.assign(st->tasks, 0.0f);
-  auto body = [st] {
-    for (int64_t t; (t = st->next.fetch_add(1)) < st->tasks;) {
-      const int w = t < st->blocks[0] ? 0 : 1;
-      const int64_t s0 = (t - (w ? st->blocks[0] : 0)) * kReadBlock;
-      const int64_t s1 = std::min(s0 + kReadBlock, st->size[w]);
-      st->sums[t] = block_sum(st->data[w] + s0, s1 - s0);
-      st->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), st->tasks - 1);
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([body] { body(); });
-  body();
-  while (st->done.load(std::memory_order_acquire) < st->tasks) std::this_thread::yield();
+  const float* data[2] = {a.typed_data(), b.typed_data()};
+  const int64_t size[2] = {static_cast<int64_t>(a.element_count()),
+                           static_cast<int64_t>(b.element_count())};
+  const int64_t a_blocks = (size[0] + kReadBlock - 1) / kReadBlock;
+  const int64_t tasks = a_blocks + (size[1] + kReadBlock - 1) / kReadBlock;
+  std::vector<float> sums(tasks, 0.0f);
+  run_parallel<NoScratch>(pool, tasks, 0, [&](int64_t t, NoScratch&) {
+    const int w = t < a_blocks ? 0 : 1;
+    const int64_t s0 = (t - (w ? a_blocks : 0)) * kReadBlock;
+    sums[t] = block_sum(data[w] + s0, std::min(kReadBlock, size[w] - s0));
+  });
   float total = 0.0f;
-  for (const float s : st->sums) total += s;
+  for (const float s : sums) total += s;
   out->typed_data()[0] = total;
   return ffi::Error::Success();
 }

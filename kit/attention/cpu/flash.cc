@@ -356,31 +356,6 @@ KIT_CLONES void backward_task(const Shape& d, const float* q, const float* k, co
   }
 }
 
-// Runs tasks [0, count) on the pool's threads and the calling thread, and returns when
-// all are done. `task(index, thread_scratch)`.
-template <typename Scratch, typename Fn>
-void run_parallel(ffi::ThreadPool& pool, int64_t count, int64_t H, Fn fn) {
-  struct State {
-    std::atomic<int64_t> next{0}, done{0};
-  };
-  auto st = std::make_shared<State>();
-  auto body = [st, count, H, fn] {
-    Scratch scratch(H);
-    for (int64_t t; (t = st->next.fetch_add(1)) < count;) {
-      fn(t, scratch);
-      st->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), count - 1);
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([body] { body(); });
-  body();
-  while (st->done.load(std::memory_order_acquire) < count) std::this_thread::yield();
-}
-
-struct NoScratch {
-  explicit NoScratch(int64_t) {}
-};
-
 // Buffers for the head-major copies, kept between calls: a fresh allocation of several MiB
 // is zero-filled page by page on first touch (thousands of page faults a call), a kept one
 // is not. Up to kKeptBuffers of at most kKeptBytes in all are kept (the smallest dropped

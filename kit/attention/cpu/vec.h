@@ -1,10 +1,16 @@
 // What both CPU kernels (decode.cc, flash.cc) share: 8-float vectors, how their task
-// functions are compiled, and the exponential of their softmax.
+// functions are compiled, the exponential of their softmax, and how their tasks run.
 
 #pragma once
 
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <memory>
+#include <thread>
+
+#include "xla/ffi/api/ffi.h"
 
 namespace {
 
@@ -50,5 +56,30 @@ KIT_INLINE f8 exp_nonpositive(f8 x) {
   std::memcpy(&two_n, &bits, sizeof two_n);
   return p * two_n * lo;
 }
+
+// Runs tasks [0, count) on the pool's threads and the calling thread, and returns when
+// all are done. `task(index, thread_scratch)`.
+template <typename Scratch, typename Fn>
+void run_parallel(xla::ffi::ThreadPool& pool, int64_t count, int64_t H, Fn fn) {
+  struct State {
+    std::atomic<int64_t> next{0}, done{0};
+  };
+  auto st = std::make_shared<State>();
+  auto body = [st, count, H, fn] {
+    Scratch scratch(H);
+    for (int64_t t; (t = st->next.fetch_add(1)) < count;) {
+      fn(t, scratch);
+      st->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), count - 1);
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([body] { body(); });
+  body();
+  while (st->done.load(std::memory_order_acquire) < count) std::this_thread::yield();
+}
+
+struct NoScratch {
+  explicit NoScratch(int64_t) {}
+};
 
 }  // namespace

@@ -108,12 +108,18 @@ def fits(x: Inputs) -> bool:
     )
 
 
-def _kernel(q: Array, k: Array, v: Array, lengths: Array, scale: float) -> tuple[Array, Array]:
-    if not available():  # also registers the target with XLA, once
+def _require_built(what: str) -> None:
+    """Raises, naming `what` needed them, where the compiled kernels are not built or do not
+    load (`available()` also registers their targets with XLA, once)."""
+    if not available():
         raise RuntimeError(
-            "kit's compiled CPU decode kernel is not built or does not load "
-            "(kit/attention/cpu/decode.cc; setup.py builds it at install)"
+            f"{what} needs kit's compiled CPU kernels, which are not built or do not load "
+            "(kit/attention/cpu; setup.py builds them at install)"
         )
+
+
+def _kernel(q: Array, k: Array, v: Array, lengths: Array, scale: float) -> tuple[Array, Array]:
+    _require_built("the decode kernel")
     B, T, N, _ = q.shape
     call = jax.ffi.ffi_call(
         TARGET,
@@ -172,11 +178,7 @@ def cache_read(k: Array, v: Array) -> Array:
     decode kernel's threads (tasks of 1 MiB, four running sums each): the time a decode
     step's cache takes to read, which `experiments/bench_decode.py` times beside the step.
     Not differentiable (a benchmark's reference)."""
-    if not available():
-        raise RuntimeError(
-            "kit's compiled CPU kernels are not built or do not load "
-            "(kit/attention/cpu/decode.cc; setup.py builds them at install)"
-        )
+    _require_built("cache_read")
     for name, x in (("k", k), ("v", v)):
         if jnp.result_type(x) != jnp.float32:
             raise ValueError(f"cache_read: {name} must be float32, got {jnp.result_type(x)}")
